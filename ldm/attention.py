@@ -1,0 +1,96 @@
+"""Attention kernels shared by the U-Net and the autoencoder.
+
+One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a selectable backend:
+
+- ``"sdpa"`` (default): :func:`torch.nn.functional.scaled_dot_product_attention`, which picks the flash,
+  cuDNN or memory-efficient kernel the card has.
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` when xformers is installed *and* its kernels load
+  for this torch build (PyPI's 0.0.35 imports on torch 2.11+cu130 but cannot load its CUDA extension, see
+  REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
+- ``"math"``: the plain einsum formulation, for CPU debugging and as the reference.
+
+``upcast=True`` computes the attention in fp32 and casts back (SD 2.x overflows in fp16 without it).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("sdpa", "xformers", "math")
+
+
+class AttentionBackendError(RuntimeError):
+    """The requested attention backend is unknown or cannot run here."""
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name early (at model construction), raising a message that names the problem."""
+    if backend not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "xformers":
+        _xformers_ops()
+    return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # noqa: PLC0415 (optional dependency)
+    except Exception as e:  # ImportError, or a broken build raising at import
+        raise AttentionBackendError(
+            f"attention backend 'xformers' was asked for but xformers cannot be imported ({e}); "
+            "install a build matching this torch (pip install ldm[xformers]) or use attn_backend='sdpa'"
+        ) from e
+    return xops
+
+
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    xops = _xformers_ops()
+    # xformers wants (B, L, H, d)
+    try:
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    except NotImplementedError as e:
+        raise AttentionBackendError(
+            "xformers is installed but has no kernel for these inputs on this build "
+            f"(device={q.device}, dtype={q.dtype}); its C++/CUDA extensions probably do not match torch "
+            f"{torch.__version__}. Use attn_backend='sdpa'. xformers said: {str(e).splitlines()[0]}"
+        ) from e
+    return out.transpose(1, 2)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    w = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Lq, Lk)
+    return torch.einsum("bhij,bhjd->bhid", w.softmax(dim=-1), v)  # (B, H, Lq, d)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", upcast: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v.
+
+    Args:
+        q: (B, H, Lq, d); k, v: (B, H, Lk, d).
+        backend: one of :data:`BACKENDS`.
+        upcast: compute in fp32 and cast the result back to ``q.dtype``.
+    Returns:
+        (B, H, Lq, d)
+    """
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif backend == "xformers":
+        out = _xformers_attention(q, k, v)
+    elif backend == "math":
+        out = _math_attention(q, k, v)
+    else:
+        raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return out.to(dtype)
