@@ -1,0 +1,168 @@
+"""Reading and writing checkpoints: original SD ``.ckpt``/``.safetensors`` files and our own safetensors.
+
+Security: pickled files are read with ``torch.load(weights_only=True)``; a pickle that tries to build anything but
+tensors and plain containers is refused with :class:`UnsafeCheckpointError`. Writes go to a temporary file in the
+same folder, are flushed and fsynced, then renamed, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# The 12 schedule buffers of the original DDPM class: compared with ours on load, never loaded.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+# Keys of original checkpoints that are legitimately not model weights (documented in README "Checkpoints").
+IGNORED_KEYS = (*SCHEDULE_BUFFERS, "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates")
+IGNORED_PREFIXES = ("loss.", "model_ema.")
+META_CONFIG = "ldm_config"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint tried to run code while loading."""
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a flat ``{name: tensor}`` dict and the file's metadata (safetensors only; ``{}`` for pickles).
+
+    ``.ckpt`` files that nest the weights under ``state_dict`` (Lightning) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # noqa: PLC0415
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+        return sd, meta
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
+                              f"{', '.join(PICKLE_SUFFIXES)}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the pickle asks to build objects other than tensors ({str(e).splitlines()[0]}). "
+            "Only weights are loaded (torch.load weights_only=True); convert the file to safetensors from a "
+            "trusted environment if you trust its source") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return sd, {}
+
+
+def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Tell SD v1 from v2 (and inpainting/depth variants) from keys and shapes.
+
+    Returns ``{"version": "v1"|"v2", "in_channels": int, "context_dim": int}``. A v-prediction 2.x file cannot be
+    told from its keys: as with the original code, its YAML (``configs/sd/v2-inference-v.yaml``) says so.
+    """
+    unet_in = "model.diffusion_model.input_blocks.0.0.weight"
+    if unet_in not in sd:
+        raise CheckpointError(f"not a Stable Diffusion checkpoint: key {unet_in!r} missing")
+    k_attn2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    ctx = int(sd[k_attn2].shape[1]) if k_attn2 in sd else None
+    if "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in sd:
+        version = "v1"
+    elif "cond_stage_model.model.token_embedding.weight" in sd:
+        version = "v2"
+    elif ctx is not None:
+        version = "v1" if ctx == 768 else "v2"
+        log.warning("no text encoder weights in the checkpoint; guessed %s from context_dim %d", version, ctx)
+    else:
+        raise CheckpointError("cannot tell the SD version: no text encoder keys and no cross-attention")
+    return {"version": version, "in_channels": int(sd[unet_in].shape[1]), "context_dim": ctx}
+
+
+def ema_key(param_name: str) -> str:
+    """Original LitEma naming: ``diffusion_model.input_blocks.0.0.weight`` -> ``model_ema.diffusion_modelinput_blocks00weight``."""
+    return "model_ema." + param_name.replace(".", "")
+
+
+def apply_ema(sd: dict[str, torch.Tensor], model_param_names: list[str]) -> dict[str, torch.Tensor]:
+    """Replace ``model.*`` weights with their ``model_ema.*`` copies (names of ``LatentDiffusion.model``'s params)."""
+    missing = [n for n in model_param_names if ema_key(n) not in sd]
+    if missing:
+        raise CheckpointError(f"use_ema: the checkpoint has no EMA weights for {len(missing)} parameter(s), "
+                              f"e.g. {ema_key(missing[0])!r}")
+    out = dict(sd)
+    for n in model_param_names:
+        out["model." + n] = sd[ema_key(n)]
+    log.info("loaded EMA weights for %d U-Net parameters", len(model_param_names))
+    return out
+
+
+def split_ignored(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model weights, documented extras such as schedule buffers, ``loss.*``, ``model_ema.*``)."""
+    keep, extra = {}, {}
+    for k, v in sd.items():
+        (extra if k in IGNORED_KEYS or k.startswith(IGNORED_PREFIXES) else keep)[k] = v
+    return keep, extra
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a flat state dict atomically; shared/non-contiguous tensors are copied so safetensors accepts them."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+
+
+def config_from_metadata(meta: Mapping[str, str]) -> dict | None:
+    """The resolved config our own checkpoints carry, or None for foreign files."""
+    text = meta.get(META_CONFIG)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint metadata {META_CONFIG!r} is not valid JSON ({e})") from e

@@ -1,0 +1,128 @@
+"""``ldm.load`` and ``ldm.save``: one entry point for original SD checkpoints, original YAMLs and our own files."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import (META_CONFIG, SCHEDULE_BUFFERS, CheckpointError, apply_ema, config_from_metadata,
+                            detect_variant, read_state_dict, save_safetensors, split_ignored)
+from ldm.config import find_config, load_config
+from ldm.registry import ConfigError, instantiate
+
+log = logging.getLogger(__name__)
+
+SD_CONFIGS = {"v1": "sd/v1-inference.yaml", "v2": "sd/v2-inference.yaml"}
+
+
+def _config_for(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> DictConfig:
+    own = config_from_metadata(meta)
+    if own is not None:
+        return OmegaConf.create(own)
+    variant = detect_variant(sd)
+    cfg = load_config(find_config(SD_CONFIGS[variant["version"]]))
+    if variant["in_channels"] != 4:
+        # inpainting (9 = latents + masked-image latents + mask) and depth (5) models concatenate their conditioning
+        cfg.model.params.unet_config.params.in_channels = variant["in_channels"]
+        cfg.model.params.conditioning_key = "hybrid"
+    log.info("detected SD %s checkpoint (in_channels %d); using %s", variant["version"], variant["in_channels"],
+             SD_CONFIGS[variant["version"]])
+    if variant["version"] == "v2":
+        log.info("SD 2.x eps and v-prediction files have the same keys: pass config='sd/v2-inference-v.yaml' for a "
+                 "768-px v-prediction model")
+    return cfg
+
+
+def build(cfg: DictConfig | dict, where: str = "config") -> Any:
+    """Build the model described by ``cfg.model`` (random weights) and attach the config to it."""
+    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    if "model" not in cfg:
+        raise ConfigError(f"{where}: no 'model' section")
+    model = instantiate(cfg.model, f"{where}: model")
+    model.config = cfg
+    return model
+
+
+def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig | None = None,
+         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         use_ema: bool = False, strict: bool = True) -> Any:
+    """Load a latent diffusion model.
+
+    Args:
+        checkpoint: ``.ckpt``/``.safetensors`` (original SD v1/v2 or ours), or None for random weights.
+        config: our YAML or an original SD inference YAML; may be omitted when the checkpoint says enough
+            (our files carry their config; SD v1/v2 are detected from keys and shapes).
+        device, dtype: where and in what precision the model lives.
+        use_ema: load the ``model_ema.*`` weights of the U-Net instead of the raw ones.
+        strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
+    Returns:
+        :class:`ldm.model.LatentDiffusion` with ``unet``, ``vae``, ``text_encoder``, ``encode_text``, ``generate``
+        and ``config``.
+    """
+    if checkpoint is None and config is None:
+        raise ValueError("ldm.load needs a checkpoint, a config, or both")
+    sd, meta = read_state_dict(checkpoint) if checkpoint is not None else ({}, {})
+    if isinstance(config, DictConfig):
+        cfg = config
+    elif config is not None:
+        cfg = load_config(config)
+    else:
+        cfg = _config_for(sd, meta)
+    model = build(cfg, str(config or checkpoint))
+    if checkpoint is not None:
+        load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+        model.alphas_cumprod = model.alphas_cumprod.double()  # σ arithmetic stays in float64
+    return model
+
+
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool = False, strict: bool = True,
+                 where: str = "checkpoint") -> None:
+    """Load a flat state dict in the original layout into ``model`` (see :func:`load`)."""
+    if use_ema:
+        sd = apply_ema(sd, [n for n, _ in model.model.named_parameters()])
+    weights, extra = split_ignored(sd)
+    _check_schedule(model, extra, where)
+    n_loss = sum(k.startswith("loss.") for k in extra)
+    if n_loss:
+        log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
+    result = model.load_state_dict(weights, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing key(s), e.g. {result.missing_keys[:5]}")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected key(s), e.g. {result.unexpected_keys[:5]}")
+    if problems and strict:
+        raise CheckpointError(f"{where} does not fit the model: " + "; ".join(problems) +
+                              " (wrong config? pass the matching YAML, or strict=False to load anyway)")
+    for p in problems:
+        log.warning("%s: %s", where, p)
+
+
+def _check_schedule(model: torch.nn.Module, extra: dict[str, torch.Tensor], where: str) -> None:
+    """A checkpoint's own schedule buffers must agree with the config's schedule (else the config is wrong)."""
+    theirs = extra.get("alphas_cumprod")
+    if theirs is None:
+        return
+    ours = model.alphas_cumprod.to(torch.float64).cpu()
+    if theirs.shape != ours.shape or (theirs.double() - ours).abs().max() > 1e-4:
+        raise CheckpointError(f"{where}: its alphas_cumprod buffer differs from the config's schedule "
+                              f"({model.schedule_args}); use the config the model was trained with")
+    log.debug("%s: schedule buffers match (%s)", where, ", ".join(k for k in SCHEDULE_BUFFERS if k in extra))
+
+
+def save(model: Any, path: str | Path, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save as safetensors in the original key layout, with the resolved config in the metadata."""
+    sd = dict(model.state_dict())
+    if ema_state:
+        sd.update(ema_state)
+    cfg = OmegaConf.to_container(model.config, resolve=True)
+    from ldm import __version__  # noqa: PLC0415
+
+    return save_safetensors(sd, path, {META_CONFIG: json.dumps(cfg), "ldm_version": __version__})
