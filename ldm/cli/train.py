@@ -1,0 +1,90 @@
+"""``ldm-train`` / ``python scripts/train.py``: train any stage from a YAML config.
+
+    python scripts/train.py --config configs/emoji/unet.yaml trainer.max_steps=2000 data.batch_size=64
+    python scripts/train.py --config configs/emoji/unet.yaml --resume auto      # continue from last.ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("ldm.train")
+
+STAGES = {
+    "diffusion": "ldm.diffusion.lightning:LatentDiffusionModule",
+    "autoencoder": "ldm.autoencoder.lightning:AutoencoderModule",
+    "clip": "ldm.conditioning.lightning:CLIPModule",
+}
+
+
+def stage_module(cfg: DictConfig) -> Any:
+    import importlib  # noqa: PLC0415
+
+    stage = cfg.train.get("stage", "diffusion")
+    if stage not in STAGES:
+        raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    mod, attr = STAGES[stage].split(":")
+    return getattr(importlib.import_module(mod), attr)(cfg)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (path, or a name under configs/)")
+    p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", default=None, help="'auto' (last checkpoint in the run dir, if any) or a .ckpt path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume: checkpoint {resume!r} not found")
+    return resume
+
+
+def run(argv: list[str] | None = None) -> Any:
+    import lightning as L  # noqa: PLC0415
+
+    from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
+    from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
+    from ldm.training.trainer import build_trainer  # noqa: PLC0415
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / find_config(args.config).stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    module = stage_module(cfg)
+    dm = build_datamodule(cfg)
+    ckpt = resolve_resume(args.resume, run_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Stage 2: train the U-Net of a latent diffusion model (frozen autoencoder and text encoder).
+
+The math lives in :mod:`ldm.diffusion.losses`; this module wires it to Lightning: manual optimization through
+:func:`ldm.training.guard.guarded_step`, EMA, caption dropout, latent-scale measurement, LoRA, per-step seeded noise
+(so a resumed run draws exactly the noise the uninterrupted one would have).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.ema import EMA
+from ldm.training.guard import StepGuard, guarded_step
+from ldm.training.optim import build_optimizer, step_generator
+
+log = logging.getLogger(__name__)
+
+
+class LatentDiffusionModule(L.LightningModule):
+    """Trains ``net.model`` (the U-Net, or its LoRA adapters) of a :class:`ldm.model.LatentDiffusion`."""
+
+    def __init__(self, config: DictConfig) -> None:
+        super().__init__()
+        from ldm.loading import build, load  # noqa: PLC0415
+
+        self.config = config
+        t = config.train
+        self.automatic_optimization = False
+        init = t.get("init_checkpoint")
+        self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
+        self.net.config = config
+        self.net.first_stage_model.requires_grad_(False).eval()
+        self.net.cond_stage_model.requires_grad_(False).eval()
+        lora = t.get("lora") or {}
+        if int(lora.get("rank", 0)) > 0:
+            from ldm.lora import DEFAULT_TARGETS, add_lora  # noqa: PLC0415
+
+            add_lora(self.net.model, int(lora.rank), lora.get("alpha"), lora.get("targets") or DEFAULT_TARGETS)
+        decay = t.get("ema_decay")
+        self.model_ema = EMA(self.net.model, decay=float(decay)) if decay else None
+        self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))
+        self._t0: float | None = None
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def _latents(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        vae = self.net.first_stage_model
+        if "latent" in batch:  # a latent cache stores raw posterior samples; scale/shift are applied here
+            z = batch["latent"].float()
+            return (z - vae.shift_factor) * vae.scale_factor
+        with torch.no_grad():
+            x = batch["image"].to(self.device, next(vae.parameters()).dtype)
+            return vae.encode_latents(x, sample=True, generator=gen).float()  # (B, C, h, w)
+
+    def _context(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        from ldm.conditioning.dropout import drop_captions  # noqa: PLC0415
+
+        p = float(self.config.train.get("caption_dropout", 0.0))
+        if "context" in batch and p == 0.0:
+            return batch["context"]
+        captions = drop_captions(list(batch["caption"]), p, torch.Generator().manual_seed(int(gen.initial_seed())))
+        with torch.no_grad():
+            return self.net.cond_stage_model(captions)  # (B, 77, D)
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.net.model.parameters() if p.requires_grad]
+        return build_optimizer(self, params, self.config.train)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
+
+        t = self.config.train
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        gen = step_generator(self, int(t.get("seed", 0)))
+        z = self._latents(batch, gen)
+        c = self._context(batch, gen)
+        per_sample = diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod,
+                                    self.net.parameterization, generator=gen,
+                                    min_snr_gamma=t.get("min_snr_gamma"), offset_noise=float(t.get("offset_noise", 0.0)))
+        loss = per_sample.mean()
+        params = [p for p in self.net.model.parameters() if p.requires_grad]
+        if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=bool(t.get("check_finite", True))):
+            sched.step()
+            if self.model_ema is not None:
+                self.model_ema.update(self.net.model)
+        self._log_step(loss, z.shape[0])
+        return loss.detach()
+
+    def _log_step(self, loss: torch.Tensor, batch: int) -> None:
+        now = time.perf_counter()
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=False)
+        self.log("train/skipped", float(self.guard.skipped))
+        if self._t0 is not None:
+            ips = batch * self.trainer.world_size / max(now - self._t0, 1e-9)
+            self.log("train/img_per_s", ips, prog_bar=True)
+        self._t0 = now
+
+    def on_fit_start(self) -> None:
+        from ldm.diffusion.latent_stats import maybe_measure_scale  # noqa: PLC0415
+
+        maybe_measure_scale(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
+        checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["latent_scale"] = [float(self.net.first_stage_model.scale_factor),
+                                      float(self.net.first_stage_model.shift_factor)]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint["step_guard"])
+        scale, shift = checkpoint["latent_scale"]
+        self.set_latent_scale(scale, shift)
+        self._scale_measured = True
+
+    def set_latent_scale(self, scale: float, shift: float = 0.0) -> None:
+        vae = self.net.first_stage_model
+        vae.scale_factor.fill_(scale)
+        vae.shift_factor.fill_(shift)
+        self.config.model.params.scale_factor = float(scale)
+        self.config.model.params.shift_factor = float(shift)
+
+    def export(self, path: str, ema: bool = True) -> str:
+        """Write the trained model (EMA weights in ``model_ema.*``) as safetensors with its config."""
+        from ldm.loading import save  # noqa: PLC0415
+        from ldm.lora import strip_lora  # noqa: PLC0415
+
+        state = self.model_ema.ldm_state() if (ema and self.model_ema is not None) else None
+        return str(save(_Stripped(self.net, strip_lora), path, ema_state=state))
+
+
+class _Stripped:
+    """A view of a model whose ``state_dict`` passes through ``fn`` (LoRA keys removed for a base export)."""
+
+    def __init__(self, net: torch.nn.Module, fn: Any) -> None:
+        self.net, self.fn, self.config = net, fn, net.config
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.fn(self.net.state_dict())

@@ -1,0 +1,68 @@
+"""Exponential moving average of weights, stored the way the original LDM ``LitEma`` stores it.
+
+Buffers are named after the parameters with dots removed (``diffusion_model.out.2.weight`` ->
+``diffusion_modelout2weight``) next to ``decay`` and ``num_updates``, so a module attribute named ``model_ema``
+produces exactly the ``model_ema.*`` keys of released SD checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """θ_ema ← θ_ema + (1 − β)(θ − θ_ema) with β = min(decay, (1 + n)/(10 + n)) during warm-up (LitEma's rule)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.tensor(0 if warmup else -1, dtype=torch.int))
+        self.names: dict[str, str] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.names[name] = name.replace(".", "")
+                self.register_buffer(self.names[name], p.detach().float().clone())
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        d = float(self.decay)
+        return d if n < 0 else min(d, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA step towards ``model``'s current parameters."""
+        if int(self.num_updates) >= 0:
+            self.num_updates += 1
+        beta = self.current_decay()
+        params = dict(model.named_parameters())
+        shadow = [getattr(self, s) for s in self.names.values()]
+        current = [params[n].detach().to(shadow[0].dtype) for n in self.names]
+        torch._foreach_lerp_(shadow, current, 1.0 - beta)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for n, s in self.names.items():
+            params[n].copy_(getattr(self, s))
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily put the EMA weights into ``model`` (sampling callbacks), restoring the raw ones after."""
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.names}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    params[n].copy_(t)
+
+    def ldm_state(self, prefix: str = "model_ema.") -> dict[str, torch.Tensor]:
+        """``{"model_ema.<name without dots>": tensor, ...}`` as in released SD checkpoints."""
+        return {prefix + k: v for k, v in self.state_dict().items()}

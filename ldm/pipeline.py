@@ -1,0 +1,168 @@
+"""Text-to-image, image-to-image and inpainting on a :class:`ldm.model.LatentDiffusion`.
+
+The loop is: prompts → context; per-image seeded noise → x_T; σ schedule; a sampler over the guided denoiser
+D_cfg(x, σ); latents → autoencoder decoder → images. Each image's noise comes from its own seed (seed + index), so an
+image does not change with the batch size.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ldm.pipeline_io import decode_latents, images_to_pil, to_image_tensor, to_mask_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateArgs:
+    """The validated arguments of one ``generate`` call (checked before any work is done)."""
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 30
+    guidance: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    eta: float = 0.0
+    strength: float = 0.8
+    sigmas: str = "auto"
+    output: str = "pil"
+
+    def validate(self, factor: int) -> None:
+        from ldm.diffusion.samplers import SAMPLERS  # noqa: PLC0415
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("guidance", "guidance_rescale", "eta", "strength"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % factor):
+                raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+        if self.output not in ("pil", "latent", "tensor"):
+            raise ValueError(f"output must be 'pil', 'latent' or 'tensor', got {self.output!r}")
+        if self.sigmas not in ("auto", "discrete", "karras", "exponential", "ddim"):
+            raise ValueError(f"sigmas must be auto, discrete, karras, exponential or ddim, got {self.sigmas!r}")
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """(B, C, h, w) standard normal noise, image i drawn on the CPU from ``torch.Generator().manual_seed(seeds[i])``
+    (device independent and batch-size independent)."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+class MaskedDenoiser(nn.Module):
+    """Inpainting with any model: the known region of x̂0 is replaced by the source latents, D' = m·D + (1−m)·z0."""
+
+    def __init__(self, inner: nn.Module, z0: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.z0, self.mask = inner, z0, mask  # mask: (B, 1, h, w), 1 = repaint
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return self.mask * self.inner(x, sigma, **kw) + (1 - self.mask) * self.z0
+
+
+def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
+    from ldm.diffusion.schedules import get_sigmas  # noqa: PLC0415
+
+    kind = a.sigmas
+    if kind == "auto":
+        kind = "ddim" if a.sampler in ("ddim", "plms", "ddpm") else "karras" if a.sampler.startswith("dpmpp") else "discrete"
+    return get_sigmas(model.alphas_cumprod, a.steps, kind)
+
+
+def _conditioning(model: Any, prompts: list[str], negative: list[str]) -> tuple[dict, dict]:
+    c = model.encode_text(prompts)  # (B, 77, D)
+    u = model.encode_text(negative)  # (B, 77, D)
+    return {"context": c}, {"context": u}
+
+
+@torch.no_grad()
+def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None = None,
+             sampler: str = "dpmpp_2m", steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0,
+             seed: int | None = None, height: int | None = None, width: int | None = None,
+             latents: torch.Tensor | None = None, eta: float = 0.0, init_image: Any = None, strength: float = 0.8,
+             mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True) -> Any:
+    """Generate images.
+
+    Args:
+        prompts: one prompt or a list (B).
+        negative_prompts: the unconditional branch of classifier-free guidance; default "" (as the models were trained).
+        sampler: a name of ``ldm.diffusion.samplers.SAMPLERS`` (ddpm, ddim, plms, euler, euler_a, heun, lms, dpmpp_2m,
+            dpmpp_2m_sde, dpmpp_2s_a, unipc).
+        steps, guidance, guidance_rescale, eta: sampling settings (eta: DDIM η / ancestral noise scale).
+        seed: image i uses seed + i (random when None).
+        height, width: pixels, multiples of the autoencoder's factor (default: the config's size).
+        latents: (B, C, h, w) starting noise (unit variance), overriding the seed (compare with other implementations).
+        init_image: img2img/inpainting source (PIL image(s) or a (B, 3, H, W) tensor in [-1, 1]); ``strength`` in (0, 1]
+            is the fraction of the schedule that is re-noised.
+        mask: inpainting mask (PIL or (B, 1, H, W) tensor; 1/white = repaint).
+        output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
+        sigmas: σ schedule: "auto", "discrete", "karras", "exponential" or "ddim".
+    """
+    from ldm.diffusion.guidance import CFGDenoiser  # noqa: PLC0415
+    from ldm.diffusion.samplers import sample  # noqa: PLC0415
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negative = [""] * len(prompts) if negative_prompts is None else (
+        [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts))
+    if len(negative) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negative)} negative prompts")
+    vae = model.vae
+    f = vae.downsample_factor
+    a = GenerateArgs(sampler, steps, guidance, guidance_rescale, seed, height, width, eta, strength, sigmas, output)
+    a.validate(f)
+    if mask is not None and init_image is None:
+        raise ValueError("mask needs init_image (the picture to inpaint)")
+    B, dev, dt = len(prompts), model.device, model.dtype
+    size = model.config.model.params.get("image_size", 64) * f
+    H, W = a.height or size, a.width or size
+    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+    C = model.unet.out_channels if hasattr(model.unet, "out_channels") else 4
+    noise = latents if latents is not None else seeded_noise((C, H // f, W // f), [base + i for i in range(B)])
+    if noise.shape[0] != B:
+        raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
+    noise = noise.to(dev, torch.float32)
+    sig = _sigmas(model, a).to(dev)
+    cond, uncond = _conditioning(model, prompts, negative)
+    D: nn.Module = model.denoiser()
+    x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
+    z0 = None
+    if init_image is not None:
+        img = to_image_tensor(init_image, B, H, W).to(dev, dt)  # (B, 3, H, W)
+        z0 = vae.encode_latents(img).float()  # (B, C, h, w)
+        t_start = max(1, min(a.steps, round(a.steps * a.strength)))
+        sig = sig[a.steps - t_start:]
+        x = z0 + noise * sig[0]
+        if mask is not None:
+            m_px = to_mask_tensor(mask, B, H, W).to(dev)  # (B, 1, H, W)
+            m = torch.nn.functional.interpolate(m_px, size=(H // f, W // f), mode="nearest")
+            in_ch = model.unet.in_channels if hasattr(model.unet, "in_channels") else C
+            if in_ch == C + C + 1:  # a 9-channel inpainting model: condition on mask ‖ masked-image latents
+                masked = vae.encode_latents(img * (m_px < 0.5)).float()
+                concat = torch.cat([m, masked], dim=1)
+                cond["concat"], uncond["concat"] = concat, concat
+            else:
+                D = MaskedDenoiser(D, z0, m)
+    guided = CFGDenoiser(D)
+    extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)
+    gens = [torch.Generator().manual_seed(base + 10_000 + i) for i in range(B)]
+    z = sample(a.sampler, guided, x, sig, extra_args=extra, eta=a.eta, generators=gens, disable=not progress)
+    if isinstance(D, MaskedDenoiser):
+        z = D.mask * z + (1 - D.mask) * D.z0
+    if a.output == "latent":
+        return z
+    images = decode_latents(vae, z)  # (B, 3, H, W) in [0, 1]
+    return images if a.output == "tensor" else images_to_pil(images)

@@ -1,0 +1,74 @@
+"""Image ⇄ tensor conversion and robust decoding for the sampling pipeline."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(x: Any, n: int) -> list:
+    items = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(items) == 1:
+        items = items * n
+    if len(items) != n:
+        raise ValueError(f"expected 1 or {n} images, got {len(items)}")
+    return items
+
+
+def to_image_tensor(image: Any, n: int, height: int, width: int) -> torch.Tensor:
+    """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (n, 3, height, width) float tensor in [-1, 1]."""
+    if isinstance(image, torch.Tensor):
+        t = image if image.dim() == 4 else image[None]
+        if t.shape[1] != 3:
+            raise ValueError(f"init_image tensor must be (B, 3, H, W), got {tuple(t.shape)}")
+        t = t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t
+        return torch.nn.functional.interpolate(t.float(), size=(height, width), mode="bicubic", antialias=True)
+    arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
+            for im in _as_list(image, n)]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_mask_tensor(mask: Any, n: int, height: int, width: int) -> torch.Tensor:
+    """PIL mask(s) (white = repaint) or a (B, 1, H, W) tensor -> (n, 1, height, width) in {0, 1}."""
+    if isinstance(mask, torch.Tensor):
+        m = mask if mask.dim() == 4 else mask[None]
+        m = m.expand(n, -1, -1, -1) if m.shape[0] == 1 else m
+        m = torch.nn.functional.interpolate(m.float(), size=(height, width), mode="nearest")
+    else:
+        arrs = [np.asarray(im.convert("L").resize((width, height), Image.Resampling.NEAREST), dtype=np.float32) / 255.0
+                for im in _as_list(mask, n)]
+        m = torch.from_numpy(np.stack(arrs))[:, None]
+    return (m > 0.5).float()
+
+
+def decode_latents(vae: torch.nn.Module, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1].
+
+    Runs in the autoencoder's dtype; a fp16 decode that produces NaN/inf is retried in fp32 (the SD VAE is known to
+    overflow in fp16), and an out-of-memory decode is retried in tiles. Both are logged.
+    """
+    dtype = next(vae.parameters()).dtype
+    try:
+        x = vae.decode_latents(z.to(dtype)) if tile is None else vae.decode_latents_tiled(z.to(dtype), tile)
+    except torch.OutOfMemoryError:
+        log.warning("autoencoder decode ran out of memory at %s; retrying in tiles", tuple(z.shape))
+        return decode_latents(vae, z, tile=32)
+    if dtype != torch.float32 and not torch.isfinite(x).all():
+        log.warning("autoencoder decode in %s produced NaN/inf; retrying in float32", dtype)
+        vae.float()
+        try:
+            x = vae.decode_latents(z.float())
+        finally:
+            vae.to(dtype)
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> list of RGB PIL images."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]

@@ -1,0 +1,83 @@
+"""The optimizer step every stage uses: non-finite losses or gradients skip the step on every rank together.
+
+A step is skipped when the loss or any gradient is NaN/inf on *any* rank (the flag is all-reduced, so ranks never
+disagree and DDP never hangs). Skips are counted (``nonfinite_skipped``, saved in checkpoints); after
+``max_consecutive`` skips in a row the run stops with a message.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients too many times in a row."""
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+class StepGuard:
+    """State of the guard: counts of skipped steps, kept in the LightningModule and its checkpoints."""
+
+    def __init__(self, max_consecutive: int = 10) -> None:
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+
+    def agree(self, module: Any, ok: torch.Tensor) -> bool:
+        """All ranks agree: True only when ``ok`` holds everywhere."""
+        ok = ok.to(module.device, torch.float32)
+        if module.trainer is not None and module.trainer.world_size > 1:
+            ok = module.trainer.strategy.reduce(ok, reduce_op="min")
+        return bool(ok.item() > 0.5)
+
+    def record(self, ok: bool, what: str, step: int) -> None:
+        if ok:
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        log.warning("step %d: non-finite %s; step skipped on every rank (%d skipped so far)", step, what, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} consecutive steps had non-finite {what} (last at step {step}); "
+                                 "lower the learning rate, check the data, or use bf16 instead of fp16")
+
+
+def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
+                 clip: float | None = None, check_grads: bool = True) -> bool:
+    """Backward + step for a manual-optimization LightningModule. Returns whether the step was taken.
+
+    ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed in every case.
+    """
+    guard: StepGuard = module.guard
+    step = module.global_step
+    if not guard.agree(module, torch.isfinite(loss.detach())):
+        guard.record(False, "loss", step)
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    module.manual_backward(loss)
+    if check_grads:
+        ok = guard.agree(module, _all_finite(p.grad for p in params if p.grad is not None))
+        if not ok:
+            guard.record(False, "gradients", step)
+            optimizer.zero_grad(set_to_none=True)
+            return False
+    if clip:
+        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    guard.record(True, "", step)
+    return True

@@ -1,0 +1,56 @@
+"""Optimizer, learning-rate schedule and per-step random generators shared by the stage modules."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ldm.lr_schedule import linear_warmup
+
+log = logging.getLogger(__name__)
+
+
+def effective_lr(module: Any, t: DictConfig) -> float:
+    """``train.lr`` scaled by the explicit rule ``train.lr_scale``:
+
+    - ``none`` (default): the learning rate is used as given;
+    - ``linear``: lr × (batch_size × devices × num_nodes × accumulate_grad_batches) / ``train.lr_base_batch``
+      — the number of nodes counts too (the original LDM main.py forgot it).
+    """
+    lr = float(t.lr)
+    rule = t.get("lr_scale", "none")
+    if rule == "none":
+        return lr
+    if rule != "linear":
+        raise ValueError(f"train.lr_scale must be 'none' or 'linear', got {rule!r}")
+    tr = module.trainer
+    cfg = module.config
+    total = int(cfg.data.batch_size) * tr.num_devices * tr.num_nodes * tr.accumulate_grad_batches
+    scaled = lr * total / float(t.get("lr_base_batch", 1))
+    log.info("lr %.3g = %.3g × global batch %d / %s (train.lr_scale=linear)", scaled, lr, total,
+             t.get("lr_base_batch", 1))
+    return scaled
+
+
+def build_optimizer(module: Any, params: list[torch.nn.Parameter], t: DictConfig) -> Any:
+    """AdamW (fused on CUDA) with linear warm-up then constant (SD's recipe)."""
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    fused = all(p.is_cuda for p in params)
+    opt = torch.optim.AdamW(params, lr=effective_lr(module, t), betas=tuple(t.get("betas", (0.9, 0.999))),
+                            weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)),
+                            fused=fused or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(int(t.get("warmup_steps", 0))))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def step_generator(module: Any, seed: int) -> torch.Generator:
+    """A generator on the module's device seeded by (seed, global step, rank): noise and timesteps differ per rank
+    and per step, and a resumed run draws exactly what the uninterrupted run would have."""
+    rank = module.global_rank if module.trainer is not None else 0
+    step = module.global_step
+    g = torch.Generator(device=module.device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1))
+    return g

@@ -1,0 +1,83 @@
+"""Build a Lightning ``Trainer`` from the ``trainer``, ``train`` and ``logging`` sections of a config."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.registry import ConfigError
+from ldm.training.callbacks import ExportOnEnd, SampleGrid
+from ldm.training.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
+TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
+                "log_every_n_steps", "accumulate_grad_batches", "limit_train_batches", "limit_val_batches",
+                "fast_dev_run", "enable_progress_bar", "deterministic", "benchmark", "val_check_interval",
+                "num_sanity_val_steps", "enable_model_summary", "detect_anomaly", "sync_batchnorm",
+                "use_distributed_sampler", "max_time"}
+
+
+def check_no_secrets(cfg: DictConfig) -> None:
+    """Refuse configs that carry credentials: wandb keys come from the environment (``WANDB_API_KEY``) only."""
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if any(w in str(k).lower() for w in SECRET_WORDS):
+                    raise ConfigError(f"config key {path}{k!s} looks like a credential; set it in the environment "
+                                      "(e.g. WANDB_API_KEY), never in a config, log or checkpoint")
+                walk(v, f"{path}{k}.")
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: PLC0415
+
+    lc = cfg.get("logging") or {}
+    loggers: list[Any] = []
+    if lc.get("csv", True):
+        loggers.append(CSVLogger(run_dir, name="logs", version=""))
+    if lc.get("tensorboard", True):
+        loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
+    wb = lc.get("wandb")
+    if wb:
+        from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415
+
+        loggers.append(WandbLogger(project=wb.get("project", "ldm"), name=wb.get("name"), save_dir=str(run_dir),
+                                   offline=wb.get("mode", "offline") == "offline", log_model=False))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    ck = (cfg.train.get("checkpoint") or {})
+    cbs: list[Any] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
+                        every_n_train_steps=int(ck.get("every_n_steps", 500)), save_top_k=int(ck.get("keep_last", 3)),
+                        monitor="step", mode="max", save_last=True),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    sc = cfg.get("sample") or {}
+    if sc.get("every_n_steps") and cfg.train.get("stage", "diffusion") == "diffusion":
+        cbs.append(SampleGrid(run_dir / "samples", list(sc.prompts), int(sc.every_n_steps), seed=int(sc.get("seed", 0)),
+                              steps=int(sc.get("steps", 20)), sampler=sc.get("sampler", "dpmpp_2m"),
+                              guidance=float(sc.get("guidance", 5.0))))
+    cbs.append(ExportOnEnd(run_dir / "model.safetensors"))
+    return cbs
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
+    """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named)."""
+    run_dir = Path(run_dir)
+    check_no_secrets(cfg)
+    tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
+    unknown = set(tc) - TRAINER_KEYS
+    if unknown:
+        raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
+    tc.setdefault("log_every_n_steps", 10)
+    return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+                     callbacks=build_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO()], **tc)
