@@ -30,7 +30,7 @@ class GenerateArgs:
     seed: int | None = None
     height: int | None = None
     width: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     strength: float = 0.8
     sigmas: str = "auto"
     output: str = "pil"
@@ -43,7 +43,7 @@ class GenerateArgs:
         if not isinstance(self.steps, int) or self.steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         for name in ("guidance", "guidance_rescale", "eta", "strength"):
-            if not math.isfinite(float(getattr(self, name))):
+            if getattr(self, name) is not None and not math.isfinite(float(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
@@ -93,7 +93,7 @@ def _conditioning(model: Any, prompts: list[str], negative: list[str]) -> tuple[
 def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None = None,
              sampler: str = "dpmpp_2m", steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0,
              seed: int | None = None, height: int | None = None, width: int | None = None,
-             latents: torch.Tensor | None = None, eta: float = 0.0, init_image: Any = None, strength: float = 0.8,
+             latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None, strength: float = 0.8,
              mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True) -> Any:
     """Generate images.
 
@@ -102,7 +102,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         negative_prompts: the unconditional branch of classifier-free guidance; default "" (as the models were trained).
         sampler: a name of ``ldm.diffusion.samplers.SAMPLERS`` (ddpm, ddim, plms, euler, euler_a, heun, lms, dpmpp_2m,
             dpmpp_2m_sde, dpmpp_2s_a, unipc).
-        steps, guidance, guidance_rescale, eta: sampling settings (eta: DDIM η / ancestral noise scale).
+        steps, guidance, guidance_rescale, eta: sampling settings (eta: DDIM η / ancestral noise scale; None: the sampler's default).
         seed: image i uses seed + i (random when None).
         height, width: pixels, multiples of the autoencoder's factor (default: the config's size).
         latents: (B, C, h, w) starting noise (unit variance), overriding the seed (compare with other implementations).

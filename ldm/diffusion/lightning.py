@@ -45,6 +45,7 @@ class LatentDiffusionModule(L.LightningModule):
         self.model_ema = EMA(self.net.model, decay=float(decay)) if decay else None
         self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))
         self._t0: float | None = None
+        self.batches_seen = 0  # data position: batches consumed, saved in checkpoints for exact resume
 
     # -- batches ---------------------------------------------------------------------------------------------
     def _latents(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
@@ -75,6 +76,7 @@ class LatentDiffusionModule(L.LightningModule):
         from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
 
         t = self.config.train
+        self.batches_seen += 1
         opt, sched = self.optimizers(), self.lr_schedulers()
         gen = step_generator(self, int(t.get("seed", 0)))
         z = self._latents(batch, gen)
@@ -109,11 +111,13 @@ class LatentDiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
         checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["batches_seen"] = self.batches_seen
         checkpoint["latent_scale"] = [float(self.net.first_stage_model.scale_factor),
                                       float(self.net.first_stage_model.shift_factor)]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint["step_guard"])
+        self.batches_seen = int(checkpoint["batches_seen"])
         scale, shift = checkpoint["latent_scale"]
         self.set_latent_scale(scale, shift)
         self._scale_measured = True

@@ -1,0 +1,242 @@
+"""Whole models: our :class:`ldm.model.LatentDiffusion` ⇄ a diffusers ``StableDiffusionPipeline`` folder.
+
+    model_index.json                      pipeline class and component classes (no safety checker)
+    unet/config.json + diffusion_pytorch_model.safetensors
+    vae/config.json + diffusion_pytorch_model.safetensors          (scaling_factor = our scale_factor)
+    text_encoder/config.json + model.safetensors                   (transformers CLIPTextModel)
+    tokenizer/vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json
+    scheduler/scheduler_config.json                                (the discrete training schedule)
+
+Only safetensors weights are read or written (never pickles). Every file is written atomically, and
+``model_index.json`` last, so an interrupted export is not a loadable folder. diffusers is never imported here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import CheckpointError, atomic_write, save_safetensors
+from ldm.convert.diffusers_text import (EOT_ID, clip_bpe, text_config_to_hf, text_encoder_from_hf,
+                                        text_encoder_to_hf, text_encoder_yaml, write_clip_tokenizer)
+from ldm.convert.diffusers_unet import (DIFFUSERS_FORMAT_VERSION, unet_config_from_diffusers,
+                                        unet_config_to_diffusers, unet_diffusers_to_ldm, unet_ldm_to_diffusers)
+from ldm.convert.diffusers_vae import (vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_ldm,
+                                       vae_ldm_to_diffusers)
+
+log = logging.getLogger(__name__)
+
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# our beta_schedule name -> diffusers' (LDM "linear" is diffusers "scaled_linear": linspace over sqrt(β))
+BETA_TO_DIFFUSERS = {"linear": "scaled_linear", "scaled_linear": "scaled_linear", "linear_plain": "linear",
+                     "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
+BETA_FROM_DIFFUSERS = {"scaled_linear": "linear", "linear": "linear_plain", "squaredcos_cap_v2": "cosine"}
+PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def _split(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in PREFIXES}
+    other = []
+    for k, v in sd.items():
+        name = next((n for n, p in PREFIXES.items() if k.startswith(p)), None)
+        if name is None:
+            other.append(k)
+        else:
+            parts[name][k[len(PREFIXES[name]):]] = v
+    if other:
+        raise KeyError(f"export_diffusers: {len(other)} model key(s) belong to no U-Net/VAE/text encoder, e.g. "
+                       f"{other[:5]} (a diffusers folder cannot hold them)")
+    return parts
+
+
+def scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The LatentDiffusion params' discrete schedule as a diffusers ``DDIMScheduler`` config."""
+    kind = params.get("beta_schedule", "linear")
+    if kind not in BETA_TO_DIFFUSERS:
+        raise NotImplementedError(f"model.params.beta_schedule={kind!r} has no diffusers equivalent")
+    zero_snr = bool(params.get("zero_terminal_snr", False))
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "beta_start": float(params.get("linear_start", 0.00085)),
+            "beta_end": float(params.get("linear_end", 0.012)), "beta_schedule": BETA_TO_DIFFUSERS[kind],
+            "num_train_timesteps": int(params.get("timesteps", 1000)),
+            "prediction_type": PREDICTION[params.get("parameterization", "eps")], "steps_offset": 1,
+            "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "trained_betas": None,
+            "rescale_betas_zero_snr": zero_snr, "timestep_spacing": "trailing" if zero_snr else "leading"}
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = None) -> Path:
+    """Write ``model`` (a :class:`ldm.model.LatentDiffusion` with ``.config``) as a diffusers pipeline folder.
+
+    Args:
+        model: our model; its weights (in whatever dtype they are) and config are exported.
+        out_dir: the folder to create or overwrite (files are replaced atomically).
+        sample_size: default latent size written to ``unet/config.json`` (else ``model.params.image_size``).
+    Returns:
+        ``out_dir`` as a Path. Loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)``.
+    """
+    out = Path(out_dir)
+    cfg = OmegaConf.to_container(model.config, resolve=True)
+    params = cfg["model"]["params"]
+    unet_params = params["unet_config"]["params"]
+    vae_params = params["first_stage_config"]["params"]
+    enc = model.cond_stage_model
+    parts = _split(model.state_dict())
+    latent = sample_size if sample_size is not None else params.get("image_size", 64)
+
+    unet_cfg = unet_config_to_diffusers(unet_params, sample_size=latent)
+    vae = model.first_stage_model
+    vae_cfg = vae_config_to_diffusers(vae_params["ddconfig"], vae_params["embed_dim"],
+                                      scaling_factor=float(vae.scale_factor), shift_factor=float(vae.shift_factor),
+                                      sample_size=int(latent) * vae.downsample_factor)
+    weights = {"unet": unet_ldm_to_diffusers(parts["unet"], unet_params),
+               "vae": vae_ldm_to_diffusers(parts["vae"], vae_params["ddconfig"]),
+               "text_encoder": text_encoder_to_hf(parts["text_encoder"], enc.layout, enc.num_layers, enc.layer)}
+    for name, sd in weights.items():
+        save_safetensors(sd, out / name / f"{WEIGHT_NAMES[name]}.safetensors", {"format": "pt"})
+    _write_json(out / "unet" / "config.json", unet_cfg)
+    _write_json(out / "vae" / "config.json", vae_cfg)
+    _write_json(out / "text_encoder" / "config.json", text_config_to_hf(enc))
+    vocab, _ = clip_bpe()
+    pad = {i: t for t, i in vocab.items()}[enc.pad_token]
+    write_clip_tokenizer(out / "tokenizer", pad_token=pad, max_length=enc.max_length)
+    _write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(params))
+    pipeline = "StableDiffusionInpaintPipeline" if unet_params["in_channels"] == 9 else "StableDiffusionPipeline"
+    _write_json(out / "model_index.json", {
+        "_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+    log.info("exported a diffusers %s folder to %s", pipeline, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ import
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"diffusers folder: {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def _read_weights(folder: Path, stem: str, variant: str | None) -> dict[str, torch.Tensor]:
+    """``stem[.variant].safetensors`` or its sharded ``….safetensors.index.json`` (pickled .bin files are refused)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    names = [f"{stem}.{variant}" if variant else stem] + ([] if variant else [f"{stem}.fp16"])
+    for name in names:
+        single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            files = sorted(set(_read_json(index)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for f in files:
+                sd.update(load_file(str(folder / f)))
+            return sd
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    hint = f" (found only pickled {pickles}; convert them to safetensors first)" if pickles else ""
+    raise FileNotFoundError(f"diffusers folder: no {names[0]}.safetensors in {str(folder)!r}{hint}")
+
+
+def _pad_token_id(tok_dir: Path) -> int | None:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tok_dir / name
+        if path.is_file():
+            pad = _read_json(path).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if pad is not None:
+                vocab_file = tok_dir / "vocab.json"
+                vocab = _read_json(vocab_file) if vocab_file.is_file() else clip_bpe()[0]
+                if pad not in vocab:
+                    raise CheckpointError(f"{path}: pad_token {pad!r} is not in the vocabulary")
+                return int(vocab[pad])
+    return None
+
+
+def config_from_diffusers(folder: str | Path) -> dict[str, Any]:
+    """Our config dict (the structure of ``configs/sd/v1-inference.yaml``) for a diffusers SD pipeline folder."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        if not index.get(part) or index[part][0] is None:
+            raise CheckpointError(f"{folder / 'model_index.json'}: no {part!r} component")
+    unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), str(folder / "unet/config.json"))
+    vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae/config.json"))
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path)
+    kind = sched.get("beta_schedule", "linear")
+    if kind not in BETA_FROM_DIFFUSERS or sched.get("trained_betas") is not None:
+        raise NotImplementedError(f"{sched_path}: beta_schedule={kind!r} (or trained_betas) is not supported")
+    prediction = {v: k for k, v in PREDICTION.items()}.get(sched.get("prediction_type", "epsilon"))
+    if prediction is None:
+        raise NotImplementedError(f"{sched_path}: prediction_type={sched['prediction_type']!r} is not supported")
+    pad = _pad_token_id(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
+    text = text_encoder_yaml(_read_json(folder / "text_encoder" / "config.json"), pad,
+                             str(folder / "text_encoder/config.json"))
+    hybrid = unet["in_channels"] != vae["embed_dim"]
+    params = {
+        "linear_start": float(sched.get("beta_start", 0.0001)), "linear_end": float(sched.get("beta_end", 0.02)),
+        "timesteps": int(sched.get("num_train_timesteps", 1000)), "beta_schedule": BETA_FROM_DIFFUSERS[kind],
+        "zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr", False)), "parameterization": prediction,
+        "image_size": unet["image_size"], "channels": vae["embed_dim"],
+        "conditioning_key": "hybrid" if hybrid else "crossattn",
+        "scale_factor": vae["scale_factor"], "shift_factor": vae["shift_factor"],
+        "unet_config": {"target": "UNetModel", "params": unet},
+        "first_stage_config": {"target": "AutoencoderKL",
+                               "params": {"embed_dim": vae["embed_dim"], "ddconfig": vae["ddconfig"],
+                                          "lossconfig": {"target": "Identity"}}},
+        "cond_stage_config": text,
+    }
+    return {"model": {"target": "LatentDiffusion", "params": params}}
+
+
+def import_diffusers(folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                     variant: str | None = None, strict: bool = True) -> Any:
+    """Build our model from a diffusers Stable Diffusion folder (ours or ``StableDiffusionPipeline.save_pretrained``).
+
+    Args:
+        folder: the pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``,
+            optionally ``tokenizer/`` for the pad token).
+        device, dtype: where and in what precision the model lives (default: CPU, float32).
+        variant: weights variant such as "fp16" (``diffusion_pytorch_model.fp16.safetensors``).
+        strict: every weight of our model must come from the folder (besides the documented unused
+            text-encoder tensors, see :mod:`ldm.convert.diffusers_text`).
+    Returns:
+        :class:`ldm.model.LatentDiffusion` in eval mode, with ``.config``.
+    """
+    from ldm.loading import build, load_weights  # noqa: PLC0415  (ldm.loading imports the whole model)
+
+    folder = Path(folder)
+    cfg = OmegaConf.create(config_from_diffusers(folder))
+    model = build(cfg, str(folder))
+    params = cfg.model.params
+    unet = _read_weights(folder / "unet", WEIGHT_NAMES["unet"], variant)
+    vae = _read_weights(folder / "vae", WEIGHT_NAMES["vae"], variant)
+    text = _read_weights(folder / "text_encoder", WEIGHT_NAMES["text_encoder"], variant)
+    enc = model.cond_stage_model
+    sd: dict[str, torch.Tensor] = {}
+    for name, part in (("unet", unet_diffusers_to_ldm(unet, params.unet_config.params)),
+                       ("vae", vae_diffusers_to_ldm(vae, params.first_stage_config.params.ddconfig)),
+                       ("text_encoder", text_encoder_from_hf(text, enc.state_dict(), enc.layout, enc.layer))):
+        sd.update({PREFIXES[name] + k: v for k, v in part.items()})
+    load_weights(model, sd, strict=strict, where=str(folder))
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+        model.alphas_cumprod = model.alphas_cumprod.double()  # σ arithmetic stays in float64
+    log.info("imported diffusers folder %s (pad token %s)", folder, enc.pad_token if enc.pad_token != EOT_ID else "eot")
+    return model

@@ -1,0 +1,210 @@
+"""Rank/worker splitting with equal batch counts, and a resumable data loader.
+
+Choice (documented in docs/DATA.md): every rank yields exactly ``B = N // (world_size · batch_size)`` full batches
+per epoch, where ``N`` is the known sample count (manifest, folder listing or ``num_samples``). Units (shards, or
+chunks of folder files) are shuffled with ``(seed, epoch)`` — the same order on every rank — and dealt out to the
+``world_size · num_workers`` (rank, worker) slots, so slots read disjoint units. A slot whose units run out before its
+quota cycles over them again (reshuffled); a slot with more data stops early. Ranks therefore never wait on each other
+at the end of an epoch, and every sample is seen about once. With fewer units than slots, every slot reads all units
+and keeps every ``slots``-th sample instead (still disjoint).
+
+Batches are built inside the workers (the DataLoader runs with ``batch_size=None``): logical worker ``w`` makes batches
+``k ≡ w (mod W)``, which the DataLoader's round-robin returns in order ``0, 1, 2, …``. Resuming after ``n`` batches
+rotates the logical workers by ``n`` and drops the batches ``k < n`` (the samples are still read and decoded to keep
+the random streams identical), so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ldm.data.folder import FolderSource
+from ldm.data.shards import SampleDecoder, ShardSource, collate, read_manifest
+from ldm.data.transforms import ImageTransform
+from ldm.data.validate import SkipStats
+
+log = logging.getLogger(__name__)
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): explicit values win, then ``torch.distributed`` when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+        rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    return rank, world_size
+
+
+def assign_units(units: Sequence, rank: int, world_size: int, worker: int, num_workers: int,
+                 seed: int, epoch: int) -> tuple[list, int, int]:
+    """Units of one (rank, worker) slot → ``(units, sample_stride, sample_offset)``.
+
+    Enough units: disjoint units, stride 1. Fewer units than slots: all units, keep samples ``i ≡ slot (mod slots)``.
+    """
+    order = list(units)
+    random.Random(f"units-{seed}-{epoch}").shuffle(order)
+    slots, slot = world_size * num_workers, rank + world_size * worker
+    if len(order) >= slots:
+        return order[slot::slots], 1, 0
+    return order, slots, slot
+
+
+class EqualBatchesIterable(IterableDataset):
+    """Yields collated batches; every rank yields exactly ``num_batches`` per epoch (see module docstring)."""
+
+    def __init__(self, source, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start_batch: int = 0, num_batches: int | None = None,
+                 shuffle_buffer: int = 512, stats: SkipStats | None = None):
+        n = source.num_samples
+        if num_batches is None:
+            if n is None:
+                raise ValueError("EqualBatchesIterable needs source.num_samples or num_batches")
+            num_batches = n // (world_size * batch_size)
+        if num_batches <= 0:
+            raise ValueError(f"{n} samples cannot fill one batch of batch_size={batch_size} on each of "
+                             f"world_size={world_size} ranks")
+        self.source, self.batch_size, self.num_batches = source, batch_size, num_batches
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+        self.stats = stats if stats is not None else SkipStats()
+
+    def __len__(self) -> int:
+        return max(0, self.num_batches - self.start_batch)
+
+    def _samples(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Endless sample stream of one logical worker: its units pass after pass, each pass shuffled through a
+        buffer that is drained at the end of the pass (so a pass yields each of its samples exactly once)."""
+        units, stride, offset = assign_units(self.source.units, self.rank, self.world_size, worker, num_workers,
+                                             self.seed, self.epoch)
+        rng = random.Random(f"samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        slot_tag = "" if stride > 1 else f"-{self.rank}-{worker}"  # strided slots must share the unit order
+        for n_pass in range(1 << 62):
+            order = list(units)
+            random.Random(f"order-{self.seed}-{self.epoch}-{n_pass}{slot_tag}").shuffle(order)
+            buf: list[dict] = []
+            seen = kept = 0
+            for unit in order:
+                for sample in self.source.iter_unit(unit, self.stats, rng):
+                    seen += 1
+                    if (seen - 1) % stride != offset:
+                        continue
+                    kept += 1
+                    buf.append(sample)
+                    if len(buf) >= self.shuffle_buffer:
+                        yield buf.pop(rng.randrange(len(buf)))
+            if kept == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: units {list(units)[:4]} yielded no samples")
+            while buf:
+                yield buf.pop(rng.randrange(len(buf)))
+            log.debug("rank %d worker %d finished pass %d over %d units", self.rank, worker, n_pass, len(units))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        phys, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (phys + self.start_batch) % num_workers  # rotation: physical worker 0 makes batch start_batch
+        stream = self._samples(worker, num_workers)
+        for k in range(worker, self.num_batches, num_workers):
+            batch = [next(stream) for _ in range(self.batch_size)]
+            if k >= self.start_batch:
+                yield collate(batch)
+        self.stats.report(f"rank {self.rank} worker {worker}")
+
+
+def resolve_source(spec, *, split: str | None = None, decoder: SampleDecoder | None = None,
+                   allow_pipe: bool = False, num_samples: int | None = None):
+    """A data spec → a source: a directory with ``manifest.json`` (image shards or a latent cache; ``split``
+    selects the split, default ``train``), a directory of ``*.tar``, an image folder, or shard paths/patterns."""
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
+        root = Path(spec)
+        if (root / "manifest.json").exists():
+            man = read_manifest(root)
+            split = split or "train"
+            if split not in man.get("splits", {}):
+                raise KeyError(f"split {split!r} not in {root / 'manifest.json'} (has {sorted(man.get('splits', {}))})")
+            entry = man["splits"][split]
+            shards = [str(root / s) for s in entry["shards"]]
+            count = num_samples if num_samples is not None else entry["count"]
+            if man.get("kind") == "latents":
+                from ldm.data.latent_cache import LatentSource  # noqa: PLC0415 - avoids an import cycle
+                return LatentSource(shards, num_samples=count)
+            return ShardSource(shards, decoder, num_samples=count)
+        if any(root.glob("*.tar")):
+            return ShardSource(root, decoder, num_samples=num_samples)
+        return FolderSource(root, decoder)
+    return ShardSource(spec, decoder, allow_pipe=allow_pipe, num_samples=num_samples)
+
+
+class ResumableLoader:
+    """Iterates one epoch per ``for`` loop; ``state_dict()`` = ``{"epoch", "batches_consumed", …}`` resumes exactly."""
+
+    def __init__(self, source, batch_size: int, *, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, epoch: int = 0, start_batch: int = 0, shuffle_buffer: int = 512,
+                 pin_memory: bool = False):
+        self.source, self.batch_size, self.num_workers = source, batch_size, num_workers
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.batches_consumed = epoch, start_batch
+        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
+        self.num_batches = len(self._iterable())
+
+    def _iterable(self) -> EqualBatchesIterable:
+        return EqualBatchesIterable(self.source, self.batch_size, rank=self.rank, world_size=self.world_size,
+                                    seed=self.seed, epoch=self.epoch, start_batch=0,
+                                    shuffle_buffer=self.shuffle_buffer)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = self._iterable()
+        ds.start_batch = self.batches_consumed
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        for batch in dl:
+            self.batches_consumed += 1
+            yield batch
+        if self.batches_consumed >= self.num_batches:
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch."""
+        self.epoch, self.batches_consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        """Data position: the batch after ``batches_consumed`` of ``epoch`` comes next."""
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_batches": self.num_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; batch size, world size and seed must match (else the batches differ)."""
+        for k in ("seed", "batch_size", "world_size"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"data state {k}={state[k]} does not match this loader's {k}={getattr(self, k)}")
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+
+def make_dataloader(spec, batch_size: int, *, num_workers: int = 0, rank: int | None = None,
+                    world_size: int | None = None, seed: int = 0, epoch: int = 0, start_batch: int = 0,
+                    split: str | None = None, size: int | None = None, resize: str = "center-crop",
+                    flip: bool = False, caption_policy: str = "skip", min_size: int = 8,
+                    num_samples: int | None = None, shuffle_buffer: int = 512, allow_pipe: bool = False,
+                    pin_memory: bool = False) -> ResumableLoader:
+    """The training data loader: any spec (see :func:`resolve_source`) → batches ``{"image": (B, 3, S, S),
+    "caption": [str], "key": [str]}`` (latent caches: ``"latent"`` (B, C, h, w), optional ``"context"``)."""
+    rank, world_size = dist_info(rank, world_size)
+    decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size)
+    source = resolve_source(spec, split=split, decoder=decoder, allow_pipe=allow_pipe, num_samples=num_samples)
+    if source.num_samples is None:
+        raise ValueError(f"data spec {spec!r} has no known sample count: pass num_samples= or use a directory "
+                         "with manifest.json (scripts/make_shards.py writes one)")
+    return ResumableLoader(source, batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
+                           seed=seed, epoch=epoch, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
+                           pin_memory=pin_memory)

@@ -1,0 +1,115 @@
+"""Image folders with captions: ``img.png`` + ``img.txt`` side by side, or a ``metadata.jsonl`` with one
+``{"file_name": "img.png", "text": "..."}`` per line (Hugging Face ``imagefolder`` layout; ``caption`` is accepted
+for ``text``). Files are read as bytes and go through the same decoder and bad-input policy as shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from ldm.data.shards import SampleDecoder, decode_stream
+from ldm.data.transforms import ImageTransform
+from ldm.data.validate import IMAGE_EXTENSIONS, Skip, SkipStats, check_member_name
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.jsonl"
+
+
+def _read_metadata(root: Path) -> dict[str, str | None]:
+    """``metadata.jsonl`` → {relative file name: caption or None}. Bad lines raise, naming file and line."""
+    out: dict[str, str | None] = {}
+    with open(root / METADATA, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{root / METADATA} line {i}: expected a JSON object with 'file_name' ({e})") from None
+            text = row.get("text", row.get("caption"))
+            out[str(name)] = text if isinstance(text, str) else None
+    return out
+
+
+def list_folder(root: str | os.PathLike) -> list[tuple[str, str | None, bool]]:
+    """Sorted ``(relative image path, caption from metadata.jsonl or None, has_metadata)`` for a folder.
+
+    With ``metadata.jsonl`` present its rows define the dataset (captions missing from a row stay None);
+    otherwise every image under ``root`` is listed and its caption is read later from the sibling ``.txt``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    if (root / METADATA).exists():
+        meta = _read_metadata(root)
+        return [(name, meta[name], True) for name in sorted(meta)]
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    return [(f, None, False) for f in files]
+
+
+class FolderSource:
+    """A folder split into units of ``chunk`` files, so ranks and workers read disjoint parts like shards."""
+
+    def __init__(self, root: str | os.PathLike, decoder: SampleDecoder | None = None, chunk: int = 256):
+        self.root = Path(root)
+        self.entries = list_folder(root)
+        self.decoder = decoder or SampleDecoder()
+        self.units = [tuple(range(i, min(i + chunk, len(self.entries)))) for i in range(0, len(self.entries), chunk)]
+        self.num_samples = len(self.entries)
+        if not self.entries:
+            log.warning("image folder %s holds no images", root)
+
+    def _raw(self, index: int, stats: SkipStats) -> dict | None:
+        name, caption, has_meta = self.entries[index]
+        try:
+            check_member_name(name)
+        except Skip as s:
+            stats.skip(s.reason, f"{self.root}:{name}")
+            return None
+        path = self.root / name
+        key, ext = os.path.splitext(name)[0], path.suffix.lower().lstrip(".")
+        raw: dict = {"__key__": key, "__url__": str(self.root)}
+        if path.is_file() and ext in IMAGE_EXTENSIONS:
+            raw[ext] = path.read_bytes()
+        txt = path.with_suffix(".txt")
+        if has_meta:
+            if caption is not None:
+                raw["txt"] = caption.encode("utf-8")
+        elif txt.is_file():
+            raw["txt"] = txt.read_bytes()
+        return raw
+
+    def iter_unit(self, unit: tuple[int, ...], stats: SkipStats, rng: random.Random | None = None) -> Iterator[dict]:
+        """Decoded samples of one chunk of files."""
+        raws = (r for r in (self._raw(i, stats) for i in unit) if r is not None)
+        return decode_stream(raws, self.decoder, stats, rng)
+
+
+class FolderDataset(Dataset):
+    """Map-style dataset over an image folder. ``__getitem__`` returns None for a skipped sample (counted in
+    ``stats``); use :func:`ldm.data.distributed.make_dataloader` for training, which drops them."""
+
+    def __init__(self, root: str | os.PathLike, *, size: int | None = None, resize: str = "center-crop",
+                 flip: bool = False, caption_policy: str = "skip", min_size: int = 8):
+        decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size)
+        self.source = FolderSource(root, decoder)
+        self.stats = SkipStats()
+
+    def __len__(self) -> int:
+        return len(self.source.entries)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return next(iter(self.source.iter_unit((index,), self.stats)), None)
+
+    def __iter__(self) -> Iterator[dict]:
+        for unit in self.source.units:
+            yield from self.source.iter_unit(unit, self.stats)

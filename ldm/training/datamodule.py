@@ -1,0 +1,88 @@
+"""The training data as a Lightning DataModule: an endless, exactly resumable stream of batches.
+
+Lightning's notion of epochs is not used: the stream walks epoch after epoch of :class:`ldm.data.ResumableLoader`
+(each rank and worker reading disjoint shards, every rank yielding the same number of batches), and the run ends at
+``trainer.max_steps``. The position is the number of batches the module has consumed (``batches_seen``, saved in
+every checkpoint); a resumed run starts the stream at that batch, so it sees exactly the batches the uninterrupted
+run would have.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import IterableDataset
+
+from ldm.registry import ConfigError
+
+log = logging.getLogger(__name__)
+
+DATA_KEYS = {"train", "split", "size", "batch_size", "num_workers", "flip", "resize", "caption_policy",
+             "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed"}
+
+
+class BatchStream:
+    """Batches ``start, start+1, …`` of the epoch sequence of a :class:`ldm.data.ResumableLoader` factory."""
+
+    def __init__(self, make_loader: Any, start_batch: int) -> None:
+        self.make_loader, self.start = make_loader, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = self.make_loader(0)
+        n = len(loader)
+        if n == 0:
+            raise ValueError("the training data gives no full batch per rank: lower data.batch_size or add data")
+        epoch, skip = divmod(self.start, n)
+        while True:
+            loader = self.make_loader(epoch)
+            loader.load_state_dict({"epoch": epoch, "batches_consumed": skip})
+            yield from loader
+            epoch, skip = epoch + 1, 0
+
+
+class DataModule(L.LightningDataModule):
+    """Builds the training stream from the ``data`` section; ``position`` is set by the module on resume."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        d = cfg.data
+        unknown = set(d.keys()) - DATA_KEYS
+        if unknown:
+            raise ConfigError(f"data: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(DATA_KEYS))}")
+        if not d.get("train"):
+            raise ConfigError("data.train: no training data given (a shard folder, shard pattern or image folder)")
+        self.d = OmegaConf.to_container(d, resolve=True)
+        self.seed = int(d.get("seed", cfg.train.get("seed", 0)))
+
+    def _loader(self, epoch: int, rank: int, world: int) -> Any:
+        from ldm.data import make_dataloader  # noqa: PLC0415
+
+        d = self.d
+        return make_dataloader(d["train"], int(d["batch_size"]), num_workers=int(d.get("num_workers", 0)),
+                               rank=rank, world_size=world, seed=self.seed, epoch=epoch, split=d.get("split"),
+                               size=d.get("size"), resize=d.get("resize", "center-crop"), flip=bool(d.get("flip", False)),
+                               caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
+                               num_samples=d.get("num_samples"), shuffle_buffer=int(d.get("shuffle_buffer", 512)),
+                               allow_pipe=bool(d.get("allow_pipe", False)))
+
+    def _rank(self) -> tuple[int, int]:
+        tr = self.trainer
+        return (tr.global_rank, tr.world_size) if tr is not None else (0, 1)
+
+    def train_dataloader(self) -> BatchStream:
+        rank, world = self._rank()
+        start = int(getattr(self.trainer.lightning_module, "batches_seen", 0)) if self.trainer else 0
+        if start:
+            log.info("data: resuming at batch %d", start)
+        return BatchStream(lambda epoch: self._loader(epoch, rank, world), start)
+
+    def scale_batches(self) -> Iterator[dict]:
+        """A fresh pass over the data (rank-disjoint) for measuring latent statistics."""
+        rank, world = self._rank()
+        return iter(self._loader(10_000, rank, world))
+
+
+def build_datamodule(cfg: DictConfig) -> DataModule:
+    return DataModule(cfg)

@@ -1,0 +1,150 @@
+"""The U-Net's transformer: SpatialTransformer → BasicTransformerBlock → CrossAttention + GEGLU feed-forward.
+
+This is the conditioning mechanism of Rombach et al. 2022 (§3.3, eq. 3): Attention(Q, K, V) = softmax(QKᵀ/√d)·V
+with Q = W_Q·φ(z_t) from the image features and K = W_K·τ(y), V = W_V·τ(y) from the text tokens. Names follow
+the original ``ldm/modules/attention.py`` so released weights load unchanged. The softmax itself is
+:func:`ldm.attention.attention`, whose backend ("sdpa", "xformers", "math") and fp32 upcast can be switched at run time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.attention import attention, check_backend
+from ldm.unet.blocks import ContextBlock, run_maybe_checkpointed, zero_module
+
+# The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
+TRANSFORMER_NORM_EPS = 1e-6
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries x over keys/values from ``context`` (self-attention when it is None).
+
+    ``to_q``, ``to_k``, ``to_v`` have no bias; ``to_out.0`` has one (``to_out.1`` is dropout).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0, backend: str = "sdpa", upcast: bool = False) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.backend, self.upcast = check_backend(backend), upcast
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, L, H·d) -> (B, H, L, d)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim)."""
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))  # (B, H, N, d)
+        k = self._split_heads(self.to_k(context))  # (B, H, L, d)
+        v = self._split_heads(self.to_v(context))  # (B, H, L, d)
+        out = attention(q, k, v, backend=self.backend, upcast=self.upcast)  # (B, H, N, d)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, query_dim)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): a · GELU(g) with [a ‖ g] = proj(x)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net``: GEGLU(dim → 4·dim) → Dropout → Linear(4·dim → dim) (keys ``net.0.proj``, ``net.2``)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, N, dim)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention, GEGLU feed-forward, each residual.
+
+    With ``disable_self_attn`` the first attention also attends to the context (``attn1`` then has context-sized
+    ``to_k``/``to_v``), as in SD 2's ``disable_self_attentions``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, context_dim: int | None, dropout: float = 0.0,
+                 disable_self_attn: bool = False, use_checkpoint: bool = False, backend: str = "sdpa",
+                 upcast: bool = False) -> None:
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.use_checkpoint = use_checkpoint
+        attn_kw = dict(heads=n_heads, dim_head=d_head, dropout=dropout, backend=backend, upcast=upcast)
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, **attn_kw)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, **attn_kw)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, dim), context: (B, L, context_dim) -> (B, N, dim)."""
+        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)  # (B, N, dim)
+        x = x + self.attn2(self.norm2(x), context)  # (B, N, dim)
+        return x + self.ff(self.norm3(x))  # (B, N, dim)
+
+
+class SpatialTransformer(ContextBlock):
+    """Transformer over the H·W positions of a feature map, with a residual around it.
+
+    GroupNorm → proj_in (1×1 conv, or Linear when ``use_linear`` as in SD 2) → ``depth`` transformer blocks →
+    proj_out (zero-initialised) → + x.
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: int | list[int] | None = None, disable_self_attn: bool = False,
+                 use_linear: bool = False, use_checkpoint: bool = False, backend: str = "sdpa",
+                 upcast: bool = False) -> None:
+        super().__init__()
+        contexts = list(context_dim) if isinstance(context_dim, (list, tuple)) else [context_dim] * depth
+        if len(contexts) != depth:
+            raise ValueError(f"context_dim has {len(contexts)} entries but transformer_depth is {depth}")
+        inner = n_heads * d_head
+        self.in_channels, self.use_linear = in_channels, use_linear
+        self.norm = nn.GroupNorm(32, in_channels, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, contexts[d], dropout, disable_self_attn, use_checkpoint,
+                                  backend, upcast)
+            for d in range(depth)
+        )
+        # The original builds the linear proj_out as Linear(in_channels, inner); the shapes agree whenever
+        # inner == in_channels, the only case in which its forward runs, so checkpoints load either way.
+        out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
+        self.proj_out = zero_module(out)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), context: (B, L, context_dim) or None -> (B, C, H, W)."""
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)  # (B, C, H, W)
+        if not self.use_linear:
+            h = self.proj_in(h)  # (B, inner, H, W)
+        h = h.flatten(2).transpose(1, 2)  # (B, H·W, inner or C)
+        if self.use_linear:
+            h = self.proj_in(h)  # (B, H·W, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)  # (B, H·W, inner)
+        if self.use_linear:
+            h = self.proj_out(h)  # (B, H·W, C)
+        h = h.transpose(1, 2).reshape(b, -1, hgt, wid)  # (B, inner or C, H, W)
+        if not self.use_linear:
+            h = self.proj_out(h)  # (B, C, H, W)
+        return h + x

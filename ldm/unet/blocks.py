@@ -1,0 +1,157 @@
+"""Convolutional building blocks of the U-Net: ResBlock, Downsample, Upsample and the sequential container.
+
+Attribute names follow the original LDM ``openaimodel.py`` (``in_layers``, ``emb_layers``, ``out_layers``,
+``skip_connection``, ``op``, ``conv``) so that released Stable Diffusion weights load without any key mapping.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# GroupNorm eps of the ResBlocks and the output head (the original GroupNorm32 uses torch's default).
+RESBLOCK_NORM_EPS = 1e-5
+NORM_GROUPS = 32
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter: residual branches start as the identity (Nichol & Dhariwal 2021)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def run_maybe_checkpointed(enabled: bool, module: nn.Module, fn: Callable[..., torch.Tensor],
+                           *args: torch.Tensor | None) -> torch.Tensor:
+    """Run ``fn(*args)``, through activation checkpointing when ``enabled`` and ``module`` is training with grad.
+
+    Non-reentrant checkpointing keeps only the inputs and recomputes ``fn`` during backward; outside training
+    (eval, ``torch.no_grad``) it would only cost time, so it is skipped.
+    """
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+class TimestepBlock(nn.Module):
+    """A block whose forward takes the time embedding: ``forward(x, emb)``."""
+
+
+class ContextBlock(nn.Module):
+    """A block whose forward takes the cross-attention context: ``forward(x, context)``."""
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """``nn.Sequential`` that hands ``emb`` to :class:`TimestepBlock` children and ``context`` to
+    :class:`ContextBlock` children (the original ``TimestepEmbedSequential``)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, ContextBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """×2 nearest-neighbour upsampling, then an optional 3×3 conv (key ``conv``)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        elif self.out_channels != channels:
+            raise ValueError(f"Upsample without a conv cannot change channels ({channels} -> {self.out_channels})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """×2 downsampling: a stride-2 3×3 conv, or 2×2 average pooling (key ``op`` either way)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        if use_conv:
+            self.op: nn.Module = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
+        elif self.out_channels != channels:
+            raise ValueError(f"Downsample without a conv cannot change channels ({channels} -> {self.out_channels})")
+        else:
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C', H/2, W/2)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the time embedding (Ho et al. 2020, with the ADM options).
+
+    h = in_layers(x) (GroupNorm → SiLU → conv3×3); h += emb_layers(emb) (or FiLM-style scale/shift of the second
+    norm when ``use_scale_shift_norm``); h = out_layers(h) (GroupNorm → SiLU → Dropout → zero-init conv3×3);
+    return skip_connection(x) + h. ``up``/``down`` resample inside the block (``resblock_updown``).
+    """
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
+                 use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
+                 up: bool = False, down: bool = False) -> None:
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        c_out = self.out_channels
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
+            nn.Conv2d(channels, c_out, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        emb_out = 2 * c_out if use_scale_shift_norm else c_out  # scale and shift, or a bias
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(c_out, c_out, 3, padding=1)),
+        )
+        if c_out == channels:
+            self.skip_connection: nn.Module = nn.Identity()
+        elif use_conv:
+            self.skip_connection = nn.Conv2d(channels, c_out, 3, padding=1)
+        else:
+            self.skip_connection = nn.Conv2d(channels, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W), emb: (B, emb_channels) -> (B, C_out, H', W')."""
+        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)  # (B, C, H, W)
+            h = self.in_layers[-1](self.h_upd(h))  # (B, C_out, H', W')
+            x = self.x_upd(x)  # (B, C, H', W')
+        else:
+            h = self.in_layers(x)  # (B, C_out, H, W)
+        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]  # (B, C_out or 2·C_out, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)  # (B, C_out, 1, 1) each
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)  # (B, C_out, H', W')
+        else:
+            h = self.out_layers(h + emb_out)  # (B, C_out, H', W')
+        return self.skip_connection(x) + h

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Build a dataset once into webdataset shards.
+
+    python scripts/prepare_data.py emoji --size 64 --out data/emoji64 [--cache DIR] [--workers N]
+        [--contact-sheet docs/emoji_contact_sheet.png] [--force]
+
+Fetches ``@iconify-json/noto@1.2.9`` and ``@iconify-json/fluent-emoji@1.2.7`` with ``npm pack`` into the cache
+(default ``~/.cache/ldm/npm``), verifies their sha256, renders every icon at ``--size`` px on white and writes
+``OUT/{train,heldout,style_transfer_eval}-NNNNNN.tar`` plus ``OUT/manifest.json``. A second run with the same
+arguments is a no-op. See docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from ldm.data.emoji import PACKAGES, load_icons
+from ldm.data.emoji_build import build_emoji_dataset, contact_sheet, make_records
+from ldm.data.emoji_names import SPLITS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["emoji"], help="which embedded dataset to build")
+    p.add_argument("--size", type=int, default=64, choices=[32, 64, 128, 256], help="image side in pixels")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument("--cache", default=None, help="npm tarball cache (default ~/.cache/ldm/npm)")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    p.add_argument("--contact-sheet", default=None, help="also write a contact-sheet PNG here")
+    p.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    return p.parse_args(argv)
+
+
+def print_counts(man: dict) -> None:
+    """Counts per split and style as a small table on stdout."""
+    print(f"{'split':<22}{'noto':>8}{'fluent':>8}{'total':>8}{'shards':>8}")
+    for sp in SPLITS:
+        e = man["splits"][sp]
+        print(f"{sp:<22}{e['by_style']['noto']:>8}{e['by_style']['fluent']:>8}{e['count']:>8}{len(e['shards']):>8}")
+    c = man["counts"]
+    print(f"{'all':<22}{c['by_style']['noto']:>8}{c['by_style']['fluent']:>8}{c['total']:>8}")
+    print(f"concepts {c['concepts']} ({json.dumps(c['concepts_by_split'])}); "
+          f"distinct captions without style {c['unique_captions_without_style']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    man = build_emoji_dataset(args.out, args.size, cache=args.cache, workers=args.workers,
+                              max_count=args.max_count, force=args.force)
+    print_counts(man)
+    print(f"build time (this run) {time.perf_counter() - t0:.1f} s; first build {man['seconds']} s")
+    if args.contact_sheet:
+        icon_sets = {p.style: load_icons(p, args.cache) for p in PACKAGES}
+        path = contact_sheet(icon_sets, make_records(icon_sets), args.contact_sheet, size=args.size)
+        print(f"contact sheet: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
