@@ -77,8 +77,7 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))
     model.eval()
     if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-        model.alphas_cumprod = model.alphas_cumprod.double()  # σ arithmetic stays in float64
+        model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
     return model
 
 

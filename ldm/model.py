@@ -90,6 +90,13 @@ class LatentDiffusion(nn.Module):
         self.schedule_args = dict(beta_schedule=kind, timesteps=n, linear_start=start, linear_end=end,
                                   zero_terminal_snr=zero_snr)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "LatentDiffusion":
+        """``.to(dtype)``/``.half()`` must not round the schedule: ᾱ stays float64 (σ_min 0.0292 needs it)."""
+        ac = self.alphas_cumprod
+        super()._apply(fn, recurse)
+        self.alphas_cumprod = ac.to(self.alphas_cumprod.device)
+        return self
+
     # -- the three networks under the names users expect ------------------------------------------------------
     @property
     def unet(self) -> nn.Module:

@@ -139,7 +139,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     cond, uncond = _conditioning(model, prompts, negative)
     D: nn.Module = model.denoiser()
     x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
-    z0 = None
+    z0, masked_with = None, None
     if init_image is not None:
         img = to_image_tensor(init_image, B, H, W).to(dev, dt)  # (B, 3, H, W)
         z0 = vae.encode_latents(img).float()  # (B, C, h, w)
@@ -155,13 +155,15 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
                 concat = torch.cat([m, masked], dim=1)
                 cond["concat"], uncond["concat"] = concat, concat
             else:
-                D = MaskedDenoiser(D, z0, m)
-    guided = CFGDenoiser(D)
+                masked_with = m
+    guided: nn.Module = CFGDenoiser(D)
+    if masked_with is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
+        guided = MaskedDenoiser(guided, z0, masked_with)
     extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)
     gens = [torch.Generator().manual_seed(base + 10_000 + i) for i in range(B)]
     z = sample(a.sampler, guided, x, sig, extra_args=extra, eta=a.eta, generators=gens, disable=not progress)
-    if isinstance(D, MaskedDenoiser):
-        z = D.mask * z + (1 - D.mask) * D.z0
+    if isinstance(guided, MaskedDenoiser):
+        z = guided.mask * z + (1 - guided.mask) * guided.z0
     if a.output == "latent":
         return z
     images = decode_latents(vae, z)  # (B, 3, H, W) in [0, 1]

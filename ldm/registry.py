@@ -72,7 +72,8 @@ def instantiate(cfg: Mapping[str, Any], where: str = "config", **extra: Any) -> 
     cfg = _plain(cfg)
     if not isinstance(cfg, dict) or "target" not in cfg:
         raise ConfigError(f"{where}: expected a mapping with a 'target' key, got {cfg!r}")
-    unknown = set(cfg) - {"target", "params"}
+    # base_learning_rate sits beside target/params in the original SD YAMLs; our learning rate is train.lr
+    unknown = set(cfg) - {"target", "params", "base_learning_rate"}
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} beside 'target' and 'params'")
     fn = resolve(str(cfg["target"]), where)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -25,12 +26,13 @@ from ldm.data.emoji_names import SPLITS
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["emoji"], help="which embedded dataset to build")
+    p.add_argument("dataset", choices=["emoji", "emoji-fixture"],
+                   help="emoji: the full dataset; emoji-fixture: the small committed test fixture (maintainers)")
     p.add_argument("--size", type=int, default=64, choices=[32, 64, 128, 256], help="image side in pixels")
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--cache", default=None, help="npm tarball cache (default ~/.cache/ldm/npm)")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
-    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    p.add_argument("--max-count", type=int, default=500, help="at most this many samples per shard")
     p.add_argument("--contact-sheet", default=None, help="also write a contact-sheet PNG here")
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
     return p.parse_args(argv)
@@ -48,9 +50,51 @@ def print_counts(man: dict) -> None:
           f"distinct captions without style {c['unique_captions_without_style']}")
 
 
+FIXTURE_ICONS = {
+    "noto": ["grinning-face", "red-heart", "woman-pilot-medium-dark-skin-tone", "letter-i", "flag-martinique",
+             "horizontal-traffic-light", "bust-in-silhouette", "medium-dark-skin-tone"],
+    "fluent": ["grinning-face", "red-heart", "woman-pilot-medium-dark", "horizontal-traffic-light", "tongue", "egg",
+               "bomb", "hole"],
+}
+
+
+def write_fixture(out: str, size: int, cache: str | None, per_style: int = 120) -> None:
+    """tests/fixtures/emoji: all icon names, a few raw icons, and ``per_style`` renders per style in one shard."""
+    import random  # noqa: PLC0415
+
+    from ldm.data.emoji_build import _render_png  # noqa: PLC0415
+    from ldm.data.tario import ShardWriter  # noqa: PLC0415
+
+    os.makedirs(out, exist_ok=True)
+    icon_sets = {p.style: load_icons(p, cache) for p in PACKAGES}
+    for style, data in icon_sets.items():
+        with open(os.path.join(out, f"names_{style}.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in data["icons"]))
+        subset = {k: v for k, v in data.items() if k not in ("icons", "aliases")}
+        subset["icons"] = {n: data["icons"][n] for n in FIXTURE_ICONS[style]}
+        with open(os.path.join(out, f"icons_{style}.json"), "w", encoding="utf-8") as f:
+            json.dump(subset, f, indent=0)
+    records = make_records(icon_sets)
+    chosen = [r for r in records if r.name in FIXTURE_ICONS[r.style]]
+    for style in ("noto", "fluent"):
+        pool = sorted((r for r in records if r.style == style and r not in chosen), key=lambda r: r.name)
+        chosen += random.Random(f"fixture-{style}").sample(pool, per_style - len(FIXTURE_ICONS[style]))
+    with ShardWriter(os.path.join(out, f"emoji{size}-%06d.tar"), max_count=10 ** 6) as w:
+        for r in chosen:
+            data = icon_sets[r.style]
+            defaults = {k: data[k] for k in ("width", "height", "left", "top") if k in data}
+            meta = {"style": r.style, "concept": r.concept, "split": r.split, "name": r.name, "hidden": r.hidden}
+            w.write({"__key__": r.key, "png": _render_png((data["icons"][r.name], defaults, size)),
+                     "txt": r.caption, "json": json.dumps(meta)})
+    print(f"fixture: {len(chosen)} renders at {size} px in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.dataset == "emoji-fixture":
+        write_fixture(args.out, args.size, args.cache)
+        return 0
     t0 = time.perf_counter()
     man = build_emoji_dataset(args.out, args.size, cache=args.cache, workers=args.workers,
                               max_count=args.max_count, force=args.force)

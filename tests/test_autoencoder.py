@@ -194,14 +194,15 @@ def test_tiled_blend_is_exact_without_spatial_context() -> None:
 
 
 def test_tiled_decode_close_to_full(tiny: AutoencoderKL) -> None:
-    z = torch.randn(1, 4, 48, 48, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        small = z[..., :12, :12]
+        assert torch.equal(tiny.decode(small, tile=12), tiny.decode(small))  # one tile = the plain decode
         full = tiny.decode(z)
-        assert torch.equal(tiny.decode(z, tile=48), full)  # one tile = the plain decode
         rel = {t: ((tiny.decode(z, tile=t) - full).abs().mean() / full.abs().mean()).item() for t in (16, 32)}
     # Documented seam tolerance (AutoencoderKL.decode): tiles see only their own GroupNorm statistics and attention
-    # context. On this random-weight model the mean error is ~10% of the mean output at tile 32 (overlap 8), and it
-    # shrinks as tiles grow.
+    # context. On this random-weight model the mean error is ~8% of the mean output at tile 32 (overlap 8) and
+    # ~35% at tile 16: it shrinks as tiles grow.
     assert rel[32] < 0.15 and rel[32] < rel[16], rel
     with pytest.raises(ValueError, match="overlap"):
         tiny.decode(z, tile=16, overlap=16)

@@ -148,3 +148,183 @@ def test_vae_unsupported_config() -> None:
         vae_config_to_diffusers(dict(DDCONFIG, attn_resolutions=[16]), 4, 0.18215)
     with pytest.raises(NotImplementedError, match="embed_dim"):
         vae_config_to_diffusers(DDCONFIG, 3, 0.18215)
+
+
+# ------------------------------------------------------------------------------------------ text encoder, folders
+def _tiny_config(version: str) -> dict:
+    unet = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2],
+                num_res_blocks=1, channel_mult=[1, 2, 2], use_spatial_transformer=True, transformer_depth=1,
+                legacy=False)
+    if version == "v1":
+        unet.update(num_heads=2, context_dim=32)
+        text = {"arch": None, "text_cfg": dict(width=32, heads=2, layers=2), "layer": "last", "layout": "hf",
+                "pad_token": 49407, "quick_gelu": True}
+    else:
+        unet.update(num_head_channels=16, context_dim=64, use_linear_in_transformer=True)
+        text = {"arch": None, "text_cfg": dict(width=64, heads=4, layers=3), "layer": "penultimate",
+                "layout": "open_clip", "pad_token": 0}
+    dd = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    return {"model": {"target": "LatentDiffusion", "params": {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 8,
+        "parameterization": "eps" if version == "v1" else "v", "scale_factor": 0.3, "conditioning_key": "crossattn",
+        "unet_config": {"target": "UNetModel", "params": unet},
+        "first_stage_config": {"target": "AutoencoderKL", "params": {"embed_dim": 4, "ddconfig": dd}},
+        "cond_stage_config": {"target": "OpenCLIPTextEncoder", "params": text}}}}
+
+
+def _tiny_model(version: str):
+    from ldm.loading import build
+
+    model = build(_tiny_config(version))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+# the documented loss of SD v2 text encoders: unused last layer, text_projection, logit_scale
+def _unused(k: str) -> bool:
+    return k.startswith(("cond_stage_model.model.transformer.resblocks.2.", "cond_stage_model.model.text_projection",
+                         "cond_stage_model.model.logit_scale"))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_export_loads_in_diffusers_and_imports_back(version: str, tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.convert import export_diffusers, import_diffusers
+
+    model = _tiny_model(version)
+    export_diffusers(model, tmp_path / "sd")
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    assert index["requires_safety_checker"] is False and index["safety_checker"] == [None, None]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    pred = "epsilon" if version == "v1" else "v_prediction"
+    assert pipe.scheduler.config.prediction_type == pred and pipe.vae.config.scaling_factor == pytest.approx(0.3)
+
+    # every diffusers weight came from the folder (nothing left at its initialisation)
+    sd = model.state_dict()
+    unet_ref = unet_ldm_to_diffusers({k[22:]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")},
+                                     model.config.model.params.unet_config.params)
+    _assert_same(dict(pipe.unet.state_dict()), unet_ref)
+    # tokenizer and text encoder: diffusers' CLIPTokenizer + CLIPTextModel give our context
+    prompts = ["a photograph of an astronaut riding a horse", "Ünïcode, commas; and 123 digits"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    enc = model.cond_stage_model
+    assert torch.equal(ids, enc.tokenize(prompts))
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0]
+        ours = enc.encode_tokens(ids)
+    assert (theirs - ours).abs().max().item() < 1e-4
+
+    back = import_diffusers(tmp_path / "sd")
+    b = back.state_dict()
+    assert set(b) == set(sd)
+    differ = [k for k in sd if not torch.equal(sd[k], b[k])]
+    assert all(_unused(k) for k in differ), differ[:5]
+    assert bool(differ) == (version == "v2")
+    assert back.parameterization == model.parameterization
+    assert float(back.first_stage_model.scale_factor) == pytest.approx(0.3)
+
+    # a folder written by diffusers itself (transformers >= 5.6 writes CLIPTextModel keys without "text_model.")
+    pipe.save_pretrained(tmp_path / "saved")
+    again = import_diffusers(tmp_path / "saved").state_dict()
+    assert all(torch.equal(b[k], again[k]) for k in b)
+
+
+def test_open_clip_text_matches_diffusers_converter() -> None:
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.convert.diffusers_text import text_config_to_hf, text_encoder_to_hf
+
+    enc = _tiny_model("v2").cond_stage_model
+    sd = enc.state_dict()
+    ours = text_encoder_to_hf(sd, "open_clip", enc.num_layers, "last")  # keep all layers, as diffusers does here
+    cfg = text_config_to_hf(enc)
+    hf_model = CLIPTextModel(CLIPTextConfig(**dict(cfg, num_hidden_layers=enc.num_layers)))
+    theirs = convert_open_clip_checkpoint(hf_model, {"cond_stage_model." + k: v for k, v in sd.items()})
+    _assert_same(ours, theirs)
+
+
+def test_standard_text_encoders_round_trip_config() -> None:
+    from transformers import CLIPTokenizer  # noqa: F401  (transformers present, as for diffusers)
+
+    from ldm.conditioning.text_encoder import frozen_clip_embedder, frozen_open_clip_embedder
+    from ldm.convert.diffusers_text import text_config_to_hf, text_encoder_yaml
+
+    with torch.device("meta"):
+        v1 = frozen_clip_embedder()
+        v2 = frozen_open_clip_embedder(layer="penultimate")
+    c1, c2 = text_config_to_hf(v1), text_config_to_hf(v2)
+    assert (c1["num_hidden_layers"], c1["hidden_act"], c1["pad_token_id"]) == (12, "quick_gelu", 49407)
+    assert (c2["num_hidden_layers"], c2["hidden_act"], c2["num_attention_heads"]) == (23, "gelu", 16)
+    assert text_encoder_yaml(c1, 49407) == {"target": "FrozenCLIPEmbedder"}
+    assert text_encoder_yaml(c2, 0)["target"] == "FrozenOpenCLIPEmbedder"
+
+
+def test_import_errors(tmp_path) -> None:
+    from ldm.convert import export_diffusers, import_diffusers
+
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        import_diffusers(tmp_path)
+    export_diffusers(_tiny_model("v1"), tmp_path / "sd")
+    (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").rename(
+        tmp_path / "sd" / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickled"):
+        import_diffusers(tmp_path / "sd")
+
+
+def test_convert_script(tmp_path) -> None:
+    import importlib.util
+    import pathlib
+
+    from ldm.checkpoint import read_state_dict
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = _tiny_model("v1")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "m.ckpt")
+    assert script.main(["to-safetensors", str(tmp_path / "m.ckpt"), str(tmp_path / "m.safetensors")]) == 0
+    _assert_same(read_state_dict(tmp_path / "m.safetensors")[0], sd)
+    cfg_path = tmp_path / "tiny.yaml"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(_tiny_config("v1")), cfg_path)
+    assert script.main(["to-diffusers", str(tmp_path / "m.safetensors"), str(tmp_path / "d"),
+                        "--config", str(cfg_path)]) == 0
+    assert script.main(["from-diffusers", str(tmp_path / "d"), str(tmp_path / "back.safetensors")]) == 0
+    _assert_same(read_state_dict(tmp_path / "back.safetensors")[0], sd)
+    assert script.main(["from-diffusers", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 1
+
+
+@pytest.mark.parametrize("yaml", ["sd/v1-inference.yaml", "sd/v2-inference-v.yaml"])
+def test_standard_sd_folder_configs_rebuild_the_same_model(yaml: str, tmp_path) -> None:
+    """Full-size SD v1 / v2: the diffusers JSONs we write (and diffusers reads) rebuild the original architecture."""
+    from ldm.config import load_config
+    from ldm.convert.diffusers_folder import config_from_diffusers, diffusers_configs
+    from ldm.loading import build
+
+    with torch.device("meta"):
+        model = build(load_config(yaml))
+    for rel, obj in diffusers_configs(model).items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(obj))
+    with torch.device("meta"):
+        again = build(config_from_diffusers(tmp_path))
+        theirs = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tmp_path / "unet"))
+    a, b = model.state_dict(), again.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert again.parameterization == model.parameterization
+    assert type(again.cond_stage_model) is type(model.cond_stage_model)
+    assert (again.cond_stage_model.layer, again.cond_stage_model.pad_token) == (model.cond_stage_model.layer,
+                                                                                 model.cond_stage_model.pad_token)
+    assert again.config.model.params.cond_stage_config.target in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder")
+    unet = {k[22:]: v for k, v in a.items() if k.startswith("model.diffusion_model.")}
+    converted = unet_ldm_to_diffusers(unet, model.config.model.params.unet_config.params)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in theirs.state_dict().items()}

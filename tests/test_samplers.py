@@ -94,6 +94,17 @@ def test_batch_independent_noise() -> None:
         torch.testing.assert_close(full[1:2], one, rtol=0, atol=1e-6, msg=name)
 
 
+def test_sampler_identities() -> None:
+    """DDIM(η=0) is the Euler step in σ-space; DDIM(η=1), DDPM and Euler ancestral are the same posterior step."""
+    sig = get_sigmas(SD_AC, 8, "ddim", dtype=torch.float64)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64) * sig[0]
+    torch.testing.assert_close(sample("ddim", gaussian_D, x, sig), sample("euler", gaussian_D, x, sig))
+    outs = [sample(n, gaussian_D, x, sig, noise_sampler=NoiseSeq(x.shape), **kw)
+            for n, kw in [("ddim", {"eta": 1.0}), ("ddpm", {}), ("euler_a", {})]]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0].double())
+
+
 def test_registry_and_errors() -> None:
     assert set(SAMPLERS) == set(DET + STOCH)
     sig = get_sigmas(SD_AC, 4, "karras")

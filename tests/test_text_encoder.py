@@ -66,7 +66,12 @@ def _tiny(layout: str = "hf", **kw) -> OpenCLIPTextEncoder:
 
 
 # -- 1. transformers' CLIPTextModel ------------------------------------------------------------------------------
-def test_hf_layout_matches_clip_text_model(hf_model):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_layout_matches_clip_text_model(hf_model, attn):
+    if hasattr(hf_model, "set_attn_implementation"):  # transformers >= 4.5x
+        hf_model.set_attn_implementation(attn)
+    else:
+        hf_model.config._attn_implementation = attn
     sd = {"transformer." + k: v for k, v in _hf_sd(hf_model).items()}
     sd["transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]  # older SD v1 files carry it
     wrapper = nn.Module()
@@ -82,7 +87,7 @@ def test_hf_layout_matches_clip_text_model(hf_model):
         enc.layer = "penultimate"
         pen = enc.encode_tokens(ids)
         pen_ref = getattr(hf_model, "text_model", hf_model).final_layer_norm(ref.hidden_states[-2])
-    print(f"max |ours - CLIPTextModel| last={diff:.2e} penultimate={(pen - pen_ref).abs().max().item():.2e}")
+    print(f"max |ours - CLIPTextModel ({attn})| last={diff:.2e} penultimate={(pen - pen_ref).abs().max().item():.2e}")
     assert ours.shape == (len(PROMPTS), 77, 64)
     assert diff < 1e-5
     assert (pen - pen_ref).abs().max().item() < 1e-5
@@ -103,8 +108,8 @@ def test_hf_layout_state_dict_round_trip(hf_model, tmp_path):
     from safetensors.torch import load_file, save_file  # the exported q/k/v must not share storage
 
     save_file(out, tmp_path / "te.safetensors")
-    assert torch.equal(load_file(tmp_path / "te.safetensors")["transformer.text_model.encoder.layers.1.self_attn.k_proj.weight"],
-                       _hf_sd(hf_model)["text_model.encoder.layers.1.self_attn.k_proj.weight"])
+    key = "text_model.encoder.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(load_file(tmp_path / "te.safetensors")["transformer." + key], _hf_sd(hf_model)[key])
 
 
 def test_hf_layout_rejects_unknown_and_incomplete(hf_model):
@@ -117,20 +122,29 @@ def test_hf_layout_rejects_unknown_and_incomplete(hf_model):
         enc.load_state_dict(sd, strict=True)
 
 
-def _hf_clip_tokenizer():
-    """transformers' CLIPTokenizer built offline from open_clip's bundled BPE file."""
+def _hf_clip_tokenizer(tmp_path):
+    """transformers' CLIPTokenizer built offline from open_clip's bundled BPE file (vocab.json + merges.txt)."""
+    import inspect
+    import json
+
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
     vocab = dict(SimpleTokenizer().encoder)
     vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
     vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in lines])
+    bpe = gzip.open(default_bpe()).read().decode("utf-8")  # first line is a header, as in merges.txt
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(bpe)
+    if "vocab_file" in inspect.signature(transformers.CLIPTokenizer.__init__).parameters:  # transformers 4 (slow)
+        return transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    merges = [tuple(m.split()) for m in bpe.split("\n")[1:49152 - 256 - 2 + 1]]  # transformers 5 (tokenizers)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
 
 
-def test_tokenizer_matches_hf_clip_tokenizer():
+def test_tokenizer_matches_hf_clip_tokenizer(tmp_path):
     ours = _tiny("hf").tokenize(PROMPTS)
-    hf = _hf_clip_tokenizer()(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    tok = _hf_clip_tokenizer(tmp_path)
+    hf = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     assert torch.equal(ours, hf.input_ids)
     assert ours[0, :10].tolist() == ASTRONAUT_IDS and (ours[0, 10:] == 49407).all()
 
@@ -162,7 +176,8 @@ def test_padding_token_zero_vs_eot():
     b.load_state_dict(a.state_dict(), strict=True)
     ta, tb = a.tokenize(["a red car"]), b.tokenize(["a red car"])
     eot = ta[0].tolist().index(49407)
-    assert (ta[0, eot + 1:] == 0).all() and (tb[0, eot:] == 49407).all() and torch.equal(ta[0, :eot + 1], tb[0, :eot + 1])
+    assert (ta[0, eot + 1:] == 0).all() and (tb[0, eot:] == 49407).all()
+    assert torch.equal(ta[0, :eot + 1], tb[0, :eot + 1])
     with torch.no_grad():
         ca, cb = a(["a red car"]), b(["a red car"])
     # the causal mask makes every position up to eot independent of the padding; later positions differ
@@ -238,7 +253,8 @@ def test_conversion_functions_are_inverse(hf_model):
     proj = {"text_projection.weight": torch.randn(32, 64)}
     oc = hf_to_open_clip({**sd, **proj}, num_layers=3)
     assert oc["text_projection"].shape == (64, 32)
-    assert torch.equal(open_clip_to_hf(oc, keep_projection=True)["text_projection.weight"], proj["text_projection.weight"])
+    back_proj = open_clip_to_hf(oc, keep_projection=True)["text_projection.weight"]
+    assert torch.equal(back_proj, proj["text_projection.weight"])
     with pytest.raises(KeyError, match="num_layers=2"):
         hf_to_open_clip(sd, num_layers=2)
     with pytest.raises(KeyError, match="layers.3"):
@@ -288,6 +304,16 @@ def _wrapped(enc: nn.Module) -> nn.Module:
     w = nn.Module()
     w.cond_stage_model = enc
     return w
+
+
+def test_meta_build_then_assign_load(hf_model):
+    """Build on the meta device, then load real tensors with assign=True (fast loading of large checkpoints)."""
+    with torch.device("meta"):
+        enc = _tiny("hf")
+    enc.load_state_dict({"transformer." + k: v for k, v in _hf_sd(hf_model).items()}, strict=True, assign=True)
+    ids = enc.tokenize(PROMPTS[:2])
+    with torch.no_grad():
+        assert (enc.encode_tokens(ids) - hf_model(input_ids=ids).last_hidden_state).abs().max() < 1e-5
 
 
 def test_sd_v1_text_encoder_keys_meta():

@@ -134,9 +134,10 @@ def test_equality_is_sensitive():
 
 
 # -- full size, meta device ------------------------------------------------------------------------------------
-def sd_unet_params(version: int) -> dict:
+def sd_unet_params(version: int):
+    """The ``unet_config.params`` node of the original SD inference YAML (values are omegaconf ListConfigs)."""
     name = "v1-inference.yaml" if version == 1 else "v2-inference.yaml"
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / name).model.params.unet_config.params)
+    return OmegaConf.load(CONFIGS / name).model.params.unet_config.params
 
 
 def original_key(k: str) -> str:
@@ -171,9 +172,10 @@ def original_key(k: str) -> str:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_full_size_layout(version):
-    params = sd_unet_params(version)
+    node = sd_unet_params(version)
+    params = OmegaConf.to_container(node)
     with torch.device("meta"):
-        ours = UNetModel(**params)
+        ours = UNetModel(**node)  # the YAML's arguments as they are
     sd = ours.state_dict()
     assert len(sd) == 686
     if version == 1:
@@ -220,6 +222,17 @@ def test_strict_load_with_prefix_stripped():
     inp = inputs(TINY_V2)
     with torch.no_grad():
         assert torch.equal(a(**inp), b(**inp))
+
+
+def test_integer_and_scalar_timesteps():
+    model = build(TINY_V1)
+    inp = inputs(TINY_V1)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        as_int = model(inp["x"], t, inp["context"])
+        torch.testing.assert_close(as_int, model(inp["x"], t.float(), inp["context"]), rtol=0, atol=0)
+        torch.testing.assert_close(model(inp["x"], 10, inp["context"]),
+                                   model(inp["x"], torch.tensor([10.0, 10.0]), inp["context"]), rtol=0, atol=0)
 
 
 # -- attention backends and precision ----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ class DiagonalGaussianDistribution:
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False) -> None:
         if parameters.ndim < 2 or parameters.shape[1] % 2:
-            raise ValueError(f"parameters must have an even channel count (mean ‖ logvar), got {tuple(parameters.shape)}")
+            raise ValueError("parameters must be (B, 2C, ...) with mean ‖ logvar along dim 1, "
+                             f"got {tuple(parameters.shape)}")
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)  # (B, C, h, w) each
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)

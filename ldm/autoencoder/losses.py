@@ -219,6 +219,8 @@ class LPIPSWithDiscriminator(nn.Module):
                 raise ValueError("perceptual_weight > 0 needs perceptual_weights_path: a local LPIPS-VGG state dict "
                                  "(weights cannot be downloaded); or set perceptual_weight: 0")
             self.perceptual_loss = LPIPS.from_file(perceptual_weights_path)
+        else:
+            log.info("LPIPSWithDiscriminator: perceptual loss off (perceptual_weight=0; the original default was 1)")
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers)
         self.disc_loss = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
 

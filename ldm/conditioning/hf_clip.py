@@ -65,6 +65,16 @@ _HF_TEXT_ROOTS = ("embeddings", "encoder", "final_layer_norm")  # CLIPTextModel'
 OC_DROPPED = ("logit_scale", "attn_mask")
 
 
+def is_hf_text_key(key: str) -> bool:
+    """Whether ``hf_to_open_clip`` knows ``key`` (a CLIPTextModel key, position_ids or text_projection.weight)."""
+    if key.split(".", 1)[0] in _HF_TEXT_ROOTS:
+        key = "text_model." + key
+    if key in HF_DROPPED or key in _TOP_HF2OC or key == "text_projection.weight":
+        return True
+    m = _HF_LAYER.match(key)
+    return bool(m) and (m.group(2) in _LAYER_HF2OC or bool(_QKV.match(m.group(2))))
+
+
 def hf_to_open_clip(sd: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """Convert a ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) state dict to open_clip text-tower keys.
 
@@ -106,7 +116,8 @@ def hf_to_open_clip(sd: Mapping[str, Tensor], num_layers: int) -> dict[str, Tens
     for (n, kind), parts in sorted(qkv.items()):
         missing = [c for c in "qkv" if c not in parts]
         if missing:
-            raise KeyError(f"hf_to_open_clip: text_model.encoder.layers.{n}.self_attn.{missing[0]}_proj.{kind} is missing")
+            missing_key = f"text_model.encoder.layers.{n}.self_attn.{missing[0]}_proj.{kind}"
+            raise KeyError(f"hf_to_open_clip: {missing_key} is missing")
         out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
     _check_layers(out, num_layers)
     return out

@@ -25,7 +25,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from ldm.conditioning.hf_clip import hf_to_open_clip, open_clip_to_hf
+from ldm.conditioning.hf_clip import hf_to_open_clip, is_hf_text_key, open_clip_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,9 @@ class OpenCLIPTextEncoder(nn.Module):
         L = tokens.shape[1]
         x = m.token_embedding(tokens)  # (B, L, W)
         x = x + m.positional_embedding[:L].to(x.dtype)  # (B, L, W)
-        mask = m.attn_mask[:L, :L]  # (L, L) additive: -inf above the diagonal
+        # (L, L) additive causal mask, built here rather than taken from open_clip's non-persistent buffer, which
+        # stays on the meta device when a model built on meta is loaded with load_state_dict(assign=True)
+        mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         batch_first = getattr(m.transformer, "batch_first", True)
         x = x if batch_first else x.transpose(0, 1)
         for block in m.transformer.resblocks[: self.num_layers - LAYERS[self.layer]]:
@@ -220,9 +222,12 @@ def _export_hf(module: OpenCLIPTextEncoder, state_dict: dict, prefix: str, local
 
 
 def _import_hf(module: OpenCLIPTextEncoder, state_dict: dict, prefix: str, *args: Any) -> None:
-    """``transformer.<CLIPTextModel key>`` -> ``model.<open_clip key>`` in an incoming state dict (position_ids dropped)."""
+    """``transformer.<CLIPTextModel key>`` -> ``model.<open_clip key>`` in an incoming state dict.
+
+    ``position_ids`` (in older SD v1 files) is accepted and dropped."""
     outer = prefix + "transformer."
-    keys = [k for k in state_dict if k.startswith(outer)]
+    # unknown keys stay where they are, so that torch reports them as unexpected (strict) or ignores them
+    keys = [k for k in state_dict if k.startswith(outer) and is_hf_text_key(k[len(outer):])]
     if not keys:
         return  # nothing for us (a partial, non-strict load); torch reports the missing keys
     sub = {k[len(outer):]: state_dict.pop(k) for k in keys}
@@ -256,8 +261,9 @@ def open_clip_keys(sd: Mapping[str, torch.Tensor], num_layers: int, path: str = 
     if anchor.endswith(hf_anchor):  # HF: <root>text_model.embeddings… (transformers < 5) or <root>embeddings…
         body = anchor[: -len(hf_anchor)]
         root = body[: -len("text_model.")] if body.endswith("text_model.") else body
+        roots = ("embeddings", "encoder", "final_layer_norm")
         text = {k[len(body):]: v for k, v in sd.items()
-                if k.startswith(body) and k[len(body):].split(".", 1)[0] in ("embeddings", "encoder", "final_layer_norm")}
+                if k.startswith(body) and k[len(body):].split(".", 1)[0] in roots}
         if root + "text_projection.weight" in sd:  # CLIPTextModelWithProjection / CLIPModel
             text["text_projection.weight"] = sd[root + "text_projection.weight"]
         out = hf_to_open_clip(text, num_layers)

@@ -75,6 +75,32 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """The JSON files of the diffusers folder for ``model``: ``{"unet/config.json": {...}, …, "model_index.json"}``."""
+    cfg = OmegaConf.to_container(model.config, resolve=True)
+    params = cfg["model"]["params"]
+    unet_params = params["unet_config"]["params"]
+    vae_params = params["first_stage_config"]["params"]
+    vae, enc = model.first_stage_model, model.cond_stage_model
+    latent = int(sample_size if sample_size is not None else params.get("image_size", 64))
+    pipeline = "StableDiffusionInpaintPipeline" if unet_params["in_channels"] == 9 else "StableDiffusionPipeline"
+    return {
+        "unet/config.json": unet_config_to_diffusers(unet_params, sample_size=latent),
+        "vae/config.json": vae_config_to_diffusers(vae_params["ddconfig"], vae_params["embed_dim"],
+                                                   scaling_factor=float(vae.scale_factor),
+                                                   shift_factor=float(vae.shift_factor),
+                                                   sample_size=latent * vae.downsample_factor),
+        "text_encoder/config.json": text_config_to_hf(enc),
+        "scheduler/scheduler_config.json": scheduler_config(params),
+        "model_index.json": {
+            "_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]},
+    }
+
+
 def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = None) -> Path:
     """Write ``model`` (a :class:`ldm.model.LatentDiffusion` with ``.config``) as a diffusers pipeline folder.
 
@@ -86,39 +112,21 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
         ``out_dir`` as a Path. Loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)``.
     """
     out = Path(out_dir)
-    cfg = OmegaConf.to_container(model.config, resolve=True)
-    params = cfg["model"]["params"]
-    unet_params = params["unet_config"]["params"]
-    vae_params = params["first_stage_config"]["params"]
+    configs = diffusers_configs(model, sample_size)  # first: fails early on what diffusers cannot express
+    params = model.config.model.params
     enc = model.cond_stage_model
     parts = _split(model.state_dict())
-    latent = sample_size if sample_size is not None else params.get("image_size", 64)
-
-    unet_cfg = unet_config_to_diffusers(unet_params, sample_size=latent)
-    vae = model.first_stage_model
-    vae_cfg = vae_config_to_diffusers(vae_params["ddconfig"], vae_params["embed_dim"],
-                                      scaling_factor=float(vae.scale_factor), shift_factor=float(vae.shift_factor),
-                                      sample_size=int(latent) * vae.downsample_factor)
-    weights = {"unet": unet_ldm_to_diffusers(parts["unet"], unet_params),
-               "vae": vae_ldm_to_diffusers(parts["vae"], vae_params["ddconfig"]),
+    weights = {"unet": unet_ldm_to_diffusers(parts["unet"], params.unet_config.params),
+               "vae": vae_ldm_to_diffusers(parts["vae"], params.first_stage_config.params.ddconfig),
                "text_encoder": text_encoder_to_hf(parts["text_encoder"], enc.layout, enc.num_layers, enc.layer)}
     for name, sd in weights.items():
         save_safetensors(sd, out / name / f"{WEIGHT_NAMES[name]}.safetensors", {"format": "pt"})
-    _write_json(out / "unet" / "config.json", unet_cfg)
-    _write_json(out / "vae" / "config.json", vae_cfg)
-    _write_json(out / "text_encoder" / "config.json", text_config_to_hf(enc))
     vocab, _ = clip_bpe()
     pad = {i: t for t, i in vocab.items()}[enc.pad_token]
     write_clip_tokenizer(out / "tokenizer", pad_token=pad, max_length=enc.max_length)
-    _write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(params))
-    pipeline = "StableDiffusionInpaintPipeline" if unet_params["in_channels"] == 9 else "StableDiffusionPipeline"
-    _write_json(out / "model_index.json", {
-        "_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]})
-    log.info("exported a diffusers %s folder to %s", pipeline, out)
+    for rel, obj in configs.items():  # model_index.json last: an interrupted export is not a loadable folder
+        _write_json(out / rel, obj)
+    log.info("exported a diffusers %s folder to %s", configs["model_index.json"]["_class_name"], out)
     return out
 
 

@@ -166,7 +166,7 @@ def unet_config_to_diffusers(unet_params: Mapping[str, Any], sample_size: int | 
         "sample_size": int(sample_size if sample_size is not None else p.get("image_size", 64)),
         "transformer_layers_per_block": depth if isinstance(depth, int) else list(depth),
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
-        "upcast_attention": False, "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
+        "upcast_attention": bool(p.get("upcast_attention", False)), "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
     }
     if p.get("disable_self_attentions") is not None:
         cfg["only_cross_attention"] = list(p["disable_self_attentions"])
@@ -249,6 +249,8 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str = "unet/config
     }
     if p["num_head_channels"] == -1:
         del p["num_head_channels"]
+    if cfg.get("upcast_attention"):
+        p["upcast_attention"] = True  # softmax in fp32 (SD 2.1 in fp16); our UNetModel's extra argument
     oca = cfg.get("only_cross_attention", False)
     if oca:
         p["disable_self_attentions"] = [bool(oca)] * len(channels) if isinstance(oca, bool) else list(oca)

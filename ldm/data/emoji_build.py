@@ -69,11 +69,12 @@ def _render_png(args: tuple[dict, dict, int]) -> bytes:
     return buf.getvalue()
 
 
-def _build_key(size: int) -> dict:
+def _build_key(size: int, max_count: int) -> dict:
     def digest(p: Path) -> str:
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
-    return {"version": BUILD_VERSION, "size": size, "packages": {p.style: p.sha256 for p in PACKAGES},
+    return {"version": BUILD_VERSION, "size": size, "max_count": max_count,
+            "packages": {p.style: p.sha256 for p in PACKAGES},
             "heldout": digest(names.HELDOUT_FILE), "style_transfer": digest(names.STYLE_TRANSFER_FILE)}
 
 
@@ -100,22 +101,25 @@ def count_table(records: list[EmojiRecord]) -> dict:
 
 
 def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | os.PathLike | None = None,
-                        workers: int | None = None, max_count: int = 1000, force: bool = False) -> dict:
+                        workers: int | None = None, max_count: int = 500, force: bool = False) -> dict:
     """Render both packages at ``size`` px into shards per split under ``out``; returns the manifest."""
     out = Path(out)
-    key = _build_key(size)
+    key = _build_key(size, max_count)
     if not force and (man := _up_to_date(out, key)) is not None:
         log.info("emoji dataset in %s is up to date (%d images); nothing to do", out, man["counts"]["total"])
         return man
     t0 = time.perf_counter()
     icon_sets = {p.style: load_icons(p, cache) for p in PACKAGES}
     records = make_records(icon_sets)
+    log.info("loaded %d icons in %.1f s; rendering at %d px", len(records), time.perf_counter() - t0, size)
     random.Random("ldm-emoji-order").shuffle(records)  # shards mix styles and concepts
     jobs = [(icon_sets[r.style]["icons"][r.name], _defaults(icon_sets[r.style]), size) for r in records]
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.tar"):
         old.unlink()
-    writers = {sp: ShardWriter(shard_pattern(out, sp), max_count=max_count) for sp in names.SPLITS}
+    n_split = Counter(r.split for r in records)
+    writers = {sp: ShardWriter(shard_pattern(out, sp), max_count=_balanced(n_split[sp], max_count))
+               for sp in names.SPLITS}
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32)):
             meta = {"style": rec.style, "concept": rec.concept, "split": rec.split, "name": rec.name,
@@ -135,6 +139,12 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     log.info("emoji %dpx: %s in %.1f s", size, json.dumps(counts), manifest["seconds"])
     return manifest
+
+
+def _balanced(n: int, max_count: int) -> int:
+    """Per-shard count that fills ceil(n / max_count) shards evenly (no tiny last shard)."""
+    shards = max(1, -(-n // max_count))
+    return max(1, -(-n // shards))
 
 
 def _defaults(data: dict) -> dict:

@@ -26,18 +26,19 @@ _LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 def braceexpand(pattern: str) -> list[str]:
     """Expand ``{000..012}`` (zero padding kept) and ``{a,b}`` groups, left to right, like webdataset's URLs."""
-    m = _RANGE.search(pattern)
-    if m:
+    found = [m for m in (_RANGE.search(pattern), _LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    m = min(found, key=lambda m: m.start())
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    if m.re is _LIST:
+        parts = m.group(1).split(",")
+    else:
         a, b = m.group(1), m.group(2)
         width = len(a) if a.startswith("0") or len(a) == len(b) else 0
         step = 1 if int(b) >= int(a) else -1
-        return [x for i in range(int(a), int(b) + step, step)
-                for x in braceexpand(pattern[:m.start()] + str(i).zfill(width) + pattern[m.end():])]
-    m = _LIST.search(pattern)
-    if m:
-        return [x for part in m.group(1).split(",")
-                for x in braceexpand(pattern[:m.start()] + part + pattern[m.end():])]
-    return [pattern]
+        parts = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    return [x for part in parts for x in braceexpand(head + part + tail)]
 
 
 def expand_shards(spec: str | os.PathLike | Sequence, allow_pipe: bool = False) -> list[str]:

@@ -38,7 +38,7 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
     if w < size or h < size:
         raise ValueError(f"center_crop: image {w}x{h} is smaller than size={size}")
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))  # torchvision's offsets
     return im.crop((left, top, left + size, top + size))
 
 

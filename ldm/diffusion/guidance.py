@@ -63,7 +63,8 @@ class CFGDenoiser(nn.Module):
             return self.inner_model(x, sigma, **cond)
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)  # (B,)
-        both = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]), **_batch_cond(cond, uncond))  # (2B, C, ...)
+        both = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]),  # (2B, C, ...): [uncond; cond]
+                                **_batch_cond(cond, uncond))
         d_u, d_c = both.chunk(2)  # (B, C, ...) each
         d_cfg = d_u + scale * (d_c - d_u)
         return rescale_guidance(d_cfg, d_c, rescale)

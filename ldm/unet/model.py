@@ -106,8 +106,9 @@ class UNetModel(nn.Module):
                  num_attention_blocks: Sequence[int] | None = None, disable_middle_self_attn: bool = False,
                  use_linear_in_transformer: bool = False, adm_in_channels: int | None = None,
                  attn_backend: str = "sdpa", upcast_attention: bool = False) -> None:
+        given = dict(locals())  # the constructor arguments, before anything else is bound
         super().__init__()
-        args = {k: _as_list(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        args = {k: _as_list(v) for k, v in given.items() if k not in ("self", "__class__")}
         _validate(args)
         check_backend(attn_backend)
         if use_fp16 or use_bf16:

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Convert checkpoints between our (original Stable Diffusion) layout, diffusers folders and safetensors.
+
+    python scripts/convert.py to-diffusers v1-5-pruned-emaonly.safetensors sd15-diffusers [--config YAML] [--ema]
+    python scripts/convert.py from-diffusers sd15-diffusers sd15.safetensors
+    python scripts/convert.py to-safetensors v1-5-pruned.ckpt v1-5-pruned.safetensors
+
+``to-safetensors`` reads the pickle with ``torch.load(weights_only=True)`` (a pickle that tries to build anything but
+tensors is refused) and writes every tensor unchanged (Lightning's ``state_dict`` nesting removed), atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+log = logging.getLogger("convert")
+
+
+def to_diffusers(args: argparse.Namespace) -> None:
+    import ldm  # noqa: PLC0415
+    from ldm.convert import export_diffusers  # noqa: PLC0415
+
+    model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema)
+    out = export_diffusers(model, args.out_dir)
+    log.info("wrote %s (load with diffusers.StableDiffusionPipeline.from_pretrained)", out)
+
+
+def from_diffusers(args: argparse.Namespace) -> None:
+    import ldm  # noqa: PLC0415
+    from ldm.convert import import_diffusers  # noqa: PLC0415
+
+    _check_suffix(args.out, ".safetensors")
+    model = import_diffusers(args.folder, variant=args.variant)
+    ldm.save(model, args.out)
+    log.info("wrote %s (load with ldm.load)", args.out)
+
+
+def to_safetensors(args: argparse.Namespace) -> None:
+    from ldm.checkpoint import read_state_dict, save_safetensors  # noqa: PLC0415
+
+    _check_suffix(args.out, ".safetensors")
+    if Path(args.checkpoint).suffix == ".safetensors":
+        raise SystemExit(f"error: {args.checkpoint} is already a safetensors file")
+    sd, _ = read_state_dict(args.checkpoint)
+    save_safetensors(sd, args.out, {"format": "pt"})
+    log.info("wrote %d tensors to %s", len(sd), args.out)
+
+
+def _check_suffix(path: str, suffix: str) -> None:
+    if Path(path).suffix != suffix:
+        raise SystemExit(f"error: output {path!r} must end in {suffix}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("to-diffusers", help="our/original SD checkpoint -> diffusers pipeline folder")
+    a.add_argument("checkpoint", help=".ckpt or .safetensors (original SD v1/v2 or ours)")
+    a.add_argument("out_dir", help="folder to write")
+    a.add_argument("--config", default=None, help="YAML (needed for SD 2.x v-prediction files)")
+    a.add_argument("--ema", action="store_true", help="export the EMA weights of the U-Net")
+    a.set_defaults(fn=to_diffusers)
+    b = sub.add_parser("from-diffusers", help="diffusers pipeline folder -> our safetensors (original SD layout)")
+    b.add_argument("folder")
+    b.add_argument("out", help="OUT.safetensors")
+    b.add_argument("--variant", default=None, help='weights variant, e.g. "fp16"')
+    b.set_defaults(fn=from_diffusers)
+    c = sub.add_parser("to-safetensors", help=".ckpt/.pt -> .safetensors, tensors unchanged")
+    c.add_argument("checkpoint")
+    c.add_argument("out", help="OUT.safetensors")
+    c.set_defaults(fn=to_safetensors)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, KeyError, ValueError, NotImplementedError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
