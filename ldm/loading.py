@@ -49,7 +49,8 @@ def build(cfg: DictConfig | dict, where: str = "config") -> Any:
 
 def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         use_ema: bool = False, strict: bool = True) -> Any:
+         use_ema: bool = False, strict: bool = True, lora: str | Path | None = None,
+         merge_lora: bool = False) -> Any:
     """Load a latent diffusion model.
 
     Args:
@@ -59,6 +60,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         device, dtype: where and in what precision the model lives.
         use_ema: load the ``model_ema.*`` weights of the U-Net instead of the raw ones.
         strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
+        lora: adapters saved by LoRA fine-tuning (``lora.safetensors``), attached to the U-Net;
+            ``merge_lora=True`` folds them into the base weights.
     Returns:
         :class:`ldm.model.LatentDiffusion` with ``unet``, ``vae``, ``text_encoder``, ``encode_text``, ``generate``
         and ``config``.
@@ -75,10 +78,25 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     model = build(cfg, str(config or checkpoint))
     if checkpoint is not None:
         load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))
+    if lora is not None:
+        attach_lora(model, lora, merge_lora)
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
     return model
+
+
+def attach_lora(model: Any, path: str | Path, merge: bool = False) -> None:
+    """Attach LoRA adapters (keys ``model.diffusion_model.….lora_A``) to ``model.model``; optionally merge them."""
+    from ldm.lora import load_lora, merge_lora  # noqa: PLC0415
+
+    sd, _ = read_state_dict(path)
+    bad = [k for k in sd if not k.startswith("model.")]
+    if bad:
+        raise CheckpointError(f"{path}: not a LoRA file of this project (unexpected key {bad[0]!r})")
+    load_lora(model.model, {k[len("model."):]: v for k, v in sd.items()})
+    if merge:
+        log.info("merged %d LoRA adapters into the U-Net", merge_lora(model.model))
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool = False, strict: bool = True,

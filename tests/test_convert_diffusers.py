@@ -45,7 +45,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b), f"only in first: {sorted(set(a) - set(b))[:5]}, only in second: {sorted(set(b) - set(a))[:5]}"
+    assert set(a) == set(b), f"only in 1st: {sorted(set(a) - set(b))[:5]}, only in 2nd: {sorted(set(b) - set(a))[:5]}"
     bad = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
     assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
 
@@ -250,10 +250,10 @@ def test_open_clip_text_matches_diffusers_converter() -> None:
 
 
 def test_standard_text_encoders_round_trip_config() -> None:
-    from transformers import CLIPTokenizer  # noqa: F401  (transformers present, as for diffusers)
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm.conditioning.text_encoder import frozen_clip_embedder, frozen_open_clip_embedder
-    from ldm.convert.diffusers_text import text_config_to_hf, text_encoder_yaml
+    from ldm.convert.diffusers_text import text_config_to_hf, text_encoder_to_hf, text_encoder_yaml
 
     with torch.device("meta"):
         v1 = frozen_clip_embedder()
@@ -261,6 +261,13 @@ def test_standard_text_encoders_round_trip_config() -> None:
     c1, c2 = text_config_to_hf(v1), text_config_to_hf(v2)
     assert (c1["num_hidden_layers"], c1["hidden_act"], c1["pad_token_id"]) == (12, "quick_gelu", 49407)
     assert (c2["num_hidden_layers"], c2["hidden_act"], c2["num_attention_heads"]) == (23, "gelu", 16)
+    for enc, cfg in ((v1, c1), (v2, c2)):  # full-size key sets and shapes match transformers' CLIPTextModel
+        hf = text_encoder_to_hf(enc.state_dict(), enc.layout, enc.num_layers, enc.layer)
+        with torch.device("meta"):
+            ref = CLIPTextModel(CLIPTextConfig(**cfg)).state_dict()
+        ref = {k: v for k, v in ref.items() if not k.endswith("position_ids")}  # transformers < 4.31 kept it
+        assert {k.removeprefix("text_model."): v.shape for k, v in hf.items()} == \
+            {k.removeprefix("text_model."): v.shape for k, v in ref.items()}
     assert text_encoder_yaml(c1, 49407) == {"target": "FrozenCLIPEmbedder"}
     assert text_encoder_yaml(c2, 0)["target"] == "FrozenOpenCLIPEmbedder"
 

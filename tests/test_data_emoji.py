@@ -122,6 +122,8 @@ def test_non_square_icon_is_padded():
     _, w, h = icon_svg(icon, defaults)
     assert f'viewBox="0 0 {icon.get("width", 32)} {icon.get("height", 32)}"' in icon_svg(icon, defaults)[0]
     assert 'xmlns:xlink="http://www.w3.org/1999/xlink"' in icon_svg(icon, defaults)[0]
+    noto, noto_defaults = fixture_icons("noto")
+    assert 'viewBox="0 0 128 128"' in icon_svg(noto["icons"]["red-heart"], noto_defaults)[0]  # file-level default
     arr = np.asarray(render_icon(icon, defaults, 64))
     pad = (arr == 255).all(-1).all(0) if h > w else (arr == 255).all(-1).all(1)
     assert pad[0] and pad[-1]

@@ -75,8 +75,13 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def _stat(buffer: torch.Tensor, params: Mapping[str, Any], key: str, default: float) -> float:
+    """A latent statistic: the VAE's buffer (what the model uses), or the config's value for a meta-device model."""
+    return float(params.get(key, default)) if buffer.is_meta else float(buffer)
+
+
 def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, dict[str, Any]]:
-    """The JSON files of the diffusers folder for ``model``: ``{"unet/config.json": {...}, …, "model_index.json"}``."""
+    """The JSON files of the diffusers folder for ``model``, by path (``unet/config.json`` … ``model_index.json``)."""
     cfg = OmegaConf.to_container(model.config, resolve=True)
     params = cfg["model"]["params"]
     unet_params = params["unet_config"]["params"]
@@ -87,8 +92,8 @@ def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, d
     return {
         "unet/config.json": unet_config_to_diffusers(unet_params, sample_size=latent),
         "vae/config.json": vae_config_to_diffusers(vae_params["ddconfig"], vae_params["embed_dim"],
-                                                   scaling_factor=float(vae.scale_factor),
-                                                   shift_factor=float(vae.shift_factor),
+                                                   scaling_factor=_stat(vae.scale_factor, params, "scale_factor", 1.0),
+                                                   shift_factor=_stat(vae.shift_factor, params, "shift_factor", 0.0),
                                                    sample_size=latent * vae.downsample_factor),
         "text_encoder/config.json": text_config_to_hf(enc),
         "scheduler/scheduler_config.json": scheduler_config(params),

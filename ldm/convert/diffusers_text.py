@@ -11,10 +11,14 @@ load). What the diffusers folder does not hold (documented loss):
   ``text_encoder`` has 23 layers, and ``CLIPTextModel``'s ``last_hidden_state`` (final LayerNorm over layer 23)
   equals our penultimate output;
 * ``text_projection`` and ``logit_scale`` (contrastive-loss parts, unused for conditioning) are dropped.
-On import these come back as zeros (they do not change any output of the model).
+On import these come back as zeros (they do not change any output of the model). The same drop applies to an
+HF-layout (v1) encoder with ``layer="penultimate"`` ("CLIP skip"); such a folder imports as ``layer="last"`` with
+one layer fewer, which computes the same context.
 
 Tokenizer files (``vocab.json``, ``merges.txt``) are generated from open_clip's bundled BPE table, which is the
-same vocabulary as OpenAI CLIP's; SD v1 pads with ``<|endoftext|>`` (49407) and SD v2 with ``!`` (id 0).
+same vocabulary as OpenAI CLIP's; SD v1 pads with ``<|endoftext|>`` (49407) and SD v2 with ``!`` (id 0), as
+diffusers' SD 2 repositories do. A quirk those repositories share: with ``!`` as a special (pad) token, transformers'
+``CLIPTokenizer`` splits ``"!!"`` into two ``!`` tokens where open_clip (and our encoder) use the merged token.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ _LAYER_RE = re.compile(r"(?:model\.transformer\.resblocks|transformer\.text_mode
 
 def text_encoder_to_hf(sd: Mapping[str, torch.Tensor], layout: str, num_layers: int,
                        layer: str) -> dict[str, torch.Tensor]:
-    """Our text encoder's state dict (keys relative to ``cond_stage_model``) → ``CLIPTextModel`` keys ``text_model.*``.
+    """Our text encoder's state dict (keys after ``cond_stage_model.``) → ``CLIPTextModel`` keys ``text_model.*``.
 
     ``layout`` "hf" (SD v1, ``transformer.text_model.*``) or "open_clip" (SD v2, ``model.*``). With
     ``layer="penultimate"`` the last layer (never run) is dropped, so ``CLIPTextModel.last_hidden_state`` equals our
@@ -69,7 +73,7 @@ def text_encoder_to_hf(sd: Mapping[str, torch.Tensor], layout: str, num_layers: 
 
 def text_encoder_from_hf(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], layout: str,
                          layer: str) -> dict[str, torch.Tensor]:
-    """``CLIPTextModel`` keys (with or without ``text_model.``) → our encoder's keys (relative to ``cond_stage_model``).
+    """``CLIPTextModel`` keys (with or without ``text_model.``) → our encoder's keys (after ``cond_stage_model.``).
 
     ``expected`` is our encoder's own state dict (names and shapes). The keys a diffusers folder cannot hold (see
     the module docstring) are filled with zeros; any other difference is left for the strict load to report.
@@ -110,7 +114,7 @@ def clip_text_config(hidden: int, intermediate: int, layers: int, heads: int, ma
 # ---------------------------------------------------------------------------------------------------- tokenizer
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte → printable-character table (every byte gets a visible stand-in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -156,7 +156,8 @@ def unet_config_to_diffusers(unet_params: Mapping[str, Any], sample_size: int | 
     ctx = ctx if ctx is None or isinstance(ctx, int) else int(list(ctx)[0])
     cfg: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        "act_fn": "silu", "attention_head_dim": _heads(p), "block_out_channels": [p["model_channels"] * m for m in mult],
+        "act_fn": "silu", "attention_head_dim": _heads(p),
+        "block_out_channels": [p["model_channels"] * m for m in mult],
         "center_input_sample": False, "cross_attention_dim": ctx,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
         "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": int(p["in_channels"]),
@@ -166,7 +167,8 @@ def unet_config_to_diffusers(unet_params: Mapping[str, Any], sample_size: int | 
         "sample_size": int(sample_size if sample_size is not None else p.get("image_size", 64)),
         "transformer_layers_per_block": depth if isinstance(depth, int) else list(depth),
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
-        "upcast_attention": bool(p.get("upcast_attention", False)), "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
+        "upcast_attention": bool(p.get("upcast_attention", False)),
+        "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
     }
     if p.get("disable_self_attentions") is not None:
         cfg["only_cross_attention"] = list(p["disable_self_attentions"])
@@ -226,7 +228,7 @@ def _head_params(cfg: Mapping[str, Any], channels: list[int], where: str) -> dic
 
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any], where: str = "unet/config.json") -> dict[str, Any]:
-    """A ``UNet2DConditionModel`` config dict → original UNetModel YAML params (raises on what they cannot express)."""
+    """A ``UNet2DConditionModel`` config → original UNetModel YAML params (raises on what they cannot express)."""
     _check_fixed(cfg, where)
     channels = [int(c) for c in cfg["block_out_channels"]]
     base = channels[0]

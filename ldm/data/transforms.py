@@ -36,6 +36,8 @@ def resize_longer(im: Image.Image, size: int) -> Image.Image:
 def center_crop(im: Image.Image, size: int) -> Image.Image:
     """Crop the central ``size``×``size`` square (the image must be at least that large)."""
     w, h = im.size
+    if w == h == size:
+        return im
     if w < size or h < size:
         raise ValueError(f"center_crop: image {w}x{h} is smaller than size={size}")
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))  # torchvision's offsets
@@ -55,7 +57,7 @@ def pad_to_square(im: Image.Image, fill: tuple[int, int, int] = (255, 255, 255))
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
     """RGB PIL image → float32 tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(im.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
+    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()  # (3, H, W)
 
 

@@ -6,6 +6,7 @@ The math lives in :mod:`ldm.diffusion.losses`; this module wires it to Lightning
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -34,6 +35,7 @@ class LatentDiffusionModule(L.LightningModule):
         init = t.get("init_checkpoint")
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
         self.net.config = config
+        load_components(self.net, t.get("components") or {})
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
         lora = t.get("lora") or {}
@@ -130,12 +132,56 @@ class LatentDiffusionModule(L.LightningModule):
         self.config.model.params.shift_factor = float(shift)
 
     def export(self, path: str, ema: bool = True) -> str:
-        """Write the trained model (EMA weights in ``model_ema.*``) as safetensors with its config."""
-        from ldm.loading import save  # noqa: PLC0415
-        from ldm.lora import strip_lora  # noqa: PLC0415
+        """Write the trained model as safetensors with its config: EMA weights in ``model_ema.*``; with LoRA, the
+        base model unchanged in ``path`` and the adapters (EMA-averaged when kept) in ``lora.safetensors`` beside it."""
+        from pathlib import Path  # noqa: PLC0415
 
-        state = self.model_ema.ldm_state() if (ema and self.model_ema is not None) else None
-        return str(save(_Stripped(self.net, strip_lora), path, ema_state=state))
+        from ldm.checkpoint import META_CONFIG, save_safetensors  # noqa: PLC0415
+        from ldm.loading import save  # noqa: PLC0415
+        from ldm.lora import lora_state_dict, strip_lora  # noqa: PLC0415
+
+        use_ema = ema and self.model_ema is not None
+        adapters = lora_state_dict(self.net.model)
+        if not adapters:
+            return str(save(self.net, path, ema_state=self.model_ema.ldm_state() if use_ema else None))
+        with (self.model_ema.swapped_into(self.net.model) if use_ema else _null()):
+            adapters = {f"model.{k}": v for k, v in lora_state_dict(self.net.model).items()}
+        meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True))}
+        save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
+        return str(save(_Stripped(self.net, strip_lora), path))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def load_components(net: torch.nn.Module, components: Any) -> None:
+    """Load separately trained parts (``train.components: {first_stage_model: AE.safetensors, cond_stage_model:
+    CLIP.safetensors}``, the exports of the autoencoder and CLIP stages) strictly into ``net``.
+
+    A CLIP export also holds its image tower (``model.visual.*``), which the text encoder does not need.
+    """
+    from ldm.checkpoint import read_state_dict  # noqa: PLC0415
+
+    for name, path in dict(components).items():
+        if name not in ("first_stage_model", "cond_stage_model"):
+            raise ValueError(f"train.components: unknown part {name!r} (first_stage_model or cond_stage_model)")
+        target = getattr(net, name)
+        sd, _ = read_state_dict(path)
+        own = set(target.state_dict())
+        extra = [k for k in sd if k not in own]
+        if any(not k.startswith("model.visual.") for k in extra):
+            raise ValueError(f"train.components.{name}: {path} has keys this model lacks, e.g. "
+                             f"{[k for k in extra if not k.startswith('model.visual.')][:3]} (architecture differs?)")
+        result = target.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+        if result.missing_keys:
+            raise ValueError(f"train.components.{name}: {path} lacks {len(result.missing_keys)} key(s), "
+                             f"e.g. {result.missing_keys[:3]} (architecture differs?)")
+        log.info("loaded %s from %s (%d tensors, %d image-tower tensors ignored)", name, path, len(own), len(extra))
 
 
 class _Stripped:

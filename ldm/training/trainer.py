@@ -15,7 +15,7 @@ from ldm.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
-SECRET_WORDS = ("api_key", "apikey", "token", "password", "secret")
+SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "access_token", "auth_token", "hf_token", "key"}
 TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
                 "log_every_n_steps", "accumulate_grad_batches", "limit_train_batches", "limit_val_batches",
                 "fast_dev_run", "enable_progress_bar", "deterministic", "benchmark", "val_check_interval",
@@ -28,7 +28,7 @@ def check_no_secrets(cfg: DictConfig) -> None:
     def walk(node: Any, path: str) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if any(w in str(k).lower() for w in SECRET_WORDS):
+                if str(k).lower() in SECRET_KEYS:
                     raise ConfigError(f"config key {path}{k!s} looks like a credential; set it in the environment "
                                       "(e.g. WANDB_API_KEY), never in a config, log or checkpoint")
                 walk(v, f"{path}{k}.")
