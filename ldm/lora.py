@@ -39,6 +39,9 @@ class LoRALinear(nn.Linear):
             new.weight.copy_(linear.weight)
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
+        new.weight.requires_grad_(linear.weight.requires_grad)  # the base stays frozen: only A and B train
+        if new.bias is not None:
+            new.bias.requires_grad_(linear.bias.requires_grad)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def test_three_ranks_equal_full_batches_disjoint(tmp_path, shards):
     sets = [set(itertools.chain(*keys)) for keys in per_rank]
     assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
     if shards == "few":  # strided split: each rank keeps every third sample of the shared stream, no repeats
-        assert all(len(s) == 2 * len(keys) for s, keys in zip(sets, per_rank))
+        assert all(len(s) == 2 * len(keys) for s, keys in zip(sets, per_rank, strict=True))
 
 
 def test_rank_from_explicit_or_default():

@@ -173,5 +173,6 @@ def test_build_full_dataset(tmp_path):
     man = build_emoji_dataset(tmp_path / "emoji32", 32, workers=2)
     assert man["counts"]["total"] == 6993 and sum(s["count"] for s in man["splits"].values()) == 6993
     assert build_emoji_dataset(tmp_path / "emoji32", 32)["seconds"] == man["seconds"]  # no-op second run
-    ds = ShardDataset(str(tmp_path / "emoji32"))
-    assert sum(1 for _ in ds) == 6993 and not ds.stats.skipped
+    for split in ("train", "heldout", "style_transfer_eval"):
+        ds = ShardDataset(str(tmp_path / "emoji32"), split=split)
+        assert sum(1 for _ in ds) == man["splits"][split]["count"] and not ds.stats.skipped

@@ -1,4 +1,4 @@
-"""Folder reader (.txt and metadata.jsonl), shard specs (braces, lists, pipe:), make_shards, transforms, latent cache."""
+"""Folder reader (.txt, metadata.jsonl), shard specs (braces, lists, pipe:), make_shards, transforms, latent cache."""
 
 import json
 import subprocess

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.folder import FolderSource
-from ldm.data.shards import SampleDecoder, ShardSource, collate, read_manifest
+from ldm.data.shards import SampleDecoder, ShardSource, collate, has_manifest, manifest_split
 from ldm.data.transforms import ImageTransform
 from ldm.data.validate import SkipStats
 
@@ -124,20 +124,15 @@ def resolve_source(spec, *, split: str | None = None, decoder: SampleDecoder | N
                    allow_pipe: bool = False, num_samples: int | None = None):
     """A data spec → a source: a directory with ``manifest.json`` (image shards or a latent cache; ``split``
     selects the split, default ``train``), a directory of ``*.tar``, an image folder, or shard paths/patterns."""
+    if has_manifest(spec):
+        man, shards, count = manifest_split(spec, split)
+        count = num_samples if num_samples is not None else count
+        if man.get("kind") == "latents":
+            from ldm.data.latent_cache import LatentSource  # noqa: PLC0415 - avoids an import cycle
+            return LatentSource(shards, num_samples=count)
+        return ShardSource(shards, decoder, num_samples=count)
     if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
         root = Path(spec)
-        if (root / "manifest.json").exists():
-            man = read_manifest(root)
-            split = split or "train"
-            if split not in man.get("splits", {}):
-                raise KeyError(f"split {split!r} not in {root / 'manifest.json'} (has {sorted(man.get('splits', {}))})")
-            entry = man["splits"][split]
-            shards = [str(root / s) for s in entry["shards"]]
-            count = num_samples if num_samples is not None else entry["count"]
-            if man.get("kind") == "latents":
-                from ldm.data.latent_cache import LatentSource  # noqa: PLC0415 - avoids an import cycle
-                return LatentSource(shards, num_samples=count)
-            return ShardSource(shards, decoder, num_samples=count)
         if any(root.glob("*.tar")):
             return ShardSource(root, decoder, num_samples=num_samples)
         return FolderSource(root, decoder)

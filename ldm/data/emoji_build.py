@@ -121,7 +121,7 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
     writers = {sp: ShardWriter(shard_pattern(out, sp), max_count=_balanced(n_split[sp], max_count))
                for sp in names.SPLITS}
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32)):
+        for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32), strict=True):
             meta = {"style": rec.style, "concept": rec.concept, "split": rec.split, "name": rec.name,
                     "hidden": rec.hidden}
             writers[rec.split].write({"__key__": rec.key, "png": png, "txt": rec.caption, "json": json.dumps(meta)})

@@ -71,6 +71,22 @@ def read_manifest(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def manifest_split(root: str | os.PathLike, split: str | None = None) -> tuple[dict, list[str], int]:
+    """``(manifest, shard paths, sample count)`` of one split (default ``train``) of a directory with a manifest."""
+    root = Path(root)
+    man = read_manifest(root)
+    split = split or "train"
+    if split not in man.get("splits", {}):
+        raise KeyError(f"split {split!r} not in {root / 'manifest.json'} (has {sorted(man.get('splits', {}))})")
+    entry = man["splits"][split]
+    return man, [str(root / s) for s in entry["shards"]], int(entry["count"])
+
+
+def has_manifest(spec) -> bool:
+    """Whether ``spec`` is a directory holding ``manifest.json``."""
+    return isinstance(spec, (str, os.PathLike)) and (Path(spec) / "manifest.json").is_file()
+
+
 class ShardSource:
     """A list of shards (units) plus how to decode them; the unit of splitting across ranks and workers."""
 
@@ -87,6 +103,7 @@ class ShardSource:
 
 class ShardDataset(IterableDataset):
     """Plain iterable over shards in order; DataLoader workers take disjoint shards (``i % num_workers``).
+    A directory with ``manifest.json`` reads one split (``split``, default ``train``), never all of them.
 
     ``stats`` holds exact counts when iterated in this process (``num_workers=0``); each worker logs its own.
     For training use :func:`ldm.data.distributed.make_dataloader` (rank split, equal batch counts, resume).
@@ -94,8 +111,10 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, spec: str | os.PathLike | Sequence, *, size: int | None = None, resize: str = "center-crop",
                  flip: bool = False, caption_policy: str = "skip", min_size: int = 8,
-                 max_pixels: int = 8192 * 8192, allow_pipe: bool = False, seed: int = 0):
+                 max_pixels: int = 8192 * 8192, allow_pipe: bool = False, seed: int = 0, split: str | None = None):
         decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size, max_pixels)
+        if has_manifest(spec):
+            spec = manifest_split(spec, split)[1]
         self.source = ShardSource(spec, decoder, allow_pipe=allow_pipe)
         self.stats, self.seed = SkipStats(), seed
 
