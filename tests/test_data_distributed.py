@@ -85,5 +85,8 @@ def test_resume_is_exact(tmp_path, num_workers):
     rest = epoch_keys(resumed)
     assert [b["key"] for b in seen] + rest == epoch0
     assert epoch_keys(resumed) == epoch1  # continues with the next epoch
+    at_end = make_dataloader(paths, 2, **kw)
+    assert len(list(itertools.islice(iter(at_end), 7))) == 7  # stopped right after the last batch
+    assert epoch_keys(at_end) == epoch1
     with pytest.raises(ValueError, match="batch_size"):
         make_dataloader(paths, 4, **kw).load_state_dict(state)

@@ -102,6 +102,9 @@ def test_make_shards_script(tmp_path):
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["splits"]["train"]["count"] == 7 and len(man["splits"]["train"]["shards"]) == 3
     assert man["stats"]["skipped"] == {"too_small": 1}
+    assert sum(1 for _ in ShardDataset(tmp_path / "out")) == 7  # the manifest's train split
+    with pytest.raises(KeyError, match="split 'val'"):
+        ShardDataset(tmp_path / "out", split="val")
     batches = list(make_dataloader(tmp_path / "out", 2))
     assert len(batches) == 3 and batches[0]["image"].shape == (2, 3, 16, 16)
     img = batches[0]["image"][0]

@@ -160,6 +160,9 @@ class ResumableLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
+        """One epoch (the rest of it after a resume). A batch counts as consumed once it has been handed out."""
+        if self.batches_consumed >= self.num_batches:  # the previous epoch ended exactly at a break
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
         ds = self._iterable()
         ds.start_batch = self.batches_consumed
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
