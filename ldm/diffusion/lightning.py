@@ -38,6 +38,8 @@ class LatentDiffusionModule(L.LightningModule):
         load_components(self.net, t.get("components") or {})
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
+        if t.get("gradient_checkpointing") is not None:  # overrides the U-Net config's use_checkpoint
+            self.net.unet.set_gradient_checkpointing(bool(t.gradient_checkpointing))
         lora = t.get("lora") or {}
         if int(lora.get("rank", 0)) > 0:
             from ldm.lora import DEFAULT_TARGETS, add_lora  # noqa: PLC0415
