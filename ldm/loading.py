@@ -143,3 +143,19 @@ def save(model: Any, path: str | Path, ema_state: dict[str, torch.Tensor] | None
     from ldm import __version__  # noqa: PLC0415
 
     return save_safetensors(sd, path, {META_CONFIG: json.dumps(cfg), "ldm_version": __version__})
+
+
+def load_component(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A stage export of ours (autoencoder or CLIP ``model.safetensors``): build its ``model`` section from the
+    config in the file's metadata and load the weights strictly."""
+    sd, meta = read_state_dict(path)
+    cfg = config_from_metadata(meta)
+    if cfg is None or "model" not in cfg:
+        raise CheckpointError(f"{path}: no embedded config; not a stage export of this project")
+    module = instantiate(cfg["model"], f"{path}: model")
+    result = module.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit the embedded config (missing {result.missing_keys[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]})")
+    module.config = OmegaConf.create(cfg)
+    return module.to(device).eval() if device is not None else module.eval()

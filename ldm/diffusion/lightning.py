@@ -81,6 +81,9 @@ class LatentDiffusionModule(L.LightningModule):
 
         t = self.config.train
         self.batches_seen += 1
+        fail = t.get("debug_fail")  # fault injection for the distributed-failure tests: {rank: R, step: S}
+        if fail and self.global_rank == int(fail["rank"]) and self.global_step >= int(fail["step"]):
+            raise RuntimeError(f"train.debug_fail: injected failure on rank {self.global_rank} at step {self.global_step}")
         opt, sched = self.optimizers(), self.lr_schedulers()
         gen = step_generator(self, int(t.get("seed", 0)))
         z = self._latents(batch, gen)

@@ -70,6 +70,18 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return cbs
 
 
+def build_strategy(name: Any, timeout_s: float) -> Any:
+    """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
+    (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit."""
+    if name not in ("ddp", "ddp_find_unused_parameters_true"):
+        return name
+    from datetime import timedelta  # noqa: PLC0415
+
+    from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415
+
+    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"))
+
+
 def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named)."""
     run_dir = Path(run_dir)
@@ -79,5 +91,6 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
     tc.setdefault("log_every_n_steps", 10)
+    tc["strategy"] = build_strategy(tc.get("strategy", "auto"), float(cfg.train.get("dist_timeout_s", 600)))
     return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                      callbacks=build_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO()], **tc)

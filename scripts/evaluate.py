@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Evaluate a trained emoji text-to-image model on prompts it never saw in training.
+
+    python scripts/evaluate.py --model runs/unet/model.safetensors --clip runs/clip/model.safetensors \
+        --data data/emoji64 --out runs/eval [--n 256] [--samplers dpmpp_2m:20,ddim:50] [--inception-weights PATH]
+
+For each split (heldout: concepts never trained; style_transfer_eval: concepts trained only in the other style;
+train: for reference) it samples one image per caption with fixed seeds and reports, in the feature space of the
+project's own CLIP (trained on the training split): the Fréchet distance to the real images of that split
+(``fd_clip``), caption retrieval top-1/top-5 among the split's captions (``retrieval@1/5``), and the same two for the
+real images as the reference floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
+style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed only with
+``--inception-weights`` (a torch-fidelity / pytorch-fid state dict) and otherwise reported as absent.
+Writes ``metrics.json`` and grids of samples next to the real images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ldm.evaluate")
+
+
+def real_split(data: str, split: str, n: int, size: int) -> dict:
+    from ldm.data import make_dataloader
+
+    loader = make_dataloader(data, min(n, 64), split=split, size=size, seed=123, shuffle_buffer=4096)
+    images, captions = [], []
+    for batch in loader:
+        images.append(batch["image"])
+        captions += list(batch["caption"])
+        if len(captions) >= n:
+            break
+    return {"image": torch.cat(images)[:n], "caption": captions[:n]}
+
+
+@torch.no_grad()
+def clip_features(clip, images: torch.Tensor, captions: list[str], bs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = next(clip.parameters()).device
+    fi = torch.cat([clip.encode_image(images[i:i + bs].to(dev), normalize=True).float().cpu()
+                    for i in range(0, len(images), bs)])
+    ft = torch.cat([clip.encode_text_features(captions[i:i + bs], normalize=True).float().cpu()
+                    for i in range(0, len(captions), bs)])
+    return fi, ft
+
+
+@torch.no_grad()
+def generate_all(model, captions: list[str], sampler: str, steps: int, guidance: float, bs: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(captions), bs):
+        x = model.generate(captions[i:i + bs], sampler=sampler, steps=steps, guidance=guidance, seed=1000 + i,
+                           output="tensor", progress=False)  # (b, 3, H, W) in [0, 1]
+        out.append(x.cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+def split_metrics(clip, real: dict, fake: torch.Tensor) -> dict:
+    from ldm.evaluation import frechet_distance, retrieval_accuracy
+
+    fr, ft = clip_features(clip, real["image"], real["caption"])
+    gi, _ = clip_features(clip, fake, real["caption"])
+    styles = ["fluent" if c.endswith("fluent emoji") else "noto" for c in real["caption"]]
+    m = {"n": len(fake), "fd_clip": frechet_distance(gi, fr), "retrieval@1": retrieval_accuracy(gi, ft, 1),
+         "retrieval@5": retrieval_accuracy(gi, ft, 5), "real_retrieval@1": retrieval_accuracy(fr, ft, 1),
+         "real_retrieval@5": retrieval_accuracy(fr, ft, 5)}
+    for s in ("noto", "fluent"):
+        idx = torch.tensor([i for i, x in enumerate(styles) if x == s])
+        if len(idx) > 8:
+            m[f"{s}/fd_clip"] = frechet_distance(gi[idx], fr[idx])
+            m[f"{s}/retrieval@1"] = retrieval_accuracy(gi[idx], ft[idx], 1)
+    return m
+
+
+@torch.no_grad()
+def reconstruction(vae, images: torch.Tensor, bs: int = 64) -> dict:
+    from ldm.evaluation import psnr, ssim
+
+    dev = next(vae.parameters()).device
+    rec = torch.cat([vae.decode(vae.encode(images[i:i + bs].to(dev)).mode()).float().cpu()
+                     for i in range(0, len(images), bs)])
+    x, y = (images + 1) / 2, ((rec + 1) / 2).clamp(0, 1)
+    return {"psnr": float(psnr(x, y).mean()), "ssim": float(ssim(x, y).mean())}
+
+
+def save_grid(real: torch.Tensor, fake: torch.Tensor, captions: list[str], path: Path, n: int = 16) -> None:
+    from ldm.grid import make_grid
+    from ldm.pipeline_io import images_to_pil
+
+    ims = images_to_pil(((torch.cat([fake[:n], real[:n]]) + 1) / 2).clamp(0, 1))
+    ims = [im.resize((96, 96), 0) for im in ims]
+    caps = [f"gen: {c}" for c in captions[:n]] + [f"real: {c}" for c in captions[:n]]
+    make_grid(ims, ncols=8, captions=caps, caption_chars=16).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ldm
+    from ldm.loading import load_component
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--clip", required=True, help="the CLIP export used as the feature space (trained on train)")
+    p.add_argument("--data", default="data/emoji64")
+    p.add_argument("--splits", default="heldout,style_transfer_eval,train")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--samplers", default="dpmpp_2m:20", help="name:steps,… (first one for the split metrics)")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = ldm.load(a.model, use_ema=True, device=dev)
+    clip = load_component(a.clip, device=dev)
+    size = int(model.config.model.params.image_size) * model.vae.downsample_factor
+    samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
+    res: dict = {"model": a.model, "clip": a.clip, "n": a.n, "guidance": a.guidance,
+                 "fid": "absent: no --inception-weights (Inception-v3 weights cannot be downloaded here)"}
+    for split in a.splits.split(","):
+        real = real_split(a.data, split, a.n, size)
+        for k, (sampler, steps) in enumerate(samplers if split == "heldout" else samplers[:1]):
+            t0 = time.time()
+            fake = generate_all(model, real["caption"], sampler, steps, a.guidance, a.batch_size)
+            m = split_metrics(clip, real, fake)
+            m["sample_s"] = time.time() - t0
+            res[f"{split}/{sampler}:{steps}"] = m
+            log.info("%s %s:%d %s", split, sampler, steps, {k2: round(v, 4) for k2, v in m.items()})
+            if k == 0:
+                save_grid(real["image"], fake, real["caption"], out / f"grid_{split}.png")
+        if split == "heldout":
+            res["autoencoder_heldout"] = reconstruction(model.vae, real["image"])
+    (out / "metrics.json").write_text(json.dumps(res, indent=1))
+    log.info("wrote %s", out / "metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
