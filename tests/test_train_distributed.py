@@ -23,7 +23,6 @@ def run(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-@pytest.mark.slow
 def test_two_rank_ddp_run_trains_and_exports_once(tmp_path):
     r = run(tmp_path, "trainer.max_steps=3")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -32,7 +31,6 @@ def test_two_rank_ddp_run_trains_and_exports_once(tmp_path):
     assert len(list((tmp_path / "checkpoints").glob("*.ckpt"))) >= 1
 
 
-@pytest.mark.slow
 def test_a_rank_that_raises_ends_the_job_nonzero_quickly(tmp_path):
     t0 = time.time()
     r = run(tmp_path, "trainer.max_steps=50", "train.debug_fail.rank=1", "train.debug_fail.step=2",

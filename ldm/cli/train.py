@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
     p.add_argument("--resume", default=None, help="'auto' (last checkpoint in the run dir, if any) or a .ckpt path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
