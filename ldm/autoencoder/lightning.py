@@ -1,0 +1,200 @@
+"""Stage 1: train the KL autoencoder (Rombach et al. 2022, App. G; Esser et al. 2021) with manual optimization.
+
+The losses live in :mod:`ldm.autoencoder.losses`; this module wires them to Lightning 2 (no ``optimizer_idx``):
+per batch, a generator step (AE weights + the loss's learned ``logvar``) and, from ``disc_start`` on, a
+discriminator step, each through :func:`ldm.training.guard.guarded_step`. Adam β = (0.5, 0.9) as the original.
+
+``trainer.global_step`` counts generator steps (= batches, as in the original LDM, whose ``disc_start: 50001`` and
+checkpoint intervals mean batches): the discriminator's update goes through the strategy directly so that Lightning
+does not count it as a second step. Posterior samples come from a generator seeded by (seed, step, rank), so a resumed
+run reproduces the uninterrupted one exactly.
+
+Multi-GPU: the discriminator takes no part in the generator loss before ``disc_start`` and the AE none in the
+discriminator loss, so DDP needs ``trainer.strategy: ddp_find_unused_parameters_true``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.lr_schedule import linear_warmup
+from ldm.registry import ConfigError, instantiate
+from ldm.training.guard import StepGuard, guarded_step
+from ldm.training.optim import effective_lr, step_generator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOSS = {"target": "LPIPSWithDiscriminator", "params": {}}
+
+
+class UncountedStep:
+    """An optimizer handle for :func:`guarded_step` whose ``step`` runs through the strategy (precision plugin,
+    AMP grad scaler) but not through ``LightningOptimizer.step``, which would advance ``trainer.global_step``."""
+
+    def __init__(self, module: L.LightningModule, optimizer: Any) -> None:
+        self.module = module
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside LightningOptimizer
+
+    def step(self) -> None:
+        self.module.trainer.strategy.optimizer_step(self.optimizer, closure=lambda: None)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def _adam(params: Iterable[torch.nn.Parameter], lr: float, t: DictConfig) -> torch.optim.Adam:
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(t.get("betas", (0.5, 0.9))),
+                            weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
+
+
+class AutoencoderModule(L.LightningModule):
+    """Trains ``autoencoder`` (``config.model``, an ``AutoencoderKL``) with ``loss`` (``config.train.loss``)."""
+
+    def __init__(self, config: DictConfig) -> None:
+        super().__init__()
+        from ldm.autoencoder.losses import LPIPSWithDiscriminator  # noqa: PLC0415
+        from ldm.autoencoder.model import AutoencoderKL  # noqa: PLC0415
+
+        self.config = config
+        t = config.train
+        self.automatic_optimization = False
+        self.autoencoder = instantiate(config.model, "model")
+        if not isinstance(self.autoencoder, AutoencoderKL):
+            raise ConfigError("train.stage=autoencoder: model.target must be AutoencoderKL")
+        self.loss = instantiate(t.get("loss") or DEFAULT_LOSS, "train.loss")
+        if not isinstance(self.loss, LPIPSWithDiscriminator):
+            raise ConfigError("train.loss.target must be LPIPSWithDiscriminator")
+        self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))
+        self.batches_seen = 0  # data position: batches consumed, saved in checkpoints for exact resume
+
+    # -- optimizers ----------------------------------------------------------------------------------------
+    def generator_parameters(self) -> list[torch.nn.Parameter]:
+        """AE weights + the loss's trained ``logvar`` (the original optimizer left it out, so it never moved)."""
+        return [p for p in self.autoencoder.parameters() if p.requires_grad] + self.loss.autoencoder_parameters()
+
+    def configure_optimizers(self) -> Any:
+        t = self.config.train
+        lr = effective_lr(self, t)
+        opt_g = _adam(self.generator_parameters(), lr, t)
+        opt_d = _adam(self.loss.discriminator_parameters(), lr * float(t.get("disc_lr_mult", 1.0)), t)
+        warm = int(t.get("warmup_steps", 0))
+        scheds = [{"scheduler": torch.optim.lr_scheduler.LambdaLR(o, linear_warmup(warm)), "interval": "step"}
+                  for o in (opt_g, opt_d)]
+        return [opt_g, opt_d], scheds
+
+    # -- training ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        t = self.config.train
+        self.batches_seen += 1
+        step = self.global_step  # generator steps so far; the GAN switches on at loss.disc_start
+        (opt_g, opt_d), (sched_g, sched_d) = self.optimizers(), self.lr_schedulers()
+        x = batch["image"].to(self.device)  # (B, 3, S, S) in [-1, 1]
+        gen = step_generator(self, int(t.get("seed", 0)))
+        x_rec, posterior = self.autoencoder(x, sample_posterior=True, generator=gen)  # (B, 3, S, S)
+        g_loss, logs = self.loss(x, x_rec, posterior, 0, step, last_layer=self.autoencoder.get_last_layer(),
+                                 split="train")
+        check = bool(t.get("check_finite", True))
+        if guarded_step(self, opt_g, g_loss, self.generator_parameters(), clip=t.get("grad_clip"), check_grads=check):
+            sched_g.step()
+        if step >= self.loss.disc_start:
+            opt_d.zero_grad(set_to_none=True)  # the generator's backward through D(x̂) left gradients here
+            d_loss, d_logs = self.loss(x, x_rec.detach(), posterior, 1, step, split="train")
+            logs.update(d_logs)
+            if guarded_step(self, UncountedStep(self, opt_d), d_loss, self.loss.discriminator_parameters(),
+                            check_grads=check):
+                sched_d.step()
+        self._log_step(logs)
+        self._maybe_save_reconstructions(x, x_rec)
+        return g_loss.detach()
+
+    def _log_step(self, logs: dict[str, torch.Tensor]) -> None:
+        self.log("train/loss", logs["train/total_loss"], prog_bar=True)
+        for key, value in logs.items():
+            if key != "train/total_loss":
+                self.log(key, value.float())
+        self.log("train/skipped", float(self.guard.skipped))
+
+    @torch.no_grad()
+    def _maybe_save_reconstructions(self, x: torch.Tensor, x_rec: torch.Tensor) -> Path | None:
+        """Every ``train.image_every_n_steps``: inputs (top row) over reconstructions (bottom row), rank 0."""
+        every = int(self.config.train.get("image_every_n_steps", 0) or 0)
+        step = self.global_step
+        if every <= 0 or step == 0 or step % every or not self.trainer.is_global_zero:
+            return None
+        from ldm.data.transforms import to_pil  # noqa: PLC0415
+        from ldm.grid import make_grid  # noqa: PLC0415
+
+        n = min(8, x.shape[0])
+        grid = make_grid([to_pil(im) for im in torch.cat([x[:n], x_rec[:n]])], ncols=n)
+        out = Path(self.trainer.default_root_dir) / "samples" / f"rec_{step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        for lg in self.trainer.loggers:
+            exp = getattr(lg, "experiment", None)
+            if hasattr(exp, "add_image"):
+                import numpy as np  # noqa: PLC0415
+
+                exp.add_image("reconstructions", np.asarray(grid).transpose(2, 0, 1), step)
+        return out
+
+    # -- checkpoints and export ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
+        checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint["step_guard"])
+        self.batches_seen = int(checkpoint["batches_seen"])
+
+    @torch.no_grad()
+    def latent_statistics(self, batches: Iterable[dict[str, Any]], max_batches: int) -> tuple[float, float] | None:
+        """Mean and std of posterior samples z ~ q(z|x) over up to ``max_batches`` batches, computed exactly from
+        the posterior moments (E z = E μ, E z² = E(μ² + σ²)) so no noise is drawn; None when no batch came."""
+        n, s, s2 = 0, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            q = self.autoencoder.encode(batch["image"].to(self.device, next(self.autoencoder.parameters()).dtype))
+            mean, var = q.mean.double().cpu(), q.var.double().cpu()  # (B, C, h, w)
+            n, s, s2 = n + mean.numel(), s + mean.sum(), s2 + (mean.pow(2) + var).sum()
+        if n == 0:
+            return None
+        mu = s / n
+        return float(mu), float(torch.sqrt(torch.clamp(s2 / n - mu * mu, min=1e-12)))
+
+    def export(self, path: str) -> str:
+        """Write the autoencoder's state dict (original keys, no prefix) as safetensors, with the resolved config
+        and, when a datamodule is attached, ``latent_mean``/``latent_std`` measured over ``train.latent_std_batches``
+        batches (default 4; 0 turns it off) — 1/latent_std is the diffusion stage's ``scale_factor``."""
+        from ldm import __version__  # noqa: PLC0415
+        from ldm.checkpoint import META_CONFIG, save_safetensors  # noqa: PLC0415
+
+        meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True)), "ldm_version": __version__,
+                "stage": "autoencoder"}
+        stats = self._export_stats()
+        if stats is not None:
+            meta["latent_mean"], meta["latent_std"] = f"{stats[0]:.6g}", f"{stats[1]:.6g}"
+            log.info("autoencoder latents: mean %.4f, std %.4f (scale_factor ≈ %.5f)", stats[0], stats[1], 1 / stats[1])
+        return str(save_safetensors(self.autoencoder.state_dict(), path, meta))
+
+    def _export_stats(self) -> tuple[float, float] | None:
+        n = int(self.config.train.get("latent_std_batches", 4))
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if n <= 0 or dm is None or not hasattr(dm, "scale_batches"):
+            return None
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        try:
+            return self.latent_statistics(dm.scale_batches(), n)
+        finally:
+            self.autoencoder.train(was_training)
