@@ -1,0 +1,43 @@
+"""scripts/sample.py: PNG metadata, grid, and bad arguments rejected before any model loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+from ldm.cli.sample import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return ldm.save(ldm.load(config="configs/tiny/txt2img.yaml"), tmp_path_factory.mktemp("m") / "tiny.safetensors")
+
+
+def test_writes_pngs_with_parameters_and_a_grid(ckpt, tmp_path):
+    rc = main(["--checkpoint", str(ckpt), "--prompt", "cat face, flat emoji", "--prompt", "dog", "--n", "2",
+               "--negative-prompt", "blurry", "--steps", "2", "--seed", "7", "--sampler", "euler_a",
+               "--out", str(tmp_path), "--dtype", "fp32"])
+    assert rc == 0
+    files = sorted(tmp_path.glob("0*.png"))
+    assert len(files) == 4 and (tmp_path / "grid.png").is_file()
+    text = Image.open(files[1]).text["parameters"]
+    assert text.startswith("cat face, flat emoji\nNegative prompt: blurry\n")
+    assert "Steps: 2, Sampler: euler_a" in text and "Seed: 8" in text and "Size: 32x32" in text and "ldm 0.1.0" in text
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--steps", "0"], "--steps"), (["--height", "30"], "--height"), (["--guidance", "nan"], "--guidance"),
+    (["--init-image", "missing.png"], "missing.png"), (["--mask", "m.png"], "not found"),
+])
+def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
+    monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
+    rc = main(["--checkpoint", str(ckpt), "--prompt", "x", "--out", str(tmp_path), *args])
+    assert rc == 2 and msg in caplog.text
+
+
+def test_unknown_sampler_is_rejected(ckpt, capsys):
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(ckpt), "--prompt", "x", "--sampler", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
