@@ -18,7 +18,7 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, captions:
     nrows = math.ceil(len(images) / ncols)
     font = ImageFont.load_default()
     lines = [textwrap.wrap(c, caption_chars)[:3] for c in captions] if captions else None
-    text_h = 11 * max((len(x) for x in lines), default=0) + (4 if lines else 0)
+    text_h = (11 * max((len(x) for x in lines), default=0) + 4) if lines else 0
     grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
@@ -99,14 +101,18 @@ class AutoencoderModule(L.LightningModule):
         x = batch["image"].to(self.device)  # (B, 3, S, S) in [-1, 1]
         gen = step_generator(self, int(t.get("seed", 0)))
         x_rec, posterior = self.autoencoder(x, sample_posterior=True, generator=gen)  # (B, 3, S, S)
-        g_loss, logs = self.loss(x, x_rec, posterior, 0, step, last_layer=self.autoencoder.get_last_layer(),
-                                 split="train")
+        # the losses (pixel sums, KL, discriminator) in fp32 also under bf16/fp16 autocast
+        x_rec, posterior = x_rec.float(), DiagonalGaussianDistribution(posterior.parameters.float())
+        with torch.autocast(self.device.type, enabled=False):
+            g_loss, logs = self.loss(x.float(), x_rec, posterior, 0, step,
+                                     last_layer=self.autoencoder.get_last_layer(), split="train")
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt_g, g_loss, self.generator_parameters(), clip=t.get("grad_clip"), check_grads=check):
             sched_g.step()
         if step >= self.loss.disc_start:
             opt_d.zero_grad(set_to_none=True)  # the generator's backward through D(x̂) left gradients here
-            d_loss, d_logs = self.loss(x, x_rec.detach(), posterior, 1, step, split="train")
+            with torch.autocast(self.device.type, enabled=False):
+                d_loss, d_logs = self.loss(x.float(), x_rec.detach(), posterior, 1, step, split="train")
             logs.update(d_logs)
             if guarded_step(self, UncountedStep(self, opt_d), d_loss, self.loss.discriminator_parameters(),
                             check_grads=check):
@@ -133,7 +139,8 @@ class AutoencoderModule(L.LightningModule):
         from ldm.grid import make_grid  # noqa: PLC0415
 
         n = min(8, x.shape[0])
-        grid = make_grid([to_pil(im) for im in torch.cat([x[:n], x_rec[:n]])], ncols=n)
+        images = [to_pil(im) for im in torch.cat([x[:n], x_rec[:n]])]
+        grid = make_grid(images, ncols=n, captions=[""] * len(images))  # captions=None fails in ldm.grid
         out = Path(self.trainer.default_root_dir) / "samples" / f"rec_{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

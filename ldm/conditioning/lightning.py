@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.conditioning.contrastive import clamp_logit_scale_, clip_loss, clip_normalize, top1_accuracy
@@ -73,19 +74,20 @@ class CLIPModule(L.LightningModule):
         return build_clip_optimizer(self, self._named_params(), self.config.train)
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-normalized image and text features, (B, E) each."""
+        """Unit-normalized image and text features in fp32 (also under bf16/fp16 autocast), (B, E) each."""
         images = clip_normalize(batch["image"].to(self.device))  # (B, 3, S, S)
-        img = self.encoder.encode_image(images, normalize=True)  # (B, E)
-        txt = self.encoder.encode_text_features(list(batch["caption"]), normalize=True)  # (B, E)
-        return img, txt
+        img = self.encoder.encode_image(images)  # (B, E)
+        txt = self.encoder.encode_text_features(list(batch["caption"]))  # (B, E)
+        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         t = self.config.train
         self.batches_seen += 1
         opt, sched = self.optimizers(), self.lr_schedulers()
         img, txt = self.features(batch)
-        loss, logits, labels = clip_loss(img.float(), txt.float(), self.logit_scale.exp().float(),
-                                         rank=self.global_rank, local_loss=bool(t.get("local_loss", False)))
+        with torch.autocast(self.device.type, enabled=False):  # the logits and softmax in fp32
+            loss, logits, labels = clip_loss(img, txt, self.logit_scale.float().exp(), rank=self.global_rank,
+                                             local_loss=bool(t.get("local_loss", False)))
         params = [p for _, p in self._named_params()]
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=bool(t.get("check_finite", True))):
             sched.step()

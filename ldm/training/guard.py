@@ -69,6 +69,8 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
         optimizer.zero_grad(set_to_none=True)
         return False
     module.manual_backward(loss)
+    if check_grads and getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+        check_grads = False  # fp16: the AMP grad scaler skips overflowing steps itself and lowers its scale
     if check_grads:
         ok = guard.agree(module, _all_finite(p.grad for p in params if p.grad is not None))
         if not ok:

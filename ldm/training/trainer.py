@@ -91,6 +91,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
     tc.setdefault("log_every_n_steps", 10)
-    tc["strategy"] = build_strategy(tc.get("strategy", "auto"), float(cfg.train.get("dist_timeout_s", 600)))
+    strategy = tc.get("strategy", "auto")
+    if strategy == "ddp" and cfg.train.get("stage") == "autoencoder":
+        strategy = "ddp_find_unused_parameters_true"  # the generator step leaves the discriminator without grads
+    tc["strategy"] = build_strategy(strategy, float(cfg.train.get("dist_timeout_s", 600)))
     return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                      callbacks=build_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO()], **tc)
