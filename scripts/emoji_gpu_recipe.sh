@@ -4,26 +4,27 @@
 # Stages stop at their time budget (trainer.max_time); KILL_AND_RESUME=1 kills the U-Net stage with SIGKILL after its
 # first checkpoint and resumes it (--resume auto), as a pre-empted cluster job would be.
 set -euo pipefail
+PY=${PYTHON:-python3}
 OUT=${1:-runs/emoji}; AE=${2:-2}; CLIP=${3:-2}; UNET=${4:-5}; DEV=${DEVICES:-1}; DATA=${DATA:-data/emoji64}
 STRAT=$([ "$DEV" -gt 1 ] && echo ddp || echo auto)
 common=(data.train=$DATA trainer.devices=$DEV trainer.strategy=$STRAT trainer.max_steps=-1 trainer.enable_progress_bar=false)
-[ -f "$DATA/manifest.json" ] || python scripts/prepare_data.py emoji --size 64 --out "$DATA"
+[ -f "$DATA/manifest.json" ] || $PY scripts/prepare_data.py emoji --size 64 --out "$DATA"
 t0=$(date +%s)
-python scripts/train.py --config configs/emoji/autoencoder.yaml --run-dir "$OUT/ae" "${common[@]}" \
+$PY scripts/train.py --config configs/emoji/autoencoder.yaml --run-dir "$OUT/ae" "${common[@]}" \
   trainer.max_time=00:00:$(printf %02d "$AE"):00
-python scripts/train.py --config configs/emoji/clip.yaml --run-dir "$OUT/clip" "${common[@]}" \
+$PY scripts/train.py --config configs/emoji/clip.yaml --run-dir "$OUT/clip" "${common[@]}" \
   trainer.max_time=00:00:$(printf %02d "$CLIP"):00
 unet=(--config configs/emoji/unet.yaml --run-dir "$OUT/unet" --resume auto "${common[@]}"
       train.components.first_stage_model="$OUT/ae/model.safetensors"
       train.components.cond_stage_model="$OUT/clip/model.safetensors" trainer.max_time=00:00:$(printf %02d "$UNET"):00)
 if [ "${KILL_AND_RESUME:-0}" = 1 ]; then
-  setsid python scripts/train.py "${unet[@]}" train.checkpoint.every_n_steps=500 > "$OUT/unet_killed.log" 2>&1 &
+  setsid $PY scripts/train.py "${unet[@]}" train.checkpoint.every_n_steps=500 > "$OUT/unet_killed.log" 2>&1 &
   pid=$!
   until ls "$OUT"/unet/checkpoints/step*.ckpt >/dev/null 2>&1; do sleep 2; kill -0 $pid 2>/dev/null || break; done
   sleep 5; kill -9 -- -"$pid" 2>/dev/null || true; wait $pid 2>/dev/null || true
   echo "killed the U-Net stage after $(ls "$OUT"/unet/checkpoints/step*.ckpt | tail -1); resuming"
 fi
-python scripts/train.py "${unet[@]}" train.checkpoint.every_n_steps=500
+$PY scripts/train.py "${unet[@]}" train.checkpoint.every_n_steps=500
 echo "training took $(( $(date +%s) - t0 )) s"
-python scripts/evaluate.py --model "$OUT/unet/model.safetensors" --clip "$OUT/clip/model.safetensors" --data "$DATA" \
+$PY scripts/evaluate.py --model "$OUT/unet/model.safetensors" --clip "$OUT/clip/model.safetensors" --data "$DATA" \
   --out "$OUT/eval" --samplers "${SAMPLERS:-dpmpp_2m:20,ddim:20,euler:20,unipc:10,dpmpp_2m:10}"

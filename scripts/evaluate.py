@@ -42,8 +42,10 @@ def real_split(data: str, split: str, n: int, size: int) -> dict:
 
 @torch.no_grad()
 def clip_features(clip, images: torch.Tensor, captions: list[str], bs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    from ldm.conditioning.contrastive import clip_normalize
+
     dev = next(clip.parameters()).device
-    fi = torch.cat([clip.encode_image(images[i:i + bs].to(dev), normalize=True).float().cpu()
+    fi = torch.cat([clip.encode_image(clip_normalize(images[i:i + bs].to(dev)), normalize=True).float().cpu()
                     for i in range(0, len(images), bs)])
     ft = torch.cat([clip.encode_text_features(captions[i:i + bs], normalize=True).float().cpu()
                     for i in range(0, len(captions), bs)])
@@ -68,7 +70,9 @@ def split_metrics(clip, real: dict, fake: torch.Tensor) -> dict:
     styles = ["fluent" if c.endswith("fluent emoji") else "noto" for c in real["caption"]]
     m = {"n": len(fake), "fd_clip": frechet_distance(gi, fr), "retrieval@1": retrieval_accuracy(gi, ft, 1),
          "retrieval@5": retrieval_accuracy(gi, ft, 5), "real_retrieval@1": retrieval_accuracy(fr, ft, 1),
-         "real_retrieval@5": retrieval_accuracy(fr, ft, 5)}
+         "real_retrieval@5": retrieval_accuracy(fr, ft, 5),
+         # the floor: FD between two halves of the real images, and generated half vs real other half (same n)
+         "fd_clip_real_halves": frechet_distance(fr[::2], fr[1::2]), "fd_clip_gen_vs_real_half": frechet_distance(gi[::2], fr[1::2])}
     for s in ("noto", "fluent"):
         idx = torch.tensor([i for i, x in enumerate(styles) if x == s])
         if len(idx) > 8:
