@@ -7,7 +7,7 @@ set -euo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-runs/emoji}; AE=${2:-2}; CLIP=${3:-2}; UNET=${4:-5}; DEV=${DEVICES:-1}; DATA=${DATA:-data/emoji64}
 STRAT=$([ "$DEV" -gt 1 ] && echo ddp || echo auto)
-common=(data.train=$DATA trainer.devices=$DEV trainer.strategy=$STRAT trainer.max_steps=-1 trainer.enable_progress_bar=false)
+common=(data.train=$DATA data.num_workers=${WORKERS:-3} trainer.devices=$DEV trainer.strategy=$STRAT trainer.max_steps=-1 trainer.enable_progress_bar=false)
 [ -f "$DATA/manifest.json" ] || $PY scripts/prepare_data.py emoji --size 64 --out "$DATA"
 t0=$(date +%s)
 $PY scripts/train.py --config configs/emoji/autoencoder.yaml --run-dir "$OUT/ae" "${common[@]}" \
