@@ -28,7 +28,7 @@ from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
-from ldm.training.optim import effective_lr, step_generator
+from ldm.training.optim import effective_lr, step_generator, use_fused
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class UncountedStep:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def _adam(params: Iterable[torch.nn.Parameter], lr: float, t: DictConfig) -> torch.optim.Adam:
+def _adam(module: Any, params: Iterable[torch.nn.Parameter], lr: float, t: DictConfig) -> torch.optim.Adam:
     params = list(params)
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = use_fused(module, params)
     return torch.optim.Adam(params, lr=lr, betas=tuple(t.get("betas", (0.5, 0.9))),
                             weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
 
@@ -85,8 +85,8 @@ class AutoencoderModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         t = self.config.train
         lr = effective_lr(self, t)
-        opt_g = _adam(self.generator_parameters(), lr, t)
-        opt_d = _adam(self.loss.discriminator_parameters(), lr * float(t.get("disc_lr_mult", 1.0)), t)
+        opt_g = _adam(self, self.generator_parameters(), lr, t)
+        opt_d = _adam(self, self.loss.discriminator_parameters(), lr * float(t.get("disc_lr_mult", 1.0)), t)
         warm = int(t.get("warmup_steps", 0))
         scheds = [{"scheduler": torch.optim.lr_scheduler.LambdaLR(o, linear_warmup(warm)), "interval": "step"}
                   for o in (opt_g, opt_d)]

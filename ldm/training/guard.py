@@ -69,7 +69,8 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
         optimizer.zero_grad(set_to_none=True)
         return False
     module.manual_backward(loss)
-    if check_grads and getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
         check_grads = False  # fp16: the AMP grad scaler skips overflowing steps itself and lowers its scale
     if check_grads:
         ok = guard.agree(module, _all_finite(p.grad for p in params if p.grad is not None))
@@ -77,8 +78,10 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
             guard.record(False, "gradients", step)
             optimizer.zero_grad(set_to_none=True)
             return False
-    if clip:
-        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+    if clip and scaler is None:
+        torch.nn.utils.clip_grad_norm_(params, float(clip))  # real gradients (fp32/bf16): works with fused AdamW
+    elif clip:
+        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     guard.record(True, "", step)
