@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", type=int, default=32, help="image size in pixels")
-    p.add_argument("--steps", type=int, nargs=3, default=(600, 400, 2500), metavar=("AE", "CLIP", "UNET"),
+    p.add_argument("--steps", type=int, nargs=3, default=(250, 400, 1100), metavar=("AE", "CLIP", "UNET"),
                    help="training steps of the three stages")
     p.add_argument("--unet-channels", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
