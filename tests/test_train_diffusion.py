@@ -92,3 +92,17 @@ def test_lora_finetune_saves_adapters_and_base_stays(tmp_path):
         y0, y1, y2 = plain.unet(x, t, context=c), merged.unet(x, t, context=c), attached.unet(x, t, context=c)
     assert not torch.allclose(y0, y1) and torch.allclose(y1, y2, atol=1e-5)
     assert merged.state_dict().keys() == plain.state_dict().keys()  # merged: the original layout again
+
+
+def test_latent_cache_with_context_trains(tmp_path):
+    run(["--config", TINY, "--run-dir", str(tmp_path / "base"), "trainer.max_steps=1"])
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), "--model", str(tmp_path / "base" / "model.safetensors"),
+                    "--data", "tests/fixtures/emoji/emoji32-000000.tar", "--out", str(tmp_path / "cache"), "--context",
+                    "--batch-size", "16"], check=True, cwd=ROOT, capture_output=True)
+    import json
+
+    man = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert man["kind"] == "latents" and man["latent_shape"] == [4, 8, 8] and man["context_shape"] == [77, 64]
+    trainer = run(["--config", TINY, "--run-dir", str(tmp_path / "cached"), f"data.train={tmp_path / 'cache'}",
+                   "data.num_samples=null", "trainer.max_steps=2", "train.caption_dropout=0.5"])
+    assert trainer.global_step == 2

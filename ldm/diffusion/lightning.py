@@ -62,14 +62,23 @@ class LatentDiffusionModule(L.LightningModule):
             return vae.encode_latents(x, sample=True, generator=gen).float()  # (B, C, h, w)
 
     def _context(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-        from ldm.conditioning.dropout import drop_captions  # noqa: PLC0415
-
-        p = float(self.config.train.get("caption_dropout", 0.0))
-        if "context" in batch and p == 0.0:
-            return batch["context"]
-        captions = drop_captions(list(batch["caption"]), p, torch.Generator().manual_seed(int(gen.initial_seed())))
+        """Token states (B, 77, D) of the captions (or the cached ones); with probability ``train.caption_dropout``
+        a row is replaced by the empty-prompt embedding, the unconditional branch of classifier-free guidance."""
         with torch.no_grad():
-            return self.net.cond_stage_model(captions)  # (B, 77, D)
+            c = batch["context"] if "context" in batch else self.net.cond_stage_model(list(batch["caption"]))
+        c = c.to(self.device)
+        p = float(self.config.train.get("caption_dropout", 0.0))
+        if p > 0:
+            drop = torch.rand(c.shape[0], generator=gen, device=gen.device) < p  # (B,)
+            c = torch.where(drop.to(c.device)[:, None, None], self._empty_context().to(c.dtype), c)
+        return c
+
+    def _empty_context(self) -> torch.Tensor:
+        """The embedding of "" (1, 77, D), computed once: frozen text encoder, so it never changes."""
+        if getattr(self, "_empty", None) is None or self._empty.device != self.device:
+            with torch.no_grad():
+                self._empty = self.net.cond_stage_model([""]).to(self.device)
+        return self._empty
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

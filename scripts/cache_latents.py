@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Encode a dataset once with a model's frozen autoencoder (and optionally its text encoder) into latent shards.
+
+    python scripts/cache_latents.py --model runs/unet/model.safetensors --data data/emoji64 --out data/emoji64-latents \
+        [--split train] [--context] [--batch-size 64]
+    python scripts/train.py --config configs/emoji/unet.yaml data.train=data/emoji64-latents ...
+
+U-Net training then skips the encoders (published systems gain about 1.4×). Latents are stored unscaled (posterior
+samples, float16); the diffusion stage applies the model's scale/shift, so a re-measured scale needs no re-encoding.
+With ``--context`` the text encoder's token states are cached too; caption dropout then replaces dropped rows with
+the empty-prompt embedding.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ldm
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from ldm.data import FolderDataset, ShardDataset, collate, write_latent_cache
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a model whose autoencoder (and text encoder) to use")
+    p.add_argument("--config", default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--context", action="store_true", help="also cache the text encoder's token states")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ldm.load(a.model, a.config, device=dev)
+    vae = model.vae
+    size = a.size or int(model.config.model.params.image_size) * vae.downsample_factor
+    # every sample once, the last batch partial (the training loader's equal-batch rule would drop the remainder)
+    root = Path(a.data)
+    is_folder = root.is_dir() and not (root / "manifest.json").exists() and not any(root.glob("*.tar"))
+    ds = FolderDataset(root, size=size) if is_folder else ShardDataset(a.data, size=size, split=a.split)
+    loader = DataLoader(ds, batch_size=a.batch_size, collate_fn=collate)
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    encode = lambda x: vae.encode(x.to(dev, model.dtype)).sample(generator=gen)  # noqa: E731 (raw, unscaled)
+    text = (lambda caps: model.encode_text(caps)) if a.context else None  # noqa: E731
+    write_latent_cache(loader, encode, a.out, text_fn=text, split=a.split,
+                       extra={"model": str(a.model), "scale_factor": float(vae.scale_factor),
+                              "shift_factor": float(vae.shift_factor)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
