@@ -12,9 +12,9 @@ from ldm.diffusion.samplers import sample
 from ldm.diffusion.schedules import (DiscreteSchedule, ddim_timesteps, get_sigmas, ldm_schedule_buffers, make_betas,
                                      rescale_zero_terminal_snr, sigmas_ddim, sigmas_exponential, sigmas_karras)
 
-df = pytest.importorskip("diffusers")
-kext = pytest.importorskip("k_diffusion.external")
-ks = pytest.importorskip("k_diffusion.sampling")
+import diffusers as df  # a dev dependency: missing means a broken install, not a skip
+import k_diffusion.external as kext  # a dev dependency: missing means a broken install, not a skip
+import k_diffusion.sampling as ks  # a dev dependency: missing means a broken install, not a skip
 
 SD = DiscreteSchedule.from_betas(make_betas("linear"))
 
