@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import diffusers  # a dev dependency: missing means a broken install, not a skip
 from diffusers import AutoencoderKL as DAutoencoderKL  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,  # noqa: E402

@@ -17,7 +17,6 @@ from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTra
 from ldm.unet.blocks import ResBlock
 from ldm.unet.model import attention_heads
 
-import diffusers  # a dev dependency (setup.cfg [dev]); present in CI
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import (  # noqa: E402
     convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm)

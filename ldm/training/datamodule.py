@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import IterableDataset
 
 from ldm.registry import ConfigError
 
