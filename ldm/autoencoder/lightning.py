@@ -29,6 +29,7 @@ from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, step_generator, use_fused
+from ldm.training.stage import ResumableStage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _adam(module: Any, params: Iterable[torch.nn.Parameter], lr: float, t: DictC
                             weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(ResumableStage, L.LightningModule):
     """Trains ``autoencoder`` (``config.model``, an ``AutoencoderKL``) with ``loss`` (``config.train.loss``)."""
 
     def __init__(self, config: DictConfig) -> None:
@@ -153,14 +154,6 @@ class AutoencoderModule(L.LightningModule):
         return out
 
     # -- checkpoints and export ----------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
-        checkpoint["step_guard"] = self.guard.state_dict()
-        checkpoint["batches_seen"] = self.batches_seen
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.guard.load_state_dict(checkpoint["step_guard"])
-        self.batches_seen = int(checkpoint["batches_seen"])
 
     @torch.no_grad()
     def latent_statistics(self, batches: Iterable[dict[str, Any]], max_batches: int) -> tuple[float, float] | None:

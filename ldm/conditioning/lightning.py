@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.conditioning.contrastive import clamp_logit_scale_, clip_loss, clip_normalize, top1_accuracy
+from ldm.conditioning.contrastive import (
+    clamp_logit_scale_,
+    clip_loss,
+    clip_normalize,
+    top1_accuracy,
+)
 from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, use_fused
+from ldm.training.stage import ResumableStage
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ def build_clip_optimizer(module: L.LightningModule, named: list[tuple[str, torch
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class CLIPModule(L.LightningModule):
+class CLIPModule(ResumableStage, L.LightningModule):
     """Trains both towers of an ``OpenCLIPTextEncoder(with_visual=True, freeze=False)`` (``config.model``)."""
 
     def __init__(self, config: DictConfig) -> None:
@@ -99,14 +105,6 @@ class CLIPModule(L.LightningModule):
         self.log("train/skipped", float(self.guard.skipped))
         return loss.detach()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
-        checkpoint["step_guard"] = self.guard.state_dict()
-        checkpoint["batches_seen"] = self.batches_seen
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.guard.load_state_dict(checkpoint["step_guard"])
-        self.batches_seen = int(checkpoint["batches_seen"])
 
     def export(self, path: str) -> str:
         """Write the encoder (both towers, keys ``model.*``) as safetensors with the resolved config.

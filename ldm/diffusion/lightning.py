@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.ema import EMA
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import build_optimizer, step_generator
+from ldm.training.stage import ResumableStage
 
 log = logging.getLogger(__name__)
 
 
-class LatentDiffusionModule(L.LightningModule):
+class LatentDiffusionModule(ResumableStage, L.LightningModule):
     """Trains ``net.model`` (the U-Net, or its LoRA adapters) of a :class:`ldm.model.LatentDiffusion`."""
 
     def __init__(self, config: DictConfig) -> None:
@@ -125,15 +126,12 @@ class LatentDiffusionModule(L.LightningModule):
         maybe_measure_scale(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
-        checkpoint["step_guard"] = self.guard.state_dict()
-        checkpoint["batches_seen"] = self.batches_seen
+        super().on_save_checkpoint(checkpoint)
         checkpoint["latent_scale"] = [float(self.net.first_stage_model.scale_factor),
                                       float(self.net.first_stage_model.shift_factor)]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.guard.load_state_dict(checkpoint["step_guard"])
-        self.batches_seen = int(checkpoint["batches_seen"])
+        super().on_load_checkpoint(checkpoint)
         scale, shift = checkpoint["latent_scale"]
         self.set_latent_scale(scale, shift)
         self._scale_measured = True

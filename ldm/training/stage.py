@@ -1,0 +1,23 @@
+"""What every training stage saves for an exact resume, in one place."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+class ResumableStage:
+    """Mixin for the stage LightningModules (put it before ``L.LightningModule``).
+
+    Expects ``self.config`` (omegaconf), ``self.guard`` (:class:`ldm.training.guard.StepGuard`) and
+    ``self.batches_seen`` (the data position the datamodule restarts from).
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
+        checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint["step_guard"])
+        self.batches_seen = int(checkpoint["batches_seen"])
