@@ -37,13 +37,6 @@ class StepGuard:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
 
-    def agree(self, module: Any, ok: torch.Tensor) -> bool:
-        """All ranks agree: True only when ``ok`` holds everywhere."""
-        ok = ok.to(module.device, torch.float32)
-        if module.trainer is not None and module.trainer.world_size > 1:
-            ok = module.trainer.strategy.reduce(ok, reduce_op="min")
-        return bool(ok.item() > 0.5)
-
     def record(self, ok: bool, what: str, step: int) -> None:
         if ok:
             self.consecutive = 0
@@ -64,20 +57,20 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
     """
     guard: StepGuard = module.guard
     step = module.global_step
-    if not guard.agree(module, torch.isfinite(loss.detach())):
-        guard.record(False, "loss", step)
-        optimizer.zero_grad(set_to_none=True)
-        return False
     module.manual_backward(loss)
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     if scaler is not None:
         check_grads = False  # fp16: the AMP grad scaler skips overflowing steps itself and lowers its scale
-    if check_grads:
-        ok = guard.agree(module, _all_finite(p.grad for p in params if p.grad is not None))
-        if not ok:
-            guard.record(False, "gradients", step)
-            optimizer.zero_grad(set_to_none=True)
-            return False
+    # one host sync per step: the loss flag and the gradient flag travel together (and across ranks together)
+    grads = _all_finite(p.grad for p in params if p.grad is not None) if check_grads else torch.tensor(True)
+    flags = torch.stack([torch.isfinite(loss.detach()).all(), grads.to(loss.device)]).float()  # (2,) on device
+    if module.trainer is not None and module.trainer.world_size > 1:
+        flags = module.trainer.strategy.reduce(flags.to(module.device), reduce_op="min")
+    loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
+    if not (loss_ok and grads_ok):
+        guard.record(False, "loss" if not loss_ok else "gradients", step)
+        optimizer.zero_grad(set_to_none=True)
+        return False
     if clip and scaler is None:
         torch.nn.utils.clip_grad_norm_(params, float(clip))  # real gradients (fp32/bf16): works with fused AdamW
     elif clip:
