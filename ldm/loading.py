@@ -9,8 +9,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import (META_CONFIG, SCHEDULE_BUFFERS, CheckpointError, apply_ema, config_from_metadata,
-                            detect_variant, read_state_dict, save_safetensors, split_ignored)
+from ldm.checkpoint import (
+    META_CONFIG,
+    SCHEDULE_BUFFERS,
+    CheckpointError,
+    apply_ema,
+    config_from_metadata,
+    detect_variant,
+    read_state_dict,
+    save_safetensors,
+    split_ignored,
+)
 from ldm.config import find_config, load_config
 from ldm.registry import ConfigError, instantiate
 
@@ -54,7 +63,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     """Load a latent diffusion model.
 
     Args:
-        checkpoint: ``.ckpt``/``.safetensors`` (original SD v1/v2 or ours), or None for random weights.
+        checkpoint: ``.ckpt``/``.safetensors`` (original SD v1/v2 or ours), a diffusers pipeline folder, or None
+            for random weights.
         config: our YAML or an original SD inference YAML; may be omitted when the checkpoint says enough
             (our files carry their config; SD v1/v2 are detected from keys and shapes).
         device, dtype: where and in what precision the model lives.
@@ -68,6 +78,12 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     """
     if checkpoint is None and config is None:
         raise ValueError("ldm.load needs a checkpoint, a config, or both")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        if not (Path(checkpoint) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{checkpoint} is a folder without model_index.json (not a diffusers pipeline)")
+        from ldm.convert import import_diffusers  # noqa: PLC0415
+
+        return import_diffusers(checkpoint, device=device, dtype=dtype, strict=strict)
     sd, meta = read_state_dict(checkpoint) if checkpoint is not None else ({}, {})
     if isinstance(config, DictConfig):
         cfg = config

@@ -5,17 +5,27 @@ import json
 
 import pytest
 import torch
-
 from diffusers import AutoencoderKL as DAutoencoderKL  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,  # noqa: E402
-                                                 convert_ldm_vae_checkpoint)
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 
+import ldm
 from ldm.autoencoder.model import AutoencoderKL  # noqa: E402
-from ldm.convert.diffusers_unet import (unet_config_from_diffusers, unet_config_to_diffusers,  # noqa: E402
-                                        unet_diffusers_to_ldm, unet_ldm_to_diffusers)
-from ldm.convert.diffusers_vae import (vae_config_from_diffusers, vae_config_to_diffusers,  # noqa: E402
-                                       vae_diffusers_to_ldm, vae_ldm_to_diffusers)
+from ldm.convert.diffusers_unet import (  # noqa: E402
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_diffusers_to_ldm,
+    unet_ldm_to_diffusers,
+)
+from ldm.convert.diffusers_vae import (  # noqa: E402
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_diffusers_to_ldm,
+    vae_ldm_to_diffusers,
+)
 from ldm.unet.model import UNetModel  # noqa: E402
 
 UNET_V1 = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
@@ -219,6 +229,8 @@ def test_export_loads_in_diffusers_and_imports_back(version: str, tmp_path) -> N
     assert (theirs - ours).abs().max().item() < 1e-4
 
     back = import_diffusers(tmp_path / "sd")
+    via_load = ldm.load(tmp_path / "sd")  # ldm.load routes a diffusers folder to import_diffusers
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), via_load.state_dict().values()))
     b = back.state_dict()
     assert set(b) == set(sd)
     differ = [k for k in sd if not torch.equal(sd[k], b[k])]
@@ -251,8 +263,15 @@ def test_open_clip_text_matches_diffusers_converter() -> None:
 def test_standard_text_encoders_round_trip_config() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.conditioning.text_encoder import frozen_clip_embedder, frozen_open_clip_embedder
-    from ldm.convert.diffusers_text import text_config_to_hf, text_encoder_to_hf, text_encoder_yaml
+    from ldm.conditioning.text_encoder import (
+        frozen_clip_embedder,
+        frozen_open_clip_embedder,
+    )
+    from ldm.convert.diffusers_text import (
+        text_config_to_hf,
+        text_encoder_to_hf,
+        text_encoder_yaml,
+    )
 
     with torch.device("meta"):
         v1 = frozen_clip_embedder()
