@@ -2,7 +2,6 @@
 exact resume."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -14,19 +13,11 @@ import torch
 from ldm.checkpoint import META_CONFIG, read_state_dict
 from ldm.cli.train import run
 from ldm.config import load_config
+from ldm.training.logs import logged
 
 TINY = "configs/tiny/autoencoder.yaml"
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def logged(run_dir: Path, key: str) -> dict[int, str]:
-    """step -> logged value of ``key`` (as text, so equality is bit-exact)."""
-    out = {}
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get(key):
-                out[int(row["step"])] = row[key]
-    return out
 
 
 def ckpt_weights(path: Path) -> dict[str, torch.Tensor]:

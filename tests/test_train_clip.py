@@ -2,7 +2,6 @@
 overfit batch, and a real Lightning run (export, reload, exact resume)."""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -13,9 +12,16 @@ from open_clip.loss import ClipLoss
 
 from ldm.checkpoint import META_CONFIG, read_state_dict
 from ldm.cli.train import run
-from ldm.conditioning.contrastive import (MAX_LOGIT_SCALE, clamp_logit_scale_, clip_logits, clip_loss,
-                                          contrastive_labels, top1_accuracy)
+from ldm.conditioning.contrastive import (
+    MAX_LOGIT_SCALE,
+    clamp_logit_scale_,
+    clip_logits,
+    clip_loss,
+    contrastive_labels,
+    top1_accuracy,
+)
 from ldm.config import load_config
+from ldm.training.logs import logged
 
 TINY = "configs/tiny/clip.yaml"
 
@@ -124,14 +130,6 @@ def test_overfit_batch_accuracy_goes_up():
         loss, acc = step()
     assert loss < 0.5 * loss0 and acc > acc0 and acc >= 0.75, (loss0, acc0, loss, acc)
 
-
-def logged(run_dir: Path, key: str) -> dict[int, str]:
-    out = {}
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get(key):
-                out[int(row["step"])] = row[key]
-    return out
 
 
 def test_train_export_and_reload(tmp_path):

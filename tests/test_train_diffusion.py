@@ -1,7 +1,6 @@
 """Stage 2 training: a real Lightning run on the fixture shards, export, exact resume after SIGKILL, LoRA."""
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -15,19 +14,15 @@ import torch
 import ldm
 from ldm.checkpoint import read_state_dict
 from ldm.cli.train import run
+from ldm.training.logs import logged
 
 TINY = "configs/tiny/txt2img.yaml"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def losses(run_dir: Path) -> dict[int, str]:
-    """step -> logged train/loss (as text, so equality is bit-exact)."""
-    out = {}
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                out[int(row["step"])] = row["train/loss"]
-    return out
+    return logged(run_dir, "train/loss")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
