@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ldm.data import ShardWriter, make_dataloader
+from ldm.data.distributed import EndlessBatches
 from ldm.data.distributed import assign_units, dist_info
 
 SIZES = [1, 3, 5, 2, 8, 4, 6, 0]  # uneven shards, one empty: 29 samples
@@ -90,3 +91,20 @@ def test_resume_is_exact(tmp_path, num_workers):
     assert epoch_keys(at_end) == epoch1
     with pytest.raises(ValueError, match="batch_size"):
         make_dataloader(paths, 4, **kw).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_workers,start", [(0, 0), (2, 0), (3, 5), (2, 13)])
+def test_endless_stream_equals_epoch_by_epoch(tmp_path, num_workers, start):
+    """One DataLoader for the whole run gives exactly the batches of walking the epochs one by one (7 batches per
+    epoch, not a multiple of the worker count, so the logical workers rotate at each epoch boundary)."""
+    paths = make_uneven_shards(tmp_path)
+    kw = dict(rank=1, world_size=2, num_samples=29, seed=7, shuffle_buffer=3, num_workers=num_workers)
+    ref = make_dataloader(paths, 2, **kw)
+    epochs = [b for _ in range(4) for b in epoch_keys(ref)]  # 28 batches, epochs 0..3
+    loader = make_dataloader(paths, 2, **kw)
+    loader.load_state_dict({"epoch": start // 7, "batches_consumed": start % 7})
+    got = [b["key"] for b in itertools.islice(loader.endless(), 28 - start)]
+    assert got == epochs[start:]
+    assert loader.state_dict()["epoch"] == 4 and loader.state_dict()["batches_consumed"] == 0
+    with pytest.raises(TypeError, match="never ends"):
+        len(EndlessBatches(loader.source, 2))

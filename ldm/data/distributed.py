@@ -81,16 +81,18 @@ class EqualBatchesIterable(IterableDataset):
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_batch)
 
-    def _samples(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """Endless sample stream of one logical worker: its units pass after pass, each pass shuffled through a
-        buffer that is drained at the end of the pass (so a pass yields each of its samples exactly once)."""
+    def _samples(self, worker: int, num_workers: int, epoch: int | None = None) -> Iterator[dict]:
+        """Endless sample stream of one logical worker in ``epoch`` (default: this iterable's): its units pass after
+        pass, each pass shuffled through a buffer that is drained at the end of the pass (so a pass yields each of
+        its samples exactly once)."""
+        epoch = self.epoch if epoch is None else epoch
         units, stride, offset = assign_units(self.source.units, self.rank, self.world_size, worker, num_workers,
-                                             self.seed, self.epoch)
-        rng = random.Random(f"samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+                                             self.seed, epoch)
+        rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
         slot_tag = "" if stride > 1 else f"-{self.rank}-{worker}"  # strided slots must share the unit order
         for n_pass in range(1 << 62):
             order = list(units)
-            random.Random(f"order-{self.seed}-{self.epoch}-{n_pass}{slot_tag}").shuffle(order)
+            random.Random(f"order-{self.seed}-{epoch}-{n_pass}{slot_tag}").shuffle(order)
             buf: list[dict] = []
             seen = kept = 0
             for unit in order:
@@ -108,16 +110,44 @@ class EqualBatchesIterable(IterableDataset):
                 yield buf.pop(rng.randrange(len(buf)))
             log.debug("rank %d worker %d finished pass %d over %d units", self.rank, worker, n_pass, len(units))
 
+    def _epoch_batches(self, epoch: int, worker: int, num_workers: int, first: int) -> Iterator[dict]:
+        """Batches ``k ≡ worker (mod num_workers)``, ``k ≥ first``, of ``epoch``: logical worker ``worker``'s share.
+        Batches before ``first`` are still drawn (and dropped) so the sample stream stays identical."""
+        stream = self._samples(worker, num_workers, epoch)
+        for k in range(worker, self.num_batches, num_workers):
+            batch = [next(stream) for _ in range(self.batch_size)]
+            if k >= first:
+                yield collate(batch)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         phys, num_workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (phys + self.start_batch) % num_workers  # rotation: physical worker 0 makes batch start_batch
-        stream = self._samples(worker, num_workers)
-        for k in range(worker, self.num_batches, num_workers):
-            batch = [next(stream) for _ in range(self.batch_size)]
-            if k >= self.start_batch:
-                yield collate(batch)
+        yield from self._epoch_batches(self.epoch, worker, num_workers, self.start_batch)
         self.stats.report(f"rank {self.rank} worker {worker}")
+
+
+class EndlessBatches(EqualBatchesIterable):
+    """Every epoch from ``epoch`` on, without end, starting at batch ``start_batch`` of the first: the same batches,
+    in the same order, as walking :class:`EqualBatchesIterable` epoch after epoch, but through one DataLoader whose
+    workers live for the whole run (a new DataLoader per epoch restarts its workers and refills their shuffle
+    buffers, which stalls training every epoch when epochs are short).
+
+    Physical worker ``p`` makes the global batches ``g ≡ start + p (mod W)``, ``g`` counted from the first batch
+    of ``epoch``; in epoch ``e`` those are the batches of logical worker ``(start + p − (e − epoch)·n) mod W``."""
+
+    def __len__(self) -> int:
+        raise TypeError("EndlessBatches has no length: it never ends")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        phys, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        n = self.num_batches
+        for i in range(1 << 62):
+            e, first = self.epoch + i, (self.start_batch if i == 0 else 0)
+            worker = (self.start_batch + phys - i * n) % num_workers
+            yield from self._epoch_batches(e, worker, num_workers, first)
+            self.stats.report(f"rank {self.rank} worker {phys} after epoch {e}")
 
 
 def resolve_source(spec, *, split: str | None = None, decoder: SampleDecoder | None = None,
@@ -171,6 +201,22 @@ class ResumableLoader:
             yield batch
         if self.batches_consumed >= self.num_batches:
             self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    def endless(self) -> Iterator[dict]:
+        """Every batch from the current position on, epoch after epoch, without end, through one DataLoader whose
+        workers stay up (:class:`EndlessBatches`); the position advances as batches are handed out."""
+        if self.batches_consumed >= self.num_batches:
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+        ds = EndlessBatches(self.source, self.batch_size, rank=self.rank, world_size=self.world_size,
+                            seed=self.seed, epoch=self.epoch, start_batch=self.batches_consumed,
+                            num_batches=self.num_batches, shuffle_buffer=self.shuffle_buffer)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        prefetch_factor=4 if self.num_workers else None)
+        for batch in dl:
+            self.batches_consumed += 1
+            if self.batches_consumed >= self.num_batches:
+                self.epoch, self.batches_consumed = self.epoch + 1, 0
+            yield batch
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch."""

@@ -23,7 +23,8 @@ DATA_KEYS = {"train", "split", "size", "batch_size", "num_workers", "flip", "res
 
 
 class BatchStream:
-    """Batches ``start, start+1, …`` of the epoch sequence of a :class:`ldm.data.ResumableLoader` factory."""
+    """Batches ``start, start+1, …`` of the epoch sequence of a :class:`ldm.data.ResumableLoader` factory (the
+    same batches as walking its epochs one by one, see :meth:`ldm.data.ResumableLoader.endless`)."""
 
     def __init__(self, make_loader: Any, start_batch: int) -> None:
         self.make_loader, self.start = make_loader, start_batch
@@ -34,11 +35,9 @@ class BatchStream:
         if n == 0:
             raise ValueError("the training data gives no full batch per rank: lower data.batch_size or add data")
         epoch, skip = divmod(self.start, n)
-        while True:
-            loader = self.make_loader(epoch)
-            loader.load_state_dict({"epoch": epoch, "batches_consumed": skip})
-            yield from loader
-            epoch, skip = epoch + 1, 0
+        loader = self.make_loader(epoch)
+        loader.load_state_dict({"epoch": epoch, "batches_consumed": skip})
+        yield from loader.endless()  # one DataLoader for the whole run: its workers are not restarted per epoch
 
 
 class DataModule(L.LightningDataModule):
