@@ -102,6 +102,42 @@ def save_grid(real: torch.Tensor, fake: torch.Tensor, captions: list[str], path:
     make_grid(ims, ncols=8, captions=caps, caption_chars=16).save(path)
 
 
+def evaluate_model(model, clip, reals: dict, samplers: list[tuple[str, int]], a, out: Path) -> dict:
+    """All splits of ``reals`` ({split: real images and captions}); the held-out split with every sampler."""
+    res: dict = {}
+    for split, real in reals.items():
+        for k, (sampler, steps) in enumerate(samplers if split == "heldout" else samplers[:1]):
+            t0 = time.time()
+            fake = generate_all(model, real["caption"], sampler, steps, a.guidance, a.batch_size)
+            m = split_metrics(clip, real, fake)
+            m["sample_s"] = time.time() - t0
+            res[f"{split}/{sampler}:{steps}"] = m
+            log.info("%s %s:%d %s", split, sampler, steps, {k2: round(v, 4) for k2, v in m.items()})
+            if k == 0 and out is not None:
+                save_grid(real["image"], fake, real["caption"], out / f"grid_{split}.png")
+        if split == "heldout":
+            res["autoencoder_heldout"] = reconstruction(model.vae, real["image"])
+    return res
+
+
+def evaluate_snapshots(index: Path, clip, reals: dict, samplers: list[tuple[str, int]], a, dev: str) -> list[dict]:
+    """The metric-vs-training-time curve: every snapshot listed in ``index`` (``index.jsonl`` written by
+    ``train.snapshot_every_min``), first sampler only, no grids."""
+    import ldm
+
+    if not index.is_file():
+        raise FileNotFoundError(f"--snapshots: {index} not found (train with train.snapshot_every_min=N)")
+    curve = []
+    for line in index.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        model = ldm.load(rec["path"], use_ema=True, device=dev)
+        rec["metrics"] = evaluate_model(model, clip, reals, samplers[:1], a, None)
+        curve.append(rec)
+        log.info("snapshot step %d (%.0f s): %s", rec["step"], rec["train_s"],
+                 {k: round(v["fd_clip"], 4) for k, v in rec["metrics"].items() if "fd_clip" in v})
+    return curve
+
+
 def main(argv: list[str] | None = None) -> int:
     import ldm
     from ldm.loading import load_component
@@ -115,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", default="dpmpp_2m:20", help="name:steps,… (first one for the split metrics)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--snapshots", default=None,
+                   help="also evaluate every snapshot in this index.jsonl (train.snapshot_every_min) → curve.json")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--device", default=None)
@@ -127,23 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     clip = load_component(a.clip, device=dev)
     size = int(model.config.model.params.image_size) * model.vae.downsample_factor
     samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
+    reals = {split: real_split(a.data, split, a.n, size) for split in a.splits.split(",")}
     res: dict = {"model": a.model, "clip": a.clip, "n": a.n, "guidance": a.guidance,
                  "fid": "absent: no --inception-weights (Inception-v3 weights cannot be downloaded here)"}
-    for split in a.splits.split(","):
-        real = real_split(a.data, split, a.n, size)
-        for k, (sampler, steps) in enumerate(samplers if split == "heldout" else samplers[:1]):
-            t0 = time.time()
-            fake = generate_all(model, real["caption"], sampler, steps, a.guidance, a.batch_size)
-            m = split_metrics(clip, real, fake)
-            m["sample_s"] = time.time() - t0
-            res[f"{split}/{sampler}:{steps}"] = m
-            log.info("%s %s:%d %s", split, sampler, steps, {k2: round(v, 4) for k2, v in m.items()})
-            if k == 0:
-                save_grid(real["image"], fake, real["caption"], out / f"grid_{split}.png")
-        if split == "heldout":
-            res["autoencoder_heldout"] = reconstruction(model.vae, real["image"])
+    res.update(evaluate_model(model, clip, reals, samplers, a, out))
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     log.info("wrote %s", out / "metrics.json")
+    if a.snapshots:
+        curve = evaluate_snapshots(Path(a.snapshots), clip, {"heldout": reals["heldout"]}, samplers, a, dev)
+        (out / "curve.json").write_text(json.dumps(curve, indent=1))
+        log.info("wrote %s (%d points)", out / "curve.json", len(curve))
     return 0
 
 

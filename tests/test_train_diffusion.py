@@ -1,6 +1,7 @@
 """Stage 2 training: a real Lightning run on the fixture shards, export, exact resume after SIGKILL, LoRA."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,8 +32,17 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_train_export_and_sample(tmp_path):
     run(["--config", TINY, "--run-dir", str(tmp_path), "trainer.max_steps=4", "train.scale_factor=auto",
-         "train.scale_batches=2", "sample.every_n_steps=4", "sample.prompts=[cat face]", "sample.steps=2"])
+         "train.scale_batches=2", "sample.every_n_steps=4", "sample.prompts=[cat face]", "sample.steps=2",
+         "train.snapshot_every_min=0.0001"])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "config.yaml").is_file()
+    index = [json.loads(line) for line in (tmp_path / "snapshots" / "index.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in index] == [1, 2, 3, 4]  # one per step at this interval, the last at the end
+    assert all(r["train_s"] > 0 and r["images"] == r["step"] * 4 for r in index)  # batch 4 in the tiny config
+    final = weights(tmp_path / "model.safetensors")
+    snap = weights(Path(index[-1]["path"]))
+    assert snap.keys() == final.keys() and all(torch.equal(snap[k], final[k]) for k in final)
+    first = weights(Path(index[0]["path"]))
+    assert any(not torch.equal(first[k], final[k]) for k in final if "diffusion_model" in k)  # training moved it
     assert (tmp_path / "samples" / "step_00000004.png").is_file()
     assert len(losses(tmp_path)) >= 1
     model = ldm.load(tmp_path / "model.safetensors", use_ema=True)

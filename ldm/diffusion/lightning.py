@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -156,19 +157,11 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         adapters = lora_state_dict(self.net.model)
         if not adapters:
             return str(save(self.net, path, ema_state=self.model_ema.ldm_state() if use_ema else None))
-        with (self.model_ema.swapped_into(self.net.model) if use_ema else _null()):
+        with (self.model_ema.swapped_into(self.net.model) if use_ema else nullcontext()):
             adapters = {f"model.{k}": v for k, v in lora_state_dict(self.net.model).items()}
         meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True))}
         save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
         return str(save(_Stripped(self.net, strip_lora), path))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def load_components(net: torch.nn.Module, components: Any) -> None:

@@ -1,7 +1,11 @@
-"""Callbacks: sample a fixed prompt list from the EMA weights every N steps; export the final model."""
+"""Callbacks: sample a fixed prompt list from the EMA weights every N steps; export the final model; export
+snapshots every N minutes (for curves of a metric against training time)."""
 from __future__ import annotations
 
+import json
 import logging
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +46,7 @@ class SampleGrid(L.Callback):
         was_training = net.training
         net.eval()
         ema = module.model_ema
-        ctx = ema.swapped_into(net.model) if ema is not None else _null()
+        ctx = ema.swapped_into(net.model) if ema is not None else nullcontext()
         with ctx:
             images = net.generate(self.prompts, progress=False, **self.kw)
         net.train(was_training)
@@ -58,14 +62,6 @@ class SampleGrid(L.Callback):
         return path
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
-
-
 class ExportOnEnd(L.Callback):
     """Rank 0 writes ``path`` (safetensors + config) through ``module.export`` when training ends."""
 
@@ -76,3 +72,47 @@ class ExportOnEnd(L.Callback):
         if trainer.is_global_zero:
             out = module.export(str(self.path))
             log.info("exported %s", out)
+
+
+class Snapshots(L.Callback):
+    """Every ``every_min`` minutes of training (wall clock from the start of fit in this process), rank 0 exports the
+    model (EMA weights when kept) to ``out_dir/step_XXXXXXXX/model.safetensors`` and appends
+    ``{"step", "train_s", "images", "path"}`` to ``out_dir/index.jsonl``: the points of a metric-vs-time curve
+    (``scripts/evaluate.py --snapshots``). A final snapshot is written when training ends."""
+
+    def __init__(self, out_dir: str | Path, every_min: float) -> None:
+        if every_min <= 0:
+            raise ValueError(f"train.snapshot_every_min must be > 0, got {every_min}")
+        self.out_dir, self.every_s = Path(out_dir), 60.0 * float(every_min)
+        self._t0: float | None = None
+        self._next = self.every_s
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        if elapsed >= self._next:
+            self._next += self.every_s * (1 + int((elapsed - self._next) // self.every_s))
+            self.snapshot(trainer, module, elapsed)
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.global_step != self._last_step:
+            self.snapshot(trainer, module, time.perf_counter() - (self._t0 or time.perf_counter()))
+
+    def snapshot(self, trainer: L.Trainer, module: Any, elapsed: float) -> None:
+        self._last_step = step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        path = self.out_dir / f"step_{step:08d}" / "model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        module.export(str(path))
+        cfg = getattr(module, "config", None)
+        batch = int(cfg.data.get("batch_size", 0)) if cfg is not None and "data" in cfg else 0
+        seen = int(getattr(module, "batches_seen", step))
+        rec = {"step": step, "train_s": round(elapsed, 2), "images": seen * batch * trainer.world_size,
+               "path": str(path)}
+        with open(self.out_dir / "index.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info("snapshot at step %d after %.0f s: %s", step, elapsed, path)

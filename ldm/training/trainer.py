@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.registry import ConfigError
-from ldm.training.callbacks import ExportOnEnd, SampleGrid
+from ldm.training.callbacks import ExportOnEnd, SampleGrid, Snapshots
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
         cbs.append(SampleGrid(run_dir / "samples", list(sc.prompts), int(sc.every_n_steps), seed=int(sc.get("seed", 0)),
                               steps=int(sc.get("steps", 20)), sampler=sc.get("sampler", "dpmpp_2m"),
                               guidance=float(sc.get("guidance", 5.0))))
+    if cfg.train.get("snapshot_every_min"):
+        cbs.append(Snapshots(run_dir / "snapshots", float(cfg.train.snapshot_every_min)))
     cbs.append(ExportOnEnd(run_dir / "model.safetensors"))
     return cbs
 
