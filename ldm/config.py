@@ -59,7 +59,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     ov = parse_overrides(overrides)
     for key in _leaf_keys(ov):
         top = key.split(".")[0]
-        if top not in ("train", "data", "trainer", "logging", "sample", "seed", "name") and OmegaConf.select(cfg, key) is None:
+        absent = object()  # a key set to null in the file exists: overriding it is fine
+        if top not in ("train", "data", "trainer", "logging", "sample", "seed", "name") and \
+                OmegaConf.select(cfg, key, default=absent) is absent:
             raise ConfigError(f"override {key!r}: no such key in {file}")
     cfg = OmegaConf.merge(cfg, ov)
     check_sections(cfg, f"{file} (after overrides)")

@@ -9,8 +9,10 @@ train: for reference) it samples one image per caption with fixed seeds and repo
 project's own CLIP (trained on the training split): the Fréchet distance to the real images of that split
 (``fd_clip``), caption retrieval top-1/top-5 among the split's captions (``retrieval@1/5``), and the same two for the
 real images as the reference floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
-style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed only with
-``--inception-weights`` (a torch-fidelity / pytorch-fid state dict) and otherwise reported as absent.
+style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed (per split, with the real-vs-real
+floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state dict, loaded with
+``weights_only=True``; ``pip install ldm[eval]``) and otherwise reported as absent. Per-category breakdown (Unicode
+categories from the dataset manifest) for every group of more than 16 samples.
 Writes ``metrics.json`` and grids of samples next to the real images.
 """
 from __future__ import annotations
@@ -27,17 +29,42 @@ import torch
 log = logging.getLogger("ldm.evaluate")
 
 
+def categories(data: str) -> dict[str, str]:
+    """``{sample key: category}`` from the dataset's manifest.json ({} when it has none)."""
+    man = Path(data) / "manifest.json"
+    if not man.is_file():
+        return {}
+    return json.loads(man.read_text(encoding="utf-8")).get("category_by_key", {})
+
+
 def real_split(data: str, split: str, n: int, size: int) -> dict:
     from ldm.data import make_dataloader
 
     loader = make_dataloader(data, min(n, 64), split=split, size=size, seed=123, shuffle_buffer=4096)
-    images, captions = [], []
+    images, captions, keys = [], [], []
     for batch in loader:
         images.append(batch["image"])
         captions += list(batch["caption"])
+        keys += list(batch["key"])
         if len(captions) >= n:
             break
-    return {"image": torch.cat(images)[:n], "caption": captions[:n]}
+    cat = categories(data)
+    return {"image": torch.cat(images)[:n], "caption": captions[:n],
+            "category": [cat.get(k, "Other") for k in keys[:n]]}
+
+
+def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft: torch.Tensor, min_n: int) -> None:
+    """Add ``group/fd_clip`` and ``group/retrieval@1`` (retrieval among the group's own captions) for every group
+    with more than ``min_n`` samples, and ``group/n``."""
+    from ldm.evaluation import frechet_distance, retrieval_accuracy
+
+    for g in sorted(set(groups)):
+        idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        if len(idx) > min_n:
+            m[f"{g}/n"] = len(idx)
+            m[f"{g}/fd_clip"] = frechet_distance(gi[idx], fr[idx])
+            m[f"{g}/retrieval@1"] = retrieval_accuracy(gi[idx], ft[idx], 1)
+            m[f"{g}/real_retrieval@1"] = retrieval_accuracy(fr[idx], ft[idx], 1)
 
 
 @torch.no_grad()
@@ -62,7 +89,19 @@ def generate_all(model, captions: list[str], sampler: str, steps: int, guidance:
     return torch.cat(out)
 
 
-def split_metrics(clip, real: dict, fake: torch.Tensor) -> dict:
+def inception_split(inc, real: dict, fake: torch.Tensor) -> dict:
+    """FID and KID (Inception-v3 pool features) of generated vs real images of a split; real features cached."""
+    from ldm.inception_metrics import fid_from_features, inception_features, kid_from_features
+
+    if "inception" not in real:
+        real["inception"] = inception_features(inc, real["image"])
+    fr, gi = real["inception"], inception_features(inc, fake)
+    kid, kid_std = kid_from_features(gi, fr, subset_size=min(100, len(fr), len(gi)))
+    return {"fid": fid_from_features(gi, fr), "kid": kid, "kid_std": kid_std,
+            "fid_real_halves": fid_from_features(fr[::2], fr[1::2])}
+
+
+def split_metrics(clip, real: dict, fake: torch.Tensor, inc=None) -> dict:
     from ldm.evaluation import frechet_distance, retrieval_accuracy
 
     fr, ft = clip_features(clip, real["image"], real["caption"])
@@ -73,11 +112,10 @@ def split_metrics(clip, real: dict, fake: torch.Tensor) -> dict:
          "real_retrieval@5": retrieval_accuracy(fr, ft, 5),
          # the floor: FD between two halves of the real images, and generated half vs real other half (same n)
          "fd_clip_real_halves": frechet_distance(fr[::2], fr[1::2]), "fd_clip_gen_vs_real_half": frechet_distance(gi[::2], fr[1::2])}
-    for s in ("noto", "fluent"):
-        idx = torch.tensor([i for i, x in enumerate(styles) if x == s])
-        if len(idx) > 8:
-            m[f"{s}/fd_clip"] = frechet_distance(gi[idx], fr[idx])
-            m[f"{s}/retrieval@1"] = retrieval_accuracy(gi[idx], ft[idx], 1)
+    by_group(m, styles, gi, fr, ft, 8)
+    by_group(m, [f"category:{c}" for c in real["category"]], gi, fr, ft, 16)
+    if inc is not None:
+        m.update(inception_split(inc, real, fake))
     return m
 
 
@@ -109,7 +147,7 @@ def evaluate_model(model, clip, reals: dict, samplers: list[tuple[str, int]], a,
         for k, (sampler, steps) in enumerate(samplers if split == "heldout" else samplers[:1]):
             t0 = time.time()
             fake = generate_all(model, real["caption"], sampler, steps, a.guidance, a.batch_size)
-            m = split_metrics(clip, real, fake)
+            m = split_metrics(clip, real, fake, a.inception)
             m["sample_s"] = time.time() - t0
             res[f"{split}/{sampler}:{steps}"] = m
             log.info("%s %s:%d %s", split, sampler, steps, {k2: round(v, 4) for k2, v in m.items()})
@@ -153,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--snapshots", default=None,
                    help="also evaluate every snapshot in this index.jsonl (train.snapshot_every_min) → curve.json")
-    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--inception-weights", default=None,
+                   help="local FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth): adds fid/kid per split")
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
@@ -166,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     size = int(model.config.model.params.image_size) * model.vae.downsample_factor
     samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
     reals = {split: real_split(a.data, split, a.n, size) for split in a.splits.split(",")}
-    res: dict = {"model": a.model, "clip": a.clip, "n": a.n, "guidance": a.guidance,
-                 "fid": "absent: no --inception-weights (Inception-v3 weights cannot be downloaded here)"}
+    a.inception = None
+    res: dict = {"model": a.model, "clip": a.clip, "n": a.n, "guidance": a.guidance}
+    if a.inception_weights:
+        from ldm.inception_metrics import load_inception
+
+        a.inception = load_inception(a.inception_weights, dev)
+        res["inception_weights"] = a.inception_weights
+    else:
+        res["fid"] = "absent: no --inception-weights (Inception-v3 weights cannot be downloaded here)"
+        log.warning("FID/KID not computed: no --inception-weights file given (none can be downloaded here)")
     res.update(evaluate_model(model, clip, reals, samplers, a, out))
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     log.info("wrote %s", out / "metrics.json")

