@@ -3,7 +3,10 @@
 One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a selectable backend:
 
 - ``"sdpa"`` (default): :func:`torch.nn.functional.scaled_dot_product_attention`, which picks the flash,
-  cuDNN or memory-efficient kernel the card has.
+  cuDNN or memory-efficient kernel the card has, in torch's default order (flash first).
+- ``"cudnn"``: the same SDPA call with cuDNN's fused attention put first (then flash, memory-efficient, math, so it
+  runs everywhere): on Hopper cuDNN's kernel is the faster one for the U-Net's shapes (``scripts/bench.py`` times
+  both); the fast path (:func:`ldm.fast.optimize`) picks it on sm90. Also inside ``torch.compile``.
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` when xformers is installed *and* its kernels load
   for this torch build (PyPI's 0.0.35 imports on torch 2.11+cu130 but cannot load its CUDA extension, see
   REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
@@ -19,10 +22,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "xformers", "math")
+BACKENDS = ("sdpa", "cudnn", "xformers", "math")
 
 
 class AttentionBackendError(RuntimeError):
@@ -64,6 +68,15 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.transpose(1, 2)
 
 
+# SDPA's kernels in the "cudnn" backend's priority order (each falls back to the next where it has no kernel)
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1])
     w = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Lq, Lk)
@@ -87,6 +100,8 @@ def attention(
         q, k, v = q.float(), k.float(), v.float()
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
+    elif backend == "cudnn":
+        out = _cudnn_attention(q, k, v)
     elif backend == "xformers":
         out = _xformers_attention(q, k, v)
     elif backend == "math":

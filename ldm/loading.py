@@ -59,7 +59,7 @@ def build(cfg: DictConfig | dict, where: str = "config") -> Any:
 def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          use_ema: bool = False, strict: bool = True, lora: str | Path | None = None,
-         merge_lora: bool = False) -> Any:
+         merge_lora: bool = False, fast: bool = True) -> Any:
     """Load a latent diffusion model.
 
     Args:
@@ -72,6 +72,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
         lora: adapters saved by LoRA fine-tuning (``lora.safetensors``), attached to the U-Net;
             ``merge_lora=True`` folds them into the base weights.
+        fast: on a CUDA device, the safe part of the fast path: the card's best attention kernel (cuDNN's on
+            Hopper, when the config asks for plain "sdpa") and channels_last; compile with :func:`ldm.fast.optimize`.
     Returns:
         :class:`ldm.model.LatentDiffusion` with ``unet``, ``vae``, ``text_encoder``, ``encode_text``, ``generate``
         and ``config``.
@@ -99,7 +101,22 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
+    if fast and device is not None and torch.device(device).type == "cuda":
+        _fast_defaults(model)
     return model
+
+
+def _fast_defaults(model: Any) -> None:
+    """Best attention kernel and channels_last: numerically the same model (within fp16 tolerance), faster."""
+    from ldm.fast import best_attention_backend  # noqa: PLC0415
+
+    unet = getattr(model, "unet", None)
+    if unet is None or not hasattr(unet, "set_attention_backend"):
+        return
+    if unet.attn_backend == "sdpa":
+        unet.set_attention_backend(best_attention_backend(next(unet.parameters()).device))
+    unet.to(memory_format=torch.channels_last)
+    model.vae.to(memory_format=torch.channels_last)
 
 
 def attach_lora(model: Any, path: str | Path, merge: bool = False) -> None:

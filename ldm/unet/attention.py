@@ -28,6 +28,7 @@ class CrossAttention(nn.Module):
                  dropout: float = 0.0, backend: str = "sdpa", upcast: bool = False) -> None:
         super().__init__()
         inner_dim = heads * dim_head
+        self.is_self_attention = context_dim is None
         context_dim = context_dim or query_dim
         self.heads, self.dim_head = heads, dim_head
         self.backend, self.upcast = check_backend(backend), upcast
@@ -35,16 +36,40 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        # [W_Q; W_K; W_V] (self-attention) or [W_K; W_V] (cross): one matmul instead of three (or two); inference
+        # only, not saved (the state dict keeps the three weights), rebuilt by fuse_projections()
+        self.register_buffer("fused_weight", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Concatenate the projection weights for one matmul (inference: call again after changing weights)."""
+        parts = [self.to_k.weight, self.to_v.weight]
+        if self.is_self_attention:
+            parts.insert(0, self.to_q.weight)
+        self.fused_weight = torch.cat(parts).detach().clone()  # (3·inner or 2·inner, in)
+
+    def unfuse_projections(self) -> None:
+        """Back to the three separate projections (training, weight changes)."""
+        self.fused_weight = None
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q (B, N, H·d), k and v (B, L, H·d)."""
+        w = self.fused_weight
+        if w is not None and self.training:
+            raise RuntimeError("CrossAttention: fused projections are for inference (stale once weights train); "
+                               "call unfuse_projections() before training")
+        if w is not None and self.is_self_attention and context is None:
+            return F.linear(x, w).chunk(3, dim=-1)
+        context = x if context is None else context
+        if w is not None and not self.is_self_attention:
+            return (self.to_q(x), *F.linear(context, w).chunk(2, dim=-1))
+        return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, L, H·d) -> (B, H, L, d)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim)."""
-        context = x if context is None else context
-        q = self._split_heads(self.to_q(x))  # (B, H, N, d)
-        k = self._split_heads(self.to_k(context))  # (B, H, L, d)
-        v = self._split_heads(self.to_v(context))  # (B, H, L, d)
+        q, k, v = (self._split_heads(t) for t in self._project(x, context))  # (B, H, N or L, d)
         out = attention(q, k, v, backend=self.backend, upcast=self.upcast)  # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, query_dim)
 

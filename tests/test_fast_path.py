@@ -1,0 +1,77 @@
+"""The fast inference path (ldm.fast): cuDNN-first attention, fused projections, compile-traceability, load defaults."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ldm
+from ldm.attention import attention
+from ldm.fast import best_attention_backend, optimize
+from ldm.unet.attention import CrossAttention
+from test_unet import TINY_V1, TINY_V2, build, inputs
+
+
+def test_cudnn_backend_equals_sdpa_and_falls_back_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (16, 7, 7))
+    ref = attention(q, k, v, backend="math")
+    assert (attention(q, k, v, backend="cudnn") - ref).abs().max() < 1e-5
+    assert best_attention_backend() == ("cudnn" if torch.cuda.is_available()
+                                        and torch.cuda.get_device_capability()[0] >= 9 else "sdpa")
+
+
+@pytest.mark.parametrize("params", [TINY_V1, TINY_V2], ids=["v1", "v2-linear"])
+def test_fused_projections_same_output_same_state_dict(params):
+    model = build(params)
+    inp = inputs(params)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        ref = model(**inp)
+        model.fuse_projections()
+        fused = model(**inp)
+    attn = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    assert attn and all(m.fused_weight is not None for m in attn)
+    assert {m.fused_weight.shape[0] // m.to_k.weight.shape[0] for m in attn} == {2, 3}  # cross and self
+    assert set(model.state_dict()) == keys  # nothing new saved
+    assert (fused - ref).abs().max() < 1e-5
+    model.train()
+    with pytest.raises(RuntimeError, match="unfuse_projections"):
+        model(**inp)
+    model.fuse_projections(False)
+    model(**inp)  # trains again
+
+
+def test_fused_weight_follows_dtype_and_is_rebuilt_from_new_weights():
+    model = build(TINY_V1)
+    model.fuse_projections()
+    model.to(torch.bfloat16)
+    m = next(m for m in model.modules() if isinstance(m, CrossAttention) and m.is_self_attention)
+    assert m.fused_weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        m.to_q.weight.add_(1.0)
+    model.fuse_projections()
+    assert torch.equal(m.fused_weight[: m.to_q.weight.shape[0]], m.to_q.weight)
+
+
+def test_cudnn_attention_and_fused_projections_trace_into_one_graph():
+    """fullgraph=True: the sdpa_kernel priority context and the fused matmul compile without graph breaks."""
+    model = build(TINY_V2)
+    inp = inputs(TINY_V2)
+    with torch.no_grad():
+        ref = model(**inp)
+        model.set_attention_backend("cudnn")
+        model.fuse_projections()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        out = compiled(**inp)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_optimize_without_compile_and_load_defaults(tmp_path):
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    optimize(model, compile=False)
+    assert model.unet.attn_backend == best_attention_backend()
+    assert all(m.fused_weight is not None for m in model.unet.modules() if isinstance(m, CrossAttention))
+    x = model.generate(["a red apple"], steps=2, height=32, width=32, seed=0, output="tensor", progress=False)
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+    plain = ldm.load(config="configs/tiny/txt2img.yaml", device="cpu")
+    assert plain.unet.attn_backend == "sdpa"  # CPU: the config's choice stays
