@@ -125,6 +125,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.diffusion.latent_stats import maybe_measure_scale  # noqa: PLC0415
 
         maybe_measure_scale(self)
+        compile_unet(self.net.unet, self.config.train)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -162,6 +163,25 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True))}
         save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
         return str(save(_Stripped(self.net, strip_lora), path))
+
+
+def compile_unet(unet: torch.nn.Module, t: DictConfig) -> None:
+    """``train.compile``: true (inductor) or a torch.compile backend name; ``train.compile_mode``: its mode.
+
+    The U-Net's forward is compiled in place (the module, its parameter names and checkpoints stay as they are), for
+    static shapes: a new batch or latent size (the sampling callback, a resolution change) compiles once more and the
+    run goes on; ``torch._dynamo.config.cache_size_limit`` bounds how many shapes are kept.
+    """
+    choice = t.get("compile", False)
+    if not choice:
+        return
+    backend = "inductor" if choice is True else str(choice)
+    if getattr(unet, "_compiled_forward", None) is not None:
+        return
+    unet._compiled_forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
+    unet.forward = unet._compiled_forward
+    log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
+             backend, t.get("compile_mode"))
 
 
 def load_components(net: torch.nn.Module, components: Any) -> None:
