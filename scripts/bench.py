@@ -5,6 +5,10 @@
     python scripts/bench.py --only unet,vae      # a subset: unet, vae, pipeline, train
     python scripts/bench.py --cpu                # the tiny config on the CPU (a smoke run)
     python scripts/bench.py --compile            # also the compiled variants (minutes of compile time)
+    python scripts/bench.py --only attention,ceiling,profile --compile   # kernels: attention at SD shapes, the
+                                                 # matmul ceiling, a profile of the compiled U-Net step by category
+    python scripts/bench.py --only train --compile-train   # training rows, eager and compiled (ours; diffusers
+                                                 # too with --compile-train-diffusers)
 
 Our model is converted to diffusers' layout (ldm.convert.export_diffusers) and loaded by diffusers, so both sides
 run the same weights; the U-Net outputs are compared first. Timings are medians of CUDA-event-timed repetitions
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 RESULTS: list[dict] = []
+EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, to compare the compiled ones with
 GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
 
 
@@ -81,16 +86,38 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
 def bench_unet(ours, pipe, res: int, out, tag: str) -> None:
     dev, dt = ours.device, ours.dtype
     ctx_dim = pipe.unet.config.cross_attention_dim
+    torch.manual_seed(0)  # the same inputs for every variant
     x = torch.randn(2, 4, res, res, device=dev, dtype=dt)
     t = torch.tensor([500, 500], device=dev)
     c = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
-    diff = (ours.unet(x, t, context=c).float() - pipe.unet(x, t, encoder_hidden_states=c).sample.float()).abs().max()
-    emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag, value=float(diff))
+    y = {"ldm": ours.unet(x, t, context=c).float(), "diffusers": pipe.unet(x, t, encoder_hidden_states=c).sample.float()}
+    emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag, value=float((y["ldm"] - y["diffusers"]).abs().max()),
+         output_abs_max=float(y["ldm"].abs().max()))
+    for impl in y:  # the fast path against the eager one, same weights and inputs
+        if tag == "eager":
+            EAGER_OUT[impl] = y[impl]
+        elif impl in EAGER_OUT:
+            emit(out, what="unet_max_abs_diff_vs_eager", impl=impl, variant=tag,
+                 value=float((y[impl] - EAGER_OUT[impl]).abs().max()))
     for name, fn in (("ldm", lambda: ours.unet(x, t, context=c)),
                      ("diffusers", lambda: pipe.unet(x, t, encoder_hidden_states=c))):
         r = timed(fn, 3, 20)
         tf = GFLOP["unet_b2_64"] * (res / 64) ** 2 / r["median_s"] / 1000
         emit(out, what=f"unet_cfg_step_b2_{res}", impl=name, variant=tag, tflops=tf, **r)
+
+
+@torch.no_grad()
+def check_same_function(ours, pipe, res: int, out, dtype: torch.dtype) -> None:
+    """Before anything trains or compiles: both U-Nets in fp32 on the same input agree (identical weights)."""
+    x = torch.randn(2, 4, res, res, device=ours.device)
+    t = torch.tensor([500, 500], device=ours.device)
+    c = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=ours.device)
+    a = ours.unet.float()(x, t, context=c)
+    b = pipe.unet.float()(x, t, encoder_hidden_states=c).sample
+    emit(out, what="unet_fp32_max_abs_diff_vs_diffusers", value=float((a - b).abs().max()),
+         output_abs_max=float(a.abs().max()))
+    ours.unet.to(dtype)
+    pipe.unet.to(dtype)
 
 
 @torch.no_grad()
@@ -116,27 +143,41 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str) -
     for name, fn in (("ldm", run_ours), ("diffusers", run_diffusers)):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        if tag == "compiled":  # the first call compiles (or loads from the cache) and captures the graphs
+            t0 = time.time()
+            fn()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            emit(out, what=f"txt2img_first_call_s_{px}px_b{batch}", impl=name, variant=tag, value=time.time() - t0)
         r = timed(fn, 1, 3 if batch > 1 else 5)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"txt2img_{px}px_{steps}steps_cfg_b{batch}", impl=name, variant=tag, peak_mem_gb=mem, **r)
 
 
-def bench_train(ours, pipe, res: int, batch: int, out) -> None:
-    """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context."""
+def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False) -> None:
+    """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context.
+
+    ``compiled``: the U-Net forward through ``torch.compile`` (static shapes, as ``train.compile`` does); the first
+    step's time (compile included) is reported apart. Each shape compiles once: calling this again with another
+    ``res`` is the shape change a multi-resolution run makes.
+    """
     dev = ours.device
     ctx_dim = pipe.unet.config.cross_attention_dim
     x = torch.randn(batch, 4, res, res, device=dev)
     t = torch.randint(0, 1000, (batch,), device=dev)
     c = torch.randn(batch, 77, ctx_dim, device=dev)
-    for name in ("ldm", "diffusers"):
+    for name in impls:
         net = (ours.unet if name == "ldm" else pipe.unet).float().train()
         if name == "ldm":  # the SD YAML says use_checkpoint: True; diffusers does not checkpoint by default
             net.set_gradient_checkpointing(False)
+            net.fuse_projections(False)
+        if compiled and "forward" not in vars(net):
+            net.forward = torch.compile(net.forward, dynamic=False)
+        fwd = net.forward
         opt = torch.optim.AdamW([p for p in net.parameters()], lr=1e-5, fused=dev.type == "cuda")
 
         def step():
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                y = net(x, t, context=c) if name == "ldm" else net(x, t, encoder_hidden_states=c).sample
+                y = fwd(x, t, context=c) if name == "ldm" else fwd(x, t, encoder_hidden_states=c).sample
                 loss = torch.nn.functional.mse_loss(y.float(), x)
             loss.backward()
             opt.step()
@@ -144,20 +185,118 @@ def bench_train(ours, pipe, res: int, batch: int, out) -> None:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        tag = "compiled" if compiled else "eager"
+        if compiled:
+            t0 = time.time()
+            step()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            emit(out, what=f"train_first_step_s_latent{res}_b{batch}", impl=name, variant=tag, value=time.time() - t0)
         r = timed(step, 3, 10)
         ips = batch / r["median_s"]
         gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, img_per_s=ips,
+        emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000, peak_mem_gb=mem, **r)
+        del opt
         net.eval()
+
+
+def uncompile(net: torch.nn.Module) -> None:
+    """Drop an instance-level compiled forward (the class's forward comes back)."""
+    vars(net).pop("forward", None)
+
+
+def bench_ceiling(out) -> float:
+    """The card's measured bf16 matmul rate (8192³, TFLOP/s): the ceiling the U-Net's rates are shares of."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r = timed(lambda: a @ b, 5, 20)
+    tf = 2 * 8192**3 / r["median_s"] / 1e12
+    emit(out, what="matmul_ceiling_bf16_8192", tflops=tf, **r)
+    return tf
+
+
+@torch.no_grad()
+def bench_attention(out) -> None:
+    """softmax(QKᵀ/√d)V alone at the SD-1.5 shapes of a CFG step (batch 2, fp16), each SDPA kernel and ours."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldm.attention import attention
+
+    shapes = {"self_64x64": (4096, 4096, 8, 40), "self_32x32": (1024, 1024, 8, 80), "self_16x16": (256, 256, 8, 160),
+              "cross_64x64": (4096, 77, 8, 40)}
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for name, (lq, lk, h, d) in shapes.items():
+        q = torch.randn(2, h, lq, d, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(2, h, lk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+        ref = attention(q, k, v, backend="math").float()
+        gflop = 4 * 2 * h * lq * lk * d / 1e9
+        for kname, kb in kernels.items():
+            try:
+                with sdpa_kernel(kb):
+                    diff = float((torch.nn.functional.scaled_dot_product_attention(q, k, v).float() - ref).abs().max())
+                    r = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 3, 50)
+            except RuntimeError as e:  # no kernel of this kind for the shape on this card
+                emit(out, what=f"attention_{name}", impl=kname, error=str(e).splitlines()[0][:200])
+                continue
+            emit(out, what=f"attention_{name}", impl=kname, tflops=gflop / r["median_s"] / 1e3, max_abs_diff=diff, **r)
+        for backend in ("sdpa", "cudnn"):  # what our modules run ("sdpa": torch's default order)
+            r = timed(lambda: attention(q, k, v, backend=backend), 3, 50)
+            emit(out, what=f"attention_{name}", impl=f"ldm:{backend}", tflops=gflop / r["median_s"] / 1e3, **r)
+
+
+KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
+    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
+    ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
+    ("norm / elementwise (Triton)", ("triton",)),
+    ("copy / layout", ("copy", "memcpy", "memset", "transpose", "cat")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+@torch.no_grad()
+def profile_unet(ours, ctx_dim: int, res: int, out, tag: str, steps: int = 10) -> None:
+    """GPU time per U-Net CFG step by kernel category (torch.profiler), and the top kernels: what limits the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 4, res, res, device=ours.device, dtype=ours.dtype)
+    t = torch.tensor([500, 500], device=ours.device)
+    c = torch.randn(2, 77, ctx_dim, device=ours.device, dtype=ours.dtype)
+    for _ in range(3):
+        ours.unet(x, t, context=c)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            ours.unet(x, t, context=c)
+        torch.cuda.synchronize()
+    by_cat: dict[str, float] = {}
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]  # kernels only (ops would double count)
+    total = 0.0
+    for e in kernels:
+        us = float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0))
+        if us <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        by_cat[kernel_category(e.key)] = by_cat.get(kernel_category(e.key), 0.0) + us
+        total += us
+    emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total / steps / 1000,
+         by_category_ms={k: round(v / steps / 1000, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])})
+    top = sorted(kernels, key=lambda e: -float(getattr(e, "device_time_total", 0.0) or 0.0))[:12]
+    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag,
+         kernels=[{"name": e.key[:120], "ms_per_step": round(float(getattr(e, "device_time_total", 0.0)) / steps / 1000, 3),
+                   "calls_per_step": e.count // steps} for e in top])
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:
     from ldm.fast import optimize
 
     t0 = time.time()
-    optimize(ours, mode=mode)
+    optimize(ours, mode=mode)  # cuDNN attention on Hopper, fused projections, inductor flags (process-wide: both)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
@@ -170,8 +309,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
-    p.add_argument("--only", default="unet,vae,pipeline,train")
-    p.add_argument("--compile", action="store_true", help="also time the compiled variants")
+    p.add_argument("--only", default="ceiling,attention,unet,vae,pipeline,train,profile",
+                   help="comma list of: ceiling, attention, unet, vae, pipeline, train, profile")
+    p.add_argument("--compile", action="store_true", help="also time the compiled inference variants")
+    p.add_argument("--skip-eager", action="store_true", help="compiled inference variants only (a cache probe)")
+    p.add_argument("--compile-train", action="store_true", help="also time our compiled training step")
+    p.add_argument("--compile-train-diffusers", action="store_true",
+                   help="and diffusers' compiled training step (its first step compiles for minutes)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
     p.add_argument("--out", default=None)
@@ -184,37 +328,57 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     res, px = (8, 32) if cpu else (64, 512)
+    if not cpu and "ceiling" in only:
+        bench_ceiling(out)
+    if not cpu and "attention" in only:
+        bench_attention(out)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         ours, pipe = build(config, device, dtype, Path(tmp))
         emit(out, what="build_s", value=time.time() - t0, config=config)
-        if "train" in only:  # eager training first: compiling below rewrites the modules' forward
-            bench_train(ours, pipe, res // 2, 32 if not cpu else 4, out)
-            if not cpu:
-                bench_train(ours, pipe, res, 16, out)
-            ours.half() if not cpu else None
-            pipe.unet.half() if not cpu else None
-        variants = ["eager"] + (["compiled"] if a.compile else [])
+        check_same_function(ours, pipe, res, out, dtype)
+        if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
+            run_train_rows(ours, pipe, res, cpu, a, out)
+        variants = ([] if a.skip_eager else ["eager"]) + (["compiled"] if a.compile else [])
         for tag in variants:
             if tag == "compiled":
                 compile_both(ours, pipe, a.mode, out)
             if "unet" in only:
                 bench_unet(ours, pipe, res, out, tag)
+            if "profile" in only and not cpu:
+                profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, tag)
             if "vae" in only:
                 bench_vae(ours, pipe, res, out, tag)
             if "pipeline" in only:
-                t1 = time.time()
                 bench_pipeline(ours, pipe, px, 1, 50 if not cpu else 4, out, tag)
-                if tag == "compiled":
-                    emit(out, what="compiled_pipeline_first_runs_s", value=time.time() - t1)
                 if a.batch8:
                     bench_pipeline(ours, pipe, px, 8, 50 if not cpu else 4, out, tag)
+    summary()
+    return 0
+
+
+def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
+    """Eager rows at 256 and 512 px (ours and diffusers), then the compiled ones, shape change included."""
+    shapes = [(res // 2, 32 if not cpu else 4)] + ([(res, 16)] if not cpu else [])
+    for r, b in shapes:
+        bench_train(ours, pipe, r, b, out)
+    impls = (["ldm"] if a.compile_train else []) + (["diffusers"] if a.compile_train_diffusers else [])
+    for impl in impls:  # ours first: diffusers' first compiled step takes minutes
+        for r, b in shapes:
+            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True)
+    uncompile(ours.unet)
+    uncompile(pipe.unet)
+    if not cpu:
+        ours.half()
+        pipe.unet.half()
+
+
+def summary() -> None:
     print("\nSUMMARY")
     for r in RESULTS:
-        keys = ("median_s", "value", "img_per_s", "tflops", "peak_mem_gb")
+        keys = ("median_s", "value", "img_per_s", "tflops", "peak_mem_gb", "total_ms_per_step")
         print(f"{r['what']:<40} {r.get('impl', ''):<10} {r.get('variant', ''):<9} " +
               " ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), float)))
-    return 0
 
 
 if __name__ == "__main__":
