@@ -72,8 +72,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
         lora: adapters saved by LoRA fine-tuning (``lora.safetensors``), attached to the U-Net;
             ``merge_lora=True`` folds them into the base weights.
-        fast: on a CUDA device, the safe part of the fast path: the card's best attention kernel (cuDNN's on
-            Hopper, when the config asks for plain "sdpa") and channels_last; compile with :func:`ldm.fast.optimize`.
+        fast: on a CUDA device, the safe part of the fast path: channels_last weights (cuDNN's fast convolution
+            layout); compile and fused projections with :func:`ldm.fast.optimize`.
     Returns:
         :class:`ldm.model.LatentDiffusion` with ``unet``, ``vae``, ``text_encoder``, ``encode_text``, ``generate``
         and ``config``.
@@ -107,16 +107,12 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
 
 
 def _fast_defaults(model: Any) -> None:
-    """Best attention kernel and channels_last: numerically the same model (within fp16 tolerance), faster."""
-    from ldm.fast import best_attention_backend  # noqa: PLC0415
-
-    unet = getattr(model, "unet", None)
-    if unet is None or not hasattr(unet, "set_attention_backend"):
-        return
-    if unet.attn_backend == "sdpa":
-        unet.set_attention_backend(best_attention_backend(next(unet.parameters()).device))
-    unet.to(memory_format=torch.channels_last)
-    model.vae.to(memory_format=torch.channels_last)
+    """channels_last for the U-Net and the autoencoder: the same model, without the NCHW→NHWC conversions cuDNN
+    otherwise runs before each convolution (3.1 of 12.3 GPU-ms of an eager SD-1.5 U-Net step on an H200)."""
+    for name in ("unet", "vae"):
+        part = getattr(model, name, None)
+        if isinstance(part, torch.nn.Module):
+            part.to(memory_format=torch.channels_last)
 
 
 def attach_lora(model: Any, path: str | Path, merge: bool = False) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 RESULTS: list[dict] = []
+SD_SHAPES = True  # the FLOP counts above are for SD-1.5; other configs report no TFLOP/s
 EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, to compare the compiled ones with
 GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
 
@@ -103,7 +104,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str) -> None:
                      ("diffusers", lambda: pipe.unet(x, t, encoder_hidden_states=c))):
         r = timed(fn, 3, 20)
         tf = GFLOP["unet_b2_64"] * (res / 64) ** 2 / r["median_s"] / 1000
-        emit(out, what=f"unet_cfg_step_b2_{res}", impl=name, variant=tag, tflops=tf, **r)
+        emit(out, what=f"unet_cfg_step_b2_{res}", impl=name, variant=tag, tflops=tf if SD_SHAPES else None, **r)
 
 
 @torch.no_grad()
@@ -153,7 +154,8 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str) -
         emit(out, what=f"txt2img_{px}px_{steps}steps_cfg_b{batch}", impl=name, variant=tag, peak_mem_gb=mem, **r)
 
 
-def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False) -> None:
+def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False,
+                profile: bool = False) -> None:
     """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context.
 
     ``compiled``: the U-Net forward through ``torch.compile`` (static shapes, as ``train.compile`` does); the first
@@ -192,11 +194,15 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             emit(out, what=f"train_first_step_s_latent{res}_b{batch}", impl=name, variant=tag, value=time.time() - t0)
         r = timed(step, 3, 10)
+        if profile and torch.cuda.is_available():
+            total, cats, top = profile_step(step, 5)
+            emit(out, what=f"train_profile_latent{res}_b{batch}", impl=name, variant=tag, total_ms_per_step=total,
+                 by_category_ms=cats, kernels=top[:8])
         ips = batch / r["median_s"]
         gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
-             tflops=ips * gf / 1000, peak_mem_gb=mem, **r)
+             tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
         del opt
         net.eval()
 
@@ -260,36 +266,38 @@ def kernel_category(name: str) -> str:
     return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
 
 
-@torch.no_grad()
-def profile_unet(ours, ctx_dim: int, res: int, out, tag: str, steps: int = 10) -> None:
-    """GPU time per U-Net CFG step by kernel category (torch.profiler), and the top kernels: what limits the step."""
+def profile_step(fn, steps: int = 10) -> tuple[float, dict[str, float], list[dict]]:
+    """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randn(2, 4, res, res, device=ours.device, dtype=ours.dtype)
-    t = torch.tensor([500, 500], device=ours.device)
-    c = torch.randn(2, 77, ctx_dim, device=ours.device, dtype=ours.dtype)
     for _ in range(3):
-        ours.unet(x, t, context=c)
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            ours.unet(x, t, context=c)
+            fn()
         torch.cuda.synchronize()
-    by_cat: dict[str, float] = {}
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]  # kernels only (ops would double count)
-    total = 0.0
+    by_cat: dict[str, float] = {}
     for e in kernels:
-        us = float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0))
-        if us <= 0 or e.key.startswith("ProfilerStep"):
-            continue
-        by_cat[kernel_category(e.key)] = by_cat.get(kernel_category(e.key), 0.0) + us
-        total += us
-    emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total / steps / 1000,
-         by_category_ms={k: round(v / steps / 1000, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])})
-    top = sorted(kernels, key=lambda e: -float(getattr(e, "device_time_total", 0.0) or 0.0))[:12]
-    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag,
-         kernels=[{"name": e.key[:120], "ms_per_step": round(float(getattr(e, "device_time_total", 0.0)) / steps / 1000, 3),
-                   "calls_per_step": e.count // steps} for e in top])
+        cat = kernel_category(e.key)
+        by_cat[cat] = by_cat.get(cat, 0.0) + float(e.device_time_total) / steps / 1000
+    top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
+    top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
+                 "calls_per_step": e.count // steps} for e in top]
+    cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
+    return sum(by_cat.values()), cats, top_rows
+
+
+@torch.no_grad()
+def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
+    """GPU time per U-Net CFG step by kernel category, and the top kernels: what limits the step."""
+    x = torch.randn(2, 4, res, res, device=ours.device, dtype=ours.dtype)
+    t = torch.tensor([500, 500], device=ours.device)
+    c = torch.randn(2, 77, ctx_dim, device=ours.device, dtype=ours.dtype)
+    total, cats, top = profile_step(lambda: ours.unet(x, t, context=c))
+    emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total, by_category_ms=cats)
+    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, kernels=top)
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:
@@ -325,6 +333,8 @@ def main(argv=None) -> int:
     cpu = a.cpu or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
     config = a.config or ("configs/tiny/txt2img.yaml" if cpu else "sd/v1-inference.yaml")
+    global SD_SHAPES
+    SD_SHAPES = config in ("sd/v1-inference.yaml", "configs/sd/v1-inference.yaml")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     res, px = (8, 32) if cpu else (64, 512)
@@ -361,11 +371,11 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     """Eager rows at 256 and 512 px (ours and diffusers), then the compiled ones, shape change included."""
     shapes = [(res // 2, 32 if not cpu else 4)] + ([(res, 16)] if not cpu else [])
     for r, b in shapes:
-        bench_train(ours, pipe, r, b, out)
+        bench_train(ours, pipe, r, b, out, profile="profile" in a.only)
     impls = (["ldm"] if a.compile_train else []) + (["diffusers"] if a.compile_train_diffusers else [])
     for impl in impls:  # ours first: diffusers' first compiled step takes minutes
         for r, b in shapes:
-            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True)
+            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile="profile" in a.only)
     uncompile(ours.unet)
     uncompile(pipe.unet)
     if not cpu:

@@ -6,7 +6,7 @@ import torch
 
 import ldm
 from ldm.attention import attention
-from ldm.fast import best_attention_backend, optimize
+from ldm.fast import optimize
 from ldm.unet.attention import CrossAttention
 from test_unet import TINY_V1, TINY_V2, build, inputs
 
@@ -16,8 +16,6 @@ def test_cudnn_backend_equals_sdpa_and_falls_back_on_cpu():
     q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (16, 7, 7))
     ref = attention(q, k, v, backend="math")
     assert (attention(q, k, v, backend="cudnn") - ref).abs().max() < 1e-5
-    assert best_attention_backend() == ("cudnn" if torch.cuda.is_available()
-                                        and torch.cuda.get_device_capability()[0] >= 9 else "sdpa")
 
 
 @pytest.mark.parametrize("params", [TINY_V1, TINY_V2], ids=["v1", "v2-linear"])
@@ -68,10 +66,16 @@ def test_cudnn_attention_and_fused_projections_trace_into_one_graph():
 
 def test_optimize_without_compile_and_load_defaults(tmp_path):
     model = ldm.load(config="configs/tiny/txt2img.yaml")
-    optimize(model, compile=False)
-    assert model.unet.attn_backend == best_attention_backend()
+    optimize(model, compile=False, attention="cudnn")
+    assert model.unet.attn_backend == "cudnn"
+    assert all(m.backend == "cudnn" for m in model.unet.modules() if isinstance(m, CrossAttention))
     assert all(m.fused_weight is not None for m in model.unet.modules() if isinstance(m, CrossAttention))
     x = model.generate(["a red apple"], steps=2, height=32, width=32, seed=0, output="tensor", progress=False)
     assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
     plain = ldm.load(config="configs/tiny/txt2img.yaml", device="cpu")
-    assert plain.unet.attn_backend == "sdpa"  # CPU: the config's choice stays
+    assert plain.unet.attn_backend == "sdpa" and plain.unet.input_blocks[0][0].weight.is_contiguous()  # CPU: as built
+    from ldm.loading import _fast_defaults
+
+    _fast_defaults(plain)  # what ldm.load(device="cuda") adds
+    conv = plain.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
