@@ -203,7 +203,6 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
-        del opt
         net.eval()
 
 

@@ -38,19 +38,17 @@ def categories(data: str) -> dict[str, str]:
 
 
 def real_split(data: str, split: str, n: int, size: int) -> dict:
+    """``n`` real images of ``split`` (all of them, with a warning, when the split holds fewer), fixed order."""
     from ldm.data import make_dataloader
 
-    loader = make_dataloader(data, min(n, 64), split=split, size=size, seed=123, shuffle_buffer=4096)
-    images, captions, keys = [], [], []
-    for batch in loader:
-        images.append(batch["image"])
-        captions += list(batch["caption"])
-        keys += list(batch["key"])
-        if len(captions) >= n:
-            break
+    count = int(make_dataloader(data, 1, split=split, size=size).source.num_samples)
+    m = min(n, count)
+    if m < n:
+        log.warning("split %s holds %d images, fewer than --n %d: evaluating all %d", split, count, n, m)
+    batch = next(iter(make_dataloader(data, m, split=split, size=size, seed=123, shuffle_buffer=4096)))
     cat = categories(data)
-    return {"image": torch.cat(images)[:n], "caption": captions[:n],
-            "category": [cat.get(k, "Other") for k in keys[:n]]}
+    return {"image": batch["image"], "caption": list(batch["caption"]),
+            "category": [cat.get(k, "Other") for k in batch["key"]]}
 
 
 def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft: torch.Tensor, min_n: int) -> None:
@@ -147,8 +145,9 @@ def evaluate_model(model, clip, reals: dict, samplers: list[tuple[str, int]], a,
         for k, (sampler, steps) in enumerate(samplers if split == "heldout" else samplers[:1]):
             t0 = time.time()
             fake = generate_all(model, real["caption"], sampler, steps, a.guidance, a.batch_size)
+            sample_s = time.time() - t0  # sampling alone, features excluded
             m = split_metrics(clip, real, fake, a.inception)
-            m["sample_s"] = time.time() - t0
+            m["sample_s"] = sample_s
             res[f"{split}/{sampler}:{steps}"] = m
             log.info("%s %s:%d %s", split, sampler, steps, {k2: round(v, 4) for k2, v in m.items()})
             if k == 0 and out is not None:
@@ -176,6 +175,19 @@ def evaluate_snapshots(index: Path, clip, reals: dict, samplers: list[tuple[str,
     return curve
 
 
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Bad arguments fail before minutes of sampling, naming the argument."""
+    if a.n < 4:
+        p.error(f"--n {a.n}: at least 4 images per split (the real-vs-real floors split them in halves)")
+    if a.snapshots and not Path(a.snapshots).is_file():
+        p.error(f"--snapshots: {a.snapshots} not found (train with train.snapshot_every_min=N)")
+    if a.snapshots and "heldout" not in a.splits.split(","):
+        p.error("--snapshots scores the held-out split: add heldout to --splits")
+    for flag, path in (("--model", a.model), ("--clip", a.clip), ("--inception-weights", a.inception_weights)):
+        if path and not Path(path).is_file():
+            p.error(f"{flag}: {path} not found")
+
+
 def main(argv: list[str] | None = None) -> int:
     import ldm
     from ldm.loading import load_component
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
+    check_args(p, a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(a.out)
@@ -206,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
     reals = {split: real_split(a.data, split, a.n, size) for split in a.splits.split(",")}
     a.inception = None
-    res: dict = {"model": a.model, "clip": a.clip, "n": a.n, "guidance": a.guidance}
+    res: dict = {"model": a.model, "clip": a.clip, "n_requested": a.n, "guidance": a.guidance,
+                 "n_by_split": {split: len(r["caption"]) for split, r in reals.items()}}
     if a.inception_weights:
         from ldm.inception_metrics import load_inception
 
