@@ -79,3 +79,22 @@ def test_optimize_without_compile_and_load_defaults(tmp_path):
     _fast_defaults(plain)  # what ldm.load(device="cuda") adds
     conv = plain.unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_lora_adapted_projections_are_not_fused(caplog):
+    """Fusing would drop the adapters' update: such modules stay unfused (with a warning), the output is unchanged."""
+    from ldm.lora import add_lora
+
+    model = build(TINY_V1)
+    add_lora(model, rank=2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # zero-initialised: give the adapters an effect
+            torch.nn.init.normal_(p, std=0.5)
+    inp = inputs(TINY_V1)
+    with torch.no_grad():
+        ref = model(**inp)
+        model.fuse_projections()
+        out = model(**inp)
+    assert (out - ref).abs().max() < 1e-6
+    assert all(m.fused_weight is None for m in model.modules() if isinstance(m, CrossAttention))
+    assert "stay unfused" in caplog.text

@@ -40,12 +40,19 @@ class CrossAttention(nn.Module):
         # only, not saved (the state dict keeps the three weights), rebuilt by fuse_projections()
         self.register_buffer("fused_weight", None, persistent=False)
 
-    def fuse_projections(self) -> None:
-        """Concatenate the projection weights for one matmul (inference: call again after changing weights)."""
+    def fuse_projections(self) -> bool:
+        """Concatenate the projection weights for one matmul (inference: call again after changing weights).
+
+        Returns False, fusing nothing, when a projection is not a plain Linear (LoRA adapters attached: their update
+        would be lost; merge them first)."""
+        if any(type(m) is not nn.Linear for m in (self.to_q, self.to_k, self.to_v)):
+            self.fused_weight = None
+            return False
         parts = [self.to_k.weight, self.to_v.weight]
         if self.is_self_attention:
             parts.insert(0, self.to_q.weight)
         self.fused_weight = torch.cat(parts).detach().clone()  # (3·inner or 2·inner, in)
+        return True
 
     def unfuse_projections(self) -> None:
         """Back to the three separate projections (training, weight changes)."""

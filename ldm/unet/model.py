@@ -218,9 +218,15 @@ class UNetModel(nn.Module):
     def fuse_projections(self, fuse: bool = True) -> None:
         """Inference: q/k/v projections of every attention as one matmul (``False`` undoes it); the state dict
         is unchanged."""
-        for m in self.modules():
-            if isinstance(m, CrossAttention):
-                m.fuse_projections() if fuse else m.unfuse_projections()
+        attn = [m for m in self.modules() if isinstance(m, CrossAttention)]
+        if not fuse:
+            for m in attn:
+                m.unfuse_projections()
+            return
+        skipped = sum(not m.fuse_projections() for m in attn)
+        if skipped:
+            log.warning("fuse_projections: %d of %d attention modules have adapted projections (LoRA) and stay "
+                        "unfused; merge the adapters (ldm.load(..., merge_lora=True)) to fuse them", skipped, len(attn))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation checkpointing of every ResBlock and transformer block on or off (training only)."""
