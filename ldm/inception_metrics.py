@@ -27,12 +27,13 @@ from __future__ import annotations
 import importlib
 import io
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ldm.evaluation import frechet_distance
 
 log = logging.getLogger(__name__)
 
@@ -138,30 +139,8 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor, *, batch_si
     return torch.cat(out)
 
 
-def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance ‖μ_a − μ_b‖² + Tr Σ_a + Tr Σ_b − 2 Tr (Σ_a Σ_b)^½ of features a (N, D) and b (M, D), float64.
-
-    Tr (Σ_a Σ_b)^½ is the sum of the square roots of the (real, non-negative) eigenvalues of Σ_a Σ_b. With A, B the
-    centred features, Σ_a Σ_b = Aᵀ(A Bᵀ B)/k, k = (N−1)(M−1), whose non-zero eigenvalues are those of
-    (A Bᵀ)(A Bᵀ)ᵀ / k, so the trace is ‖A Bᵀ‖_* / √k (exact; used when min(N, M) <= D); otherwise
-    Tr (Σ_a^½ Σ_b Σ_a^½)^½ from symmetric eigendecompositions.
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    if n < 2 or m < 2:
-        raise ValueError(f"FID needs at least 2 samples per set, got {n} and {m}")
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ac, bc = a - mu_a, b - mu_b
-    tr_a, tr_b = ac.pow(2).sum() / (n - 1), bc.pow(2).sum() / (m - 1)
-    if min(n, m) <= d:
-        tr_covmean = torch.linalg.svdvals(ac @ bc.T).sum() / math.sqrt((n - 1) * (m - 1))
-    else:
-        w, v = torch.linalg.eigh(ac.T @ ac / (n - 1))
-        root_a = (v * w.clamp(min=0).sqrt()) @ v.T
-        tr_covmean = torch.linalg.eigvalsh(root_a @ (bc.T @ bc / (m - 1)) @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + tr_a + tr_b - 2 * tr_covmean)
+# The Fréchet distance of Inception features: the project's one implementation (exact, fast for N < D too).
+fid_from_features = frechet_distance
 
 
 def kid_from_features(a: torch.Tensor, b: torch.Tensor, *, subset_size: int = 1000, subsets: int = KID_SUBSETS,

@@ -89,14 +89,15 @@ def generate_all(model, captions: list[str], sampler: str, steps: int, guidance:
 
 def inception_split(inc, real: dict, fake: torch.Tensor) -> dict:
     """FID and KID (Inception-v3 pool features) of generated vs real images of a split; real features cached."""
-    from ldm.inception_metrics import fid_from_features, inception_features, kid_from_features
+    from ldm.evaluation import frechet_distance
+    from ldm.inception_metrics import inception_features, kid_from_features
 
     if "inception" not in real:
         real["inception"] = inception_features(inc, real["image"])
     fr, gi = real["inception"], inception_features(inc, fake)
     kid, kid_std = kid_from_features(gi, fr, subset_size=min(100, len(fr), len(gi)))
-    return {"fid": fid_from_features(gi, fr), "kid": kid, "kid_std": kid_std,
-            "fid_real_halves": fid_from_features(fr[::2], fr[1::2])}
+    return {"fid": frechet_distance(gi, fr), "kid": kid, "kid_std": kid_std,
+            "fid_real_halves": frechet_distance(fr[::2], fr[1::2])}
 
 
 def split_metrics(clip, real: dict, fake: torch.Tensor, inc=None) -> dict:
