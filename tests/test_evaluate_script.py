@@ -13,12 +13,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from ldm.cli.train import run
 from ldm.data.tario import ShardWriter, shard_pattern
 from ldm.data.validate import split_key
+
+pytestmark = pytest.mark.usefixtures("no_downloads")  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji" / "emoji32-000000.tar"
@@ -36,24 +37,6 @@ def _load_script():
 
 
 evaluate = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_downloads():
-    """Any attempt to fetch weights fails the test instead of reaching the network."""
-    import urllib.request
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"download attempted: {args} {kwargs}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fe, "load_state_dict_from_url", refuse)
-        mp.setattr(torch.hub, "load_state_dict_from_url", refuse)
-        mp.setattr(torch.hub, "download_url_to_file", refuse)
-        mp.setattr(urllib.request, "urlopen", refuse)
-        yield
 
 
 def category_of(split: str, i: int) -> str | None:
@@ -109,24 +92,6 @@ def trained(tmp_path_factory, dataset) -> dict[str, Path]:
          "trainer.max_steps=2"])
     return {"model": runs / "unet" / "model.safetensors", "clip": runs / "clip" / "model.safetensors",
             "index": runs / "unet" / "snapshots" / "index.jsonl"}
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> str:
-    """The FID Inception-v3 architecture (torchvision's Inception3 with 1008 classes and no aux head, the layout
-    torch-fidelity's FeatureExtractorInceptionV3 loads), randomly initialised with He-normal convolutions so that the
-    2048-d features are O(1), saved as a state dict (as in tests/test_inception_metrics.py)."""
-    import torchvision
-
-    g = torch.Generator().manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0.0, math.sqrt(2.0 / m.weight[0].numel()), generator=g)
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def _args(trained: dict, dataset: Path, out: Path, splits: str, n: int, *extra: str) -> list[str]:

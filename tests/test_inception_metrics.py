@@ -23,40 +23,7 @@ from ldm.inception_metrics import (
 N = 10  # images per set; every image costs one 299×299 Inception forward on the CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_downloads():
-    """Any attempt to fetch weights fails the test instead of reaching the network."""
-    import urllib.request
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"download attempted: {args} {kwargs}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fe, "load_state_dict_from_url", refuse)
-        mp.setattr(torch.hub, "load_state_dict_from_url", refuse)
-        mp.setattr(torch.hub, "download_url_to_file", refuse)
-        mp.setattr(urllib.request, "urlopen", refuse)
-        yield
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    """The FID Inception-v3 architecture (torchvision's Inception3 with 1008 classes and no aux head, the layout
-    pytorch-fid loads pt_inception-*.pth into and torch-fidelity's FeatureExtractorInceptionV3 uses), randomly
-    initialised with He-normal convolutions so that the 2048-d features are O(1), saved as a state dict."""
-    import torchvision
-
-    g = torch.Generator().manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0.0, math.sqrt(2.0 / m.weight[0].numel()), generator=g)
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("no_downloads")  # tests/conftest.py: any download fails the test
 
 
 def smooth_images(n: int, seed: int, size: int = 64) -> torch.Tensor:
@@ -81,12 +48,12 @@ def sets() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def results(weights, sets) -> dict[str, dict[str, float]]:
+def results(inception_weights, sets) -> dict[str, dict[str, float]]:
     smooth, noise = sets["smooth"], sets["noise"]
     return {
-        "self": inception_metrics(weights, smooth, smooth),
-        "different": inception_metrics(weights, noise, smooth, batch_size=4),
-        "halves": inception_metrics(weights, smooth[: N // 2], smooth[N // 2:]),
+        "self": inception_metrics(inception_weights, smooth, smooth),
+        "different": inception_metrics(inception_weights, noise, smooth, batch_size=4),
+        "halves": inception_metrics(inception_weights, smooth[: N // 2], smooth[N // 2:]),
     }
 
 
@@ -107,13 +74,13 @@ def test_different_sets_are_farther_than_halves_of_one_distribution(results):
     assert set(diff) == {"fid", "kid_mean", "kid_std"} and all(isinstance(v, float) for v in diff.values())
 
 
-def test_agrees_with_torch_fidelity_features_and_independent_formulas(weights, sets, results):
+def test_agrees_with_torch_fidelity_features_and_independent_formulas(inception_weights, sets, results):
     """Pool features from torch-fidelity's own FeatureExtractorInceptionV3 (its original forward, uint8 input),
     FID from ldm.evaluation.frechet_distance (eigh form), KID from torch-fidelity's numpy implementation."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_weights)
     with torch.no_grad():
         f_noise, f_smooth = (net(((sets[k] + 1) * 127.5).round().to(torch.uint8))[0].double()
                              for k in ("noise", "smooth"))
@@ -178,12 +145,12 @@ class _Malicious:
 
 
 @pytest.mark.parametrize("content", ["wrong_keys", "wrong_shape", "not_a_dict", "garbage_bytes", "pickled_code"])
-def test_invalid_weights_file(tmp_path, weights, content):
+def test_invalid_weights_file(tmp_path, inception_weights, content):
     path = tmp_path / f"{content}.pth"
     if content == "wrong_keys":
         torch.save({"conv.weight": torch.zeros(3, 3), "fc.weight": torch.zeros(1008, 2048)}, path)
     elif content == "wrong_shape":
-        sd = torch.load(weights, weights_only=True)
+        sd = torch.load(inception_weights, weights_only=True)
         sd["fc.weight"] = torch.zeros(1000, 2048)
         torch.save(sd, path)
     elif content == "not_a_dict":
@@ -197,15 +164,15 @@ def test_invalid_weights_file(tmp_path, weights, content):
     assert not getattr(_executed_when_unpickled, "ran", False)  # loaded with weights_only=True: never executed
 
 
-def test_fewer_than_two_images(weights, sets):
+def test_fewer_than_two_images(inception_weights, sets):
     with pytest.raises(ValueError, match="at least 2"):
-        inception_metrics(weights, sets["smooth"][:1], sets["noise"])
+        inception_metrics(inception_weights, sets["smooth"][:1], sets["noise"])
     with pytest.raises(ValueError, match="at least 2"):
-        inception_metrics(weights, sets["smooth"], sets["noise"][:1])
+        inception_metrics(inception_weights, sets["smooth"], sets["noise"][:1])
 
 
-def test_torch_fidelity_missing(monkeypatch, weights, sets):
+def test_torch_fidelity_missing(monkeypatch, inception_weights, sets):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ModuleNotFoundError, match=r"ldm\[eval\]"):
-        inception_metrics(weights, sets["smooth"], sets["noise"])
+        inception_metrics(inception_weights, sets["smooth"], sets["noise"])

@@ -1,0 +1,43 @@
+"""Fixtures shared by test modules: a network guard and a random-init Inception-v3 weights file."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def no_downloads():
+    """Any attempt to fetch weights fails the test instead of reaching the network."""
+    import urllib.request
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"download attempted: {args} {kwargs}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_state_dict_from_url", refuse)
+        mp.setattr(torch.hub, "load_state_dict_from_url", refuse)
+        mp.setattr(torch.hub, "download_url_to_file", refuse)
+        mp.setattr(urllib.request, "urlopen", refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> str:
+    """The FID Inception-v3 architecture (torchvision's Inception3 with 1008 classes and no aux head, the layout
+    pytorch-fid loads pt_inception-*.pth into and torch-fidelity's FeatureExtractorInceptionV3 uses), randomly
+    initialised with He-normal convolutions so that the 2048-d features are O(1), saved as a state dict."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0.0, math.sqrt(2.0 / m.weight[0].numel()), generator=g)
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
