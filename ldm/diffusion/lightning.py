@@ -176,10 +176,9 @@ def compile_unet(unet: torch.nn.Module, t: DictConfig) -> None:
     if not choice:
         return
     backend = "inductor" if choice is True else str(choice)
-    if getattr(unet, "_compiled_forward", None) is not None:
+    if "forward" in vars(unet):  # already compiled (a second fit on the same module)
         return
-    unet._compiled_forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
-    unet.forward = unet._compiled_forward
+    unet.forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
     log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
              backend, t.get("compile_mode"))
 
