@@ -155,20 +155,22 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str) -
 
 
 def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False,
-                profile: bool = False) -> None:
+                profile: bool = False, channels_last: bool = False) -> None:
     """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context.
 
     ``compiled``: the U-Net forward through ``torch.compile`` (static shapes, as ``train.compile`` does); the first
     step's time (compile included) is reported apart. Each shape compiles once: calling this again with another
-    ``res`` is the shape change a multi-resolution run makes.
+    ``res`` is the shape change a multi-resolution run makes. ``channels_last``: weights and latents in NHWC (as
+    ``train.channels_last`` does).
     """
     dev = ours.device
     ctx_dim = pipe.unet.config.cross_attention_dim
-    x = torch.randn(batch, 4, res, res, device=dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 4, res, res, device=dev).to(memory_format=fmt)
     t = torch.randint(0, 1000, (batch,), device=dev)
     c = torch.randn(batch, 77, ctx_dim, device=dev)
     for name in impls:
-        net = (ours.unet if name == "ldm" else pipe.unet).float().train()
+        net = (ours.unet if name == "ldm" else pipe.unet).float().train().to(memory_format=fmt)
         if name == "ldm":  # the SD YAML says use_checkpoint: True; diffusers does not checkpoint by default
             net.set_gradient_checkpointing(False)
             net.fuse_projections(False)
@@ -187,7 +189,7 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        tag = "compiled" if compiled else "eager"
+        tag = ("compiled" if compiled else "eager") + ("_cl" if channels_last else "")
         if compiled:
             t0 = time.time()
             step()
@@ -195,15 +197,18 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             emit(out, what=f"train_first_step_s_latent{res}_b{batch}", impl=name, variant=tag, value=time.time() - t0)
         r = timed(step, 3, 10)
         if profile and torch.cuda.is_available():
-            total, cats, top = profile_step(step, 5)
+            copies: list = []
+            total, cats, top = profile_step(step, 5, ops=copies)
             emit(out, what=f"train_profile_latent{res}_b{batch}", impl=name, variant=tag, total_ms_per_step=total,
-                 by_category_ms=cats, kernels=top[:8])
+                 by_category_ms=cats, kernels=top[:8], copy_ops=copies)
         ips = batch / r["median_s"]
         gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
-        net.eval()
+        net.eval().to(memory_format=torch.contiguous_format)
+        del opt
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def uncompile(net: torch.nn.Module) -> None:
@@ -265,14 +270,16 @@ def kernel_category(name: str) -> str:
     return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def profile_step(fn, steps: int = 10) -> tuple[float, dict[str, float], list[dict]]:
-    """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler)."""
+def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
+    """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
+    ``ops``: if a list, the copy-like ATen ops (copy_, clone, contiguous) by input shape are appended to it."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops is not None else [])
+    with profile(activities=acts, record_shapes=ops is not None) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
@@ -284,6 +291,12 @@ def profile_step(fn, steps: int = 10) -> tuple[float, dict[str, float], list[dic
     top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
     top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
                  "calls_per_step": e.count // steps} for e in top]
+    if ops is not None:
+        copies = [e for e in prof.key_averages(group_by_input_shape=True)
+                  if e.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")]
+        for e in sorted(copies, key=lambda e: -float(e.device_time_total))[:12]:
+            ops.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
+                        "gpu_ms_per_step": round(float(e.device_time_total) / steps / 1000, 3)})
     cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     return sum(by_cat.values()), cats, top_rows
 
@@ -297,6 +310,87 @@ def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
     total, cats, top = profile_step(lambda: ours.unet(x, t, context=c))
     emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total, by_category_ms=cats)
     emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, kernels=top)
+
+
+def layer_calls(net: torch.nn.Module, fn) -> list[tuple[torch.nn.Module, tuple[int, ...]]]:
+    """(module, input shape) of every Conv2d and Linear call during ``fn()``."""
+    calls, hooks = [], []
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args: calls.append((mod, tuple(args[0].shape)))))
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _fp8_mm(x2d: torch.Tensor, w: torch.Tensor):
+    """A timed closure of Hopper's fp8 matmul (e4m3, per-tensor scales) for x2d @ wᵀ, or None if unsupported."""
+    if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9) or x2d.shape[1] % 16 or \
+            w.shape[0] % 16:
+        return None
+    a = x2d.to(torch.float8_e4m3fn)
+    b = w.to(torch.float8_e4m3fn).t()  # (K, N), column-major as _scaled_mm wants
+    one = torch.ones((), device=x2d.device)
+    return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float16)
+
+
+@torch.no_grad()
+def bench_layers(ours, ctx_dim: int, res: int, out) -> None:
+    """Each distinct convolution and linear shape of one CFG U-Net call, alone (fp16, channels_last): time, TFLOP/s,
+    times its count. Convolutions with cuDNN's heuristic and with ``cudnn.benchmark``; linears also as fp8."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 4, res, res, device="cuda", dtype=torch.float16)
+    t = torch.tensor([500, 500], device="cuda")
+    c = torch.randn(2, 77, ctx_dim, device="cuda", dtype=torch.float16)
+    groups: dict[tuple, list] = {}
+    for m, shape in layer_calls(ours.unet, lambda: ours.unet(x, t, context=c)):
+        key = (type(m).__name__, shape, tuple(m.weight.shape), getattr(m, "stride", None), getattr(m, "padding", None))
+        groups.setdefault(key, [m, 0])[1] += 1
+    totals: dict[str, float] = {}
+    for (kind, shape, wshape, _, _), (m, n) in groups.items():
+        inp = torch.randn(shape, device="cuda", dtype=torch.float16)
+        w = m.weight.detach().to(torch.float16)
+        if kind == "Conv2d":
+            inp = inp.to(memory_format=torch.channels_last)
+            w = w.to(memory_format=torch.channels_last)
+            y = F.conv2d(inp, w, None, m.stride, m.padding)
+            flop = 2 * y.numel() * w[0].numel()
+            row = {}
+            for bm in (False, True):
+                torch.backends.cudnn.benchmark = bm
+                row["benchmark" if bm else "heuristic"] = timed(lambda: F.conv2d(inp, w, None, m.stride, m.padding),
+                                                                3, 30)["median_s"]
+            torch.backends.cudnn.benchmark = False
+        else:
+            x2d = inp.reshape(-1, shape[-1])
+            flop = 2 * x2d.shape[0] * w.shape[0] * w.shape[1]
+            row = {"fp16": timed(lambda: F.linear(x2d, w), 3, 30)["median_s"]}
+            f8 = _fp8_mm(x2d, w)
+            if f8 is not None:
+                row["fp8"] = timed(f8, 3, 30)["median_s"]
+        for k, v in row.items():
+            totals[f"{kind}:{k}"] = totals.get(f"{kind}:{k}", 0.0) + n * v * 1000
+        emit(out, what="layer", kind=kind, input=list(shape), weight=list(wshape), count=n, gflop=flop / 1e9,
+             ms={k: round(v * 1000, 4) for k, v in row.items()},
+             tflops={k: round(flop / v / 1e12, 1) for k, v in row.items()})
+    emit(out, what=f"layers_total_ms_b2_{res}", by_kernel_choice={k: round(v, 3) for k, v in totals.items()})
+
+
+@torch.no_grad()
+def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
+    """txt2img under torch.profiler: GPU kernel time of one call (compare with its timed wall time: the GPU's idle
+    share is what launch overhead and host work leave)."""
+    def run():
+        return ours.generate(["a photograph of an astronaut riding a horse"], sampler="euler", sigmas="discrete",
+                             steps=steps, guidance=7.5, height=px, width=px, seed=0, progress=False, output="tensor")
+
+    total, cats, top = profile_step(run, 1)
+    emit(out, what=f"txt2img_profile_{px}px_{steps}steps", impl="ldm", variant=tag, gpu_kernel_ms=total,
+         by_category_ms=cats, kernels=top[:10])
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:
@@ -317,12 +411,18 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
     p.add_argument("--only", default="ceiling,attention,unet,vae,pipeline,train,profile",
-                   help="comma list of: ceiling, attention, unet, vae, pipeline, train, profile")
+                   help="comma list of: ceiling, attention, unet, vae, pipeline, train, profile, layers")
     p.add_argument("--compile", action="store_true", help="also time the compiled inference variants")
     p.add_argument("--skip-eager", action="store_true", help="compiled inference variants only (a cache probe)")
     p.add_argument("--compile-train", action="store_true", help="also time our compiled training step")
     p.add_argument("--compile-train-diffusers", action="store_true",
                    help="and diffusers' compiled training step (its first step compiles for minutes)")
+    p.add_argument("--train-shapes", default=None, help="training rows as LATENTxBATCH items (default 32x32,64x16)")
+    p.add_argument("--compile-train-shapes", default=None, help="compiled training rows (default: --train-shapes)")
+    p.add_argument("--compile-train-diffusers-shapes", default=None,
+                   help="diffusers' compiled training rows (default: --compile-train-shapes)")
+    p.add_argument("--train-impls", default="ldm,diffusers", help="eager training rows of: ldm, diffusers")
+    p.add_argument("--train-cl", action="store_true", help="training in channels_last (weights and latents)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
     p.add_argument("--out", default=None)
@@ -356,6 +456,9 @@ def main(argv=None) -> int:
                 bench_unet(ours, pipe, res, out, tag)
             if "profile" in only and not cpu:
                 profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, tag)
+                profile_pipeline(ours, px, 50, out, tag)
+            if "layers" in only and not cpu and tag == "eager":
+                bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
             if "vae" in only:
                 bench_vae(ours, pipe, res, out, tag)
             if "pipeline" in only:
@@ -366,15 +469,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"32x32,64x16" -> [(latent side, batch), ...]."""
+    try:
+        return [(int(r), int(b)) for r, b in (item.split("x") for item in text.split(",") if item)]
+    except ValueError:
+        raise SystemExit(f"--train-shapes/--compile-train-shapes: expected LATENTxBATCH items like 32x32,64x16, "
+                         f"got {text!r}") from None
+
+
 def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
-    """Eager rows at 256 and 512 px (ours and diffusers), then the compiled ones, shape change included."""
-    shapes = [(res // 2, 32 if not cpu else 4)] + ([(res, 16)] if not cpu else [])
+    """Eager rows (default 256 and 512 px, ours and diffusers), then the compiled ones, shape change included."""
+    shapes = parse_shapes(a.train_shapes) if a.train_shapes else [(res // 2, 32 if not cpu else 4)] + (
+        [(res, 16)] if not cpu else [])
+    prof = "profile" in a.only
     for r, b in shapes:
-        bench_train(ours, pipe, r, b, out, profile="profile" in a.only)
+        bench_train(ours, pipe, r, b, out, impls=[i for i in a.train_impls.split(",") if i], profile=prof, channels_last=a.train_cl)
     impls = (["ldm"] if a.compile_train else []) + (["diffusers"] if a.compile_train_diffusers else [])
+    cshapes = parse_shapes(a.compile_train_shapes) if a.compile_train_shapes else shapes
+    dshapes = parse_shapes(a.compile_train_diffusers_shapes) if a.compile_train_diffusers_shapes else cshapes
     for impl in impls:  # ours first: diffusers' first compiled step takes minutes
-        for r, b in shapes:
-            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile="profile" in a.only)
+        for r, b in (cshapes if impl == "ldm" else dshapes):
+            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile=prof, channels_last=a.train_cl)
     uncompile(ours.unet)
     uncompile(pipe.unet)
     if not cpu:
