@@ -121,6 +121,20 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             self.log("train/img_per_s", ips, prog_bar=True)
         self._t0 = now
 
+    def setup(self, stage: str) -> None:
+        """Before the strategy moves and wraps the module (DDP buckets see the final layout): ``train.channels_last``."""
+        from ldm.training.layout import to_channels_last, wants_channels_last  # noqa: PLC0415
+
+        if stage == "fit" and wants_channels_last(self.config.train, self.trainer.strategy.root_device):
+            to_channels_last(self.net.unet, self.model_ema)
+            log.info("train.channels_last: U-Net weights%s in channels_last", " and EMA" if self.model_ema else "")
+
+    def on_train_start(self) -> None:
+        from ldm.training.layout import match_optimizer_state  # noqa: PLC0415
+
+        for opt in self.trainer.optimizers:  # after a resume the moments may be in the other layout
+            match_optimizer_state(opt)
+
     def on_fit_start(self) -> None:
         from ldm.diffusion.latent_stats import maybe_measure_scale  # noqa: PLC0415
 
