@@ -14,7 +14,11 @@ from torch import nn
 
 
 class EMA(nn.Module):
-    """θ_ema ← θ_ema + (1 − β)(θ − θ_ema) with β = min(decay, (1 + n)/(10 + n)) during warm-up (LitEma's rule)."""
+    """θ_ema ← θ_ema + (1 − β)(θ − θ_ema) with β = min(decay, (1 + n)/(10 + n)) during warm-up (LitEma's rule).
+
+    ``decay`` and ``num_updates`` are buffers (saved as in LitEma) with a copy on the host, so an update reads no
+    device value: no host–device sync per training step. The host copy is refreshed when a state dict is loaded.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
         super().__init__()
@@ -27,17 +31,28 @@ class EMA(nn.Module):
             if p.requires_grad:
                 self.names[name] = name.replace(".", "")
                 self.register_buffer(self.names[name], p.detach().float().clone())
+        self._host: tuple[int, float] | None = None  # (num_updates, decay), read from the buffers once
+
+    def _host_state(self) -> tuple[int, float]:
+        if self._host is None:
+            self._host = (int(self.num_updates), float(self.decay))
+        return self._host
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
-        d = float(self.decay)
+        n, d = self._host_state()
         return d if n < 0 else min(d, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards ``model``'s current parameters."""
-        if int(self.num_updates) >= 0:
-            self.num_updates += 1
+        n, d = self._host_state()
+        if n >= 0:
+            self._host = (n + 1, d)
+            self.num_updates.fill_(n + 1)  # a kernel, not a read back
         beta = self.current_decay()
         params = dict(model.named_parameters())
         shadow = [getattr(self, s) for s in self.names.values()]

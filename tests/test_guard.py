@@ -59,3 +59,20 @@ def test_guard_state_round_trips():
     h = StepGuard()
     h.load_state_dict(g.state_dict())
     assert (h.skipped, h.consecutive) == (1, 1)
+
+
+def test_grad_norm_is_the_clipping_norm_and_flags_any_nonfinite_gradient():
+    from ldm.training.guard import grad_norm
+
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 3, 3)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    ref = torch.nn.utils.clip_grad_norm_(params, 1e9)
+    torch.testing.assert_close(grad_norm(grads), ref)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [g.clone() for g in grads]
+        broken[2][1, 0, 2, 1] = bad
+        assert not torch.isfinite(grad_norm(broken))
+    assert float(grad_norm([])) == 0.0
