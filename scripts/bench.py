@@ -68,8 +68,9 @@ def timed(fn, warmup: int = 3, reps: int = 10, inner: int = 1) -> dict:
 
 
 def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
-    import ldm
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    import ldm
     from ldm.convert import export_diffusers
 
     torch.manual_seed(0)
@@ -83,7 +84,12 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
                                                    requires_safety_checker=False)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return ours.to(device=device, dtype=dtype).eval(), pipe.to(device)
+    ours = ours.to(device=device, dtype=dtype).eval()
+    if torch.device(device).type == "cuda":  # what ldm.load(..., device="cuda") gives a user: channels_last
+        from ldm.loading import _fast_defaults
+
+        _fast_defaults(ours)
+    return ours, pipe.to(device)
 
 
 @torch.no_grad()
@@ -210,7 +216,7 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
         net.eval().to(memory_format=torch.contiguous_format)
-        del opt
+        opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
@@ -276,7 +282,7 @@ def kernel_category(name: str) -> str:
 def is_annotation(key: str) -> bool:
     """Ranges that the profiler lists on the GPU timeline beside the kernels they contain (compiled graphs, optimizer
     steps): counting them would count those kernels twice."""
-    return key.startswith("## ") or key.startswith("Optimizer.")
+    return key.startswith(("## ", "Optimizer."))
 
 
 def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
@@ -401,6 +407,29 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
     total, cats, top = profile_step(run, 1)
     emit(out, what=f"txt2img_profile_{px}px_{steps}steps", impl="ldm", variant=tag, gpu_kernel_ms=total,
          by_category_ms=cats, kernels=top[:10])
+    syncs = host_syncs(run)
+    emit(out, what=f"txt2img_host_syncs_{px}px_{steps}steps", impl="ldm", variant=tag, count=sum(syncs.values()),
+         where=dict(sorted(syncs.items(), key=lambda kv: -kv[1])[:10]))
+
+
+def host_syncs(fn) -> dict[str, int]:
+    """Synchronising CUDA calls made by one ``fn()`` (``torch.cuda.set_sync_debug_mode``), counted by source line."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    return where
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:
