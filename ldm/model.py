@@ -130,6 +130,18 @@ class LatentDiffusion(nn.Module):
 
         return DiscreteDenoiser(self.model, self.alphas_cumprod, parameterization=self.parameterization)
 
+    def guided_denoiser(self) -> nn.Module:
+        """D_cfg over :meth:`denoiser` (classifier-free guidance), one instance per model, kept outside the module
+        tree (nothing new is saved or moved twice), so that ``ldm.fast.optimize(scope="denoiser")`` compiles its
+        forward once for every later ``generate`` call."""
+        guided = self.__dict__.get("_guided_denoiser")
+        if guided is None:
+            from ldm.diffusion.guidance import CFGDenoiser  # noqa: PLC0415
+
+            guided = CFGDenoiser(self.denoiser())
+            self.__dict__["_guided_denoiser"] = guided  # a plain attribute, not a registered submodule
+        return guided
+
     def generate(self, prompts: list[str] | str, **kwargs: Any) -> Any:
         """Text-to-image (also img2img and inpainting); see :func:`ldm.pipeline.generate` for the arguments."""
         from ldm.pipeline import generate  # noqa: PLC0415

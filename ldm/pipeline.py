@@ -112,7 +112,6 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
         sigmas: σ schedule: "auto", "discrete", "karras", "exponential" or "ddim".
     """
-    from ldm.diffusion.guidance import CFGDenoiser  # noqa: PLC0415
     from ldm.diffusion.samplers import sample  # noqa: PLC0415
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -137,7 +136,6 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     noise = noise.to(dev, torch.float32)
     sig = _sigmas(model, a).to(dev)
     cond, uncond = _conditioning(model, prompts, negative)
-    D: nn.Module = model.denoiser()
     x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
     z0, masked_with = None, None
     if init_image is not None:
@@ -156,7 +154,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
                 cond["concat"], uncond["concat"] = concat, concat
             else:
                 masked_with = m
-    guided: nn.Module = CFGDenoiser(D)
+    guided: nn.Module = model.guided_denoiser()  # D_cfg over the model's D(x, σ)
     if masked_with is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
         guided = MaskedDenoiser(guided, z0, masked_with)
     extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)

@@ -138,7 +138,8 @@ def bench_vae(ours, pipe, res: int, out, tag: str) -> None:
 
 
 @torch.no_grad()
-def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str) -> None:
+def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str,
+                   impls: tuple[str, ...] = ("ldm", "diffusers")) -> None:
     prompts = ["a photograph of an astronaut riding a horse"] * batch
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
 
@@ -147,17 +148,24 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str) -
                              width=px, seed=0, progress=False, output="tensor")
 
     def run_diffusers():
+        gen = torch.Generator(pipe.device).manual_seed(0)  # the same noise every call, as ours (seed=0)
         return pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=px, width=px,
-                    output_type="pt").images
+                    output_type="pt", generator=gen).images
 
-    for name, fn in (("ldm", run_ours), ("diffusers", run_diffusers)):
+    for name, fn in ((n, f) for n, f in (("ldm", run_ours), ("diffusers", run_diffusers)) if n in impls):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        if tag == "compiled":  # the first call compiles (or loads from the cache) and captures the graphs
-            t0 = time.time()
-            fn()
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t0 = time.time()  # compiled: the first call compiles (or loads from the cache) and captures the graphs
+        img = fn().float()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if tag.startswith("compiled"):
             emit(out, what=f"txt2img_first_call_s_{px}px_b{batch}", impl=name, variant=tag, value=time.time() - t0)
+        key = f"txt2img_{name}_{px}_{batch}"
+        if tag == "eager":
+            EAGER_OUT[key] = img
+        elif key in EAGER_OUT:  # images in [0, 1]: the fast path against the eager one
+            emit(out, what="txt2img_max_abs_diff_vs_eager", impl=name, variant=tag,
+                 value=float((img - EAGER_OUT[key]).abs().max()), mean=float((img - EAGER_OUT[key]).abs().mean()))
         r = timed(fn, 1, 3 if batch > 1 else 5)
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"txt2img_{px}px_{steps}steps_cfg_b{batch}", impl=name, variant=tag, peak_mem_gb=mem, **r)
@@ -487,25 +495,38 @@ def main(argv=None) -> int:
         check_same_function(ours, pipe, res, out, dtype)
         if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
             run_train_rows(ours, pipe, res, cpu, a, out)
-        variants = ([] if a.skip_eager else ["eager"]) + (["compiled"] if a.compile else [])
+        variants = ([] if a.skip_eager else ["eager"]) + (["compiled", "compiled_denoiser"] if a.compile else [])
         for tag in variants:
-            if tag == "compiled":
-                compile_both(ours, pipe, a.mode, out)
-            if "unet" in only:
-                bench_unet(ours, pipe, res, out, tag)
-            if "profile" in only and not cpu:
-                profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, tag)
-                profile_pipeline(ours, px, 50, out, tag)
-            if "layers" in only and not cpu and tag == "eager":
-                bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
-            if "vae" in only:
-                bench_vae(ours, pipe, res, out, tag)
-            if "pipeline" in only:
-                bench_pipeline(ours, pipe, px, 1, 50 if not cpu else 4, out, tag)
-                if a.batch8:
-                    bench_pipeline(ours, pipe, px, 8, 50 if not cpu else 4, out, tag)
+            run_variant(ours, pipe, tag, res, px, cpu, only, a, out)
     summary()
     return 0
+
+
+def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a, out) -> None:
+    """One inference variant: "eager", "compiled" (U-Net and decoder, both sides) or "compiled_denoiser" (ours
+    only: the whole guided denoiser of a step as one graph, ``ldm.fast.optimize(scope="denoiser")``)."""
+    from ldm.fast import compile_guided_denoiser
+
+    if tag == "compiled":
+        compile_both(ours, pipe, a.mode, out)
+    if tag == "compiled_denoiser":
+        compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
+    impls = ("ldm",) if tag == "compiled_denoiser" else ("ldm", "diffusers")
+    steps = 50 if not cpu else 4
+    if "unet" in only and tag != "compiled_denoiser":
+        bench_unet(ours, pipe, res, out, tag)
+    if "vae" in only and tag != "compiled_denoiser":
+        bench_vae(ours, pipe, res, out, tag)
+    if "pipeline" in only:  # before the profiles: its first call is the compile
+        bench_pipeline(ours, pipe, px, 1, steps, out, tag, impls)
+        if a.batch8:
+            bench_pipeline(ours, pipe, px, 8, steps, out, tag, impls)
+    if "profile" in only and not cpu:
+        if tag != "compiled_denoiser":
+            profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, tag)
+        profile_pipeline(ours, px, 50, out, tag)
+    if "layers" in only and not cpu and tag == "eager":
+        bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
