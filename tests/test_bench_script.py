@@ -1,0 +1,38 @@
+"""scripts/bench.py on the CPU (the tiny config): it runs end to end, compares ours with diffusers on the same
+weights, and rejects what it does not know. The GPU numbers themselves live in docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cpu", "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return proc, rows
+
+
+def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
+    proc, rows = _bench("--only", "unet,train", "--train-shapes", "8x2", "--train-cl", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by = {(r["what"], r.get("impl"), r.get("variant")): r for r in rows}
+    assert by[("unet_fp32_max_abs_diff_vs_diffusers", None, None)]["value"] < 1e-4  # identical weights, same function
+    for impl in ("ldm", "diffusers"):
+        assert by[("unet_cfg_step_b2_8", impl, "eager")]["median_s"] > 0
+        assert by[("train_step_bf16_latent8_b2", impl, "eager_cl")]["img_per_s"] > 0
+    assert "SUMMARY" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [(["--only", "unet,speed"], "unknown item(s) speed"),
+                                          (["--train-shapes", "8by2"], "LATENTxBATCH")])
+def test_bad_arguments_are_named(tmp_path, args, message):
+    proc, _ = _bench(*args, tmp_path=tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr
