@@ -85,8 +85,9 @@ def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:
     """Compile ``model.guided_denoiser()``'s forward in place (see :func:`optimize`, ``scope="denoiser"``).
 
     The σ → t table is put on the model's device first, so the graph holds no CPU tensor (which would turn CUDA
-    graphs off). The returned x̂0 is a copy: a CUDA graph's output is overwritten by its next replay, and multistep
-    samplers keep the previous x̂0.
+    graphs off). The guidance weight and rescale are traced as constants (``specialize_float``): another value
+    compiles another graph rather than reaching a CUDA graph recorded with the old one. The returned x̂0 is a copy:
+    a CUDA graph's output is overwritten by its next replay, and multistep samplers keep the previous x̂0.
     """
     guided = model.guided_denoiser()
     if "forward" in vars(guided):
@@ -96,6 +97,7 @@ def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:
     compiled = torch.compile(guided.forward, **compile_kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return compiled(*args, **kwargs).clone()
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs).clone()
 
     guided.forward = forward

@@ -114,7 +114,8 @@ def test_compiled_guided_denoiser_matches_eager_in_one_graph(sampler):
             if p.dim() > 1 and not p.any():
                 p.normal_(0, 0.05)
     ref, ref2 = (model.generate([prompt], **kw) for prompt in ("a red apple", "a green pear"))
-    assert not torch.equal(ref, ref2)
+    ref3 = model.generate(["a red apple"], guidance=3.0, **kw)
+    assert not torch.equal(ref, ref2) and not torch.equal(ref, ref3)
     torch._dynamo.reset()
     counters.clear()
     optimize(model, backend="aot_eager", scope="denoiser", fuse_projections=False)
@@ -124,6 +125,10 @@ def test_compiled_guided_denoiser_matches_eager_in_one_graph(sampler):
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)  # aot_eager decomposes ops: float32 rounding
     torch.testing.assert_close(again, ref2, atol=1e-3, rtol=1e-4)
+    # another guidance weight: traced as a constant, so a second graph (never a CUDA graph recorded with 7.5)
+    weak = model.generate(["a red apple"], guidance=3.0, **kw)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch.testing.assert_close(weak, ref3, atol=1e-3, rtol=1e-4)
 
 
 def test_optimize_rejects_an_unknown_scope():
