@@ -1,9 +1,10 @@
 """``train.channels_last``: the U-Net's weights (and its EMA copy) in NHWC for training.
 
 Measured on one H200 (docs/BENCHMARKS.md, 2026-11-29): with ``train.compile`` the SD-1.5 U-Net step at 256 px and
-batch 128 runs at 614 img/s in channels_last; in eager mode channels_last is *slower* (217 vs 279 img/s at batch 32:
-the eager GroupNorm kernels convert layouts). So the default (null) turns it on exactly when the U-Net is compiled
-and training runs on a CUDA device; true/false force it.
+batch 128 runs at 614 img/s in channels_last (the compiled NCHW step at that batch was not measured, so the layout's
+own share of that is open); in eager mode channels_last is *slower* (217 vs 279 img/s at batch 32: the eager
+GroupNorm kernels convert layouts). So the default (null) turns it on exactly when the U-Net is compiled and
+training runs on a CUDA device, the measured fast configuration; true/false force it.
 
 Fused AdamW reads parameters, gradients and moments as flat buffers: moments whose strides differ from their
 parameter's (a checkpoint saved in the other layout) would be updated element by element against the wrong
