@@ -32,11 +32,11 @@ EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, t
 GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
 
 
-CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), when ``ceiling`` ran first
+CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), measured first on a GPU
 
 
 def emit(out: Path | None, **kw) -> None:
-    if isinstance(kw.get("tflops"), float) and CEILING and kw.get("what") != "matmul_ceiling_bf16_8192":
+    if isinstance(kw.get("tflops"), float) and CEILING:  # (the ceiling row itself comes before CEILING is set)
         kw["share_of_ceiling"] = round(kw["tflops"] / CEILING["tflops"], 3)
     kw["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     kw["torch"] = torch.__version__
@@ -192,7 +192,9 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
     t = torch.randint(0, 1000, (batch,), device=dev)
     c = torch.randn(batch, 77, ctx_dim, device=dev)
     for name in impls:
-        net = (ours.unet if name == "ldm" else pipe.unet).float().train().to(memory_format=fmt)
+        net = ours.unet if name == "ldm" else pipe.unet
+        was = layout_of(net)  # restored after the row: our model comes in channels_last on a GPU, diffusers' not
+        net.float().train().to(memory_format=fmt)
         if name == "ldm":  # the SD YAML says use_checkpoint: True; diffusers does not checkpoint by default
             net.set_gradient_checkpointing(False)
             net.fuse_projections(False)
@@ -228,9 +230,17 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
-        net.eval().to(memory_format=torch.contiguous_format)
+        net.eval().to(memory_format=was)
         opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def layout_of(net: torch.nn.Module) -> torch.memory_format:
+    """channels_last if the network's first 3×3-or-larger convolution weight is, else contiguous."""
+    for p in net.parameters():
+        if p.dim() == 4 and p.shape[-1] > 1 and p.shape[1] > 1:
+            return torch.contiguous_format if p.is_contiguous() else torch.channels_last
+    return torch.contiguous_format
 
 
 def uncompile(net: torch.nn.Module) -> None:

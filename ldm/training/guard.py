@@ -79,7 +79,7 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
         optimizer.zero_grad(set_to_none=True)
         return False
     if clip and scaler is None and grads:  # real gradients (fp32/bf16): works with fused AdamW
-        torch.nn.utils.clip_grads_with_norm_(grads, float(clip), norm.to(grads[0].device), foreach=None)
+        torch.nn.utils.clip_grads_with_norm_(grads, float(clip), norm, foreach=None)
     elif clip and scaler is not None:
         module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
     optimizer.step()
