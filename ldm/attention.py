@@ -7,6 +7,8 @@ One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a select
 - ``"cudnn"``: the same SDPA call with cuDNN's fused attention forced first (then flash, memory-efficient, math, so
   it runs everywhere), for builds whose SDPA picks flash first; it costs 25–60 µs of Python per call in eager mode
   and nothing inside ``torch.compile`` (``scripts/bench.py`` times every kernel).
+- ``"flash"``: likewise with FlashAttention-2 first (then cuDNN, memory-efficient, math), the kernel to compare
+  against cuDNN's where their backward passes differ (``scripts/bench.py --only attention`` times both).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` when xformers is installed *and* its kernels load
   for this torch build (PyPI's 0.0.35 imports on torch 2.11+cu130 but cannot load its CUDA extension, see
   REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
@@ -26,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "cudnn", "xformers", "math")
+BACKENDS = ("sdpa", "cudnn", "flash", "xformers", "math")
 
 
 class AttentionBackendError(RuntimeError):
@@ -68,12 +70,15 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out.transpose(1, 2)
 
 
-# SDPA's kernels in the "cudnn" backend's priority order (each falls back to the next where it has no kernel)
+# SDPA's kernels in the "cudnn" and "flash" backends' priority orders (each falls back to the next where it has no
+# kernel for the inputs)
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+PRIORITIES = {"cudnn": CUDNN_FIRST, "flash": FLASH_FIRST}
 
 
-def _cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with sdpa_kernel(CUDNN_FIRST, set_priority=True):
+def _sdpa_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: list[SDPBackend]) -> torch.Tensor:
+    with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -100,8 +105,8 @@ def attention(
         q, k, v = q.float(), k.float(), v.float()
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
-    elif backend == "cudnn":
-        out = _cudnn_attention(q, k, v)
+    elif backend in PRIORITIES:
+        out = _sdpa_first(q, k, v, PRIORITIES[backend])
     elif backend == "xformers":
         out = _xformers_attention(q, k, v)
     elif backend == "math":

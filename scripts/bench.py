@@ -213,7 +213,7 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        tag = ("compiled" if compiled else "eager") + ("_cl" if channels_last else "")
+        tag = ("compiled" if compiled else "eager") + ("_cl" if channels_last else "") + variant_suffix(net, name)
         if compiled:
             t0 = time.time()
             step()
@@ -233,6 +233,18 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         net.eval().to(memory_format=was)
         opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def variant_suffix(net: torch.nn.Module, name: str) -> str:
+    """What a training row ran with beyond layout and compile: our attention backend, cudnn.benchmark, inductor's
+    layout optimization (off or forced)."""
+    import torch._inductor.config as inductor_config
+
+    parts = [f"_{net.attn_backend}"] if name == "ldm" and net.attn_backend != "sdpa" else []
+    parts += ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
+    parts += ["_nolayoutopt"] if not inductor_config.layout_optimization else []
+    parts += ["_forcelayoutopt"] if inductor_config.force_layout_optimization else []
+    return "".join(parts)
 
 
 def layout_of(net: torch.nn.Module) -> torch.memory_format:
@@ -259,34 +271,60 @@ def bench_ceiling(out) -> float:
     return tf
 
 
-@torch.no_grad()
-def bench_attention(out) -> None:
-    """softmax(QKᵀ/√d)V alone at the SD-1.5 shapes of a CFG step (batch 2, fp16), each SDPA kernel and ours."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# SD-1.5's attention shapes at 64×64 latents: (query tokens, key tokens, heads, head dim) and layers per U-Net pass
+ATTN_SHAPES = {"self_64x64": (4096, 4096, 8, 40, 5), "self_32x32": (1024, 1024, 8, 80, 5),
+               "self_16x16": (256, 256, 8, 160, 5), "self_8x8": (64, 64, 8, 160, 1),
+               "cross_64x64": (4096, 77, 8, 40, 5), "cross_32x32": (1024, 77, 8, 80, 5)}
+
+
+def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cuda") -> None:
+    """softmax(QKᵀ/√d)V alone at the SD-1.5 shapes, each SDPA kernel and ours: a CFG step's forward (batch 2, fp16)
+    or, with ``train``, a training step's forward + backward (bf16). Ends with each kernel's total over one U-Net
+    pass (every shape times its layer count)."""
+    from torch.nn.attention import SDPBackend
 
     from ldm.attention import attention
 
-    shapes = {"self_64x64": (4096, 4096, 8, 40), "self_32x32": (1024, 1024, 8, 80), "self_16x16": (256, 256, 8, 160),
-              "cross_64x64": (4096, 77, 8, 40)}
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    for name, (lq, lk, h, d) in shapes.items():
-        q = torch.randn(2, h, lq, d, device="cuda", dtype=torch.float16)
-        k, v = (torch.randn(2, h, lk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    dtype, what = (torch.bfloat16, "attention_train") if train else (torch.float16, "attention")
+    totals: dict[str, float] = {}
+    for name, (lq, lk, h, d, layers) in ATTN_SHAPES.items():
+        q = torch.randn(batch, h, lq, d, device=device, dtype=dtype, requires_grad=train)
+        k, v = (torch.randn(batch, h, lk, d, device=device, dtype=dtype, requires_grad=train) for _ in range(2))
+        g = torch.randn_like(q)
         ref = attention(q, k, v, backend="math").float()
-        gflop = 4 * 2 * h * lq * lk * d / 1e9
-        for kname, kb in kernels.items():
+        gflop = 4 * batch * h * lq * lk * d / 1e9 * (3.5 if train else 1)  # backward: 2.5× the forward's matmuls
+
+        def call(fn):
+            if not train:
+                with torch.no_grad():
+                    return fn()
+            q.grad = k.grad = v.grad = None
+            y = fn()
+            y.backward(g)
+            return y
+
+        impls = {kname: (lambda kb=kb: _in_kernel(kb, q, k, v)) for kname, kb in kernels.items()}
+        impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ("sdpa", "cudnn", "flash")})
+        for impl, fn in impls.items():
             try:
-                with sdpa_kernel(kb):
-                    diff = float((torch.nn.functional.scaled_dot_product_attention(q, k, v).float() - ref).abs().max())
-                    r = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), 3, 50)
+                diff = float((call(fn).float() - ref).abs().max())
+                r = timed(lambda fn=fn: call(fn), 3, 30)
             except RuntimeError as e:  # no kernel of this kind for the shape on this card
-                emit(out, what=f"attention_{name}", impl=kname, error=str(e).splitlines()[0][:200])
+                emit(out, what=f"{what}_{name}", impl=impl, batch=batch, error=str(e).splitlines()[0][:200])
                 continue
-            emit(out, what=f"attention_{name}", impl=kname, tflops=gflop / r["median_s"] / 1e3, max_abs_diff=diff, **r)
-        for backend in ("sdpa", "cudnn"):  # what our modules run ("sdpa": torch's default order)
-            r = timed(lambda: attention(q, k, v, backend=backend), 3, 50)
-            emit(out, what=f"attention_{name}", impl=f"ldm:{backend}", tflops=gflop / r["median_s"] / 1e3, **r)
+            totals[impl] = totals.get(impl, 0.0) + layers * r["median_s"] * 1e3
+            emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
+                 max_abs_diff=diff, **r)
+    emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
+
+
+def _in_kernel(kb, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(kb):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
@@ -474,7 +512,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
     p.add_argument("--only", default="attention,unet,vae,pipeline,train,profile",
-                   help="comma list of: attention, unet, vae, pipeline, train, profile, layers (the matmul "
+                   help="comma list of: attention, attention_train, unet, vae, pipeline, train, profile, layers (the matmul "
                         "ceiling is always measured on a GPU)")
     p.add_argument("--compile", action="store_true", help="also time the compiled inference variants")
     p.add_argument("--skip-eager", action="store_true", help="compiled inference variants only (a cache probe)")
@@ -487,16 +525,35 @@ def main(argv=None) -> int:
                    help="diffusers' compiled training rows (default: --compile-train-shapes)")
     p.add_argument("--train-impls", default="ldm,diffusers", help="eager training rows of: ldm, diffusers")
     p.add_argument("--train-cl", action="store_true", help="training in channels_last (weights and latents)")
+    p.add_argument("--train-attn", default=None, help="our attention backend in the training rows (sdpa, cudnn, flash)")
+    p.add_argument("--train-cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark in the training rows (Lightning's Trainer(benchmark=True))")
+    p.add_argument("--no-layout-opt", action="store_true",
+                   help="torch._inductor.config.layout_optimization off (inductor's own channels_last conversion)")
+    p.add_argument("--force-layout-opt", action="store_true",
+                   help="torch._inductor.config.force_layout_optimization: channels_last layout optimization in every "
+                        "graph, the backward too (inductor turns it off in graphs with no forward convolution)")
+    p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     only = set(a.only.split(","))
-    unknown = only - {"ceiling", "attention", "unet", "vae", "pipeline", "train", "profile", "layers"}
+    unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile", "layers"}
     if unknown:
         p.error(f"--only: unknown item(s) {', '.join(sorted(unknown))}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
         parse_shapes(shapes or "")  # checked before minutes of model building
+    parse_batches(a.attn_train_batches)
+    if a.train_attn is not None:
+        from ldm.attention import check_backend
+
+        check_backend(a.train_attn)
+    if a.no_layout_opt or a.force_layout_opt:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = not a.no_layout_opt
+        inductor_config.force_layout_optimization = a.force_layout_opt
     out = Path(a.out) if a.out else None
     cpu = a.cpu or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)
@@ -510,6 +567,9 @@ def main(argv=None) -> int:
         bench_ceiling(out)
     if not cpu and "attention" in only:
         bench_attention(out)
+    if not cpu and "attention_train" in only:
+        for b in parse_batches(a.attn_train_batches):
+            bench_attention(out, batch=b, train=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         ours, pipe = build(config, device, dtype, Path(tmp))
@@ -560,8 +620,20 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
                          f"got {text!r}") from None
 
 
+def parse_batches(text: str) -> list[int]:
+    """"32,64" -> [32, 64]."""
+    try:
+        return [int(b) for b in text.split(",") if b]
+    except ValueError:
+        raise SystemExit(f"--attn-train-batches: expected integers like 32,64, got {text!r}") from None
+
+
 def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     """Eager rows (default 256 and 512 px, ours and diffusers), then the compiled ones, shape change included."""
+    backend_was, benchmark_was = ours.unet.attn_backend, torch.backends.cudnn.benchmark
+    if a.train_attn:
+        ours.unet.set_attention_backend(a.train_attn)
+    torch.backends.cudnn.benchmark = a.train_cudnn_benchmark or benchmark_was
     shapes = parse_shapes(a.train_shapes) if a.train_shapes else [(res // 2, 32 if not cpu else 4)] + (
         [(res, 16)] if not cpu else [])
     prof = "profile" in a.only
@@ -575,6 +647,8 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
             bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile=prof, channels_last=a.train_cl)
     uncompile(ours.unet)
     uncompile(pipe.unet)
+    ours.unet.set_attention_backend(backend_was)
+    torch.backends.cudnn.benchmark = benchmark_was
     if not cpu:
         ours.half()
         pipe.unet.half()

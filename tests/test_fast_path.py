@@ -11,11 +11,12 @@ from ldm.unet.attention import CrossAttention
 from test_unet import TINY_V1, TINY_V2, build, inputs
 
 
-def test_cudnn_backend_equals_sdpa_and_falls_back_on_cpu():
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_priority_backend_equals_math_and_falls_back_on_cpu(backend):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (16, 7, 7))
     ref = attention(q, k, v, backend="math")
-    assert (attention(q, k, v, backend="cudnn") - ref).abs().max() < 1e-5
+    assert (attention(q, k, v, backend=backend) - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("params", [TINY_V1, TINY_V2], ids=["v1", "v2-linear"])
