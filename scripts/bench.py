@@ -98,7 +98,7 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
 
 
 @torch.no_grad()
-def bench_unet(ours, pipe, res: int, out, tag: str) -> None:
+def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("ldm", "diffusers")) -> None:
     dev, dt = ours.device, ours.dtype
     ctx_dim = pipe.unet.config.cross_attention_dim
     torch.manual_seed(0)  # the same inputs for every variant
@@ -116,6 +116,8 @@ def bench_unet(ours, pipe, res: int, out, tag: str) -> None:
                  value=float((y[impl] - EAGER_OUT[impl]).abs().max()))
     for name, fn in (("ldm", lambda: ours.unet(x, t, context=c)),
                      ("diffusers", lambda: pipe.unet(x, t, encoder_hidden_states=c))):
+        if name not in impls:
+            continue
         # a lone call (synchronized before it: launch and host overhead count) and 10 back to back, as a sampling
         # loop runs them (the host prepares the next call while the GPU runs this one)
         for what, inner in ((f"unet_cfg_step_b2_{res}", 1), (f"unet_cfg_step_b2_{res}_back_to_back", 10)):
@@ -539,6 +541,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
+    p.add_argument("--eager-nchw", action="store_true",
+                   help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     only = set(a.only.split(","))
@@ -580,7 +584,8 @@ def main(argv=None) -> int:
         check_same_function(ours, pipe, res, out, dtype)
         if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
             run_train_rows(ours, pipe, res, cpu, a, out)
-        variants = ([] if a.skip_eager else ["eager"]) + (["compiled", "compiled_denoiser"] if a.compile else [])
+        variants = ([] if a.skip_eager else ["eager"] + (["eager_nchw"] if a.eager_nchw else [])) + (
+        ["compiled", "compiled_denoiser"] if a.compile else [])
         for tag in variants:
             run_variant(ours, pipe, tag, res, px, cpu, only, a, out)
     summary()
@@ -588,19 +593,24 @@ def main(argv=None) -> int:
 
 
 def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a, out) -> None:
-    """One inference variant: "eager", "compiled" (U-Net and decoder, both sides) or "compiled_denoiser" (ours
-    only: the whole guided denoiser of a step as one graph, ``ldm.fast.optimize(scope="denoiser")``)."""
+    """One inference variant: "eager", "eager_nchw" (ours only, NCHW weights), "compiled" (U-Net and decoder, both
+    sides) or "compiled_denoiser" (ours only: the whole guided denoiser of a step as one graph,
+    ``ldm.fast.optimize(scope="denoiser")``)."""
     from ldm.fast import compile_guided_denoiser
 
     if tag == "compiled":
         compile_both(ours, pipe, a.mode, out)
     if tag == "compiled_denoiser":
         compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
-    impls = ("ldm",) if tag == "compiled_denoiser" else ("ldm", "diffusers")
+    impls = ("ldm",) if tag in ("compiled_denoiser", "eager_nchw") else ("ldm", "diffusers")
     steps = 50 if not cpu else 4
+    was = layout_of(ours.unet)
+    if tag == "eager_nchw":
+        ours.unet.to(memory_format=torch.contiguous_format)
+        ours.vae.to(memory_format=torch.contiguous_format)
     if "unet" in only and tag != "compiled_denoiser":
-        bench_unet(ours, pipe, res, out, tag)
-    if "vae" in only and tag != "compiled_denoiser":
+        bench_unet(ours, pipe, res, out, tag, impls)
+    if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
         bench_vae(ours, pipe, res, out, tag)
     if "pipeline" in only:  # before the profiles: its first call is the compile
         bench_pipeline(ours, pipe, px, 1, steps, out, tag, impls)
@@ -612,6 +622,8 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
         profile_pipeline(ours, px, 50, out, tag)
     if "layers" in only and not cpu and tag == "eager":
         bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
+    ours.unet.to(memory_format=was)
+    ours.vae.to(memory_format=was)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
