@@ -76,3 +76,82 @@ def test_grad_norm_is_the_clipping_norm_and_flags_any_nonfinite_gradient():
         broken[2][1, 0, 2, 1] = bad
         assert not torch.isfinite(grad_norm(broken))
     assert float(grad_norm([])) == 0.0
+
+
+class FusedToy(Toy):
+    """The same, with fused AdamW: skips stay on the device (``found_inf``), counts are read at log steps only."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.reads: list[int] = []  # host reads inside each guarded_step
+
+    def training_step(self, batch, i):
+        loss = (self.w * batch[0]).sum()
+        if i in self.bad_loss:
+            loss = loss * float("nan")
+        if i in self.bad_grad:
+            loss = loss + torch.sqrt((self.w * 0).abs()).sum()
+        before = self.w.detach().clone()
+        with count_host_reads() as reads:
+            took = guarded_step(self, self.optimizers(), loss, [self.w], clip=1.0)
+        assert took  # the caller advances schedule and EMA: a skip is a zero update
+        self.taken.append(not torch.equal(before, self.w.detach()))
+        self.reads.append(reads[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+
+
+class count_host_reads:
+    """Counts Tensor.item/cpu/tolist/__bool__ calls (each a host sync on a GPU) inside the block."""
+
+    NAMES = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")
+
+    def __enter__(self):
+        self.count, self.saved = [0], {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n, f in self.saved.items():
+            def wrapped(t, *a, _f=f, **k):
+                self.count[0] += 1
+                return _f(t, *a, **k)
+            setattr(torch.Tensor, n, wrapped)
+        return self.count
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def fit_logging_every(module, n, every):
+    data = torch.utils.data.DataLoader(torch.ones(n, 3), batch_size=1)
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, log_every_n_steps=every).fit(module, data)
+    return module
+
+
+def test_fused_optimizer_skips_on_the_device_without_host_reads(caplog):
+    m = fit_logging_every(FusedToy(bad_loss={1}, bad_grad={3, 4}), 8, every=4)
+    assert m.taken == [True, False, True, False, False, True, True, True]  # weights untouched on the bad steps
+    opt = m.optimizers().optimizer
+    assert int(opt.state[m.w]["step"]) == 5  # Adam's step count (bias correction) only counts taken steps
+    assert m.reads == [0, 0, 0, 1, 0, 0, 0, 1]  # one read per 4 steps: the flush at the log step
+    assert m.guard.skipped == 3 and m.guard.consecutive == 0 and torch.isfinite(m.w).all()
+    assert "2 non-finite step(s) skipped on every rank up to step 3 (2 skipped so far)" in caplog.text
+
+
+def test_fused_optimizer_stops_after_too_many_skips_in_a_row_at_the_next_read():
+    m = FusedToy(bad_loss={2, 3, 4}, max_consecutive=3)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps had non-finite losses or gradients"):
+        fit_logging_every(m, 12, every=8)
+    assert len(m.taken) == 7  # raised at the read in the 8th step: a run that good steps ended is still caught
+
+
+def test_pending_device_counts_are_read_into_the_checkpoint_state():
+    g = StepGuard()
+    for ok in (True, False, False, True, False):
+        g.record_on_device(torch.tensor(ok))
+    assert g.state_dict() == {"skipped": 3, "consecutive": 1}
+    g.record_on_device(torch.tensor(False))
+    h = StepGuard()
+    h.load_state_dict(g.state_dict())
+    h.record_on_device(torch.tensor(False))
+    assert h.state_dict() == {"skipped": 5, "consecutive": 3}  # the run goes on across a resume

@@ -30,6 +30,7 @@ from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, step_generator, use_fused
 from ldm.training.stage import ResumableStage
+from ldm.training.step_log import log_step
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,10 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         return g_loss.detach()
 
     def _log_step(self, logs: dict[str, torch.Tensor]) -> None:
-        self.log("train/loss", logs["train/total_loss"], prog_bar=True)
-        for key, value in logs.items():
-            if key != "train/total_loss":
-                self.log(key, value.float())
-        self.log("train/skipped", float(self.guard.skipped))
+        values = {"train/loss": logs["train/total_loss"]}
+        values.update({k: v.float() for k, v in logs.items() if k != "train/total_loss"})
+        values["train/skipped"] = self.guard.skipped
+        log_step(self, values, bar=("train/loss",))
 
     @torch.no_grad()
     def _maybe_save_reconstructions(self, x: torch.Tensor, x_rec: torch.Tensor) -> Path | None:

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import nn
 
+from ldm.conditioning.text_encoder import upload
+
 log = logging.getLogger(__name__)
 
 
@@ -98,5 +100,5 @@ class HFTextEncoder(nn.Module):
         batch = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt")
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: upload(v, device) for k, v in batch.items()}
         return self.model(**batch).last_hidden_state  # (B, max_length, hidden)

@@ -27,6 +27,7 @@ from ldm.registry import ConfigError, instantiate
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, use_fused
 from ldm.training.stage import ResumableStage
+from ldm.training.step_log import log_step
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,9 @@ class CLIPModule(ResumableStage, L.LightningModule):
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=bool(t.get("check_finite", True))):
             sched.step()
             clamp_logit_scale_(self.logit_scale)
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/logit_scale", self.logit_scale.detach().exp())
-        self.log("train/acc_i2t", top1_accuracy(logits.detach(), labels), prog_bar=True)
-        self.log("train/lr", sched.get_last_lr()[0])
-        self.log("train/skipped", float(self.guard.skipped))
+        log_step(self, {"train/loss": loss, "train/logit_scale": self.logit_scale.detach().exp(),
+                        "train/acc_i2t": top1_accuracy(logits.detach(), labels), "train/lr": sched.get_last_lr()[0],
+                        "train/skipped": self.guard.skipped}, bar=("train/loss", "train/acc_i2t"))
         return loss.detach()
 
 

@@ -75,6 +75,12 @@ def _build_clip(cfg: dict[str, Any], quick_gelu: bool, with_visual: bool) -> nn.
     return model
 
 
+def upload(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids to ``device``. From the host to a GPU without waiting for the GPU's queue: a blocking copy would
+    synchronize the stream (once per prompt batch in training and sampling); the ids are fresh and never reused."""
+    return tokens.to(device, non_blocking=tokens.device.type == "cpu" and torch.device(device).type == "cuda")
+
+
 class OpenCLIPTextEncoder(nn.Module):
     """CLIP text transformer returning token-level hidden states (B, max_length, width).
 
@@ -160,7 +166,7 @@ class OpenCLIPTextEncoder(nn.Module):
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> hidden states of ``self.layer`` after ln_final, (B, L, width), causal mask."""
         m = self.model
-        tokens = tokens.to(m.token_embedding.weight.device)
+        tokens = upload(tokens, m.token_embedding.weight.device)
         L = tokens.shape[1]
         x = m.token_embedding(tokens)  # (B, L, W)
         x = x + m.positional_embedding[:L].to(x.dtype)  # (B, L, W)
@@ -192,7 +198,7 @@ class OpenCLIPTextEncoder(nn.Module):
         """Prompts or ids (B, L) -> pooled (end-of-text token), projected text features (B, embed_dim)."""
         self._need_visual("encode_text_features")
         tokens = self.tokenize(text) if not torch.is_tensor(text) else text
-        return self.model.encode_text(tokens.to(self.model.token_embedding.weight.device), normalize=normalize)
+        return self.model.encode_text(upload(tokens, self.model.token_embedding.weight.device), normalize=normalize)
 
     # -- weights -------------------------------------------------------------------------------------------
     def load_weights(self, path: str) -> None:

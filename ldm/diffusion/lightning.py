@@ -20,6 +20,7 @@ from ldm.ema import EMA
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import build_optimizer, step_generator
 from ldm.training.stage import ResumableStage
+from ldm.training.step_log import log_step
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,11 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
 
     def _log_step(self, loss: torch.Tensor, batch: int) -> None:
         now = time.perf_counter()
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=False)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=False)
-        self.log("train/skipped", float(self.guard.skipped))
+        values = {"train/loss": loss, "train/lr": self.lr_schedulers().get_last_lr()[0],
+                  "train/skipped": self.guard.skipped}
         if self._t0 is not None:
-            ips = batch * self.trainer.world_size / max(now - self._t0, 1e-9)
-            self.log("train/img_per_s", ips, prog_bar=True)
+            values["train/img_per_s"] = batch * self.trainer.world_size / max(now - self._t0, 1e-9)
+        log_step(self, values, bar=("train/loss", "train/img_per_s"))
         self._t0 = now
 
     def setup(self, stage: str) -> None:

@@ -3,6 +3,18 @@
 A step is skipped when the loss or any gradient is NaN/inf on *any* rank (the flag is all-reduced, so ranks never
 disagree and DDP never hangs). Skips are counted (``nonfinite_skipped``, saved in checkpoints); after
 ``max_consecutive`` skips in a row the run stops with a message.
+
+Two ways to skip:
+
+- **On the device** (fused Adam/AdamW, no fp16 grad scaler: every stage on CUDA). The flag goes to the optimizer as
+  ``found_inf``, the same hook the AMP grad scaler uses: the fused kernel then leaves the weights, both moments and
+  its step count untouched. Nothing is read back to the host, so the host keeps queueing work while the GPU
+  computes. A skipped step is a zero update: the learning-rate schedule and the EMA advance as after any step (the
+  EMA towards unchanged weights). The counts stay on the device and are read every ``trainer.log_every_n_steps``
+  steps and when a checkpoint is saved, where the warning, the ``train/skipped`` count and the stop after
+  ``max_consecutive`` skips in a row take effect.
+- **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
+  not taken at all (nor is its schedule or EMA step).
 """
 from __future__ import annotations
 
@@ -35,12 +47,41 @@ class StepGuard:
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
+        # on-device counts since the last flush: (skipped, current run of skips, longest run), int64 (3,)
+        self._pending: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, int]:
+        self.flush(None)
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self._pending = None
+
+    def record_on_device(self, ok: torch.Tensor) -> None:
+        """Count a step whose flag ``ok`` (0-dim bool) stays on the device; no host read."""
+        if self._pending is None:  # kernels, not a host-to-device copy (which would wait for the queue)
+            self._pending = torch.zeros(3, dtype=torch.long, device=ok.device)
+            self._pending[1:] = self.consecutive
+        bad = (~ok).long()
+        skipped, run, worst = self._pending.unbind()
+        run = (run + 1) * bad
+        self._pending = torch.stack([skipped + bad, run, torch.maximum(worst, run)])
+
+    def flush(self, step: int | None) -> None:
+        """Read the on-device counts (one host sync): warn about skips, stop after too many in a row."""
+        if self._pending is None:
+            return
+        skipped, run, worst = (int(v) for v in self._pending.tolist())
+        self._pending = None
+        self.consecutive = run
+        if skipped:
+            self.skipped += skipped
+            log.warning("%d non-finite step(s) skipped on every rank%s (%d skipped so far)", skipped,
+                        f" up to step {step}" if step is not None else "", self.skipped)
+        if worst >= self.max_consecutive:
+            raise NonFiniteError(f"{worst} consecutive steps had non-finite losses or gradients (found by step {step});"
+                                 " lower the learning rate, check the data, or use bf16 instead of fp16")
 
     def record(self, ok: bool, what: str, step: int) -> None:
         if ok:
@@ -54,35 +95,81 @@ class StepGuard:
                                  "lower the learning rate, check the data, or use bf16 instead of fp16")
 
 
+def torch_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim`` optimizer inside Lightning's wrapper (or :class:`UncountedStep`-like handles)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def skips_on_device(optimizer: Any, scaler: Any) -> bool:
+    """Whether a bad step can be skipped without a host read: fused Adam/AdamW honour ``found_inf``."""
+    inner = torch_optimizer(optimizer)
+    return scaler is None and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and bool(
+        inner.defaults.get("fused"))
+
+
 def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
                  clip: float | None = None, check_grads: bool = True) -> bool:
-    """Backward + step for a manual-optimization LightningModule. Returns whether the step was taken.
+    """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
+    schedule and EMA: False for a step skipped on the host; always True when skips stay on the device.
 
     ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed in every case.
     """
-    guard: StepGuard = module.guard
-    step = module.global_step
     module.manual_backward(loss)
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     if scaler is not None:
         check_grads = False  # fp16: the AMP grad scaler skips overflowing steps itself and lowers its scale
-    # one host sync per step: the loss flag and the gradient flag travel together (and across ranks together)
     grads = [p.grad for p in params if p.grad is not None]
     norm = grad_norm(grads) if check_grads or (clip and scaler is None) else None  # also what clipping needs
-    grads_ok = torch.isfinite(norm) if check_grads else torch.tensor(True)
+    grads_ok = torch.isfinite(norm) if check_grads else torch.ones((), dtype=torch.bool, device=loss.device)
     flags = torch.stack([torch.isfinite(loss.detach()).all(), grads_ok.to(loss.device)]).float()  # (2,) on device
-    if module.trainer is not None and module.trainer.world_size > 1:
+    if module.trainer is not None and module.trainer.world_size > 1:  # ranks decide together
         flags = module.trainer.strategy.reduce(flags.to(module.device), reduce_op="min")
-    loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
-    if not (loss_ok and grads_ok):
-        guard.record(False, "loss" if not loss_ok else "gradients", step)
-        optimizer.zero_grad(set_to_none=True)
-        return False
+    if skips_on_device(optimizer, scaler):
+        return _step_on_device(module, optimizer, flags.min() > 0.5, grads, clip, norm)
+    return _step_on_host(module, optimizer, flags, grads, clip, norm, scaler)
+
+
+def _clip(module: Any, optimizer: Any, grads: list[torch.Tensor], clip: float | None, norm: torch.Tensor | None,
+          scaler: Any) -> None:
     if clip and scaler is None and grads:  # real gradients (fp32/bf16): works with fused AdamW
         torch.nn.utils.clip_grads_with_norm_(grads, float(clip), norm, foreach=None)
     elif clip and scaler is not None:
         module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
+
+
+def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[torch.Tensor],
+                    clip: float | None, norm: torch.Tensor | None) -> bool:
+    """The fused kernel skips the update where ``found_inf`` is 1; the counts are read at log steps only."""
+    guard: StepGuard = module.guard
+    step = module.global_step  # before the step, which advances it
+    _clip(module, optimizer, grads, clip, norm, None)  # a non-finite norm makes NaN gradients: skipped below
+    inner = torch_optimizer(optimizer)
+    inner.found_inf = (~ok).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    guard.record_on_device(ok)
+    every = int(getattr(module.trainer, "log_every_n_steps", 1) or 1)
+    if (step + 1) % every == 0:
+        guard.flush(step)
+    return True
+
+
+def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[torch.Tensor],
+                  clip: float | None, norm: torch.Tensor | None, scaler: Any) -> bool:
+    """One host read of the (loss, gradients) flags, which travel together; a bad step is not taken."""
+    guard: StepGuard = module.guard
+    loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
+    if not (loss_ok and grads_ok):
+        guard.record(False, "loss" if not loss_ok else "gradients", module.global_step)
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    _clip(module, optimizer, grads, clip, norm, scaler)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    guard.record(True, "", step)
+    guard.record(True, "", module.global_step)
     return True

@@ -18,6 +18,9 @@ class ResumableStage:
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["batches_seen"] = self.batches_seen
 
+    def on_train_end(self) -> None:
+        self.guard.flush(self.global_step)  # skips still counted on the device (fused optimizers) are reported
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])

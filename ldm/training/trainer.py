@@ -97,5 +97,19 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if strategy == "ddp" and cfg.train.get("stage") == "autoencoder":
         strategy = "ddp_find_unused_parameters_true"  # the generator step leaves the discriminator without grads
     tc["strategy"] = build_strategy(strategy, float(cfg.train.get("dist_timeout_s", 600)))
+    callbacks = build_callbacks(cfg, run_dir)
+    if tc.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(cfg))
     return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
-                     callbacks=build_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO()], **tc)
+                     callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
+
+
+def progress_bar(cfg: DictConfig) -> Any:
+    """The progress bar, redrawn every ``logging.progress_every_n_steps`` steps (default 10): each redraw reads the
+    logged loss back from the GPU, which would otherwise stall the host every step."""
+    from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: PLC0415
+
+    every = (cfg.get("logging") or {}).get("progress_every_n_steps", 10)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"logging.progress_every_n_steps must be a positive integer, got {every!r}")
+    return TQDMProgressBar(refresh_rate=every)

@@ -1,0 +1,33 @@
+"""The Lightning Trainer built from a config: the progress bar reads metrics back only every N steps."""
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import OmegaConf
+
+from ldm.registry import ConfigError
+from ldm.training.trainer import build_trainer
+
+
+def config(**sections):
+    base = {"train": {"stage": "diffusion"}, "trainer": {"accelerator": "cpu", "devices": 1}}
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return OmegaConf.create(base)
+
+
+def bars(trainer):
+    return [c for c in trainer.callbacks if isinstance(c, TQDMProgressBar)]
+
+
+def test_progress_bar_redraws_every_ten_steps_by_default_and_as_configured(tmp_path):
+    assert [b.refresh_rate for b in bars(build_trainer(config(), tmp_path))] == [10]
+    cfg = config(logging={"progress_every_n_steps": 50})
+    assert [b.refresh_rate for b in bars(build_trainer(cfg, tmp_path))] == [50]
+    assert bars(build_trainer(config(trainer={"enable_progress_bar": False}), tmp_path)) == []
+
+
+@pytest.mark.parametrize("bad", [0, -3, "often", 2.5])
+def test_bad_progress_interval_is_named(tmp_path, bad):
+    with pytest.raises(ConfigError, match="logging.progress_every_n_steps"):
+        build_trainer(config(logging={"progress_every_n_steps": bad}), tmp_path)
