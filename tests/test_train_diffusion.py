@@ -69,18 +69,22 @@ def test_compiled_training_matches_eager_and_survives_a_shape_change(tmp_path):
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
 
 
-def _cmd(run_dir: Path, steps: int) -> list[str]:
+def _cmd(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(run_dir),
             "--resume", "auto", f"trainer.max_steps={steps}", "train.checkpoint.every_n_steps=2",
-            "train.checkpoint.keep_last=10"]
+            "train.checkpoint.keep_last=10", *extra]
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+# fused: the optimizer of a CUDA run (skips on the device, counts read at log steps and checkpoints), here on the CPU
+@pytest.mark.parametrize("extra", [(), ("train.fused_optimizer=true", "trainer.log_every_n_steps=3")],
+                         ids=["host-guard", "fused-device-guard"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     steps = 8
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    subprocess.run(_cmd(straight, steps), check=True, cwd=ROOT, env=env, capture_output=True)
-    proc = subprocess.Popen(_cmd(killed, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(_cmd(straight, steps, *extra), check=True, cwd=ROOT, env=env, capture_output=True)
+    proc = subprocess.Popen(_cmd(killed, steps, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     ck = killed / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not list(ck.glob("step0000000[4-6].ckpt")):
@@ -88,7 +92,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    subprocess.run(_cmd(killed, steps), check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run(_cmd(killed, steps, *extra), check=True, cwd=ROOT, env=env, capture_output=True)
     a, b = weights(straight / "model.safetensors"), weights(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     la, lb = losses(straight), losses(killed)

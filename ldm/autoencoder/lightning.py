@@ -54,7 +54,7 @@ class UncountedStep:
 
 def _adam(module: Any, params: Iterable[torch.nn.Parameter], lr: float, t: DictConfig) -> torch.optim.Adam:
     params = list(params)
-    fused = use_fused(module, params)
+    fused = use_fused(module, params, t)
     return torch.optim.Adam(params, lr=lr, betas=tuple(t.get("betas", (0.5, 0.9))),
                             weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
 

@@ -44,7 +44,7 @@ def build_clip_optimizer(module: L.LightningModule, named: list[tuple[str, torch
         raise ValueError("nothing to train: no parameter requires grad (model.params.freeze must be false)")
     groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": float(t.get("weight_decay", 0.2))},
               {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
-    fused = use_fused(module, [p for _, p in named])
+    fused = use_fused(module, [p for _, p in named], t)
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=effective_lr(module, t),
                             betas=tuple(t.get("betas", (0.9, 0.98))), eps=float(t.get("eps", 1e-6)),
                             fused=fused or None)

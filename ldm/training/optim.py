@@ -34,19 +34,27 @@ def effective_lr(module: Any, t: DictConfig) -> float:
     return scaled
 
 
-def use_fused(module: Any, params: list[torch.nn.Parameter]) -> bool:
-    """Fused AdamW on CUDA, except under fp16 AMP (its grad scaler must unscale before clipping, which a fused
-    optimizer does internally, so Lightning refuses to clip)."""
+def use_fused(module: Any, params: list[torch.nn.Parameter], t: DictConfig | None = None) -> bool:
+    """Fused Adam(W) on CUDA, except under fp16 AMP (its grad scaler must unscale before clipping, which a fused
+    optimizer does internally, so Lightning refuses to clip). ``train.fused_optimizer: true/false`` forces it
+    (true also on the CPU, where torch has a fused kernel too); null (default) decides as above."""
     trainer = getattr(module, "_trainer", None)
     precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
-    return bool(params) and all(p.is_cuda for p in params) and not precision.startswith("16")
+    if not params or precision.startswith("16"):
+        return False
+    forced = t.get("fused_optimizer") if t is not None else None
+    if forced is not None:
+        if not isinstance(forced, bool):
+            raise ValueError(f"train.fused_optimizer must be true, false or null, got {forced!r}")
+        return forced
+    return all(p.is_cuda for p in params)
 
 
 def build_optimizer(module: Any, params: list[torch.nn.Parameter], t: DictConfig) -> Any:
     """AdamW (fused on CUDA) with linear warm-up then constant (SD's recipe)."""
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
-    fused = use_fused(module, params)
+    fused = use_fused(module, params, t)
     opt = torch.optim.AdamW(params, lr=effective_lr(module, t), betas=tuple(t.get("betas", (0.9, 0.999))),
                             weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)),
                             fused=fused or None)
