@@ -40,3 +40,29 @@ def test_device_values_reach_the_bar_when_it_redraws_only():
     quiet = Recorder(batch_idx=9, refresh_rate=None)  # no progress bar at all
     log_step(quiet, {"train/loss": device_tensor()}, bar=("train/loss",))
     assert quiet.calls == [("train/loss", "meta", False, True)]
+
+
+def test_bar_redraws_follows_a_real_trainers_progress_bar():
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from ldm.training.step_log import bar_redraws
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.seen: list[bool] = []
+
+        def training_step(self, batch, i):
+            self.seen.append(bar_redraws(self))
+            return (self.w * batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    m = Probe()
+    data = torch.utils.data.DataLoader(torch.ones(7, 1), batch_size=1)
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+              callbacks=[TQDMProgressBar(refresh_rate=3)]).fit(m, data)
+    assert m.seen == [False, False, True, False, False, True, False]

@@ -9,8 +9,8 @@ Two ways to skip:
 - **On the device** (fused Adam/AdamW, no fp16 grad scaler: every stage on CUDA). The flag goes to the optimizer as
   ``found_inf``, the same hook the AMP grad scaler uses: the fused kernel then leaves the weights, both moments and
   its step count untouched. Nothing is read back to the host, so the host keeps queueing work while the GPU
-  computes. A skipped step is a zero update: the learning-rate schedule and the EMA advance as after any step (the
-  EMA towards unchanged weights). The counts stay on the device and are read every ``trainer.log_every_n_steps``
+  computes. A skipped step is a zero update: the step counter, the learning-rate schedule and the EMA advance as
+  after any step (the EMA towards unchanged weights). The counts stay on the device and are read every ``trainer.log_every_n_steps``
   steps and when a checkpoint is saved, where the warning, the ``train/skipped`` count and the stop after
   ``max_consecutive`` skips in a row take effect.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
