@@ -155,3 +155,30 @@ def test_pending_device_counts_are_read_into_the_checkpoint_state():
     h.load_state_dict(g.state_dict())
     h.record_on_device(torch.tensor(False))
     assert h.state_dict() == {"skipped": 5, "consecutive": 3}  # the run goes on across a resume
+
+
+def _min_over_two_ranks(rank: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+
+    from ldm.training.guard import min_over_ranks
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        module = SimpleNamespace(trainer=SimpleNamespace(world_size=2), device=torch.device("cpu"))
+        flags = torch.tensor([1.0, 0.0]) if rank == 0 else torch.tensor([0.0, 1.0])  # each rank sees one bad flag
+        torch.save(min_over_ranks(module, flags), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_decide_together(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_min_over_two_ranks, args=(port, str(tmp_path / "flags")), nprocs=2)
+    for rank in (0, 1):  # loss bad on rank 1, gradients bad on rank 0: both ranks skip, for both reasons
+        assert torch.load(tmp_path / f"flags.{rank}", weights_only=True).tolist() == [0.0, 0.0]

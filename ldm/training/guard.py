@@ -109,6 +109,19 @@ def skips_on_device(optimizer: Any, scaler: Any) -> bool:
         inner.defaults.get("fused"))
 
 
+def min_over_ranks(module: Any, flags: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum over all ranks. A plain all-reduce: Lightning's ``strategy.reduce`` puts a barrier
+    before it, and a barrier makes the host wait for the GPU; the NCCL all-reduce alone only orders the stream."""
+    trainer = module.trainer
+    if trainer is None or trainer.world_size <= 1:
+        return flags
+    flags = flags.to(module.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        return flags
+    return trainer.strategy.reduce(flags, reduce_op="min")
+
+
 def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
                  clip: float | None = None, check_grads: bool = True) -> bool:
     """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
@@ -124,8 +137,7 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
     norm = grad_norm(grads) if check_grads or (clip and scaler is None) else None  # also what clipping needs
     grads_ok = torch.isfinite(norm) if check_grads else torch.ones((), dtype=torch.bool, device=loss.device)
     flags = torch.stack([torch.isfinite(loss.detach()).all(), grads_ok.to(loss.device)]).float()  # (2,) on device
-    if module.trainer is not None and module.trainer.world_size > 1:  # ranks decide together
-        flags = module.trainer.strategy.reduce(flags.to(module.device), reduce_op="min")
+    flags = min_over_ranks(module, flags)  # ranks decide together
     if skips_on_device(optimizer, scaler):
         return _step_on_device(module, optimizer, flags.min() > 0.5, grads, clip, norm)
     return _step_on_host(module, optimizer, flags, grads, clip, norm, scaler)
