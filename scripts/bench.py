@@ -481,22 +481,39 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
 
 def host_syncs(fn) -> dict[str, int]:
     """Synchronising CUDA calls made by one ``fn()`` (``torch.cuda.set_sync_debug_mode``), counted by source line."""
-    import warnings
-
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with SyncCounter() as where:
+        fn()
+    return where
+
+
+class SyncCounter:
+    """Counts the synchronising CUDA calls made inside the block by source line (``torch.cuda.set_sync_debug_mode``);
+    ``start()``/``stop()`` do the same across callbacks."""
+
+    def __enter__(self) -> dict[str, int]:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> dict[str, int]:
+        import warnings
+
+        self.where: dict[str, int] = {}
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    where: dict[str, int] = {}
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            key = f"{Path(w.filename).name}:{w.lineno}"
-            where[key] = where.get(key, 0) + 1
-    return where
+        return self.where
+
+    def stop(self) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        for w in self._caught:
+            if "synchroniz" in str(w.message):
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                self.where[key] = self.where.get(key, 0) + 1
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:

@@ -41,3 +41,20 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_end_to_end_training_bench_runs_the_lightning_module_on_a_synthetic_cache(tmp_path):
+    out = tmp_path / "e2e.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["synthetic_cache_s"]["samples"] == 24  # batch 4 × 6 steps on the CPU
+    assert rows["train_e2e_first_step_s"]["value"] > 0 and rows["train_e2e_img_per_s"]["img_per_s"] > 0
+    assert rows["train_e2e_img_per_s"]["steps"] == 4  # 6 steps, 2 of warm-up left out
+
+
+def test_end_to_end_training_bench_rejects_a_warmup_as_long_as_the_run():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cpu", "--steps", "3",
+                           "--warmup", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--warmup must be between 0 and --steps (3)" in proc.stderr

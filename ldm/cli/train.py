@@ -52,7 +52,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return resume
 
 
-def run(argv: list[str] | None = None) -> Any:
+def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> Any:
+    """Train as ``scripts/train.py`` does with ``argv``; ``callbacks`` join the config's. Returns the Trainer."""
     import lightning as L  # noqa: PLC0415
 
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
@@ -64,7 +65,7 @@ def run(argv: list[str] | None = None) -> Any:
     run_dir = Path(args.run_dir or Path("runs") / find_config(args.config).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)

@@ -84,8 +84,9 @@ def build_strategy(name: Any, timeout_s: float) -> Any:
     return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"))
 
 
-def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
-    """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named)."""
+def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None) -> L.Trainer:
+    """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named); ``callbacks`` are
+    added to the ones the config asks for (benchmarks, tests)."""
     run_dir = Path(run_dir)
     check_no_secrets(cfg)
     tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
@@ -97,7 +98,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if strategy == "ddp" and cfg.train.get("stage") == "autoencoder":
         strategy = "ddp_find_unused_parameters_true"  # the generator step leaves the discriminator without grads
     tc["strategy"] = build_strategy(strategy, float(cfg.train.get("dist_timeout_s", 600)))
-    callbacks = build_callbacks(cfg, run_dir)
+    callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     if tc.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg))
     return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),

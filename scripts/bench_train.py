@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""End-to-end U-Net training throughput of the Lightning module that ``scripts/train.py`` runs (data loading,
+guard, EMA, logging, checkpoint hooks included), on a synthetic latent cache; ``scripts/bench.py --only train``
+times the bare step for comparison.
+
+    python scripts/bench_train.py --latent 32 --batch 128 --steps 60 --compile --out train-e2e.jsonl
+    python scripts/bench_train.py --latent 64 --batch 64 --steps 40 --compile
+    python scripts/bench_train.py --cpu                   # the tiny config on a CPU: a smoke run
+
+Reports the first step (compile included), images/s over the steps after ``--warmup``, peak memory, and on a GPU
+the synchronising CUDA calls per steady step by source line (``torch.cuda.set_sync_debug_mode``). Random weights
+and latents: the arithmetic and the loop are those of a real fine-tuning run, the numbers are not.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import SyncCounter, emit  # noqa: E402
+
+GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
+
+
+def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, ...], batch: int = 256) -> None:
+    """``n`` samples of random latents and text states in the latent-cache format (``ldm.data.write_latent_cache``)."""
+    from ldm.data import write_latent_cache
+
+    g = torch.Generator().manual_seed(0)
+    spans = (range(i, min(i + batch, n)) for i in range(0, n, batch))
+    batches = ({"image": torch.zeros(len(r), 1), "caption": [f"sample {j}" for j in r], "key": [f"{j:08d}" for j in r]}
+               for r in spans)
+    write_latent_cache(batches, lambda x: torch.randn(len(x), *latent, generator=g), out,
+                       text_fn=lambda caps: torch.randn(len(caps), *context, generator=g),
+                       extra={"scale_factor": 1.0, "shift_factor": 0.0, "synthetic": True})
+
+
+class Clock:
+    """A Lightning callback: wall time at each batch start, the end after a device sync, syncs after warm-up."""
+
+    def __init__(self, warmup: int, count_syncs: bool) -> None:
+        import lightning as L
+
+        self.warmup, self.count_syncs = warmup, count_syncs
+        self.starts: list[float] = []
+        self.end = 0.0
+        self.syncs = SyncCounter() if count_syncs else None
+        self.callback = type("ClockCallback", (L.Callback,), {
+            "on_train_batch_start": lambda _, trainer, module, batch, i: self._batch_start(i),
+            "on_train_end": lambda _, trainer, module: self._end(),
+        })()
+
+    def _batch_start(self, i: int) -> None:
+        self.starts.append(time.perf_counter())
+        if i == self.warmup and self.syncs is not None:
+            torch.cuda.synchronize()
+            self.starts[-1] = time.perf_counter()
+            self.syncs.start()
+
+    def _end(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+        if self.syncs is not None and len(self.starts) > self.warmup:
+            self.syncs.stop()
+
+
+def overrides(a, cache: Path, run_dir: Path, gpu: bool) -> list[str]:
+    o = ["--config", a.config, "--run-dir", str(run_dir), f"data.train={cache}", f"data.batch_size={a.batch}",
+         f"data.num_workers={a.workers}", f"data.num_samples={a.batch * a.steps}",
+         f"model.params.image_size={a.latent}", "train.init_checkpoint=null",
+         f"trainer.max_steps={a.steps}", "trainer.enable_progress_bar=false", "sample.every_n_steps=0",
+         "train.checkpoint.every_n_steps=1000000", "train.warmup_steps=0", "trainer.log_every_n_steps=10",
+         f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.accelerator={'gpu' if gpu else 'cpu'}",
+         "trainer.devices=1", "train.gradient_checkpointing=false", "logging.tensorboard=false"]
+    o += ["train.compile=true"] if a.compile else []
+    o += [f"train.channels_last={a.channels_last}"] if a.channels_last is not None else []
+    o += ["trainer.benchmark=true"] if a.cudnn_benchmark else []
+    return o + list(a.override)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="the tiny config on the CPU")
+    p.add_argument("--config", default=None, help=f"training config (default {GPU_CONFIG}; --cpu: {CPU_CONFIG})")
+    p.add_argument("--latent", type=int, default=None, help="latent side (32 = 256 px, 64 = 512 px)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps in all")
+    p.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (compile, autotuning)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers")
+    p.add_argument("--compile", action="store_true", help="train.compile=true")
+    p.add_argument("--channels-last", choices=("true", "false"), default=None, help="train.channels_last")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="trainer.benchmark=true")
+    p.add_argument("--override", action="append", default=[], help="more key=value overrides (repeatable)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    gpu = torch.cuda.is_available() and not a.cpu
+    a.config = a.config or (GPU_CONFIG if gpu else CPU_CONFIG)
+    defaults = dict(latent=32, batch=128, steps=60, warmup=20, workers=8) if gpu else \
+        dict(latent=8, batch=4, steps=6, warmup=2, workers=0)
+    for k, v in defaults.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    if not 0 < a.warmup < a.steps:
+        p.error(f"--warmup must be between 0 and --steps ({a.steps}), got {a.warmup}")
+    out = Path(a.out) if a.out else None
+    return run(a, gpu, out)
+
+
+def run(a, gpu: bool, out: Path | None) -> int:
+    from ldm.cli.train import run as train
+    from ldm.config import load_config
+
+    cfg = load_config(a.config, [])
+    ctx = (77, int(cfg.model.params.unet_config.params.context_dim))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "latents"
+        t0 = time.time()
+        make_cache(cache, a.batch * a.steps, (4, a.latent, a.latent), ctx)
+        emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * a.steps)
+        clock = Clock(a.warmup, count_syncs=gpu)
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock.callback])
+    steady = a.steps - a.warmup
+    tag = dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
+               cudnn_benchmark=a.cudnn_benchmark)
+    emit(out, what="train_e2e_first_step_s", value=clock.starts[1] - clock.starts[0], **tag)
+    rate = a.batch * steady / (clock.end - clock.starts[a.warmup])
+    mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    emit(out, what="train_e2e_img_per_s", img_per_s=rate, steps=steady, peak_mem_gb=mem, **tag)
+    if clock.syncs is not None:
+        where = clock.syncs.where
+        emit(out, what="train_e2e_syncs_per_step", value=sum(where.values()) / steady,
+             where={k: v / steady for k, v in sorted(where.items(), key=lambda kv: -kv[1])}, **tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
