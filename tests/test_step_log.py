@@ -29,7 +29,7 @@ def test_numbers_become_cpu_tensors_and_device_values_stay_off_the_bar_between_r
     log_step(m, {"train/loss": device_tensor(), "train/lr": 1e-4, "train/img_per_s": 12.5},
              bar=("train/loss", "train/img_per_s"))
     assert m.calls == [("train/loss", "meta", False, True), ("train/lr", "cpu", False, True),
-                       ("train/img_per_s", "cpu", True, True)]
+                       ("train/img_per_s", "cpu", False, True), ("img_per_s", "cpu", True, False)]
 
 
 def test_device_values_reach_the_bar_when_it_redraws_only():

@@ -24,18 +24,17 @@ def bar_redraws(module: Any) -> bool:
 
 
 def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = ()) -> None:
-    """Log ``values`` (name -> tensor or number) this step; the names in ``bar`` are shown in the progress bar.
-
-    A device tensor in ``bar`` is shown under its last path part (``train/loss`` -> ``loss``), updated when the bar
-    redraws; numbers and CPU tensors go to the bar every step (reading them costs nothing).
-    """
+    """Log ``values`` (name -> tensor or number) this step; the names in ``bar`` are also shown in the progress bar,
+    under their last path part (``train/loss`` -> ``loss``): numbers and CPU tensors every step (reading them costs
+    nothing), device tensors on the steps the bar redraws."""
     bar = set(bar)
     redraw = None
     for name, value in values.items():
         v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        on_host = v.device.type == "cpu"
-        module.log(name, v, prog_bar=on_host and name in bar)
-        if not on_host and name in bar:
+        module.log(name, v)
+        if name not in bar:
+            continue
+        if v.device.type != "cpu":
             redraw = bar_redraws(module) if redraw is None else redraw
-            if redraw:
-                module.log(name.rsplit("/", 1)[-1], v, prog_bar=True, logger=False)
+        if v.device.type == "cpu" or redraw:
+            module.log(name.rsplit("/", 1)[-1], v, prog_bar=True, logger=False)
