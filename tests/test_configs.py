@@ -28,10 +28,16 @@ def overrides(cfg_path: str) -> list[str]:
         extra.append("model.params.ddconfig.resolution=32")
     if "vision_cfg" in p and p.vision_cfg is not None:
         extra.append("model.params.vision_cfg.image_size=32")
+    generic = list(GENERIC)
     if cfg.train.get("stage") == "diffusion":
-        f = 2 ** (len(p.first_stage_config.params.ddconfig.ch_mult) - 1)
-        extra += [f"model.params.image_size={32 // f}", "train.init_checkpoint=null", "train.scale_batches=1"]
-    return GENERIC + extra
+        f = 2 ** (len(p.first_stage_config.params.ddconfig.ch_mult) - 1)  # the autoencoder's downsampling
+        d = 2 ** (len(p.unet_config.params.channel_mult) - 1)  # the U-Net's: SD's latents must be multiples of 8
+        latent = max(32 // f, d)
+        generic = [f"data.size={latent * f}" if o.startswith("data.size=") else o for o in generic]
+        extra += [f"model.params.image_size={latent}", "train.init_checkpoint=null", "train.scale_batches=1"]
+    if cfg_path in FULL_SIZE:  # fp32 weights, gradients and AdamW moments of a 0.9 B U-Net fit in 23 GB, an EMA copy not
+        extra.append("train.ema_decay=null")
+    return generic + extra
 
 
 def test_every_config_parses():
