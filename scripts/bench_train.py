@@ -27,8 +27,10 @@ from bench import SyncCounter, emit  # noqa: E402
 GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
 
 
-def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, ...], batch: int = 256) -> None:
-    """``n`` samples of random latents and text states in the latent-cache format (``ldm.data.write_latent_cache``)."""
+def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, ...], shards: int = 1,
+               batch: int = 256) -> None:
+    """``n`` samples of random latents and text states in the latent-cache format (``ldm.data.write_latent_cache``),
+    in at least ``shards`` shards (one per data-loader worker and more)."""
     from ldm.data import write_latent_cache
 
     g = torch.Generator().manual_seed(0)
@@ -37,37 +39,41 @@ def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, .
                for r in spans)
     write_latent_cache(batches, lambda x: torch.randn(len(x), *latent, generator=g), out,
                        text_fn=lambda caps: torch.randn(len(caps), *context, generator=g),
-                       extra={"scale_factor": 1.0, "shift_factor": 0.0, "synthetic": True})
+                       max_count=max(1, -(-n // shards)), extra={"scale_factor": 1.0, "shift_factor": 0.0,
+                                                                 "synthetic": True})
 
 
 class Clock:
-    """A Lightning callback: wall time at each batch start, the end after a device sync, syncs after warm-up."""
+    """A Lightning callback: wall time at each batch start and after the last batch (a device sync first), the
+    synchronising calls of the batches after warm-up. The end of training (export, last checkpoint) is not timed."""
 
-    def __init__(self, warmup: int, count_syncs: bool) -> None:
+    def __init__(self, warmup: int, steps: int, count_syncs: bool) -> None:
         import lightning as L
 
-        self.warmup, self.count_syncs = warmup, count_syncs
+        self.warmup, self.steps = warmup, steps
         self.starts: list[float] = []
         self.end = 0.0
         self.syncs = SyncCounter() if count_syncs else None
         self.callback = type("ClockCallback", (L.Callback,), {
             "on_train_batch_start": lambda _, trainer, module, batch, i: self._batch_start(i),
-            "on_train_end": lambda _, trainer, module: self._end(),
+            "on_train_batch_end": lambda _, trainer, module, outputs, batch, i: self._batch_end(i),
         })()
 
     def _batch_start(self, i: int) -> None:
+        if i == self.warmup and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the steady steps start from an idle GPU
         self.starts.append(time.perf_counter())
         if i == self.warmup and self.syncs is not None:
-            torch.cuda.synchronize()
-            self.starts[-1] = time.perf_counter()
             self.syncs.start()
 
-    def _end(self) -> None:
+    def _batch_end(self, i: int) -> None:
+        if i != self.steps - 1:
+            return
+        if self.syncs is not None and i >= self.warmup:
+            self.syncs.stop()  # before the sync below, which it would count
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.end = time.perf_counter()
-        if self.syncs is not None and len(self.starts) > self.warmup:
-            self.syncs.stop()
 
 
 def overrides(a, cache: Path, run_dir: Path, gpu: bool) -> list[str]:
@@ -120,13 +126,15 @@ def run(a, gpu: bool, out: Path | None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "latents"
         t0 = time.time()
-        make_cache(cache, a.batch * a.steps, (4, a.latent, a.latent), ctx)
+        make_cache(cache, a.batch * a.steps, (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
         emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * a.steps)
-        clock = Clock(a.warmup, count_syncs=gpu)
+        clock = Clock(a.warmup, a.steps, count_syncs=gpu)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock.callback])
     steady = a.steps - a.warmup
+    if not clock.end or len(clock.starts) < a.steps:
+        raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps} steps")
     tag = dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
                cudnn_benchmark=a.cudnn_benchmark)
     emit(out, what="train_e2e_first_step_s", value=clock.starts[1] - clock.starts[0], **tag)
