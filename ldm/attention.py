@@ -77,7 +77,8 @@ FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBacken
 PRIORITIES = {"cudnn": CUDNN_FIRST, "flash": FLASH_FIRST}
 
 
-def _sdpa_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: list[SDPBackend]) -> torch.Tensor:
+def sdpa_in_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: list[SDPBackend]) -> torch.Tensor:
+    """SDPA restricted to the kernels in ``order``, tried in that order."""
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
 
@@ -106,7 +107,7 @@ def attention(
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     elif backend in PRIORITIES:
-        out = _sdpa_first(q, k, v, PRIORITIES[backend])
+        out = sdpa_in_order(q, k, v, PRIORITIES[backend])
     elif backend == "xformers":
         out = _xformers_attention(q, k, v)
     elif backend == "math":

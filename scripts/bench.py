@@ -288,7 +288,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
     pass (every shape times its layer count)."""
     from torch.nn.attention import SDPBackend
 
-    from ldm.attention import attention
+    from ldm.attention import attention, sdpa_in_order
 
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -310,7 +310,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             y.backward(g)
             return y
 
-        impls = {kname: (lambda kb=kb: _in_kernel(kb, q, k, v)) for kname, kb in kernels.items()}
+        impls = {kname: (lambda kb=kb: sdpa_in_order(q, k, v, [kb])) for kname, kb in kernels.items()}
         impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ("sdpa", "cudnn", "flash")})
         for impl, fn in impls.items():
             try:
@@ -323,13 +323,6 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
                  max_abs_diff=diff, **r)
     emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
-
-
-def _in_kernel(kb, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(kb):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
@@ -534,8 +527,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
     p.add_argument("--only", default="attention,unet,vae,pipeline,train,profile",
-                   help="comma list of: attention, attention_train, unet, vae, pipeline, train, profile, layers (the matmul "
-                        "ceiling is always measured on a GPU)")
+                   help="comma list of: attention, attention_train, unet, vae, pipeline, train, profile, layers "
+                        "(the matmul ceiling is always measured on a GPU)")
     p.add_argument("--compile", action="store_true", help="also time the compiled inference variants")
     p.add_argument("--skip-eager", action="store_true", help="compiled inference variants only (a cache probe)")
     p.add_argument("--compile-train", action="store_true", help="also time our compiled training step")
@@ -563,7 +556,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     only = set(a.only.split(","))
-    unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile", "layers"}
+    unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
+                      "layers"}
     if unknown:
         p.error(f"--only: unknown item(s) {', '.join(sorted(unknown))}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
@@ -670,7 +664,8 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
         [(res, 16)] if not cpu else [])
     prof = "profile" in a.only
     for r, b in shapes:
-        bench_train(ours, pipe, r, b, out, impls=[i for i in a.train_impls.split(",") if i], profile=prof, channels_last=a.train_cl)
+        bench_train(ours, pipe, r, b, out, impls=[i for i in a.train_impls.split(",") if i], profile=prof,
+                    channels_last=a.train_cl)
     impls = (["ldm"] if a.compile_train else []) + (["diffusers"] if a.compile_train_diffusers else [])
     cshapes = parse_shapes(a.compile_train_shapes) if a.compile_train_shapes else shapes
     dshapes = parse_shapes(a.compile_train_diffusers_shapes) if a.compile_train_diffusers_shapes else cshapes

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,21 +44,21 @@ def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, .
                                                                  "synthetic": True})
 
 
-class Clock:
-    """A Lightning callback: wall time at each batch start and after the last batch (a device sync first), the
-    synchronising calls of the batches after warm-up. The end of training (export, last checkpoint) is not timed."""
+class Clock(L.Callback):
+    """Wall time at each batch start and after the last batch (a device sync first), the synchronising calls of
+    the batches after warm-up. The end of training (export, last checkpoint) is not timed."""
 
     def __init__(self, warmup: int, steps: int, count_syncs: bool) -> None:
-        import lightning as L
-
         self.warmup, self.steps = warmup, steps
         self.starts: list[float] = []
         self.end = 0.0
         self.syncs = SyncCounter() if count_syncs else None
-        self.callback = type("ClockCallback", (L.Callback,), {
-            "on_train_batch_start": lambda _, trainer, module, batch, i: self._batch_start(i),
-            "on_train_batch_end": lambda _, trainer, module, outputs, batch, i: self._batch_end(i),
-        })()
+
+    def on_train_batch_start(self, trainer, module, batch, i: int) -> None:
+        self._batch_start(i)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, i: int) -> None:
+        self._batch_end(i)
 
     def _batch_start(self, i: int) -> None:
         if i == self.warmup and torch.cuda.is_available():
@@ -131,7 +132,7 @@ def run(a, gpu: bool, out: Path | None) -> int:
         clock = Clock(a.warmup, a.steps, count_syncs=gpu)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock.callback])
+        train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock])
     steady = a.steps - a.warmup
     if not clock.end or len(clock.starts) < a.steps:
         raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps} steps")

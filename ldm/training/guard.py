@@ -10,9 +10,9 @@ Two ways to skip:
   ``found_inf``, the same hook the AMP grad scaler uses: the fused kernel then leaves the weights, both moments and
   its step count untouched. Nothing is read back to the host, so the host keeps queueing work while the GPU
   computes. A skipped step is a zero update: the step counter, the learning-rate schedule and the EMA advance as
-  after any step (the EMA towards unchanged weights). The counts stay on the device and are read every ``trainer.log_every_n_steps``
-  steps and when a checkpoint is saved, where the warning, the ``train/skipped`` count and the stop after
-  ``max_consecutive`` skips in a row take effect.
+  after any step (the EMA towards unchanged weights). The counts stay on the device and are read every
+  ``trainer.log_every_n_steps`` steps, when a checkpoint is saved and when training ends, where the warning, the
+  ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row take effect.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
   not taken at all (nor is its schedule or EMA step).
 """

@@ -88,7 +88,7 @@ def _validate(a: dict[str, Any]) -> None:
 class UNetModel(nn.Module):
     """The SD U-Net with the original constructor arguments; see the module docstring for the layout.
 
-    Ours on top: ``attn_backend`` ("sdpa", "cudnn", "flash", "xformers", "math") and ``upcast_attention`` (softmax in fp32),
+    Ours on top: ``attn_backend`` (one of :data:`ldm.attention.BACKENDS`) and ``upcast_attention`` (softmax in fp32),
     changeable later with :meth:`set_attention_backend`. ``use_fp16``/``use_bf16`` are accepted and ignored: the
     dtype is the caller's (``model.to(torch.bfloat16)`` or autocast).
     """
@@ -204,7 +204,7 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def set_attention_backend(self, backend: str, upcast: bool | None = None) -> None:
-        """Switch every attention module to ``backend`` ("sdpa", "cudnn", "flash", "xformers", "math"); ``upcast`` if given."""
+        """Switch every attention module to ``backend`` (:data:`ldm.attention.BACKENDS`); ``upcast`` if given."""
         check_backend(backend)
         self.attn_backend = backend
         if upcast is not None:
