@@ -347,7 +347,7 @@ def is_annotation(key: str) -> bool:
 
 def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
     """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
-    ``ops``: if a list, the copy-like ATen ops (copy_, clone, contiguous) by input shape are appended to it."""
+    ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -367,13 +367,32 @@ def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, d
     top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
                  "calls_per_step": e.count // steps} for e in top]
     if ops is not None:
-        copies = [e for e in prof.key_averages(group_by_input_shape=True)
-                  if e.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")]
-        for e in sorted(copies, key=lambda e: -float(e.device_time_total))[:12]:
-            ops.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
-                        "gpu_ms_per_step": round(float(e.device_time_total) / steps / 1000, 3)})
+        ops.extend(copy_sources(prof.events(), steps)[:16])
     cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     return sum(by_cat.values()), cats, top_rows
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+
+
+def copy_sources(events, steps: int) -> list[dict]:
+    """The outermost copy-like ATen ops (a copy inside a copy counts once), grouped by op, input shapes and the
+    operator that called them (its nearest non-copy CPU ancestor, e.g. ``aten::convolution_backward`` or a compiled
+    graph), heaviest first: which operator's layout conversion the GPU time belongs to."""
+    rows: dict[tuple[str, str, str], list[float]] = {}
+    for e in events:
+        parent = e.cpu_parent
+        if e.name not in COPY_OPS or (parent is not None and parent.name in COPY_OPS):
+            continue
+        while parent is not None and parent.name in COPY_OPS + ("aten::to",):
+            parent = parent.cpu_parent
+        key = (e.name, str(e.input_shapes)[:160], parent.name[:80] if parent is not None else "(top level)")
+        acc = rows.setdefault(key, [0.0, 0.0])
+        acc[0] += 1
+        acc[1] += float(e.device_time_total)
+    ordered = sorted(rows.items(), key=lambda kv: -kv[1][1])
+    return [{"op": op, "shapes": shapes, "called_from": via, "calls_per_step": n / steps,
+             "gpu_ms_per_step": round(us / steps / 1000, 3)} for (op, shapes, via), (n, us) in ordered]
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm.attention import attention, check_backend
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
+from ldm.norm import GroupNorm
 from ldm.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ DDCONFIG_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")  # "vanilla-xformers" (SD 2 YAMLs) has the same weights
 
 
-def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 (original name)
+def Normalize(channels: int) -> GroupNorm:  # noqa: N802 (original name)
     """GroupNorm(32 groups, eps 1e-6), as in the original."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

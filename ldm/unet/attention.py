@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import attention, check_backend
+from ldm.norm import GroupNorm
 from ldm.unet.blocks import ContextBlock, run_maybe_checkpointed, zero_module
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
@@ -151,7 +152,7 @@ class SpatialTransformer(ContextBlock):
             raise ValueError(f"context_dim has {len(contexts)} entries but transformer_depth is {depth}")
         inner = n_heads * d_head
         self.in_channels, self.use_linear = in_channels, use_linear
-        self.norm = nn.GroupNorm(32, in_channels, eps=TRANSFORMER_NORM_EPS)
+        self.norm = GroupNorm(32, in_channels, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, contexts[d], dropout, disable_self_attn, use_checkpoint,

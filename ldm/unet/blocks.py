@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.norm import GroupNorm
+
 # GroupNorm eps of the ResBlocks and the output head (the original GroupNorm32 uses torch's default).
 RESBLOCK_NORM_EPS = 1e-5
 NORM_GROUPS = 32
@@ -113,7 +115,7 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         c_out = self.out_channels
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
+            GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
             nn.Conv2d(channels, c_out, 3, padding=1),
         )
         self.updown = up or down
@@ -126,7 +128,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * c_out if use_scale_shift_norm else c_out  # scale and shift, or a bias
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
+            GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(c_out, c_out, 3, padding=1)),
         )
         if c_out == channels:

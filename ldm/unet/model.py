@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ldm.attention import check_backend
+from ldm.norm import GroupNorm
 from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.unet.blocks import (NORM_GROUPS, RESBLOCK_NORM_EPS, Downsample, ResBlock, TimestepEmbedSequential, Upsample,
                              zero_module)
@@ -138,7 +139,7 @@ class UNetModel(nn.Module):
         )
         ch = self._build_output_blocks(ch, skip_chans, conv_resample, resblock_updown)
         self.out = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, ch, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
+            GroupNorm(NORM_GROUPS, ch, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
 

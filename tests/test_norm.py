@@ -1,0 +1,86 @@
+"""ldm.norm.GroupNorm: same numbers and keys as nn.GroupNorm, and a compiled channels_last training graph that saves
+no activation in NCHW strides (the layout copies of the backward's convolutions, docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+import torch
+from functorch.compile import make_boxed_func
+from torch import nn
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from ldm.norm import GroupNorm
+from ldm.unet.blocks import ResBlock
+from ldm.unet.model import UNetModel
+
+TINY = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2],
+            num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
+            transformer_depth=1, context_dim=16, use_checkpoint=False, legacy=False)
+
+
+def saved_layouts(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """Compile ``model`` with AOT autograd and count the 4-D activations its forward graph saves for the backward
+    by layout, from the strides autograd records (what inductor must produce at that boundary)."""
+    counts = {"channels_last": 0, "nchw": 0}
+
+    def fw(graph: torch.fx.GraphModule, _inputs):
+        for node in list(graph.graph.nodes)[-1].args[0]:
+            v = getattr(node, "meta", {}).get("val")
+            if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[1] > 1 and v.shape[2] * v.shape[3] > 1:
+                counts["nchw" if v.is_contiguous() else "channels_last"] += 1
+        return make_boxed_func(graph.forward)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw,
+                                     bw_compiler=lambda g, _i: make_boxed_func(g.forward),
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    y.float().square().mean().backward()
+    torch._dynamo.reset()
+    return counts
+
+
+def test_same_numbers_strides_and_keys_as_nn_groupnorm_in_eager():
+    x = torch.randn(2, 64, 6, 5).to(memory_format=torch.channels_last)
+    ours, ref = GroupNorm(32, 64, eps=1e-6), nn.GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.normal_(), ref.bias.normal_()
+    assert ours.load_state_dict(ref.state_dict()) is not None
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    assert y.stride() == y_ref.stride()  # eager is nn.GroupNorm exactly, strides included
+    assert list(ours.state_dict()) == ["weight", "bias"]
+
+
+def test_compiled_channels_last_resblock_saves_no_nchw_activation():
+    torch.manual_seed(0)
+    block = ResBlock(64, 32, out_channels=64).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    emb = torch.randn(2, 32)
+    ours = saved_layouts(block, x, emb)
+    assert ours["nchw"] == 0 and ours["channels_last"] > 0, ours
+    # The control: the same block with torch's GroupNorm saves its norms' outputs in NCHW strides.
+    for name, m in list(block.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, GroupNorm):
+                plain = nn.GroupNorm(child.num_groups, child.num_channels, child.eps)
+                plain.load_state_dict(child.state_dict())
+                setattr(m, child_name, plain)
+    assert saved_layouts(block, x, emb)["nchw"] > 0
+
+
+def test_compiled_channels_last_unet_saves_no_nchw_activation():
+    torch.manual_seed(0)
+    unet = UNetModel(**TINY).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    counts = saved_layouts(unet, x, torch.tensor([10, 500]), torch.randn(2, 5, 16))
+    assert counts["nchw"] == 0 and counts["channels_last"] > 20, counts
+
+
+def test_nchw_input_stays_nchw_when_compiled():
+    norm = GroupNorm(8, 16)
+    y = torch.compile(norm, backend="aot_eager", fullgraph=True)(torch.randn(2, 16, 4, 4))
+    assert y.is_contiguous()
+    torch._dynamo.reset()
