@@ -46,10 +46,11 @@ def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, .
 
 class Clock(L.Callback):
     """Wall time at each batch start and after the last batch (a device sync first), the synchronising calls of
-    the batches after warm-up. The end of training (export, last checkpoint) is not timed."""
+    the batches after warm-up. The end of training (export, last checkpoint) is not timed: ``on_done(clock)`` runs
+    right after the last batch, so the numbers are out even if saving the end-of-training checkpoint is cut short."""
 
-    def __init__(self, warmup: int, steps: int, count_syncs: bool) -> None:
-        self.warmup, self.steps = warmup, steps
+    def __init__(self, warmup: int, steps: int, count_syncs: bool, on_done=None) -> None:
+        self.warmup, self.steps, self.on_done = warmup, steps, on_done
         self.starts: list[float] = []
         self.end = 0.0
         self.syncs = SyncCounter() if count_syncs else None
@@ -75,6 +76,8 @@ class Clock(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.end = time.perf_counter()
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 def overrides(a, cache: Path, run_dir: Path, gpu: bool) -> list[str]:
@@ -129,13 +132,19 @@ def run(a, gpu: bool, out: Path | None) -> int:
         t0 = time.time()
         make_cache(cache, a.batch * a.steps, (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
         emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * a.steps)
-        clock = Clock(a.warmup, a.steps, count_syncs=gpu)
+        reported: list[bool] = []
+        clock = Clock(a.warmup, a.steps, count_syncs=gpu, on_done=lambda c: reported.append(report(a, c, gpu, out)))
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock])
-    steady = a.steps - a.warmup
-    if not clock.end or len(clock.starts) < a.steps:
+    if not reported:
         raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps} steps")
+    return 0
+
+
+def report(a, clock: Clock, gpu: bool, out: Path | None) -> bool:
+    """Emit the first step, the steady rate, peak memory and the syncs per steady step."""
+    steady = a.steps - a.warmup
     tag = dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
                cudnn_benchmark=a.cudnn_benchmark)
     emit(out, what="train_e2e_first_step_s", value=clock.starts[1] - clock.starts[0], **tag)
@@ -146,8 +155,7 @@ def run(a, gpu: bool, out: Path | None) -> int:
         where = clock.syncs.where
         emit(out, what="train_e2e_syncs_per_step", value=sum(where.values()) / steady,
              where={k: v / steady for k, v in sorted(where.items(), key=lambda kv: -kv[1])}, **tag)
-    return 0
-
+    return True
 
 if __name__ == "__main__":
     sys.exit(main())
