@@ -58,3 +58,22 @@ def test_end_to_end_training_bench_rejects_a_warmup_as_long_as_the_run():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cpu", "--steps", "3",
                            "--warmup", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--warmup must be between 0 and --steps (3)" in proc.stderr
+
+
+def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    from bench import copy_sources
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            with record_function("layer_a"):
+                x.contiguous()  # contiguous -> clone -> copy_: one row, counted once per call
+            with record_function("layer_b"):
+                x.to(torch.float64)  # to -> _to_copy: attributed past the ``aten::to`` wrapper
+    rows = {(r["op"], r["called_from"]): r for r in copy_sources(prof.events(), steps=3)}
+    assert set(rows) == {("aten::contiguous", "layer_a"), ("aten::_to_copy", "layer_b")}, rows
+    assert all(r["calls_per_step"] == 1.0 for r in rows.values())
+    assert rows[("aten::contiguous", "layer_a")]["shapes"].startswith("[[2, 8, 6, 6]")
