@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     """A 4-D tensor laid out NHWC (and not also NCHW-contiguous, as 1×1 maps or single channels are)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -29,6 +29,6 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""
         y = super().forward(x)
-        if torch.compiler.is_compiling() and _is_channels_last(x):
+        if torch.compiler.is_compiling() and is_channels_last(x):
             y = y.contiguous(memory_format=torch.channels_last)
         return y

@@ -26,11 +26,17 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_candidates import CANDIDATES  # noqa: E402
+
 RESULTS: list[dict] = []
 SD_SHAPES = True  # the FLOP counts above are for SD-1.5; other configs report no TFLOP/s
 EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, to compare the compiled ones with
 GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
 
+
+INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run, named in the training rows' variant
+CANDIDATES_ON: list[str] = []  # --candidate patches of this run
 
 CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), measured first on a GPU
 
@@ -242,14 +248,41 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
 
 def variant_suffix(net: torch.nn.Module, name: str) -> str:
     """What a training row ran with beyond layout and compile: our attention backend, cudnn.benchmark, inductor's
-    layout optimization (off or forced)."""
+    layout optimization (off or forced), other ``--inductor`` settings, ``--candidate`` patches (ours only)."""
     import torch._inductor.config as inductor_config
 
     parts = [f"_{net.attn_backend}"] if name == "ldm" and net.attn_backend != "sdpa" else []
     parts += ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
     parts += ["_nolayoutopt"] if not inductor_config.layout_optimization else []
     parts += ["_forcelayoutopt"] if inductor_config.force_layout_optimization else []
+    parts += [f"_{k}={v}" for k, v in INDUCTOR_SET.items()]
+    parts += [CANDIDATES[c][0] for c in CANDIDATES_ON] if name == "ldm" else []
     return "".join(parts)
+
+
+def set_inductor_option(item: str) -> None:
+    """``KEY=VALUE`` -> ``torch._inductor.config.KEY = VALUE`` (a Python literal; a dotted KEY reaches a
+    sub-config such as ``triton.cudagraphs``); a key inductor does not have or a value that is no literal is a
+    ValueError naming it."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
+    *path, leaf = key.split(".")
+    target = inductor_config
+    for part in path:
+        target = getattr(target, part, None)
+    if target is None or not hasattr(target, leaf):
+        raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--inductor {key}: {text!r} is not a Python literal (True, 3, 'name')") from None
+    setattr(target, leaf, value)
+    INDUCTOR_SET[key] = value
 
 
 def layout_of(net: torch.nn.Module) -> torch.memory_format:
@@ -567,6 +600,11 @@ def main(argv=None) -> int:
     p.add_argument("--force-layout-opt", action="store_true",
                    help="torch._inductor.config.force_layout_optimization: channels_last layout optimization in every "
                         "graph, the backward too (inductor turns it off in graphs with no forward convolution)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config.KEY (a Python literal) for the whole run, e.g. "
+                        "coordinate_descent_tuning=True; repeatable")
+    p.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES),
+                   help="patch our model with a change under test (scripts/bench_candidates.py); repeatable")
     p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
@@ -586,6 +624,14 @@ def main(argv=None) -> int:
         from ldm.attention import check_backend
 
         check_backend(a.train_attn)
+    for item in a.inductor:
+        try:
+            set_inductor_option(item)
+        except ValueError as e:
+            p.error(str(e))
+    for name in a.candidate:
+        CANDIDATES[name][1]()
+        CANDIDATES_ON.append(name)
     if a.no_layout_opt or a.force_layout_opt:
         import torch._inductor.config as inductor_config
 

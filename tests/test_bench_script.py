@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # bench.py and its helpers, imported by the unit tests below
 
 
 def _bench(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -37,7 +38,10 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
 @pytest.mark.parametrize("args,message", [(["--only", "unet,speed"], "unknown item(s) speed"),
                                           (["--train-shapes", "8by2"], "LATENTxBATCH"),
                                           (["--train-attn", "fast"], "unknown attention backend 'fast'"),
-                                          (["--attn-train-batches", "6x4"], "--attn-train-batches")])
+                                          (["--attn-train-batches", "6x4"], "--attn-train-batches"),
+                                          (["--inductor", "no_such_option=1"], "no option 'no_such_option'"),
+                                          (["--inductor", "max_autotune=yes"], "not a Python literal"),
+                                          (["--candidate", "gn-fast"], "invalid choice: 'gn-fast'")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
@@ -61,7 +65,6 @@ def test_end_to_end_training_bench_rejects_a_warmup_as_long_as_the_run():
 
 
 def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import torch
     from bench import copy_sources
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -77,3 +80,49 @@ def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
     assert set(rows) == {("aten::contiguous", "layer_a"), ("aten::_to_copy", "layer_b")}, rows
     assert all(r["calls_per_step"] == 1.0 for r in rows.values())
     assert rows[("aten::contiguous", "layer_a")]["shapes"].startswith("[[2, 8, 6, 6]")
+
+
+def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
+    import bench
+    import torch._inductor.config as inductor_config
+    from bench_candidates import CANDIDATES
+
+    from ldm.norm import GroupNorm
+
+    was = inductor_config.coordinate_descent_tuning
+    try:
+        bench.set_inductor_option("coordinate_descent_tuning=True")
+        assert inductor_config.coordinate_descent_tuning is True
+        undo = CANDIDATES["gn-strided"][1]()
+        bench.CANDIDATES_ON.append("gn-strided")
+        assert GroupNorm.forward.__module__ == "bench_candidates"
+        net = type("Net", (), {"attn_backend": "sdpa"})()
+        assert bench.variant_suffix(net, "ldm").endswith("_coordinate_descent_tuning=True_gnstrided")
+        assert bench.variant_suffix(net, "diffusers").endswith("_coordinate_descent_tuning=True")
+        undo()
+        assert GroupNorm.forward.__module__ == "ldm.norm"
+    finally:
+        inductor_config.coordinate_descent_tuning = was
+        bench.INDUCTOR_SET.clear()
+        bench.CANDIDATES_ON.clear()
+
+
+def test_strided_group_norm_candidate_matches_torch_forward_and_backward_in_channels_last():
+    import torch
+    from bench_candidates import group_norm_strided
+    from torch._decomp.decompositions import native_group_norm_backward
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(8, 32, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 32, 6, 5).to(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 32, 6, 5).to(memory_format=torch.channels_last)
+    y = group_norm_strided(x, 8, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(y, norm(x), rtol=1e-5, atol=1e-5)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert dx.is_contiguous(memory_format=torch.channels_last) and not dx.is_contiguous()
+    _, mean, rstd = torch.native_group_norm(x.detach(), norm.weight, norm.bias, 2, 32, 30, 8, norm.eps)
+    dx_ref, _, _ = native_group_norm_backward(g, x.detach(), mean, rstd, norm.weight, 2, 32, 30, 8, [True, True, True])
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
