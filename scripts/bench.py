@@ -17,8 +17,6 @@ after warm-up. Prints JSON lines (also to --out) and a table last.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import tempfile
 import time
@@ -27,55 +25,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_candidates import CANDIDATES  # noqa: E402
+from bench_candidates import CANDIDATES, CANDIDATES_ON, INDUCTOR_SET, apply_candidate, set_inductor_option  # noqa: E402
+from bench_common import bench_ceiling, emit, summary, timed  # noqa: E402
+from bench_kernels import bench_attention, bench_layers  # noqa: E402
+from bench_profile import host_syncs, profile_step  # noqa: E402
 
-RESULTS: list[dict] = []
 SD_SHAPES = True  # the FLOP counts above are for SD-1.5; other configs report no TFLOP/s
 EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, to compare the compiled ones with
 GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
 
 
-INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run, named in the training rows' variant
-CANDIDATES_ON: list[str] = []  # --candidate patches of this run
-
-CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), measured first on a GPU
-
-
-def emit(out: Path | None, **kw) -> None:
-    if isinstance(kw.get("tflops"), float) and CEILING:  # (the ceiling row itself comes before CEILING is set)
-        kw["share_of_ceiling"] = round(kw["tflops"] / CEILING["tflops"], 3)
-    kw["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    kw["torch"] = torch.__version__
-    print(json.dumps(kw), flush=True)
-    RESULTS.append(kw)
-    if out:
-        with open(out, "a") as f:
-            f.write(json.dumps(kw) + "\n")
-
-
-def timed(fn, warmup: int = 3, reps: int = 10, inner: int = 1) -> dict:
-    """Median/min/max seconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU). ``inner`` > 1 times that many
-    back-to-back calls per repetition and divides: for kernels shorter than the launch latency of a lone call."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            s.record()
-            for _ in range(inner):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e) / 1000 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            ts.append((time.perf_counter() - t0) / inner)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "reps": reps}
 
 
 def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
@@ -111,9 +70,10 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
     x = torch.randn(2, 4, res, res, device=dev, dtype=dt)
     t = torch.tensor([500, 500], device=dev)
     c = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
-    y = {"ldm": ours.unet(x, t, context=c).float(), "diffusers": pipe.unet(x, t, encoder_hidden_states=c).sample.float()}
-    emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag, value=float((y["ldm"] - y["diffusers"]).abs().max()),
-         output_abs_max=float(y["ldm"].abs().max()))
+    y = {"ldm": ours.unet(x, t, context=c).float(),
+         "diffusers": pipe.unet(x, t, encoder_hidden_states=c).sample.float()}
+    emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
+         value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
     for impl in y:  # the fast path against the eager one, same weights and inputs
         if tag == "eager":
             EAGER_OUT[impl] = y[impl]
@@ -260,31 +220,6 @@ def variant_suffix(net: torch.nn.Module, name: str) -> str:
     return "".join(parts)
 
 
-def set_inductor_option(item: str) -> None:
-    """``KEY=VALUE`` -> ``torch._inductor.config.KEY = VALUE`` (a Python literal; a dotted KEY reaches a
-    sub-config such as ``triton.cudagraphs``); a key inductor does not have or a value that is no literal is a
-    ValueError naming it."""
-    import ast
-
-    import torch._inductor.config as inductor_config
-
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
-    *path, leaf = key.split(".")
-    target = inductor_config
-    for part in path:
-        target = getattr(target, part, None)
-    if target is None or not hasattr(target, leaf):
-        raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"--inductor {key}: {text!r} is not a Python literal (True, 3, 'name')") from None
-    setattr(target, leaf, value)
-    INDUCTOR_SET[key] = value
-
-
 def layout_of(net: torch.nn.Module) -> torch.memory_format:
     """channels_last if the network's first 3×3-or-larger convolution weight is, else contiguous."""
     for p in net.parameters():
@@ -298,136 +233,6 @@ def uncompile(net: torch.nn.Module) -> None:
     vars(net).pop("forward", None)
 
 
-def bench_ceiling(out) -> float:
-    """The card's measured bf16 matmul rate (8192³, TFLOP/s): the ceiling the U-Net's rates are shares of."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    r = timed(lambda: a @ b, 5, 20)
-    tf = 2 * 8192**3 / r["median_s"] / 1e12
-    emit(out, what="matmul_ceiling_bf16_8192", tflops=tf, **r)
-    CEILING["tflops"] = tf
-    return tf
-
-
-# SD-1.5's attention shapes at 64×64 latents: (query tokens, key tokens, heads, head dim) and layers per U-Net pass
-ATTN_SHAPES = {"self_64x64": (4096, 4096, 8, 40, 5), "self_32x32": (1024, 1024, 8, 80, 5),
-               "self_16x16": (256, 256, 8, 160, 5), "self_8x8": (64, 64, 8, 160, 1),
-               "cross_64x64": (4096, 77, 8, 40, 5), "cross_32x32": (1024, 77, 8, 80, 5)}
-
-
-def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cuda") -> None:
-    """softmax(QKᵀ/√d)V alone at the SD-1.5 shapes, each SDPA kernel and ours: a CFG step's forward (batch 2, fp16)
-    or, with ``train``, a training step's forward + backward (bf16). Ends with each kernel's total over one U-Net
-    pass (every shape times its layer count)."""
-    from torch.nn.attention import SDPBackend
-
-    from ldm.attention import attention, sdpa_in_order
-
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    dtype, what = (torch.bfloat16, "attention_train") if train else (torch.float16, "attention")
-    totals: dict[str, float] = {}
-    for name, (lq, lk, h, d, layers) in ATTN_SHAPES.items():
-        q = torch.randn(batch, h, lq, d, device=device, dtype=dtype, requires_grad=train)
-        k, v = (torch.randn(batch, h, lk, d, device=device, dtype=dtype, requires_grad=train) for _ in range(2))
-        g = torch.randn_like(q)
-        ref = attention(q, k, v, backend="math").float()
-        gflop = 4 * batch * h * lq * lk * d / 1e9 * (3.5 if train else 1)  # backward: 2.5× the forward's matmuls
-
-        def call(fn):
-            if not train:
-                with torch.no_grad():
-                    return fn()
-            q.grad = k.grad = v.grad = None
-            y = fn()
-            y.backward(g)
-            return y
-
-        impls = {kname: (lambda kb=kb: sdpa_in_order(q, k, v, [kb])) for kname, kb in kernels.items()}
-        impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ("sdpa", "cudnn", "flash")})
-        for impl, fn in impls.items():
-            try:
-                diff = float((call(fn).float() - ref).abs().max())
-                r = timed(lambda fn=fn: call(fn), 3, 30)
-            except RuntimeError as e:  # no kernel of this kind for the shape on this card
-                emit(out, what=f"{what}_{name}", impl=impl, batch=batch, error=str(e).splitlines()[0][:200])
-                continue
-            totals[impl] = totals.get(impl, 0.0) + layers * r["median_s"] * 1e3
-            emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
-                 max_abs_diff=diff, **r)
-    emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
-
-
-KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
-    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
-    ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
-    ("norm / elementwise (Triton)", ("triton",)),
-    ("copy / layout", ("copy", "memcpy", "memset", "transpose", "cat")),
-)
-
-
-def kernel_category(name: str) -> str:
-    low = name.lower()
-    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
-
-
-def is_annotation(key: str) -> bool:
-    """Ranges that the profiler lists on the GPU timeline beside the kernels they contain (compiled graphs, optimizer
-    steps): counting them would count those kernels twice."""
-    return key.startswith(("## ", "Optimizer."))
-
-
-def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
-    """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
-    ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops is not None else [])
-    with profile(activities=acts, record_shapes=ops is not None) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and not is_annotation(e.key)]
-    by_cat: dict[str, float] = {}
-    for e in kernels:
-        cat = kernel_category(e.key)
-        by_cat[cat] = by_cat.get(cat, 0.0) + float(e.device_time_total) / steps / 1000
-    top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
-    top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
-                 "calls_per_step": e.count // steps} for e in top]
-    if ops is not None:
-        ops.extend(copy_sources(prof.events(), steps)[:16])
-    cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
-    return sum(by_cat.values()), cats, top_rows
-
-
-COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
-
-
-def copy_sources(events, steps: int) -> list[dict]:
-    """The outermost copy-like ATen ops (a copy inside a copy counts once), grouped by op, input shapes and the
-    operator that called them (its nearest non-copy CPU ancestor, e.g. ``aten::convolution_backward`` or a compiled
-    graph), heaviest first: which operator's layout conversion the GPU time belongs to."""
-    rows: dict[tuple[str, str, str], list[float]] = {}
-    for e in events:
-        parent = e.cpu_parent
-        if e.name not in COPY_OPS or (parent is not None and parent.name in COPY_OPS):
-            continue
-        while parent is not None and parent.name in COPY_OPS + ("aten::to",):
-            parent = parent.cpu_parent
-        key = (e.name, str(e.input_shapes)[:160], parent.name[:80] if parent is not None else "(top level)")
-        acc = rows.setdefault(key, [0.0, 0.0])
-        acc[0] += 1
-        acc[1] += float(e.device_time_total)
-    ordered = sorted(rows.items(), key=lambda kv: -kv[1][1])
-    return [{"op": op, "shapes": shapes, "called_from": via, "calls_per_step": n / steps,
-             "gpu_ms_per_step": round(us / steps / 1000, 3)} for (op, shapes, via), (n, us) in ordered]
-
-
 @torch.no_grad()
 def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
     """GPU time per U-Net CFG step by kernel category, and the top kernels: what limits the step."""
@@ -437,75 +242,6 @@ def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
     total, cats, top = profile_step(lambda: ours.unet(x, t, context=c))
     emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total, by_category_ms=cats)
     emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, kernels=top)
-
-
-def layer_calls(net: torch.nn.Module, fn) -> list[tuple[torch.nn.Module, tuple[int, ...]]]:
-    """(module, input shape) of every Conv2d and Linear call during ``fn()``."""
-    calls, hooks = [], []
-    for m in net.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            hooks.append(m.register_forward_pre_hook(lambda mod, args: calls.append((mod, tuple(args[0].shape)))))
-    try:
-        fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
-
-
-def _fp8_mm(x2d: torch.Tensor, w: torch.Tensor):
-    """A timed closure of Hopper's fp8 matmul (e4m3, per-tensor scales) for x2d @ wᵀ, or None if unsupported.
-    Operands are quantized beforehand, so its time is a lower bound for an fp8 linear layer."""
-    if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9) or x2d.shape[1] % 16 or \
-            w.shape[0] % 16:
-        return None
-    a = x2d.to(torch.float8_e4m3fn)
-    b = w.to(torch.float8_e4m3fn).t()  # (K, N), column-major as _scaled_mm wants
-    one = torch.ones((), device=x2d.device)
-    return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float16)
-
-
-@torch.no_grad()
-def bench_layers(ours, ctx_dim: int, res: int, out) -> None:
-    """Each distinct convolution and linear shape of one CFG U-Net call, alone (fp16, channels_last): time, TFLOP/s,
-    times its count. Convolutions with cuDNN's heuristic and with ``cudnn.benchmark``; linears also as fp8."""
-    import torch.nn.functional as F
-
-    x = torch.randn(2, 4, res, res, device="cuda", dtype=torch.float16)
-    t = torch.tensor([500, 500], device="cuda")
-    c = torch.randn(2, 77, ctx_dim, device="cuda", dtype=torch.float16)
-    groups: dict[tuple, list] = {}
-    for m, shape in layer_calls(ours.unet, lambda: ours.unet(x, t, context=c)):
-        key = (type(m).__name__, shape, tuple(m.weight.shape), getattr(m, "stride", None), getattr(m, "padding", None))
-        groups.setdefault(key, [m, 0])[1] += 1
-    totals: dict[str, float] = {}
-    for (kind, shape, wshape, _, _), (m, n) in groups.items():
-        inp = torch.randn(shape, device="cuda", dtype=torch.float16)
-        w = m.weight.detach().to(torch.float16)
-        if kind == "Conv2d":
-            inp = inp.to(memory_format=torch.channels_last)
-            w = w.to(memory_format=torch.channels_last)
-            y = F.conv2d(inp, w, None, m.stride, m.padding)
-            flop = 2 * y.numel() * w[0].numel()
-            row = {}
-            for bm in (False, True):
-                torch.backends.cudnn.benchmark = bm
-                row["benchmark" if bm else "heuristic"] = timed(lambda: F.conv2d(inp, w, None, m.stride, m.padding),
-                                                                3, 10, inner=20)["median_s"]
-            torch.backends.cudnn.benchmark = False
-        else:
-            x2d = inp.reshape(-1, shape[-1])
-            flop = 2 * x2d.shape[0] * w.shape[0] * w.shape[1]
-            row = {"fp16": timed(lambda: F.linear(x2d, w), 3, 10, inner=20)["median_s"]}
-            f8 = _fp8_mm(x2d, w)
-            if f8 is not None:
-                row["fp8"] = timed(f8, 3, 10, inner=20)["median_s"]
-        for k, v in row.items():
-            totals[f"{kind}:{k}"] = totals.get(f"{kind}:{k}", 0.0) + n * v * 1000
-        emit(out, what="layer", kind=kind, input=list(shape), weight=list(wshape), count=n, gflop=flop / 1e9,
-             ms={k: round(v * 1000, 4) for k, v in row.items()},
-             tflops={k: round(flop / v / 1e12, 1) for k, v in row.items()})
-    emit(out, what=f"layers_total_ms_b2_{res}", by_kernel_choice={k: round(v, 3) for k, v in totals.items()})
 
 
 @torch.no_grad()
@@ -522,43 +258,6 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
     syncs = host_syncs(run)
     emit(out, what=f"txt2img_host_syncs_{px}px_{steps}steps", impl="ldm", variant=tag, count=sum(syncs.values()),
          where=dict(sorted(syncs.items(), key=lambda kv: -kv[1])[:10]))
-
-
-def host_syncs(fn) -> dict[str, int]:
-    """Synchronising CUDA calls made by one ``fn()`` (``torch.cuda.set_sync_debug_mode``), counted by source line."""
-    torch.cuda.synchronize()
-    with SyncCounter() as where:
-        fn()
-    return where
-
-
-class SyncCounter:
-    """Counts the synchronising CUDA calls made inside the block by source line (``torch.cuda.set_sync_debug_mode``);
-    ``start()``/``stop()`` do the same across callbacks."""
-
-    def __enter__(self) -> dict[str, int]:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> dict[str, int]:
-        import warnings
-
-        self.where: dict[str, int] = {}
-        self._catch = warnings.catch_warnings(record=True)
-        self._caught = self._catch.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        return self.where
-
-    def stop(self) -> None:
-        torch.cuda.set_sync_debug_mode("default")
-        self._catch.__exit__(None, None, None)
-        for w in self._caught:
-            if "synchroniz" in str(w.message):
-                key = f"{Path(w.filename).name}:{w.lineno}"
-                self.where[key] = self.where.get(key, 0) + 1
 
 
 def compile_both(ours, pipe, mode: str, out) -> None:
@@ -630,8 +329,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(str(e))
     for name in a.candidate:
-        CANDIDATES[name][1]()
-        CANDIDATES_ON.append(name)
+        apply_candidate(name)
     if a.no_layout_opt or a.force_layout_opt:
         import torch._inductor.config as inductor_config
 
@@ -744,14 +442,6 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     if not cpu:
         ours.half()
         pipe.unet.half()
-
-
-def summary() -> None:
-    print("\nSUMMARY")
-    for r in RESULTS:
-        keys = ("median_s", "value", "img_per_s", "tflops", "share_of_ceiling", "peak_mem_gb", "total_ms_per_step")
-        print(f"{r['what']:<40} {r.get('impl', ''):<10} {r.get('variant', ''):<9} " +
-              " ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), float)))
 
 
 if __name__ == "__main__":

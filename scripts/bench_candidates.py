@@ -1,13 +1,49 @@
-"""Candidate changes that bench.py can time before any of them goes into ``ldm`` (``--candidate NAME``).
+"""Changes under test that bench.py can time before any of them goes into ``ldm``: inductor settings
+(``--inductor KEY=VALUE``) and patches of our model (``--candidate NAME``), both named in the rows' variant.
 
-Each entry patches our model for the benchmark process only and names itself in the rows' variant. A candidate
-leaves this file either for the library, measured, or for the bin, with its numbers in docs/BENCHMARKS.md.
+A candidate patches our model for the benchmark process only. It leaves this file either for the library,
+measured, or for the bin, with its numbers in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run
+CANDIDATES_ON: list[str] = []  # --candidate patches of this run
+
+
+def set_inductor_option(item: str) -> None:
+    """``KEY=VALUE`` -> ``torch._inductor.config.KEY = VALUE`` (a Python literal; a dotted KEY reaches a
+    sub-config such as ``triton.cudagraphs``); a key inductor does not have or a value that is no literal is a
+    ValueError naming it."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
+    *path, leaf = key.split(".")
+    target = inductor_config
+    for part in path:
+        target = getattr(target, part, None)
+    if target is None or not hasattr(target, leaf):
+        raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--inductor {key}: {text!r} is not a Python literal (True, 3, 'name')") from None
+    setattr(target, leaf, value)
+    INDUCTOR_SET[key] = value
+
+
+def apply_candidate(name: str) -> Callable[[], None]:
+    """Patch our model with the candidate ``name`` for the rest of the process; returns the undo."""
+    undo = CANDIDATES[name][1]()
+    CANDIDATES_ON.append(name)
+    return undo
 
 
 def group_norm_strided(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -23,7 +23,8 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SyncCounter, emit  # noqa: E402
+from bench_common import emit  # noqa: E402
+from bench_profile import SyncCounter  # noqa: E402
 
 GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
 

@@ -66,7 +66,7 @@ def test_end_to_end_training_bench_rejects_a_warmup_as_long_as_the_run():
 
 def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
     import torch
-    from bench import copy_sources
+    from bench_profile import copy_sources
     from torch.profiler import ProfilerActivity, profile, record_function
 
     x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
@@ -84,27 +84,27 @@ def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
 
 def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
     import bench
+    import bench_candidates as cand
     import torch._inductor.config as inductor_config
-    from bench_candidates import CANDIDATES
 
     from ldm.norm import GroupNorm
 
-    was = inductor_config.coordinate_descent_tuning
+    was, undo = inductor_config.coordinate_descent_tuning, None
     try:
-        bench.set_inductor_option("coordinate_descent_tuning=True")
+        cand.set_inductor_option("coordinate_descent_tuning=True")
         assert inductor_config.coordinate_descent_tuning is True
-        undo = CANDIDATES["gn-strided"][1]()
-        bench.CANDIDATES_ON.append("gn-strided")
+        undo = cand.apply_candidate("gn-strided")
         assert GroupNorm.forward.__module__ == "bench_candidates"
         net = type("Net", (), {"attn_backend": "sdpa"})()
         assert bench.variant_suffix(net, "ldm").endswith("_coordinate_descent_tuning=True_gnstrided")
         assert bench.variant_suffix(net, "diffusers").endswith("_coordinate_descent_tuning=True")
-        undo()
-        assert GroupNorm.forward.__module__ == "ldm.norm"
     finally:
         inductor_config.coordinate_descent_tuning = was
-        bench.INDUCTOR_SET.clear()
-        bench.CANDIDATES_ON.clear()
+        cand.INDUCTOR_SET.clear()
+        cand.CANDIDATES_ON.clear()
+        if undo is not None:
+            undo()
+    assert GroupNorm.forward.__module__ == "ldm.norm"
 
 
 def test_strided_group_norm_candidate_matches_torch_forward_and_backward_in_channels_last():

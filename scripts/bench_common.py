@@ -1,0 +1,69 @@
+"""What every benchmark script shares: one JSON line per result (``emit``), CUDA-event timing (``timed``), the
+card's measured matmul ceiling that TFLOP/s rows are shares of, and the closing table."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS: list[dict] = []  # every row emitted in this process, for the closing table
+CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), measured first on a GPU
+
+
+def emit(out: Path | None, **kw) -> None:
+    if isinstance(kw.get("tflops"), float) and CEILING:  # (the ceiling row itself comes before CEILING is set)
+        kw["share_of_ceiling"] = round(kw["tflops"] / CEILING["tflops"], 3)
+    kw["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    kw["torch"] = torch.__version__
+    print(json.dumps(kw), flush=True)
+    RESULTS.append(kw)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(kw) + "\n")
+
+
+def timed(fn, warmup: int = 3, reps: int = 10, inner: int = 1) -> dict:
+    """Median/min/max seconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU). ``inner`` > 1 times that many
+    back-to-back calls per repetition and divides: for kernels shorter than the launch latency of a lone call."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            s.record()
+            for _ in range(inner):
+                fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e) / 1000 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            ts.append((time.perf_counter() - t0) / inner)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "reps": reps}
+
+
+def bench_ceiling(out) -> float:
+    """The card's measured bf16 matmul rate (8192³, TFLOP/s): the ceiling the U-Net's rates are shares of."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    r = timed(lambda: a @ b, 5, 20)
+    tf = 2 * 8192**3 / r["median_s"] / 1e12
+    emit(out, what="matmul_ceiling_bf16_8192", tflops=tf, **r)
+    CEILING["tflops"] = tf
+    return tf
+
+
+def summary() -> None:
+    print("\nSUMMARY")
+    for r in RESULTS:
+        keys = ("median_s", "value", "img_per_s", "tflops", "share_of_ceiling", "peak_mem_gb", "total_ms_per_step")
+        print(f"{r['what']:<40} {r.get('impl', ''):<10} {r.get('variant', ''):<9} " +
+              " ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), float)))

@@ -1,0 +1,113 @@
+"""Where the GPU time of a step goes (torch.profiler: kernel categories, top kernels, the operators behind layout
+copies) and where the host waits for it (synchronising CUDA calls by source line)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
+    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
+    ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
+    ("norm / elementwise (Triton)", ("triton",)),
+    ("copy / layout", ("copy", "memcpy", "memset", "transpose", "cat")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def is_annotation(key: str) -> bool:
+    """Ranges that the profiler lists on the GPU timeline beside the kernels they contain (compiled graphs, optimizer
+    steps): counting them would count those kernels twice."""
+    return key.startswith(("## ", "Optimizer."))
+
+
+def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
+    """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
+    ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops is not None else [])
+    with profile(activities=acts, record_shapes=ops is not None) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and not is_annotation(e.key)]
+    by_cat: dict[str, float] = {}
+    for e in kernels:
+        cat = kernel_category(e.key)
+        by_cat[cat] = by_cat.get(cat, 0.0) + float(e.device_time_total) / steps / 1000
+    top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
+    top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
+                 "calls_per_step": e.count // steps} for e in top]
+    if ops is not None:
+        ops.extend(copy_sources(prof.events(), steps)[:16])
+    cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
+    return sum(by_cat.values()), cats, top_rows
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+
+
+def copy_sources(events, steps: int) -> list[dict]:
+    """The outermost copy-like ATen ops (a copy inside a copy counts once), grouped by op, input shapes and the
+    operator that called them (its nearest non-copy CPU ancestor, e.g. ``aten::convolution_backward`` or a compiled
+    graph), heaviest first: which operator's layout conversion the GPU time belongs to."""
+    rows: dict[tuple[str, str, str], list[float]] = {}
+    for e in events:
+        parent = e.cpu_parent
+        if e.name not in COPY_OPS or (parent is not None and parent.name in COPY_OPS):
+            continue
+        while parent is not None and parent.name in COPY_OPS + ("aten::to",):
+            parent = parent.cpu_parent
+        key = (e.name, str(e.input_shapes)[:160], parent.name[:80] if parent is not None else "(top level)")
+        acc = rows.setdefault(key, [0.0, 0.0])
+        acc[0] += 1
+        acc[1] += float(e.device_time_total)
+    ordered = sorted(rows.items(), key=lambda kv: -kv[1][1])
+    return [{"op": op, "shapes": shapes, "called_from": via, "calls_per_step": n / steps,
+             "gpu_ms_per_step": round(us / steps / 1000, 3)} for (op, shapes, via), (n, us) in ordered]
+
+
+def host_syncs(fn) -> dict[str, int]:
+    """Synchronising CUDA calls made by one ``fn()`` (``torch.cuda.set_sync_debug_mode``), counted by source line."""
+    torch.cuda.synchronize()
+    with SyncCounter() as where:
+        fn()
+    return where
+
+
+class SyncCounter:
+    """Counts the synchronising CUDA calls made inside the block by source line (``torch.cuda.set_sync_debug_mode``);
+    ``start()``/``stop()`` do the same across callbacks."""
+
+    def __enter__(self) -> dict[str, int]:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> dict[str, int]:
+        import warnings
+
+        self.where: dict[str, int] = {}
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self.where
+
+    def stop(self) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        for w in self._caught:
+            if "synchroniz" in str(w.message):
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                self.where[key] = self.where.get(key, 0) + 1
