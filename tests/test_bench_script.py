@@ -126,3 +126,19 @@ def test_strided_group_norm_candidate_matches_torch_forward_and_backward_in_chan
     _, mean, rstd = torch.native_group_norm(x.detach(), norm.weight, norm.bias, 2, 32, 30, 8, norm.eps)
     dx_ref, _, _ = native_group_norm_backward(g, x.detach(), mean, rstd, norm.weight, 2, 32, 30, 8, [True, True, True])
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_attention_rows_run_on_the_cpu_at_tiny_shapes(monkeypatch, tmp_path, train):
+    import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "ATTN_SHAPES", {"self_tiny": (16, 16, 2, 8, 2), "cross_tiny": (16, 5, 2, 8, 1)})
+    out = tmp_path / "attn.jsonl"
+    bench_kernels.bench_attention(out, batch=1, train=train, device="cpu")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    what = "attention_train" if train else "attention"
+    ours = {r["what"]: r for r in rows if r.get("impl") == "ldm:sdpa"}
+    assert set(ours) == {f"{what}_self_tiny", f"{what}_cross_tiny"}
+    assert all(r["max_abs_diff"] < 2e-2 and r["median_s"] > 0 for r in ours.values())  # fp16/bf16 against math
+    total = next(r for r in rows if r["what"] == f"{what}_unet_pass_ms")["by_impl_ms"]
+    assert total["ldm:sdpa"] > 0
