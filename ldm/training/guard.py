@@ -75,13 +75,14 @@ class StepGuard:
         skipped, run, worst = (int(v) for v in self._pending.tolist())
         self._pending = None
         self.consecutive = run
+        where = f" up to step {step}" if step is not None else ""
         if skipped:
             self.skipped += skipped
-            log.warning("%d non-finite step(s) skipped on every rank%s (%d skipped so far)", skipped,
-                        f" up to step {step}" if step is not None else "", self.skipped)
+            log.warning("%d non-finite step(s) skipped on every rank%s (%d skipped so far)", skipped, where,
+                        self.skipped)
         if worst >= self.max_consecutive:
-            raise NonFiniteError(f"{worst} consecutive steps had non-finite losses or gradients (found by step {step});"
-                                 " lower the learning rate, check the data, or use bf16 instead of fp16")
+            raise NonFiniteError(f"{worst} consecutive steps had non-finite losses or gradients{where}; lower the "
+                                 "learning rate, check the data, or use bf16 instead of fp16")
 
     def record(self, ok: bool, what: str, step: int) -> None:
         if ok:
