@@ -75,7 +75,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
     emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
          value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
     for impl in y:  # the fast path against the eager one, same weights and inputs
-        if tag == "eager":
+        if is_reference(tag):
             EAGER_OUT[impl] = y[impl]
         elif impl in EAGER_OUT:
             emit(out, what="unet_max_abs_diff_vs_eager", impl=impl, variant=tag,
@@ -137,7 +137,7 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str,
         if tag.startswith("compiled"):
             emit(out, what=f"txt2img_first_call_s_{px}px_b{batch}", impl=name, variant=tag, value=time.time() - t0)
         key = f"txt2img_{name}_{px}_{batch}"
-        if tag == "eager":
+        if is_reference(tag):
             EAGER_OUT[key] = img
         elif key in EAGER_OUT:  # images in [0, 1]: the fast path against the eager one
             emit(out, what="txt2img_max_abs_diff_vs_eager", impl=name, variant=tag,
@@ -207,17 +207,36 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
 
 
 def variant_suffix(net: torch.nn.Module, name: str) -> str:
-    """What a training row ran with beyond layout and compile: our attention backend, cudnn.benchmark, inductor's
-    layout optimization (off or forced), other ``--inductor`` settings, ``--candidate`` patches (ours only)."""
+    """What a training row ran with beyond layout and compile: our attention backend (ours only), then
+    :func:`settings_suffix`."""
+    parts = [f"_{net.attn_backend}"] if name == "ldm" and net.attn_backend != "sdpa" else []
+    return "".join(parts) + settings_suffix(name)
+
+
+def settings_suffix(name: str = "ldm") -> str:
+    """The run's process-wide settings, as a variant suffix: cudnn.benchmark, inductor's layout optimization (off or
+    forced), other ``--inductor`` settings, then ``--candidate`` patches (ours only)."""
     import torch._inductor.config as inductor_config
 
-    parts = [f"_{net.attn_backend}"] if name == "ldm" and net.attn_backend != "sdpa" else []
-    parts += ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
+    parts = ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
     parts += ["_nolayoutopt"] if not inductor_config.layout_optimization else []
     parts += ["_forcelayoutopt"] if inductor_config.force_layout_optimization else []
     parts += [f"_{k}={v}" for k, v in INDUCTOR_SET.items()]
     parts += [CANDIDATES[c][0] for c in CANDIDATES_ON] if name == "ldm" else []
     return "".join(parts)
+
+
+def inference_tag(tag: str, mode: str) -> str:
+    """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead, and
+    the process-wide settings (candidates included: they patch ours only, so diffusers' rows with the same name ran
+    without them)."""
+    mode_part = f"_{mode}" if tag.startswith("compiled") and mode != "reduce-overhead" else ""
+    return tag + mode_part + settings_suffix()
+
+
+def is_reference(tag: str) -> bool:
+    """Whether rows named ``tag`` are the plain eager run, whose outputs the other variants are compared with."""
+    return tag == inference_tag("eager", "reduce-overhead")
 
 
 def layout_of(net: torch.nn.Module) -> torch.memory_format:
@@ -306,6 +325,9 @@ def main(argv=None) -> int:
                    help="patch our model with a change under test (scripts/bench_candidates.py); repeatable")
     p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
+                        "for each convolution shape on first use)")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
     p.add_argument("--eager-nchw", action="store_true",
                    help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
@@ -343,6 +365,7 @@ def main(argv=None) -> int:
     SD_SHAPES = config in ("sd/v1-inference.yaml", "configs/sd/v1-inference.yaml")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     res, px = (8, 32) if cpu else (64, 512)
     if not cpu:  # always (a few seconds): every TFLOP/s row then also reports its share of this ceiling
         bench_ceiling(out)
@@ -382,18 +405,19 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if tag == "eager_nchw":
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
+    label = inference_tag(tag, a.mode)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
-        bench_unet(ours, pipe, res, out, tag, impls)
+        bench_unet(ours, pipe, res, out, label, impls)
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
-        bench_vae(ours, pipe, res, out, tag)
+        bench_vae(ours, pipe, res, out, label)
     if "pipeline" in only:  # before the profiles: its first call is the compile
-        bench_pipeline(ours, pipe, px, 1, steps, out, tag, impls)
+        bench_pipeline(ours, pipe, px, 1, steps, out, label, impls)
         if a.batch8:
-            bench_pipeline(ours, pipe, px, 8, steps, out, tag, impls)
+            bench_pipeline(ours, pipe, px, 8, steps, out, label, impls)
     if "profile" in only and not cpu:
         if tag != "compiled_denoiser":
-            profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, tag)
-        profile_pipeline(ours, px, 50, out, tag)
+            profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, label)
+        profile_pipeline(ours, px, 50, out, label)
     if "layers" in only and not cpu and tag == "eager":
         bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
     ours.unet.to(memory_format=was)

@@ -11,6 +11,7 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flas
     ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
     ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
     ("norm / elementwise (Triton)", ("triton",)),
+    ("optimizer / foreach", ("multi_tensor", "foreach", "adam")),
     ("copy / layout", ("copy", "memcpy", "memset", "transpose", "cat")),
 )
 
@@ -39,6 +40,11 @@ def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, d
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    return kernel_summary(prof, steps, ops)
+
+
+def kernel_summary(prof, steps: int, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
+    """A finished profile's GPU kernel time per step (ms), by category, and its top kernels (see profile_step)."""
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and not is_annotation(e.key)]
     by_cat: dict[str, float] = {}
     for e in kernels:

@@ -5,10 +5,13 @@ times the bare step for comparison.
 
     python scripts/bench_train.py --latent 32 --batch 128 --steps 60 --compile --out train-e2e.jsonl
     python scripts/bench_train.py --latent 64 --batch 64 --steps 40 --compile
+    python scripts/bench_train.py --latent 64 --batch 64 --compile --profile-steps 5   # then profile 5 more steps
     python scripts/bench_train.py --cpu                   # the tiny config on a CPU: a smoke run
 
 Reports the first step (compile included), images/s over the steps after ``--warmup``, peak memory, and on a GPU
-the synchronising CUDA calls per steady step by source line (``torch.cuda.set_sync_debug_mode``). Random weights
+the synchronising CUDA calls per steady step by source line (``torch.cuda.set_sync_debug_mode``). With
+``--profile-steps N``, N more steps run under torch.profiler after the timed ones: wall time against GPU kernel time
+per step (the share the GPU is busy), kernels by category, the top kernels and the host operators. Random weights
 and latents: the arithmetic and the loop are those of a real fine-tuning run, the numbers are not.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import emit  # noqa: E402
-from bench_profile import SyncCounter  # noqa: E402
+from bench_profile import SyncCounter, kernel_summary  # noqa: E402
 
 GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
 
@@ -81,11 +84,50 @@ class Clock(L.Callback):
             self.on_done(self)
 
 
+class StepProfile(L.Callback):
+    """torch.profiler over the batches ``first`` .. ``first + count - 1``; ``on_done(row)`` gets wall and GPU kernel
+    time per step, kernels by category, the top kernels and the host operators with the most self time."""
+
+    def __init__(self, first: int, count: int, on_done) -> None:
+        self.first, self.count, self.on_done = first, count, on_done
+        self.prof, self.t0 = None, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, i: int) -> None:
+        if i != self.first:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof = profile(activities=acts)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, i: int) -> None:
+        if self.prof is None or i != self.first + self.count - 1:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - self.t0) * 1000 / self.count
+        self.prof.__exit__(None, None, None)
+        gpu_ms, cats, top = kernel_summary(self.prof, self.count)
+        host = sorted((e for e in self.prof.key_averages() if e.device_type.name == "CPU"),
+                      key=lambda e: -float(e.self_cpu_time_total))[:12]
+        ms = 1000 * self.count
+        host_rows = [{"name": e.key[:100], "self_ms_per_step": round(float(e.self_cpu_time_total) / ms, 3),
+                      "calls_per_step": e.count / self.count} for e in host]
+        self.prof = None
+        self.on_done(dict(steps=self.count, wall_ms_per_step=wall_ms, gpu_kernel_ms_per_step=gpu_ms,
+                          gpu_busy_share=gpu_ms / wall_ms if gpu_ms else None, by_category_ms=cats, kernels=top,
+                          host_ops=host_rows))
+
+
 def overrides(a, cache: Path, run_dir: Path, gpu: bool) -> list[str]:
     o = ["--config", a.config, "--run-dir", str(run_dir), f"data.train={cache}", f"data.batch_size={a.batch}",
-         f"data.num_workers={a.workers}", f"data.num_samples={a.batch * a.steps}",
+         f"data.num_workers={a.workers}", f"data.num_samples={a.batch * total_steps(a)}",
          f"model.params.image_size={a.latent}", "train.init_checkpoint=null",
-         f"trainer.max_steps={a.steps}", "trainer.enable_progress_bar=false", "sample.every_n_steps=0",
+         f"trainer.max_steps={total_steps(a)}", "trainer.enable_progress_bar=false", "sample.every_n_steps=0",
          "train.checkpoint.every_n_steps=1000000", "train.warmup_steps=0", "trainer.log_every_n_steps=10",
          f"trainer.precision={'bf16-mixed' if gpu else '32-true'}", f"trainer.accelerator={'gpu' if gpu else 'cpu'}",
          "trainer.devices=1", "train.gradient_checkpointing=false", "logging.tensorboard=false"]
@@ -107,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="train.compile=true")
     p.add_argument("--channels-last", choices=("true", "false"), default=None, help="train.channels_last")
     p.add_argument("--cudnn-benchmark", action="store_true", help="trainer.benchmark=true")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the timed steps, run this many more under torch.profiler (default 0: none)")
     p.add_argument("--override", action="append", default=[], help="more key=value overrides (repeatable)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -118,6 +162,8 @@ def main(argv=None) -> int:
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     if not 0 < a.warmup < a.steps:
         p.error(f"--warmup must be between 0 and --steps ({a.steps}), got {a.warmup}")
+    if a.profile_steps < 0:
+        p.error(f"--profile-steps must be 0 or more, got {a.profile_steps}")
     out = Path(a.out) if a.out else None
     return run(a, gpu, out)
 
@@ -131,23 +177,37 @@ def run(a, gpu: bool, out: Path | None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "latents"
         t0 = time.time()
-        make_cache(cache, a.batch * a.steps, (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
-        emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * a.steps)
+        make_cache(cache, a.batch * total_steps(a), (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
+        emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * total_steps(a))
         reported: list[bool] = []
         clock = Clock(a.warmup, a.steps, count_syncs=gpu, on_done=lambda c: reported.append(report(a, c, gpu, out)))
+        callbacks: list[L.Callback] = [clock]
+        if a.profile_steps:
+            callbacks.append(StepProfile(a.steps, a.profile_steps, lambda row: emit(
+                out, what="train_e2e_profile", **row, **run_tag(a))))
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=[clock])
+        train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=callbacks)
     if not reported:
         raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps} steps")
     return 0
 
 
+def total_steps(a) -> int:
+    """The timed steps and the profiled ones after them."""
+    return a.steps + a.profile_steps
+
+
+def run_tag(a) -> dict:
+    """The settings every row of the run carries."""
+    return dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
+                cudnn_benchmark=a.cudnn_benchmark)
+
+
 def report(a, clock: Clock, gpu: bool, out: Path | None) -> bool:
     """Emit the first step, the steady rate, peak memory and the syncs per steady step."""
     steady = a.steps - a.warmup
-    tag = dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
-               cudnn_benchmark=a.cudnn_benchmark)
+    tag = run_tag(a)
     emit(out, what="train_e2e_first_step_s", value=clock.starts[1] - clock.starts[0], **tag)
     rate = a.batch * steady / (clock.end - clock.starts[a.warmup])
     mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None

@@ -20,11 +20,11 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ldm
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
+    import ldm
     from ldm.data import FolderDataset, ShardDataset, collate, write_latent_cache
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

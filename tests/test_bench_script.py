@@ -49,13 +49,17 @@ def test_bad_arguments_are_named(tmp_path, args, message):
 
 def test_end_to_end_training_bench_runs_the_lightning_module_on_a_synthetic_cache(tmp_path):
     out = tmp_path / "e2e.jsonl"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cpu", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--cpu", "--profile-steps", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert rows["synthetic_cache_s"]["samples"] == 24  # batch 4 × 6 steps on the CPU
+    assert rows["synthetic_cache_s"]["samples"] == 32  # batch 4 × (6 timed + 2 profiled steps) on the CPU
     assert rows["train_e2e_first_step_s"]["value"] > 0 and rows["train_e2e_img_per_s"]["img_per_s"] > 0
-    assert rows["train_e2e_img_per_s"]["steps"] == 4  # 6 steps, 2 of warm-up left out
+    assert rows["train_e2e_img_per_s"]["steps"] == 4  # 6 steps, 2 of warm-up left out; the profiled ones neither
+    prof = rows["train_e2e_profile"]
+    assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0 and prof["gpu_kernel_ms_per_step"] == 0
+    assert prof["host_ops"] and all(op["self_ms_per_step"] >= 0 for op in prof["host_ops"])
+    assert any(op["name"].startswith("aten::") for op in prof["host_ops"])  # the step's own operators were recorded
 
 
 def test_end_to_end_training_bench_rejects_a_warmup_as_long_as_the_run():
@@ -105,6 +109,26 @@ def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
         if undo is not None:
             undo()
     assert GroupNorm.forward.__module__ == "ldm.norm"
+
+
+def test_inference_rows_name_the_compile_mode_and_cudnn_benchmark_and_keep_the_eager_reference():
+    import bench
+    import torch
+
+    was = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        assert bench.inference_tag("compiled", "reduce-overhead") == "compiled"
+        assert bench.inference_tag("compiled", "max-autotune") == "compiled_max-autotune"
+        assert bench.inference_tag("eager", "max-autotune") == "eager"  # the mode only names compiled rows
+        assert bench.is_reference("eager") and not bench.is_reference("eager_nchw")
+        torch.backends.cudnn.benchmark = True
+        label = bench.inference_tag("eager", "reduce-overhead")
+        assert label == "eager_cudnnbench" and bench.is_reference(label)
+        assert bench.inference_tag("compiled_denoiser", "max-autotune") == "compiled_denoiser_max-autotune_cudnnbench"
+        assert not bench.is_reference(bench.inference_tag("compiled", "reduce-overhead"))
+    finally:
+        torch.backends.cudnn.benchmark = was
 
 
 def test_strided_group_norm_candidate_matches_torch_forward_and_backward_in_channels_last():
