@@ -226,11 +226,13 @@ def settings_suffix(name: str = "ldm") -> str:
     return "".join(parts)
 
 
-def inference_tag(tag: str, mode: str) -> str:
-    """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead, and
-    the process-wide settings (candidates included: they patch ours only, so diffusers' rows with the same name ran
-    without them)."""
-    mode_part = f"_{mode}" if tag.startswith("compiled") and mode != "reduce-overhead" else ""
+def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None) -> str:
+    """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead (and
+    diffusers' where it differs from ours), then the process-wide settings (candidates included: they patch ours
+    only, so diffusers' rows with the same name ran without them)."""
+    compiled = tag.startswith("compiled")
+    mode_part = f"_{mode}" if compiled and mode != "reduce-overhead" else ""
+    mode_part += f"_diffusers-{diffusers_mode}" if compiled and diffusers_mode not in (None, mode) else ""
     return tag + mode_part + settings_suffix()
 
 
@@ -279,17 +281,20 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
          where=dict(sorted(syncs.items(), key=lambda kv: -kv[1])[:10]))
 
 
-def compile_both(ours, pipe, mode: str, out) -> None:
+def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) -> None:
+    """Our fast path with ``mode`` and diffusers at its best (channels_last, fused q/k/v, compiled U-Net and decoder)
+    with ``diffusers_mode`` (default: the same)."""
     from ldm.fast import optimize
 
     t0 = time.time()
+    dmode = diffusers_mode or mode
     optimize(ours, mode=mode)  # cuDNN attention on Hopper, fused projections, inductor flags (process-wide: both)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
-    pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
-    emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode)
+    pipe.unet = torch.compile(pipe.unet, mode=dmode, fullgraph=True)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=dmode, fullgraph=True)
+    emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode)
 
 
 def main(argv=None) -> int:
@@ -325,6 +330,9 @@ def main(argv=None) -> int:
                    help="patch our model with a change under test (scripts/bench_candidates.py); repeatable")
     p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
+    p.add_argument("--diffusers-mode", default=None,
+                   help="diffusers' torch.compile mode where it differs from --mode (issue 7 defines diffusers at its "
+                        "best with reduce-overhead)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
                         "for each convolution shape on first use)")
@@ -396,7 +404,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     from ldm.fast import compile_guided_denoiser
 
     if tag == "compiled":
-        compile_both(ours, pipe, a.mode, out)
+        compile_both(ours, pipe, a.mode, out, a.diffusers_mode)
     if tag == "compiled_denoiser":
         compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
     impls = ("ldm",) if tag in ("compiled_denoiser", "eager_nchw") else ("ldm", "diffusers")
@@ -405,7 +413,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if tag == "eager_nchw":
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
-    label = inference_tag(tag, a.mode)  # the rows' variant name
+    label = inference_tag(tag, a.mode, a.diffusers_mode)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls)
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
