@@ -39,7 +39,13 @@ def set_inductor_flags(flags: dict[str, Any] | None = None) -> None:
 SCOPES = ("unet", "denoiser")
 
 
-def optimize(model: Any, compile: bool = True, mode: str | None = "max-autotune-no-cudagraphs",
+# torch.compile mode of the fast path: CUDA graphs over inductor's default kernels. "max-autotune" was measured on an
+# H200 (docs/BENCHMARKS.md, fourth 11-29 session): it benchmarks ~20 Triton templates against cuDNN/cuBLAS for each
+# of the SD U-Net's ~60 convolution and matmul shapes, 10-20 s each, so its first compile took over 20 minutes.
+DEFAULT_MODE = "reduce-overhead"
+
+
+def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
              fullgraph: bool = True, dynamic: bool = False, attention: str | None = None,
              fuse_projections: bool = True, inductor_flags: bool = True, scope: str = "unet",
              backend: str = "inductor") -> Any:
@@ -49,13 +55,14 @@ def optimize(model: Any, compile: bool = True, mode: str | None = "max-autotune-
     - ``attention``: switch the U-Net's attention backend (default: keep the config's);
     - ``fuse_projections``: q/k/v projections as one matmul (inference only: undo before training);
     - ``inductor_flags``: :data:`INDUCTOR_FLAGS` (process-wide);
-    - ``torch.compile`` of the U-Net forward and the autoencoder decoder (``mode``: any torch.compile mode;
-      "reduce-overhead" adds CUDA graphs for the fixed-shape denoising loop; ``backend``: a torch.compile backend,
-      ``mode`` applies to inductor only);
+    - ``torch.compile`` of the U-Net forward and the autoencoder decoder (``mode``: any torch.compile mode; the
+      default "reduce-overhead" adds CUDA graphs for the fixed-shape denoising loop, ~35 s of compile on the first
+      call; see :data:`DEFAULT_MODE` for "max-autotune"; ``backend``: a torch.compile backend, ``mode`` applies to
+      inductor only);
     - ``scope="denoiser"``: also compile the guided denoiser D_cfg(x, σ) that ``generate`` calls once per step (the
       CFG batch and combination, the σ scalings and t(σ) around the U-Net), so a step is one graph (one CUDA-graph
-      replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Not yet measured
-      on a GPU; the default stays "unet".
+      replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Measured no
+      faster on an H200 (docs/BENCHMARKS.md), so the default stays "unet".
     Returns the same model object.
     """
     if scope not in SCOPES:

@@ -135,3 +135,13 @@ def test_compiled_guided_denoiser_matches_eager_in_one_graph(sampler):
 def test_optimize_rejects_an_unknown_scope():
     with pytest.raises(ValueError, match="scope"):
         optimize(ldm.load(config="configs/tiny/txt2img.yaml"), scope="pipeline")
+
+
+def test_optimize_compiles_with_cuda_graphs_by_default_not_with_minutes_of_autotuning(monkeypatch):
+    """The default mode is the measured one (reduce-overhead, ~35 s of compile on an H200); max-autotune's first
+    compile of the SD U-Net took over 20 minutes there (docs/BENCHMARKS.md)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False)
+    assert [kw["mode"] for kw in calls] == ["reduce-overhead", "reduce-overhead"]  # the U-Net and the decoder
+    assert all(kw["fullgraph"] and kw["backend"] == "inductor" for kw in calls)
