@@ -9,6 +9,9 @@
                                                  # matmul ceiling, a profile of the compiled U-Net step by category
     python scripts/bench.py --only train --compile-train   # training rows, eager and compiled (ours; diffusers
                                                  # too with --compile-train-diffusers)
+    python scripts/bench.py --compile --skip-eager --only unet --mode max-autotune --diffusers-mode reduce-overhead
+                                                 # ours autotuned against diffusers at its best (issue 7's
+                                                 # definition); scripts/bench_autotune_log.py reads the log
 
 Our model is converted to diffusers' layout (ldm.convert.export_diffusers) and loaded by diffusers, so both sides
 run the same weights; the U-Net outputs are compared first. Timings are medians of CUDA-event-timed repetitions
