@@ -48,7 +48,7 @@ DEFAULT_MODE = "reduce-overhead"
 def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
              fullgraph: bool = True, dynamic: bool = False, attention: str | None = None,
              fuse_projections: bool = True, inductor_flags: bool = True, scope: str = "unet",
-             backend: str = "inductor") -> Any:
+             backend: str = "inductor", options: dict[str, Any] | None = None) -> Any:
     """Prepare a loaded :class:`ldm.model.LatentDiffusion` for fast sampling on a GPU.
 
     - U-Net and autoencoder in ``channels_last`` (the layout cuDNN's fast convolutions want);
@@ -58,7 +58,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     - ``torch.compile`` of the U-Net forward and the autoencoder decoder (``mode``: any torch.compile mode; the
       default "reduce-overhead" adds CUDA graphs for the fixed-shape denoising loop, ~35 s of compile on the first
       call; see :data:`DEFAULT_MODE` for "max-autotune"; ``backend``: a torch.compile backend, ``mode`` applies to
-      inductor only);
+      inductor only; ``options``: inductor settings for these graphs alone, on top of the mode's, where
+      :func:`set_inductor_flags` sets them for the whole process);
     - ``scope="denoiser"``: also compile the guided denoiser D_cfg(x, σ) that ``generate`` calls once per step (the
       CFG batch and combination, the σ scalings and t(σ) around the U-Net), so a step is one graph (one CUDA-graph
       replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Measured no
@@ -77,7 +78,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     if compile:
         if inductor_flags and backend == "inductor":
             set_inductor_flags()
-        kw = dict(backend=backend, mode=mode if backend == "inductor" else None, fullgraph=fullgraph, dynamic=dynamic)
+        kw = compile_kwargs(backend, mode, options, fullgraph=fullgraph, dynamic=dynamic)
         unet, vae = model.unet, model.vae
         unet.forward = torch.compile(unet.forward, **kw)
         vae.decoder.forward = torch.compile(vae.decoder.forward, **kw)
@@ -86,6 +87,21 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s)", attn, fuse_projections,
              compile, mode if compile else "-", scope)
     return model
+
+
+def compile_kwargs(backend: str, mode: str | None, options: dict[str, Any] | None, **kw: Any) -> dict[str, Any]:
+    """torch.compile's arguments. torch takes a mode or an options dict, not both: with ``options``, the mode's
+    own inductor options (``torch._inductor.list_mode_options``) are merged under them. Other backends get
+    neither."""
+    if backend != "inductor":
+        if options:
+            raise ValueError(f"optimize: options are inductor settings; backend {backend!r} takes none")
+        return dict(backend=backend, **kw)
+    if not options:
+        return dict(backend=backend, mode=mode, **kw)
+    from torch._inductor import list_mode_options
+
+    return dict(backend=backend, options={**list_mode_options(mode or "default", kw.get("dynamic")), **options}, **kw)
 
 
 def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:

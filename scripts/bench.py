@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_candidates import CANDIDATES, CANDIDATES_ON, INDUCTOR_SET, apply_candidate, set_inductor_option  # noqa: E402
+from bench_candidates import (  # noqa: E402
+    CANDIDATES,
+    CANDIDATES_ON,
+    INDUCTOR_SET,
+    OURS_OPTIONS,
+    apply_candidate,
+    set_inductor_option,
+)
 from bench_common import bench_ceiling, emit, summary, timed  # noqa: E402
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
 from bench_profile import host_syncs, profile_step  # noqa: E402
@@ -291,13 +298,16 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) 
 
     t0 = time.time()
     dmode = diffusers_mode or mode
-    optimize(ours, mode=mode)  # cuDNN attention on Hopper, fused projections, inductor flags (process-wide: both)
+    # cuDNN attention on Hopper, fused projections, inductor flags (process-wide: both); a candidate's settings for
+    # our graphs alone
+    optimize(ours, mode=mode, options=dict(OURS_OPTIONS) or None)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
     pipe.unet = torch.compile(pipe.unet, mode=dmode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=dmode, fullgraph=True)
-    emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode)
+    emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode,
+         ours_options=dict(OURS_OPTIONS))
 
 
 def main(argv=None) -> int:

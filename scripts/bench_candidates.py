@@ -12,6 +12,7 @@ import torch
 
 INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run
 CANDIDATES_ON: list[str] = []  # --candidate patches of this run
+OURS_OPTIONS: dict[str, object] = {}  # inductor settings for our compiled graphs alone (ldm.fast.optimize(options=))
 
 
 def set_inductor_option(item: str) -> None:
@@ -86,7 +87,59 @@ def _gn_strided() -> Callable[[], None]:
     return restore
 
 
+# Triton convolution templates kept by the "conv-tune" candidate: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages). These
+# won 13 of the 17 convolutions inductor's max-autotune tuned for the SD U-Net's CFG step on an H200
+# (docs/results/bench-h200-2026-11-29-autotune.jsonl); all run 4 warps.
+CONV_TILES = ((64, 128, 128, 4), (64, 128, 64, 4), (128, 64, 64, 4))
+# Non-1x1 Triton convolution templates with 8 warps compute wrong results (pytorch/pytorch#173068, triton#1254);
+# torch caps them at 4 only from mid-2026 (pytorch/pytorch#183989), after the 2.11 that the GPU machines run.
+CONV_MAX_WARPS = 4
+
+
+def conv_configs_kept(configs, tiles=CONV_TILES, max_warps: int = CONV_MAX_WARPS):
+    """The convolution template configs (triton.Config: ``kwargs`` with BLOCK_M/N/K, ``num_stages``,
+    ``num_warps``) whose tile is in ``tiles`` and whose warps are at most ``max_warps``. Inductor shrinks its tiles
+    to small problems, so when none of the tiles is left, every config within ``max_warps`` is kept instead."""
+    safe = [c for c in configs if c.num_warps <= max_warps]
+    kept = [c for c in safe if (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"),
+                                c.num_stages) in tiles]
+    return kept or safe
+
+
+CONV_TUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+                     "max_autotune_conv_backends": "ATEN,TRITON"}
+
+
+def _conv_tune() -> Callable[[], None]:
+    """Our inference graphs autotune their forward convolutions only, each among cuDNN and the :data:`CONV_TILES`
+    Triton templates; matmuls stay on cuBLAS untuned, and diffusers' graphs (no max_autotune) are untouched.
+    max-autotune tunes ~60 operations of the SD U-Net among ~20 choices each, over 20 minutes of compile on an
+    H200; this tunes ~25 among 4. The question: how much of the templates' per-operation speed-up (1.3-2.1x at
+    64x64 and 32x32) reaches the CFG step, at what compile time."""
+    from torch._inductor.choices import InductorChoices
+
+    if not hasattr(InductorChoices, "get_conv_configs"):
+        raise RuntimeError(f"--candidate conv-tune: torch {torch.__version__}'s inductor has no "
+                           "InductorChoices.get_conv_configs to narrow")
+    original = InductorChoices.get_conv_configs
+
+    def get_conv_configs(self, *args, **kwargs):
+        configs = original(self, *args, **kwargs)  # a function of the problem's sizes, yielding triton.Configs
+        return lambda *a, **kw: iter(conv_configs_kept(list(configs(*a, **kw))))
+
+    InductorChoices.get_conv_configs = get_conv_configs  # process-wide, but only graphs that autotune ask it
+    OURS_OPTIONS.update(CONV_TUNE_OPTIONS)
+
+    def restore() -> None:
+        InductorChoices.get_conv_configs = original
+        for k in CONV_TUNE_OPTIONS:
+            OURS_OPTIONS.pop(k, None)
+
+    return restore
+
+
 # name -> (row-variant suffix, patch returning its undo)
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "gn-strided": ("_gnstrided", _gn_strided),
+    "conv-tune": ("_convtune", _conv_tune),
 }

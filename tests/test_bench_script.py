@@ -169,3 +169,42 @@ def test_attention_rows_run_on_the_cpu_at_tiny_shapes(monkeypatch, tmp_path, tra
     assert all(r["max_abs_diff"] < 2e-2 and r["median_s"] > 0 for r in ours.values())  # fp16/bf16 against math
     total = next(r for r in rows if r["what"] == f"{what}_unet_pass_ms")["by_impl_ms"]
     assert total["ldm:sdpa"] > 0
+
+
+def _conv_config(m, n, k, stages, warps):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kwargs={"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=stages, num_warps=warps)
+
+
+def test_conv_tune_keeps_the_measured_tiles_and_never_eight_warps():
+    from bench_candidates import conv_configs_kept
+
+    configs = [_conv_config(64, 128, 128, 4, 4), _conv_config(128, 128, 128, 3, 8), _conv_config(64, 64, 32, 2, 4),
+               _conv_config(128, 64, 64, 4, 4), _conv_config(64, 128, 64, 4, 8)]
+    kept = conv_configs_kept(configs)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept] == [(64, 128, 128),
+                                                                                               (128, 64, 64)]
+    # tiles shrunk to a small problem match none: every 4-warp config is kept (8 warps miscompute, torch#173068)
+    small = [_conv_config(16, 64, 16, 2, 4), _conv_config(32, 32, 16, 1, 8), _conv_config(16, 32, 16, 2, 2)]
+    assert [c.num_warps for c in conv_configs_kept(small)] == [4, 2]
+
+
+def test_conv_tune_candidate_narrows_inductors_conv_configs_for_our_graphs_and_undoes(monkeypatch):
+    import bench_candidates as cand
+    from torch._inductor.choices import InductorChoices
+
+    offered = [_conv_config(64, 128, 128, 4, 4), _conv_config(128, 128, 128, 3, 8), _conv_config(64, 64, 32, 2, 4)]
+    monkeypatch.setattr(InductorChoices, "get_conv_configs",
+                        lambda self, device_type="cuda": lambda *a, **k: iter(offered))
+    original = InductorChoices.get_conv_configs
+    undo = cand.apply_candidate("conv-tune")
+    try:
+        configs = InductorChoices().get_conv_configs("cuda")(8192, 320, 2880, dtype_size=2)
+        assert [c.kwargs["BLOCK_K"] for c in configs] == [128]
+        assert cand.OURS_OPTIONS == {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+                                     "max_autotune_conv_backends": "ATEN,TRITON"}
+    finally:
+        undo()
+        cand.CANDIDATES_ON.clear()
+    assert InductorChoices.get_conv_configs is original and cand.OURS_OPTIONS == {}

@@ -145,3 +145,23 @@ def test_optimize_compiles_with_cuda_graphs_by_default_not_with_minutes_of_autot
     optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False)
     assert [kw["mode"] for kw in calls] == ["reduce-overhead", "reduce-overhead"]  # the U-Net and the decoder
     assert all(kw["fullgraph"] and kw["backend"] == "inductor" for kw in calls)
+
+
+def test_optimize_options_are_inductor_settings_for_its_own_graphs_on_top_of_the_mode(monkeypatch):
+    """torch.compile takes a mode or options, not both: options carry the mode's own settings (CUDA graphs for
+    reduce-overhead) under the caller's, so these graphs can be autotuned while another model's are not."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
+             options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"})
+    assert len(calls) == 2 and all("mode" not in kw for kw in calls)
+    assert calls[0]["options"] == {"triton.cudagraphs": True, "max_autotune": True,
+                                   "max_autotune_gemm_backends": "ATEN"}
+    with pytest.raises(ValueError, match="backend 'aot_eager' takes none"):
+        optimize(ldm.load(config="configs/tiny/txt2img.yaml"), backend="aot_eager", options={"max_autotune": True})
+
+
+def test_optimize_options_reach_inductor_which_rejects_an_unknown_one():
+    with pytest.raises(RuntimeError, match="no_such_setting"):
+        optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
+                 options={"no_such_setting": 1})
