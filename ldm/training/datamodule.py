@@ -19,7 +19,8 @@ from ldm.registry import ConfigError
 log = logging.getLogger(__name__)
 
 DATA_KEYS = {"train", "split", "size", "batch_size", "num_workers", "flip", "resize", "caption_policy",
-             "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed"}
+             "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed", "pin_memory"}
+PIN_MEMORY = ("auto", True, False)  # auto: pinned host batches when the trainer runs on a CUDA device
 
 
 class BatchStream:
@@ -52,7 +53,19 @@ class DataModule(L.LightningDataModule):
         if not d.get("train"):
             raise ConfigError("data.train: no training data given (a shard folder, shard pattern or image folder)")
         self.d = OmegaConf.to_container(d, resolve=True)
+        if self.d.get("pin_memory", "auto") not in PIN_MEMORY:
+            raise ConfigError(f"data.pin_memory: expected auto, true or false, got {self.d['pin_memory']!r}")
         self.seed = int(d.get("seed", cfg.train.get("seed", 0)))
+
+    def pin_memory(self) -> bool:
+        """Whether the loader pins its batches: ``data.pin_memory``, or with ``auto`` (the default) whether the
+        trainer runs on a CUDA device. A pinned batch reaches the GPU by DMA without a pageable staging copy on the
+        host."""
+        v = self.d.get("pin_memory", "auto")
+        if v != "auto":
+            return bool(v)
+        tr = self.trainer
+        return tr is not None and tr.strategy.root_device.type == "cuda"
 
     def _loader(self, epoch: int, rank: int, world: int) -> Any:
         from ldm.data import make_dataloader  # noqa: PLC0415
@@ -63,7 +76,7 @@ class DataModule(L.LightningDataModule):
                                size=d.get("size"), resize=d.get("resize", "center-crop"), flip=bool(d.get("flip", False)),
                                caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
                                num_samples=d.get("num_samples"), shuffle_buffer=int(d.get("shuffle_buffer", 512)),
-                               allow_pipe=bool(d.get("allow_pipe", False)))
+                               allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory())
 
     def _rank(self) -> tuple[int, int]:
         tr = self.trainer
