@@ -306,8 +306,13 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) 
     pipe.fuse_qkv_projections()
     pipe.unet = torch.compile(pipe.unet, mode=dmode, fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=dmode, fullgraph=True)
+    import torch._inductor.config as inductor_config
+
+    # compile_threads: inductor compiles autotuning templates in parallel only with more than one (an H200 machine's
+    # max-autotune reports said "0.0004 seconds precompiling", docs/BENCHMARKS.md)
     emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode,
-         ours_options=dict(OURS_OPTIONS))
+         ours_options=dict(OURS_OPTIONS), compile_threads=inductor_config.compile_threads,
+         python=sys.version.split()[0])
 
 
 def main(argv=None) -> int:
