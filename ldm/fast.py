@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ldm.autotune import guard_conv_templates
+
 log = logging.getLogger(__name__)
 
 # Inductor settings for convolution-heavy U-Nets: 1×1 convolutions (the transformers' proj_in/proj_out, the
@@ -79,6 +81,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         if inductor_flags and backend == "inductor":
             set_inductor_flags()
         kw = compile_kwargs(backend, mode, options, fullgraph=fullgraph, dynamic=dynamic)
+        if backend == "inductor":
+            guard_conv_templates(mode, options)  # torch builds whose autotuner can pick wrong convolutions
         unet, vae = model.unet, model.vae
         unet.forward = torch.compile(unet.forward, **kw)
         vae.decoder.forward = torch.compile(vae.decoder.forward, **kw)
@@ -116,7 +120,8 @@ def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:
     if "forward" in vars(guided):
         return  # already compiled
     dev = model.device
-    guided.inner_model.sigma_to_t(torch.ones(1, device=dev, dtype=torch.float32 if dev.type == "mps" else torch.float64))
+    table_dtype = torch.float32 if dev.type == "mps" else torch.float64
+    guided.inner_model.sigma_to_t(torch.ones(1, device=dev, dtype=table_dtype))
     compiled = torch.compile(guided.forward, **compile_kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
