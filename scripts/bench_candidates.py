@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ldm.autotune import MAX_CONV_WARPS  # 8-warp 3x3 convolution templates compute wrong results (torch#173068)
+
 INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run
 CANDIDATES_ON: list[str] = []  # --candidate patches of this run
 OURS_OPTIONS: dict[str, object] = {}  # inductor settings for our compiled graphs alone (ldm.fast.optimize(options=))
@@ -91,12 +93,9 @@ def _gn_strided() -> Callable[[], None]:
 # won 13 of the 17 convolutions inductor's max-autotune tuned for the SD U-Net's CFG step on an H200
 # (docs/results/bench-h200-2026-11-29-autotune.jsonl); all run 4 warps.
 CONV_TILES = ((64, 128, 128, 4), (64, 128, 64, 4), (128, 64, 64, 4))
-# Non-1x1 Triton convolution templates with 8 warps compute wrong results (pytorch/pytorch#173068, triton#1254);
-# torch caps them at 4 only from mid-2026 (pytorch/pytorch#183989), after the 2.11 that the GPU machines run.
-CONV_MAX_WARPS = 4
 
 
-def conv_configs_kept(configs, tiles=CONV_TILES, max_warps: int = CONV_MAX_WARPS):
+def conv_configs_kept(configs, tiles=CONV_TILES, max_warps: int = MAX_CONV_WARPS):
     """The convolution template configs (triton.Config: ``kwargs`` with BLOCK_M/N/K, ``num_stages``,
     ``num_warps``) whose tile is in ``tiles`` and whose warps are at most ``max_warps``. Inductor shrinks its tiles
     to small problems, so when none of the tiles is left, every config within ``max_warps`` is kept instead."""
