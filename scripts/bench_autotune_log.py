@@ -8,6 +8,8 @@ template against the ATen kernel (cuDNN, cuBLAS), and how long the tuning took.
 Inductor prints a block per tuned operation (its top 10 choices, fastest first), then one line with the seconds
 spent benchmarking. The ATen kernel's time is there only when it ranked in that top 10: ``aten_ms`` is None
 otherwise, and ``aten_in_top`` says which. ``speedup`` is ATen's time over the best Triton template's.
+``safe_triton_ms`` and ``safe_speedup`` count only templates of at most 4 warps: for 3×3 convolutions, 8-warp
+templates compute wrong results on torch builds without pytorch/pytorch#183989 (ldm/autotune.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ HEADER = re.compile(r"^AUTOTUNE (\w+)\((.*)\)$")
 CHOICE = re.compile(r"^  (\S+) ([0-9.]+) ms\s+[0-9.]+%\s*(.*)$")
 TAKES = re.compile(r"AUTOTUNE benchmarking takes ([0-9.]+) seconds.* for (\d+) choices")
 STRIDE = re.compile(r"STRIDE_H=(\d+)")
+WARPS = re.compile(r"num_warps=(\d+)")
+SAFE_WARPS = 4
 
 
 def parse(lines) -> list[dict]:
@@ -32,7 +36,8 @@ def parse(lines) -> list[dict]:
         line = line.rstrip("\n")
         if m := HEADER.match(line.strip()):
             cur = dict(op=m.group(1), shapes=m.group(2), strides=None, triton_ms=None, triton_config=None,
-                       conv_stride=None, aten_ms=None, aten_in_top=False, choices=None, benchmark_s=None)
+                       triton_warps=None, safe_triton_ms=None, conv_stride=None, aten_ms=None, aten_in_top=False,
+                       choices=None, benchmark_s=None)
             rows.append(cur)
         elif cur is not None and line.startswith("strides: "):
             cur["strides"] = line[len("strides: "):]
@@ -43,6 +48,8 @@ def parse(lines) -> list[dict]:
             cur = None
     for r in rows:
         r["speedup"] = round(r["aten_ms"] / r["triton_ms"], 3) if r["aten_ms"] and r["triton_ms"] else None
+        r["safe_speedup"] = (round(r["aten_ms"] / r["safe_triton_ms"], 3)
+                             if r["aten_ms"] and r["safe_triton_ms"] else None)
     return rows
 
 
@@ -51,8 +58,13 @@ def add_choice(row: dict, name: str, ms: float, config: str) -> None:
     if not name.startswith("triton"):
         row["aten_ms"] = ms if row["aten_ms"] is None else min(row["aten_ms"], ms)
         row["aten_in_top"] = True
-    elif row["triton_ms"] is None or ms < row["triton_ms"]:
-        row["triton_ms"], row["triton_config"] = ms, config.strip()
+        return
+    w = WARPS.search(config)
+    warps = int(w.group(1)) if w else None
+    if warps is not None and warps <= SAFE_WARPS and (row["safe_triton_ms"] is None or ms < row["safe_triton_ms"]):
+        row["safe_triton_ms"] = ms
+    if row["triton_ms"] is None or ms < row["triton_ms"]:
+        row["triton_ms"], row["triton_config"], row["triton_warps"] = ms, config.strip(), warps
         m = STRIDE.search(config)
         row["conv_stride"] = int(m.group(1)) if m else None
 

@@ -113,7 +113,7 @@ def _conv_tune() -> Callable[[], None]:
     """Our inference graphs autotune their forward convolutions only, each among cuDNN and the :data:`CONV_TILES`
     Triton templates; matmuls stay on cuBLAS untuned, and diffusers' graphs (no max_autotune) are untouched.
     max-autotune tunes ~60 operations of the SD U-Net among ~20 choices each, over 20 minutes of compile on an
-    H200; this tunes ~25 among 4. The question: how much of the templates' per-operation speed-up (1.3-2.1x at
+    H200; this tunes ~25 among 4. The question: how much of the templates' per-operation speed-up (1.1-2.0x at
     64x64 and 32x32) reaches the CFG step, at what compile time."""
     from torch._inductor.choices import InductorChoices
 
