@@ -41,3 +41,25 @@ def test_unknown_sampler_is_rejected(ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(ckpt), "--prompt", "x", "--sampler", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,mode", [(["--compile"], "reduce-overhead"),
+                                       (["--compile", "max-autotune"], "max-autotune"), ([], None)])
+def test_compile_flag_takes_the_fast_path_with_its_mode(ckpt, tmp_path, monkeypatch, flag, mode):
+    import ldm.fast
+
+    calls = []
+    monkeypatch.setattr(ldm.fast, "optimize", lambda model, **kw: calls.append(kw) or model)
+    rc = main(["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--out", str(tmp_path), *flag])
+    assert rc == 0 and calls == ([{"mode": mode}] if mode else [])
+
+
+def test_compiled_sampling_writes_the_images_eager_sampling_writes(ckpt, tmp_path):
+    """A real compile of the tiny model on the CPU (inductor; CUDA graphs do not apply there): same images."""
+    args = ["--checkpoint", str(ckpt), "--prompt", "cat face", "--steps", "2", "--dtype", "fp32"]
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--out", str(tmp_path / "fast"), "--compile"]) == 0
+    import numpy as np
+
+    a, b = (np.asarray(Image.open(tmp_path / d / "00000-0.png"), dtype=np.int16) for d in ("eager", "fast"))
+    assert np.abs(a - b).max() <= 2  # 8-bit pixels; fused projections and inductor reorder float32 sums

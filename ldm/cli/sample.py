@@ -4,6 +4,7 @@
     python scripts/sample.py --checkpoint v1-5.safetensors --prompts-file prompts.txt --sampler euler_a --steps 30
     python scripts/sample.py --checkpoint sd.ckpt --init-image in.png --strength 0.6 --prompt "oil painting"
     python scripts/sample.py --checkpoint sd.ckpt --init-image in.png --mask mask.png --prompt "a red hat"
+    python scripts/sample.py --checkpoint v1-5.safetensors --prompts-file prompts.txt --compile   # the fast path
 
 Writes one PNG per image with its generation parameters in the PNG text chunk ``parameters`` (the format common
 tools read: prompt, ``Negative prompt:``, then ``Steps, Sampler, CFG scale, Seed, Size, Model hash, Version``), and
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("ldm.sample")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=COMPILE_MODES,
+                   metavar="MODE", help="compile the U-Net and decoder first (ldm.fast.optimize) with this "
+                   "torch.compile mode, reduce-overhead (CUDA graphs) if none is named; the first batch compiles "
+                   "(about 35 s for SD-1.5 on an H200), a later run reuses inductor's cache; a last, smaller batch "
+                   "compiles once more")
     p.add_argument("--out", default="outputs", help="output folder")
     return p.parse_args(argv)
 
@@ -116,6 +123,10 @@ def run(argv: list[str] | None = None) -> list[Path]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema)
+    if a.compile:
+        from ldm.fast import optimize  # noqa: PLC0415
+
+        optimize(model, mode=a.compile)
     init = Image.open(a.init_image) if a.init_image else None
     mask = Image.open(a.mask) if a.mask else None
     out = Path(a.out)
