@@ -76,3 +76,15 @@ def test_the_pinned_torch_has_the_cap_and_is_recognised():
     """The torch that `make test` installs (2.14) caps the warps itself; the source line the guard looks for is
     there, so the guard stays out of its way."""
     assert autotune.inductor_caps_conv_warps(), torch.__version__
+
+
+@pytest.mark.parametrize("mode,guarded", [("max-autotune", True), (None, False)])
+def test_a_training_compile_that_autotunes_is_guarded_too(monkeypatch, offered, mode, guarded):
+    from omegaconf import OmegaConf
+
+    from ldm.diffusion.lightning import compile_unet
+
+    monkeypatch.setattr(autotune, "inductor_caps_conv_warps", lambda: False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    compile_unet(torch.nn.Linear(2, 2), OmegaConf.create({"compile": True, "compile_mode": mode}))
+    assert _offered_now() == ([4, 2] if guarded else [4, 8, 2])

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.autotune import guard_conv_templates
 from ldm.ema import EMA
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import build_optimizer, step_generator
@@ -192,6 +193,8 @@ def compile_unet(unet: torch.nn.Module, t: DictConfig) -> None:
     backend = "inductor" if choice is True else str(choice)
     if "forward" in vars(unet):  # already compiled (a second fit on the same module)
         return
+    if backend == "inductor":
+        guard_conv_templates(t.get("compile_mode"), None)  # torch builds whose autotuner can pick wrong convolutions
     unet.forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
     log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
              backend, t.get("compile_mode"))
