@@ -6,6 +6,7 @@ measured, or for the bin, with its numbers in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -124,7 +125,15 @@ def _conv_tune() -> Callable[[], None]:
 
     def get_conv_configs(self, *args, **kwargs):
         configs = original(self, *args, **kwargs)  # a function of the problem's sizes, yielding triton.Configs
-        return lambda *a, **kw: iter(conv_configs_kept(list(configs(*a, **kw))))
+
+        def narrowed(*a, **kw):
+            offered = list(configs(*a, **kw))
+            kept = conv_configs_kept(offered)
+            print(f"conv-tune: {len(kept)} of {len(offered)} convolution templates kept for (M, N, K) = {a[:3]}",
+                  file=sys.stderr)  # in the log beside inductor's AUTOTUNE reports: the patch is in effect
+            return iter(kept)
+
+        return narrowed
 
     InductorChoices.get_conv_configs = get_conv_configs  # process-wide, but only graphs that autotune ask it
     OURS_OPTIONS.update(CONV_TUNE_OPTIONS)

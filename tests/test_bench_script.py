@@ -190,7 +190,7 @@ def test_conv_tune_keeps_the_measured_tiles_and_never_eight_warps():
     assert [c.num_warps for c in conv_configs_kept(small)] == [4, 2]
 
 
-def test_conv_tune_candidate_narrows_inductors_conv_configs_for_our_graphs_and_undoes(monkeypatch):
+def test_conv_tune_candidate_narrows_inductors_conv_configs_for_our_graphs_and_undoes(monkeypatch, capsys):
     import bench_candidates as cand
     from torch._inductor.choices import InductorChoices
 
@@ -202,6 +202,8 @@ def test_conv_tune_candidate_narrows_inductors_conv_configs_for_our_graphs_and_u
     try:
         configs = InductorChoices().get_conv_configs("cuda")(8192, 320, 2880, dtype_size=2)
         assert [c.kwargs["BLOCK_K"] for c in configs] == [128]
+        assert "conv-tune: 1 of 3 convolution templates kept for (M, N, K) = (8192, 320, 2880)" in \
+            capsys.readouterr().err
         assert cand.OURS_OPTIONS == {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
                                      "max_autotune_conv_backends": "ATEN,TRITON"}
     finally:
