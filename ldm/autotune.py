@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +39,34 @@ def inductor_caps_conv_warps() -> bool:
         return False
 
 
+def narrow_conv_configs(select: Callable[[list, tuple], list], tag: str | None = None) -> Callable[[], None]:
+    """Pass the convolution template configs inductor offers through ``select(configs, sizes)`` (process-wide;
+    ``configs``: triton.Configs, ``sizes``: the problem's (M, N, K)). Returns the undo; ``tag`` names the wrapper."""
+    from torch._inductor.choices import InductorChoices
+
+    original = InductorChoices.get_conv_configs
+
+    def get_conv_configs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        configs = original(self, *args, **kwargs)  # a function of the problem's sizes, yielding triton.Configs
+        return lambda *a, **kw: iter(select(list(configs(*a, **kw)), a))
+
+    get_conv_configs.ldm_narrowed = tag  # type: ignore[attr-defined]
+    InductorChoices.get_conv_configs = get_conv_configs
+
+    def undo() -> None:
+        InductorChoices.get_conv_configs = original
+
+    return undo
+
+
 def cap_conv_template_warps(max_warps: int = MAX_CONV_WARPS) -> bool:
     """Make inductor offer only convolution template configs with at most ``max_warps`` warps (process-wide, once).
     Returns whether the cap was installed by this call."""
     from torch._inductor.choices import InductorChoices
 
-    original = InductorChoices.get_conv_configs
-    if getattr(original, "ldm_warp_cap", None) is not None:
+    if getattr(InductorChoices.get_conv_configs, "ldm_narrowed", None) == "warp-cap":
         return False
-
-    def get_conv_configs(self: Any, *args: Any, **kwargs: Any) -> Any:
-        configs = original(self, *args, **kwargs)  # a function of the problem's sizes, yielding triton.Configs
-        return lambda *a, **kw: (c for c in configs(*a, **kw) if c.num_warps <= max_warps)
-
-    get_conv_configs.ldm_warp_cap = max_warps  # type: ignore[attr-defined]
-    InductorChoices.get_conv_configs = get_conv_configs
+    narrow_conv_configs(lambda configs, sizes: [c for c in configs if c.num_warps <= max_warps], "warp-cap")
     return True
 
 

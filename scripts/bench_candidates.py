@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ldm.autotune import MAX_CONV_WARPS  # 8-warp 3x3 convolution templates compute wrong results (torch#173068)
+from ldm.autotune import MAX_CONV_WARPS, narrow_conv_configs  # 8-warp 3x3 templates miscompute (torch#173068)
 
 INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run
 CANDIDATES_ON: list[str] = []  # --candidate patches of this run
@@ -121,25 +121,18 @@ def _conv_tune() -> Callable[[], None]:
     if not hasattr(InductorChoices, "get_conv_configs"):
         raise RuntimeError(f"--candidate conv-tune: torch {torch.__version__}'s inductor has no "
                            "InductorChoices.get_conv_configs to narrow")
-    original = InductorChoices.get_conv_configs
 
-    def get_conv_configs(self, *args, **kwargs):
-        configs = original(self, *args, **kwargs)  # a function of the problem's sizes, yielding triton.Configs
+    def select(offered: list, sizes: tuple) -> list:
+        kept = conv_configs_kept(offered)
+        print(f"conv-tune: {len(kept)} of {len(offered)} convolution templates kept for (M, N, K) = {sizes[:3]}",
+              file=sys.stderr)  # in the log beside inductor's AUTOTUNE reports: the patch is in effect
+        return kept
 
-        def narrowed(*a, **kw):
-            offered = list(configs(*a, **kw))
-            kept = conv_configs_kept(offered)
-            print(f"conv-tune: {len(kept)} of {len(offered)} convolution templates kept for (M, N, K) = {a[:3]}",
-                  file=sys.stderr)  # in the log beside inductor's AUTOTUNE reports: the patch is in effect
-            return iter(kept)
-
-        return narrowed
-
-    InductorChoices.get_conv_configs = get_conv_configs  # process-wide, but only graphs that autotune ask it
+    undo = narrow_conv_configs(select, "conv-tune")  # process-wide, but only graphs that autotune ask it
     OURS_OPTIONS.update(CONV_TUNE_OPTIONS)
 
     def restore() -> None:
-        InductorChoices.get_conv_configs = original
+        undo()
         for k in CONV_TUNE_OPTIONS:
             OURS_OPTIONS.pop(k, None)
 
