@@ -106,8 +106,29 @@ def conv_configs_kept(configs, tiles=CONV_TILES, max_warps: int = MAX_CONV_WARPS
     return kept or safe
 
 
-CONV_TUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
-                     "max_autotune_conv_backends": "ATEN,TRITON"}
+TUNING: set[str] = set()  # what the tuning candidates on in this run autotune: "conv", "gemm"
+
+
+def _tune(kind: str) -> Callable[[], None]:
+    """Autotune ``kind`` ("conv" or "gemm") in our graphs: max_autotune, with Triton templates beside ATEN for the
+    kinds being tuned and ATEN alone for the rest. Returns the undo."""
+    TUNING.add(kind)
+    _sync_ours_options()
+
+    def undo() -> None:
+        TUNING.discard(kind)
+        _sync_ours_options()
+
+    return undo
+
+
+def _sync_ours_options() -> None:
+    for key in ("max_autotune", "max_autotune_gemm_backends", "max_autotune_conv_backends"):
+        OURS_OPTIONS.pop(key, None)
+    if TUNING:
+        OURS_OPTIONS.update(max_autotune=True,
+                            max_autotune_gemm_backends="ATEN,TRITON" if "gemm" in TUNING else "ATEN",
+                            max_autotune_conv_backends="ATEN,TRITON" if "conv" in TUNING else "ATEN")
 
 
 def _conv_tune() -> Callable[[], None]:
@@ -129,12 +150,62 @@ def _conv_tune() -> Callable[[], None]:
         return kept
 
     undo = narrow_conv_configs(select, "conv-tune")  # process-wide, but only graphs that autotune ask it
-    OURS_OPTIONS.update(CONV_TUNE_OPTIONS)
+    undo_options = _tune("conv")
 
     def restore() -> None:
         undo()
-        for k in CONV_TUNE_OPTIONS:
-            OURS_OPTIONS.pop(k, None)
+        undo_options()
+
+    return restore
+
+
+# Triton matmul tiles kept by the "mm-tune" candidate: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). These
+# won 29 of the 42 matmuls inductor's max-autotune tuned for the SD U-Net's CFG step on an H200, 1.0-2.4x faster
+# than cuBLAS where cuBLAS ranked (docs/results/bench-h200-2026-11-29-autotune.jsonl).
+MM_TILES = ((128, 128, 64, 3, 4), (64, 64, 128, 5, 4), (128, 128, 64, 5, 8), (16, 128, 64, 5, 8),
+            (16, 32, 128, 5, 2), (64, 128, 128, 4, 4), (64, 128, 64, 3, 4))
+MM_FALLBACK = 4  # Triton choices kept, in inductor's order, where no tile matches (tiles shrunk to a small problem)
+
+
+def mm_tile(kwargs: dict) -> tuple:
+    """A Triton matmul choice's (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) from its template kwargs."""
+    return tuple(kwargs.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "num_warps"))
+
+
+def mm_choices_kept(choices: list, tiles=MM_TILES, fallback: int = MM_FALLBACK) -> list:
+    """Of inductor's matmul KernelTemplateChoices (``template``, ``params.to_kwargs()``): every extern kernel
+    (cuBLAS), and the Triton ones whose tile is in ``tiles``; where none is, the first ``fallback`` Triton ones."""
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    extern = [c for c in choices if isinstance(c.template, ExternKernelChoice)]
+    triton = [c for c in choices if not isinstance(c.template, ExternKernelChoice)]
+    kept = [c for c in triton if mm_tile(c.params.to_kwargs()) in tiles]
+    return extern + (kept or triton[:fallback])
+
+
+def _mm_tune() -> Callable[[], None]:
+    """Our inference graphs autotune their matmuls, each among cuBLAS and the :data:`MM_TILES` Triton templates
+    (convolutions stay on cuDNN unless conv-tune is on too). max-autotune offers ~20 Triton matmul choices per
+    operation, 5-41 s of tuning each; this offers at most 7."""
+    from torch._inductor.choices import InductorChoices
+
+    original = getattr(InductorChoices, "_finalize_template_configs", None)
+    if original is None:
+        raise RuntimeError(f"--candidate mm-tune: torch {torch.__version__}'s inductor has no "
+                           "InductorChoices._finalize_template_configs to narrow")
+
+    def finalize(self, template_choices, kernel_inputs, templates, op_name, *args, **kwargs) -> list:
+        offered = original(self, template_choices, kernel_inputs, templates, op_name, *args, **kwargs)
+        kept = mm_choices_kept(list(offered))
+        print(f"mm-tune: {len(kept)} of {len(offered)} {op_name} choices kept", file=sys.stderr)
+        return kept
+
+    InductorChoices._finalize_template_configs = finalize
+    undo_options = _tune("gemm")
+
+    def restore() -> None:
+        InductorChoices._finalize_template_configs = original
+        undo_options()
 
     return restore
 
@@ -143,4 +214,5 @@ def _conv_tune() -> Callable[[], None]:
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "gn-strided": ("_gnstrided", _gn_strided),
     "conv-tune": ("_convtune", _conv_tune),
+    "mm-tune": ("_mmtune", _mm_tune),
 }

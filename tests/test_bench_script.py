@@ -210,3 +210,51 @@ def test_conv_tune_candidate_narrows_inductors_conv_configs_for_our_graphs_and_u
         undo()
         cand.CANDIDATES_ON.clear()
     assert InductorChoices.get_conv_configs is original and cand.OURS_OPTIONS == {}
+
+
+def _mm_choice(template, m=None, n=None, k=None, stages=None, warps=None):
+    from types import SimpleNamespace
+
+    kwargs = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_stages": stages, "num_warps": warps, "GROUP_M": 8}
+    return SimpleNamespace(template=template, params=SimpleNamespace(to_kwargs=lambda: dict(kwargs)))
+
+
+def test_mm_tune_keeps_cublas_and_the_measured_tiles_or_the_first_few():
+    from bench_candidates import MM_FALLBACK, mm_choices_kept
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    cublas, triton = object.__new__(ExternKernelChoice), object()
+    choices = [_mm_choice(triton, 32, 32, 32, 2, 4), _mm_choice(cublas), _mm_choice(triton, 128, 128, 64, 3, 4),
+               _mm_choice(triton, 128, 128, 64, 3, 8), _mm_choice(triton, 64, 64, 128, 5, 4)]
+    kept = mm_choices_kept(choices)
+    assert kept[0] is choices[1] and kept[1:] == [choices[2], choices[4]]
+    shrunk = [_mm_choice(triton, 16, 16, 16, s, 2) for s in range(6)]
+    assert mm_choices_kept([choices[1]] + shrunk) == [choices[1]] + shrunk[:MM_FALLBACK]
+
+
+def test_tuning_candidates_compose_their_backends_and_undo_in_any_order(monkeypatch, capsys):
+    import bench_candidates as cand
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.select_algorithm import ExternKernelChoice
+
+    cublas, triton = object.__new__(ExternKernelChoice), object()
+    offered = [_mm_choice(cublas), _mm_choice(triton, 64, 128, 64, 3, 4), _mm_choice(triton, 32, 64, 32, 2, 4)]
+    monkeypatch.setattr(InductorChoices, "_finalize_template_configs", lambda self, tc, ki, t, op, *a, **k: offered)
+    original = InductorChoices._finalize_template_configs
+    undo_mm = cand.apply_candidate("mm-tune")
+    try:
+        assert cand.OURS_OPTIONS == {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                                     "max_autotune_conv_backends": "ATEN"}
+        assert InductorChoices()._finalize_template_configs({}, None, [], "addmm") == offered[:2]
+        assert "mm-tune: 2 of 3 addmm choices kept" in capsys.readouterr().err
+        undo_conv = cand.apply_candidate("conv-tune")
+        assert cand.OURS_OPTIONS["max_autotune_conv_backends"] == "ATEN,TRITON"
+        assert cand.OURS_OPTIONS["max_autotune_gemm_backends"] == "ATEN,TRITON"
+        undo_mm()
+        assert cand.OURS_OPTIONS == {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+                                     "max_autotune_conv_backends": "ATEN,TRITON"}
+        assert InductorChoices._finalize_template_configs is original
+        undo_conv()
+    finally:
+        cand.CANDIDATES_ON.clear()
+    assert cand.OURS_OPTIONS == {} and cand.TUNING == set()
