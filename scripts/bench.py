@@ -80,8 +80,15 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
     x = torch.randn(2, 4, res, res, device=dev, dtype=dt)
     t = torch.tensor([500, 500], device=dev)
     c = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
-    y = {"ldm": ours.unet(x, t, context=c).float(),
-         "diffusers": pipe.unet(x, t, encoder_hidden_states=c).sample.float()}
+    calls = {"ldm": lambda: ours.unet(x, t, context=c), "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=c)}
+    y = {}
+    for impl, fn in calls.items():
+        t0 = time.time()  # compiled: the first call compiles (or loads from the cache, autotuning included)
+        out_ = fn()
+        y[impl] = (out_ if impl == "ldm" else out_.sample).float()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if tag.startswith("compiled"):
+            emit(out, what=f"unet_first_call_s_{res}", impl=impl, variant=tag, value=time.time() - t0)
     emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
          value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
     for impl in y:  # the fast path against the eager one, same weights and inputs
@@ -90,8 +97,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
         elif impl in EAGER_OUT:
             emit(out, what="unet_max_abs_diff_vs_eager", impl=impl, variant=tag,
                  value=float((y[impl] - EAGER_OUT[impl]).abs().max()))
-    for name, fn in (("ldm", lambda: ours.unet(x, t, context=c)),
-                     ("diffusers", lambda: pipe.unet(x, t, encoder_hidden_states=c))):
+    for name, fn in calls.items():
         if name not in impls:
             continue
         # a lone call (synchronized before it: launch and host overhead count) and 10 back to back, as a sampling
@@ -223,27 +229,27 @@ def variant_suffix(net: torch.nn.Module, name: str) -> str:
     return "".join(parts) + settings_suffix(name)
 
 
-def settings_suffix(name: str = "ldm") -> str:
+def settings_suffix(name: str = "ldm", compiled_inference: bool = False) -> str:
     """The run's process-wide settings, as a variant suffix: cudnn.benchmark, inductor's layout optimization (off or
-    forced), other ``--inductor`` settings, then ``--candidate`` patches (ours only)."""
+    forced), other ``--inductor`` settings, then ``--candidate`` patches (our compiled inference rows only)."""
     import torch._inductor.config as inductor_config
 
     parts = ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
     parts += ["_nolayoutopt"] if not inductor_config.layout_optimization else []
     parts += ["_forcelayoutopt"] if inductor_config.force_layout_optimization else []
     parts += [f"_{k}={v}" for k, v in INDUCTOR_SET.items()]
-    parts += [CANDIDATES[c][0] for c in CANDIDATES_ON] if name == "ldm" else []
+    parts += [CANDIDATES[c][0] for c in CANDIDATES_ON] if name == "ldm" and compiled_inference else []
     return "".join(parts)
 
 
 def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None) -> str:
     """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead (and
-    diffusers' where it differs from ours), then the process-wide settings (candidates included: they patch ours
-    only, so diffusers' rows with the same name ran without them)."""
+    diffusers' where it differs from ours), then the process-wide settings (and, on compiled rows, the candidates:
+    they tune our compiled graphs only, so diffusers' rows with the same name ran without them)."""
     compiled = tag.startswith("compiled")
     mode_part = f"_{mode}" if compiled and mode != "reduce-overhead" else ""
     mode_part += f"_diffusers-{diffusers_mode}" if compiled and diffusers_mode not in (None, mode) else ""
-    return tag + mode_part + settings_suffix()
+    return tag + mode_part + settings_suffix(compiled_inference=compiled)
 
 
 def is_reference(tag: str) -> bool:
@@ -345,7 +351,8 @@ def main(argv=None) -> int:
                    help="set torch._inductor.config.KEY (a Python literal) for the whole run, e.g. "
                         "coordinate_descent_tuning=True; repeatable")
     p.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES),
-                   help="patch our model with a change under test (scripts/bench_candidates.py); repeatable")
+                   help="a change under test for our compiled inference graphs (scripts/bench_candidates.py); "
+                        "repeatable")
     p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--diffusers-mode", default=None,
