@@ -8,7 +8,8 @@ import ldm
 from ldm.attention import attention
 from ldm.fast import optimize
 from ldm.unet.attention import CrossAttention
-from test_unet import TINY_V1, TINY_V2, build, inputs
+from ldm.unet.blocks import ResBlock
+from test_unet import TINY_V1, TINY_V2, VARIANTS, build, inputs
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
@@ -34,7 +35,7 @@ def test_fused_projections_same_output_same_state_dict(params):
     assert set(model.state_dict()) == keys  # nothing new saved
     assert (fused - ref).abs().max() < 1e-5
     model.train()
-    with pytest.raises(RuntimeError, match="unfuse_projections"):
+    with pytest.raises(RuntimeError, match="fuse_projections\\(False\\) before training"):
         model(**inp)
     model.fuse_projections(False)
     model(**inp)  # trains again
@@ -165,3 +166,50 @@ def test_optimize_options_reach_inductor_which_rejects_an_unknown_one():
     with pytest.raises(RuntimeError, match="no_such_setting"):
         optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
                  options={"no_such_setting": 1})
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hoisted_conditioning_projections_give_the_same_output(variant):
+    """One matmul for every ResBlock's time projection and one for every cross-attention's K/V: the output of
+    each U-Net variant (scale-shift ResBlocks, cross-attention-only first attention, class embeddings) is the
+    unfused one."""
+    params, _ = VARIANTS[variant]
+    model = build(params)
+    inp = inputs(params)
+    with torch.no_grad():
+        ref = model(**inp)
+        model.fuse_projections()
+        out = model(**inp)
+    res = [m for m in model.modules() if isinstance(m, ResBlock)]
+    cross = [m for m in model.modules() if isinstance(m, CrossAttention) and not m.is_self_attention]
+    assert [m.hoist_index for m in res] == list(range(len(res)))
+    assert [m.hoist_index for m in cross] == list(range(len(cross)))
+    assert model.hoist_emb_weight.shape == (sum(m.emb_layers[1].out_features for m in res), model.time_embed_dim)
+    assert model.hoist_kv_weight.shape == (sum(2 * m.to_k.out_features for m in cross), params["context_dim"])
+    assert (out - ref).abs().max() < 1e-5
+    model.fuse_projections(False)
+    assert model.hoist_emb_weight is None and all(m.hoist_index is None for m in res + cross)
+
+
+def test_hoisting_leaves_adapted_projections_in_their_blocks_and_follows_dtype():
+    from ldm.lora import LoRALinear, add_lora
+
+    model = build(TINY_V1)
+    inp = inputs(TINY_V1)
+    add_lora(model, rank=2, targets=("attn2.to_k", "input_blocks.1.0.emb_layers.1"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()  # a nonzero update, so a lost adapter would show
+        ref = model(**inp)
+        model.fuse_projections()
+        out = model(**inp)
+    adapted = model.input_blocks[1][0]
+    res = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert adapted.hoist_index is None and [m.hoist_index for m in res if m is not adapted] == list(range(len(res) - 1))
+    assert model.hoist_kv_weight is None  # every cross-attention's to_k is adapted
+    assert (out - ref).abs().max() < 1e-5
+    model = build(TINY_V1)
+    model.fuse_projections()
+    model.to(torch.bfloat16)
+    assert model.hoist_emb_weight.dtype == model.hoist_kv_weight.dtype == torch.bfloat16

@@ -13,7 +13,7 @@ from torch import nn
 
 from ldm.attention import attention, check_backend
 from ldm.norm import GroupNorm
-from ldm.unet.blocks import ContextBlock, run_maybe_checkpointed, zero_module
+from ldm.unet.blocks import ContextBlock, Hoisted, run_maybe_checkpointed, zero_module
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -40,6 +40,7 @@ class CrossAttention(nn.Module):
         # [W_Q; W_K; W_V] (self-attention) or [W_K; W_V] (cross): one matmul instead of three (or two); inference
         # only, not saved (the state dict keeps the three weights), rebuilt by fuse_projections()
         self.register_buffer("fused_weight", None, persistent=False)
+        self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.kv, when K and V are hoisted
 
     def fuse_projections(self) -> bool:
         """Concatenate the projection weights for one matmul (inference: call again after changing weights).
@@ -59,8 +60,11 @@ class CrossAttention(nn.Module):
         """Back to the three separate projections (training, weight changes)."""
         self.fused_weight = None
 
-    def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """q (B, N, H·d), k and v (B, L, H·d)."""
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None,
+                 kv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """q (B, N, H·d), k and v (B, L, H·d); ``kv``: [K ‖ V] (B, L, 2·H·d) computed by the U-Net."""
+        if kv is not None:
+            return (self.to_q(x), *kv.chunk(2, dim=-1))
         w = self.fused_weight
         if w is not None and self.training:
             raise RuntimeError("CrossAttention: fused projections are for inference (stale once weights train); "
@@ -75,9 +79,11 @@ class CrossAttention(nn.Module):
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, L, H·d) -> (B, H, L, d)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim)."""
-        q, k, v = (self._split_heads(t) for t in self._project(x, context))  # (B, H, N or L, d)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim). ``kv``: the context's
+        [K ‖ V] (B, L, 2·H·d) when the U-Net computed it with the other layers' (:class:`Hoisted`)."""
+        q, k, v = (self._split_heads(t) for t in self._project(x, context, kv))  # (B, H, N or L, d)
         out = attention(q, k, v, backend=self.backend, upcast=self.upcast)  # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, query_dim)
 
@@ -125,13 +131,17 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, **attn_kw)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                hoisted: Hoisted | None = None) -> torch.Tensor:
         """x: (B, N, dim), context: (B, L, context_dim) -> (B, N, dim)."""
+        if hoisted is not None:  # inference only: no checkpointing
+            return self._forward(x, context, hoisted.kv_for(self.attn1), hoisted.kv_for(self.attn2))
         return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, context)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)  # (B, N, dim)
-        x = x + self.attn2(self.norm2(x), context)  # (B, N, dim)
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, kv1: torch.Tensor | None = None,
+                 kv2: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None, kv1)  # (B, N, dim)
+        x = x + self.attn2(self.norm2(x), context, kv2)  # (B, N, dim)
         return x + self.ff(self.norm3(x))  # (B, N, dim)
 
 
@@ -164,7 +174,8 @@ class SpatialTransformer(ContextBlock):
         out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
         self.proj_out = zero_module(out)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                hoisted: Hoisted | None = None) -> torch.Tensor:
         """x: (B, C, H, W), context: (B, L, context_dim) or None -> (B, C, H, W)."""
         b, c, hgt, wid = x.shape
         h = self.norm(x)  # (B, C, H, W)
@@ -174,7 +185,7 @@ class SpatialTransformer(ContextBlock):
         if self.use_linear:
             h = self.proj_in(h)  # (B, H·W, inner)
         for block in self.transformer_blocks:
-            h = block(h, context)  # (B, H·W, inner)
+            h = block(h, context, hoisted)  # (B, H·W, inner)
         if self.use_linear:
             h = self.proj_out(h)  # (B, H·W, C)
         h = h.transpose(1, 2).reshape(b, -1, hgt, wid)  # (B, inner or C, H, W)

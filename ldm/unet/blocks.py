@@ -5,7 +5,7 @@ Attribute names follow the original LDM ``openaimodel.py`` (``in_layers``, ``emb
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +46,35 @@ class ContextBlock(nn.Module):
     """A block whose forward takes the cross-attention context: ``forward(x, context)``."""
 
 
+class Hoisted(NamedTuple):
+    """The conditioning projections of one U-Net call, computed for every block at once (inference; see
+    ``UNetModel.fuse_projections``): ``emb_out[i]`` is emb_layers(emb) of the ResBlock whose ``hoist_index`` is i,
+    (B, C_out_i); ``kv[j]`` is [K ‖ V] of the cross-attention whose ``hoist_index`` is j, (B, L, 2·inner_j)."""
+
+    emb_out: tuple[torch.Tensor, ...]
+    kv: tuple[torch.Tensor, ...]
+
+    def emb_for(self, block: nn.Module) -> torch.Tensor | None:
+        i = getattr(block, "hoist_index", None)
+        return None if i is None or not self.emb_out else self.emb_out[i]
+
+    def kv_for(self, attn: nn.Module) -> torch.Tensor | None:
+        j = getattr(attn, "hoist_index", None)
+        return None if j is None or not self.kv else self.kv[j]
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """``nn.Sequential`` that hands ``emb`` to :class:`TimestepBlock` children and ``context`` to
-    :class:`ContextBlock` children (the original ``TimestepEmbedSequential``)."""
+    :class:`ContextBlock` children (the original ``TimestepEmbedSequential``), with their :class:`Hoisted`
+    projections when the U-Net computed them."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                hoisted: Hoisted | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
+                x = layer(x, emb) if hoisted is None else layer(x, emb, hoisted.emb_for(layer))
             elif isinstance(layer, ContextBlock):
-                x = layer(x, context)
+                x = layer(x, context) if hoisted is None else layer(x, context, hoisted)
             else:
                 x = layer(x)
         return x
@@ -127,6 +146,7 @@ class ResBlock(TimestepBlock):
             self.h_upd = self.x_upd = nn.Identity()
         emb_out = 2 * c_out if use_scale_shift_norm else c_out  # scale and shift, or a bias
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.emb_out, when hoisted
         self.out_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(c_out, c_out, 3, padding=1)),
@@ -138,18 +158,20 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = nn.Conv2d(channels, c_out, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W), emb: (B, emb_channels) -> (B, C_out, H', W')."""
-        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, emb)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), emb: (B, emb_channels) -> (B, C_out, H', W'). ``emb_out``: emb_layers(emb), (B, C_out
+        or 2·C_out), when the U-Net computed it with the other blocks' (:class:`Hoisted`)."""
+        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, emb, emb_out)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None) -> torch.Tensor:
         if self.updown:
             h = self.in_layers[:-1](x)  # (B, C, H, W)
             h = self.in_layers[-1](self.h_upd(h))  # (B, C_out, H', W')
             x = self.x_upd(x)  # (B, C, H', W')
         else:
             h = self.in_layers(x)  # (B, C_out, H, W)
-        emb_out = self.emb_layers(emb).to(h.dtype)[..., None, None]  # (B, C_out or 2·C_out, 1, 1)
+        emb_out = self.emb_layers(emb) if emb_out is None else emb_out  # (B, C_out or 2·C_out)
+        emb_out = emb_out.to(h.dtype)[..., None, None]  # (B, C_out or 2·C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # (B, C_out, 1, 1) each
             h = self.out_layers[0](h) * (1 + scale) + shift
