@@ -55,7 +55,9 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
 
     - U-Net and autoencoder in ``channels_last`` (the layout cuDNN's fast convolutions want);
     - ``attention``: switch the U-Net's attention backend (default: keep the config's);
-    - ``fuse_projections``: q/k/v projections as one matmul (inference only: undo before training);
+    - ``fuse_projections``: q/k/v projections as one matmul, and the conditioning's projections (every ResBlock's
+      time projection, every cross-attention's K/V) as one matmul each per U-Net call (inference only: undo
+      before training);
     - ``inductor_flags``: :data:`INDUCTOR_FLAGS` (process-wide);
     - ``torch.compile`` of the U-Net forward and the autoencoder decoder (``mode``: any torch.compile mode; the
       default "reduce-overhead" adds CUDA graphs for the fixed-shape denoising loop, ~35 s of compile on the first
