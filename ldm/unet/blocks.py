@@ -39,11 +39,12 @@ def run_maybe_checkpointed(enabled: bool, module: nn.Module, fn: Callable[..., t
 
 
 class TimestepBlock(nn.Module):
-    """A block whose forward takes the time embedding: ``forward(x, emb)``."""
+    """A block whose forward takes the time embedding: ``forward(x, emb, emb_out=None)``, ``emb_out`` being its
+    projection of ``emb`` when the U-Net hoisted it (:class:`Hoisted`)."""
 
 
 class ContextBlock(nn.Module):
-    """A block whose forward takes the cross-attention context: ``forward(x, context)``."""
+    """A block whose forward takes the cross-attention context: ``forward(x, context, hoisted=None)``."""
 
 
 class Hoisted(NamedTuple):
