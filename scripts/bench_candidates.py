@@ -96,8 +96,9 @@ def _conv_tune() -> Callable[[], None]:
     """Our inference graphs autotune their forward convolutions only, each among cuDNN and the :data:`CONV_TILES`
     Triton templates; matmuls stay on cuBLAS untuned, and diffusers' graphs (no max_autotune) are untouched.
     max-autotune tunes ~60 operations of the SD U-Net among ~20 choices each, over 20 minutes of compile on an
-    H200; this tunes ~25 among 4. The question: how much of the templates' per-operation speed-up (1.1-2.0x at
-    64x64 and 32x32) reaches the CFG step, at what compile time."""
+    H200; this tunes ~25 among 4. The question was how much of the templates' per-operation speed-up (1.1-2.0x
+    at 64x64 and 32x32) reaches the CFG step. None on torch 2.11: 7.00 against 6.36 ms, with 124 new copies per
+    step (docs/BENCHMARKS.md, fifth 11-29 session)."""
     from torch._inductor.choices import InductorChoices
 
     if not hasattr(InductorChoices, "get_conv_configs"):
@@ -121,8 +122,9 @@ def _conv_tune() -> Callable[[], None]:
 
 
 # Triton matmul tiles kept by the "mm-tune" candidate: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). These
-# won 29 of the 42 matmuls inductor's max-autotune tuned for the SD U-Net's CFG step on an H200, 1.0-2.4x faster
-# than cuBLAS where cuBLAS ranked (docs/results/bench-h200-2026-11-29-autotune.jsonl).
+# won 29 of the 42 matmuls inductor's max-autotune tuned for the SD U-Net's CFG step on an H200
+# (docs/results/bench-h200-2026-11-29-autotune.jsonl). The autotuner's cuBLAS times there include its own overhead
+# (30-55 us against 6-8 us in the step's profile): with this candidate the step was slower (fifth 11-29 session).
 MM_TILES = ((128, 128, 64, 3, 4), (64, 64, 128, 5, 4), (128, 128, 64, 5, 8), (16, 128, 64, 5, 8),
             (16, 32, 128, 5, 2), (64, 128, 128, 4, 4), (64, 128, 64, 3, 4))
 MM_FALLBACK = 4  # Triton choices kept, in inductor's order, where no tile matches (tiles shrunk to a small problem)
