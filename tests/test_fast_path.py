@@ -213,3 +213,24 @@ def test_hoisting_leaves_adapted_projections_in_their_blocks_and_follows_dtype()
     model.fuse_projections()
     model.to(torch.bfloat16)
     assert model.hoist_emb_weight.dtype == model.hoist_kv_weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("target", ["attn2.to_k", "attn1.to_q", "input_blocks.1.0.emb_layers.1"])
+def test_an_adapter_attached_after_fusing_is_an_error_until_fused_again(target):
+    """Fused and hoisted weights are copies: an adapter attached afterwards would be bypassed without a word."""
+    from ldm.lora import LoRALinear, add_lora
+
+    model = build(TINY_V1)
+    inp = inputs(TINY_V1)
+    model.fuse_projections()
+    add_lora(model, rank=2, targets=(target,))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+        with pytest.raises(RuntimeError, match="after fuse_projections"):
+            model(**inp)
+        model.fuse_projections()  # the adapted modules now keep their own projections
+        out = model(**inp)
+        model.fuse_projections(False)
+        assert (out - model(**inp)).abs().max() < 1e-5

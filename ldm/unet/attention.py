@@ -13,7 +13,7 @@ from torch import nn
 
 from ldm.attention import attention, check_backend
 from ldm.norm import GroupNorm
-from ldm.unet.blocks import ContextBlock, Hoisted, run_maybe_checkpointed, zero_module
+from ldm.unet.blocks import ContextBlock, Hoisted, check_unadapted, run_maybe_checkpointed, zero_module
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -64,8 +64,11 @@ class CrossAttention(nn.Module):
                  kv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """q (B, N, H·d), k and v (B, L, H·d); ``kv``: [K ‖ V] (B, L, 2·H·d) computed by the U-Net."""
         if kv is not None:
+            check_unadapted("CrossAttention", self.to_k, self.to_v)
             return (self.to_q(x), *kv.chunk(2, dim=-1))
         w = self.fused_weight
+        if w is not None:
+            check_unadapted("CrossAttention", self.to_q, self.to_k, self.to_v)
         if w is not None and self.training:
             raise RuntimeError("CrossAttention: fused projections are for inference (stale once weights train); "
                                "call unfuse_projections() before training")

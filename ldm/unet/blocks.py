@@ -38,6 +38,14 @@ def run_maybe_checkpointed(enabled: bool, module: nn.Module, fn: Callable[..., t
     return fn(*args)
 
 
+def check_unadapted(owner: str, *linears: nn.Module) -> None:
+    """Fused or hoisted projections copy these Linears' weights: one replaced since (a LoRA adapter attached after
+    ``fuse_projections()``) would be bypassed without a word, so it is an error."""
+    if any(type(m) is not nn.Linear for m in linears):
+        raise RuntimeError(f"{owner}: a projection was replaced (an adapter attached?) after fuse_projections(); call "
+                           "fuse_projections() again, or fuse_projections(False)")
+
+
 class TimestepBlock(nn.Module):
     """A block whose forward takes the time embedding: ``forward(x, emb, emb_out=None)``, ``emb_out`` being its
     projection of ``emb`` when the U-Net hoisted it (:class:`Hoisted`)."""
@@ -171,7 +179,10 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)  # (B, C, H', W')
         else:
             h = self.in_layers(x)  # (B, C_out, H, W)
-        emb_out = self.emb_layers(emb) if emb_out is None else emb_out  # (B, C_out or 2·C_out)
+        if emb_out is None:
+            emb_out = self.emb_layers(emb)  # (B, C_out or 2·C_out)
+        else:
+            check_unadapted("ResBlock", self.emb_layers[1])
         emb_out = emb_out.to(h.dtype)[..., None, None]  # (B, C_out or 2·C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # (B, C_out, 1, 1) each
