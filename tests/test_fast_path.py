@@ -234,3 +234,31 @@ def test_an_adapter_attached_after_fusing_is_an_error_until_fused_again(target):
         out = model(**inp)
         model.fuse_projections(False)
         assert (out - model(**inp)).abs().max() < 1e-5
+
+
+def _linear_calls(model, inp) -> int:
+    """Linear layers in the graph that dynamo captures of one U-Net call (fullgraph)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(**inp)
+    linear = torch.nn.functional.linear
+    return sum(n.op == "call_function" and n.target is linear for g in graphs for n in g.graph.nodes)
+
+
+def test_hoisting_leaves_one_matmul_for_all_time_projections_and_one_for_all_cross_attention_kv():
+    model = build(TINY_V1)
+    inp = inputs(TINY_V1)
+    model.fuse_projections()
+    hoisted = _linear_calls(model, inp)
+    model.hoist_conditioning(False)  # q/k/v still fused, conditioning projections back in their blocks
+    in_blocks = _linear_calls(model, inp)
+    n_res = sum(isinstance(m, ResBlock) for m in model.modules())
+    n_cross = sum(isinstance(m, CrossAttention) and not m.is_self_attention for m in model.modules())
+    assert n_res > 10 and n_cross > 5
+    assert in_blocks - hoisted == (n_res - 1) + (n_cross - 1)
