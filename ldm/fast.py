@@ -43,7 +43,8 @@ SCOPES = ("unet", "denoiser")
 
 # torch.compile mode of the fast path: CUDA graphs over inductor's default kernels. "max-autotune" was measured on an
 # H200 (docs/BENCHMARKS.md, fourth 11-29 session): it benchmarks ~20 Triton templates against cuDNN/cuBLAS for each
-# of the SD U-Net's ~60 convolution and matmul shapes, 10-20 s each, so its first compile took over 20 minutes.
+# of the SD U-Net's ~60 convolution and matmul shapes, 5-41 s each, so its first compile took over 20 minutes; narrowed
+# to 4-7 choices, it compiled, and the step ran slower than with cuDNN and cuBLAS (fifth 11-29 session).
 DEFAULT_MODE = "reduce-overhead"
 
 

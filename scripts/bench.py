@@ -314,8 +314,8 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) 
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=dmode, fullgraph=True)
     import torch._inductor.config as inductor_config
 
-    # compile_threads: inductor compiles autotuning templates in parallel only with more than one (an H200 machine's
-    # max-autotune reports said "0.0004 seconds precompiling", docs/BENCHMARKS.md)
+    # compile_threads and the Python version: the autotuner's reports read "0.0003 seconds precompiling" with 1 and
+    # with 16 compile threads alike (docs/BENCHMARKS.md, fourth and fifth 11-29 sessions)
     emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode,
          ours_options=dict(OURS_OPTIONS), compile_threads=inductor_config.compile_threads,
          python=sys.version.split()[0])
