@@ -282,6 +282,16 @@ def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
 
 
 @torch.no_grad()
+def profile_vae(ours, pipe, res: int, out, tag: str) -> None:
+    """GPU time of one VAE decode by kernel category and its top kernels, ours and diffusers' (same weights)."""
+    z = torch.randn(1, 4, res, res, device=ours.device, dtype=ours.dtype)
+    for name, fn in (("ldm", lambda: ours.vae.decode(z)), ("diffusers", lambda: pipe.vae.decode(z))):
+        total, cats, top = profile_step(fn)
+        emit(out, what=f"vae_profile_{res * 8}px", impl=name, variant=tag, total_ms_per_step=total,
+             by_category_ms=cats, kernels=top)
+
+
+@torch.no_grad()
 def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
     """txt2img under torch.profiler: GPU kernel time of one call (compare with its timed wall time: the GPU's idle
     share is what launch overhead and host work leave)."""
@@ -450,6 +460,8 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if "profile" in only and not cpu:
         if tag != "compiled_denoiser":
             profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, label)
+        if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
+            profile_vae(ours, pipe, res, out, label)
         profile_pipeline(ours, px, 50, out, label)
     if "layers" in only and not cpu and tag == "eager":
         bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)

@@ -260,3 +260,25 @@ def test_compiled_unet_rows_time_the_first_call_and_compare_with_the_eager_outpu
     diffs = [r for r in rows if r["what"] == "unet_max_abs_diff_vs_eager"]
     assert [(r["impl"], r["value"]) for r in diffs] == [("ldm", 0.0), ("diffusers", 0.0)]
     assert sum(r["what"] == "unet_cfg_step_b2_4_back_to_back" for r in rows) == 4
+
+
+def test_fp8_linear_quantizes_per_row_and_stays_within_e4m3_error():
+    """bench_fp8's layer: per-token activation scales, per-output-channel weight scales (torch._scaled_mm also runs
+    on the CPU); its error against fp32 is e4m3's (3 mantissa bits), and a row's scale follows its magnitude."""
+    import torch
+    import torch.nn.functional as F
+    from bench_fp8 import E4M3, fp8_linear, level_linears, quantize_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 320)
+    x[3] *= 1000.0  # one loud token must not wash out the others (a per-tensor scale would)
+    w = torch.randn(960, 320) / 320**0.5
+    w8, sw = quantize_rows(w)
+    assert w8.dtype == E4M3 and sw.shape == (960, 1)
+    assert torch.allclose(w8.float().abs().amax(dim=1), torch.full((960,), 448.0))  # each row uses e4m3's range
+    y = fp8_linear(x.half(), w8, sw.t().contiguous())
+    ref = F.linear(x, w)
+    assert y.dtype == torch.float16 and y.shape == (64, 960)
+    rel = (y.float() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert rel.max() < 0.08 and rel[0] < 0.08  # the quiet rows keep their precision
+    assert [n for _, _, n in level_linears(320)] == [960, 320, 2560, 320]

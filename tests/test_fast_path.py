@@ -30,10 +30,17 @@ def test_fused_projections_same_output_same_state_dict(params):
         model.fuse_projections()
         fused = model(**inp)
     attn = [m for m in model.modules() if isinstance(m, CrossAttention)]
-    assert attn and all(m.fused_weight is not None for m in attn)
-    assert {m.fused_weight.shape[0] // m.to_k.weight.shape[0] for m in attn} == {2, 3}  # cross and self
+    selfs, cross = [m for m in attn if m.is_self_attention], [m for m in attn if not m.is_self_attention]
+    assert selfs and all(m.fused_weight.shape[0] == 3 * m.to_k.weight.shape[0] for m in selfs)  # [W_Q; W_K; W_V]
+    # cross-attentions keep no [W_K; W_V] of their own: the U-Net's hoisted matmul computes their K and V
+    assert cross and all(m.hoist_index is not None and m.fused_weight is None for m in cross)
     assert set(model.state_dict()) == keys  # nothing new saved
     assert (fused - ref).abs().max() < 1e-5
+    with torch.no_grad():
+        model.hoist_conditioning(False)  # the cross-attentions project K and V themselves again, fused
+        assert all(m.hoist_index is None and m.fused_weight.shape[0] == 2 * m.to_k.weight.shape[0] for m in cross)
+        assert (model(**inp) - ref).abs().max() < 1e-5
+        model.fuse_projections()
     model.train()
     with pytest.raises(RuntimeError, match="fuse_projections\\(False\\) before training"):
         model(**inp)
@@ -71,7 +78,8 @@ def test_optimize_without_compile_and_load_defaults(tmp_path):
     optimize(model, compile=False, attention="cudnn")
     assert model.unet.attn_backend == "cudnn"
     assert all(m.backend == "cudnn" for m in model.unet.modules() if isinstance(m, CrossAttention))
-    assert all(m.fused_weight is not None for m in model.unet.modules() if isinstance(m, CrossAttention))
+    assert all((m.fused_weight is not None) == m.is_self_attention  # cross-attention K/V: hoisted
+               for m in model.unet.modules() if isinstance(m, CrossAttention))
     x = model.generate(["a red apple"], steps=2, height=32, width=32, seed=0, output="tensor", progress=False)
     assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
     plain = ldm.load(config="configs/tiny/txt2img.yaml", device="cpu")

@@ -46,10 +46,14 @@ class CrossAttention(nn.Module):
         """Concatenate the projection weights for one matmul (inference: call again after changing weights).
 
         Returns False, fusing nothing, when a projection is not a plain Linear (LoRA adapters attached: their update
-        would be lost; merge them first)."""
+        would be lost; merge them first). A cross-attention whose K and V the U-Net hoists (``hoist_index`` set, see
+        ``UNetModel.hoist_conditioning``) keeps no copy of its own: [W_K; W_V] is already part of the U-Net's."""
         if any(type(m) is not nn.Linear for m in (self.to_q, self.to_k, self.to_v)):
             self.fused_weight = None
             return False
+        if self.hoist_index is not None:  # the U-Net computes K and V (Hoisted.kv): a second copy would be unused
+            self.fused_weight = None
+            return True
         parts = [self.to_k.weight, self.to_v.weight]
         if self.is_self_attention:
             parts.insert(0, self.to_q.weight)

@@ -65,7 +65,7 @@ class Hoisted(NamedTuple):
 
     def emb_for(self, block: nn.Module) -> torch.Tensor | None:
         i = getattr(block, "hoist_index", None)
-        return None if i is None or not self.emb_out else self.emb_out[i]
+        return None if i is None else self.emb_out[i]
 
     def kv_for(self, attn: nn.Module) -> torch.Tensor | None:
         j = getattr(attn, "hoist_index", None)

@@ -242,15 +242,18 @@ class UNetModel(nn.Module):
     def hoist_conditioning(self, enable: bool = True) -> None:
         """Inference: compute emb_layers(emb) of every ResBlock as one matmul, and K, V of the context of every
         cross-attention as another, once per call at the top of :meth:`forward`, instead of ~22 and ~16 small
-        matmuls inside the blocks (SD-1.5). Modules with adapted projections (LoRA) keep their own. ``False``
-        undoes it."""
+        matmuls inside the blocks (SD-1.5). Modules with adapted projections (LoRA) keep their own. A hoisted
+        cross-attention drops its own fused [W_K; W_V]; ``False`` undoes the hoist and gives it back."""
         res = [m for m in self.modules() if isinstance(m, ResBlock)]
         cross = [m for m in self.modules() if isinstance(m, CrossAttention) and not m.is_self_attention]
+        was_hoisted = [m for m in cross if m.hoist_index is not None]
         for m in res + cross:
             m.hoist_index = None
         self.hoist_emb_weight = self.hoist_emb_bias = self.hoist_kv_weight = None
         self._hoist_emb_sizes, self._hoist_kv_sizes = [], []
         if not enable:
+            for m in was_hoisted:
+                m.fuse_projections()
             return
         res = [m for m in res if type(m.emb_layers[1]) is nn.Linear and isinstance(m.emb_layers[0], nn.SiLU)]
         cross = [m for m in cross if type(m.to_k) is nn.Linear and type(m.to_v) is nn.Linear]
@@ -266,6 +269,7 @@ class UNetModel(nn.Module):
             m.hoist_index = i
         for j, m in enumerate(cross):
             m.hoist_index = j
+            m.fused_weight = None  # its K/V come from hoist_kv_weight
         self._hoist_emb_sizes = [m.emb_layers[1].out_features for m in res]
         self._hoist_kv_sizes = [2 * m.to_k.out_features for m in cross]
 
