@@ -33,8 +33,10 @@ from bench_candidates import (  # noqa: E402
     CANDIDATES_ON,
     INDUCTOR_SET,
     OURS_OPTIONS,
+    OURS_SET,
     apply_candidate,
     set_inductor_option,
+    set_ours_option,
 )
 from bench_common import bench_ceiling, emit, summary, timed  # noqa: E402
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
@@ -230,15 +232,13 @@ def variant_suffix(net: torch.nn.Module, name: str) -> str:
 
 
 def settings_suffix(name: str = "ldm", compiled_inference: bool = False) -> str:
-    """The run's process-wide settings, as a variant suffix: cudnn.benchmark, inductor's layout optimization (off or
-    forced), other ``--inductor`` settings, then ``--candidate`` patches (our compiled inference rows only)."""
-    import torch._inductor.config as inductor_config
-
+    """The run's settings, as a variant suffix: cudnn.benchmark, ``--inductor`` settings (process-wide), then on our
+    compiled inference rows only ``--ours-inductor`` settings and ``--candidate`` patches."""
     parts = ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
-    parts += ["_nolayoutopt"] if not inductor_config.layout_optimization else []
-    parts += ["_forcelayoutopt"] if inductor_config.force_layout_optimization else []
     parts += [f"_{k}={v}" for k, v in INDUCTOR_SET.items()]
-    parts += [CANDIDATES[c][0] for c in CANDIDATES_ON] if name == "ldm" and compiled_inference else []
+    if name == "ldm" and compiled_inference:
+        parts += [f"_ours-{k}={v}" for k, v in OURS_SET.items()]
+        parts += [CANDIDATES[c][0] for c in CANDIDATES_ON]
     return "".join(parts)
 
 
@@ -352,14 +352,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-attn", default=None, help="our attention backend in the training rows (sdpa, cudnn, flash)")
     p.add_argument("--train-cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark in the training rows (Lightning's Trainer(benchmark=True))")
-    p.add_argument("--no-layout-opt", action="store_true",
-                   help="torch._inductor.config.layout_optimization off (inductor's own channels_last conversion)")
-    p.add_argument("--force-layout-opt", action="store_true",
-                   help="torch._inductor.config.force_layout_optimization: channels_last layout optimization in every "
-                        "graph, the backward too (inductor turns it off in graphs with no forward convolution)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                   help="set torch._inductor.config.KEY (a Python literal) for the whole run, e.g. "
-                        "coordinate_descent_tuning=True; repeatable")
+                   help="set torch._inductor.config.KEY (a Python literal) for the whole run, both sides, e.g. "
+                        "coordinate_descent_tuning=True or force_layout_optimization=True; repeatable")
+    p.add_argument("--ours-inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inductor setting for our compiled inference graphs alone (diffusers runs without it, "
+                        "in the same process), e.g. combo_kernels=True; repeatable")
     p.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES),
                    help="a change under test for our compiled inference graphs (scripts/bench_candidates.py); "
                         "repeatable")
@@ -393,13 +391,13 @@ def main(argv=None) -> int:
             set_inductor_option(item)
         except ValueError as e:
             p.error(str(e))
+    for item in a.ours_inductor:
+        try:
+            set_ours_option(item)
+        except ValueError as e:
+            p.error(str(e))
     for name in a.candidate:
         apply_candidate(name)
-    if a.no_layout_opt or a.force_layout_opt:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.layout_optimization = not a.no_layout_opt
-        inductor_config.force_layout_optimization = a.force_layout_opt
     out = Path(a.out) if a.out else None
     cpu = a.cpu or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.float16)

@@ -14,14 +14,15 @@ import torch
 
 from ldm.autotune import MAX_CONV_WARPS, narrow_conv_configs  # 8-warp 3x3 templates miscompute (torch#173068)
 
-INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run
+INDUCTOR_SET: dict[str, object] = {}  # --inductor settings of this run (process-wide: both sides)
+OURS_SET: dict[str, object] = {}  # --ours-inductor settings of this run (our compiled inference graphs alone)
 CANDIDATES_ON: list[str] = []  # --candidate patches of this run
 OURS_OPTIONS: dict[str, object] = {}  # inductor settings for our compiled graphs alone (ldm.fast.optimize(options=))
 
 
-def set_inductor_option(item: str) -> None:
-    """``KEY=VALUE`` -> ``torch._inductor.config.KEY = VALUE`` (a Python literal; a dotted KEY reaches a
-    sub-config such as ``triton.cudagraphs``); a key inductor does not have or a value that is no literal is a
+def parse_inductor_option(item: str, flag: str = "--inductor") -> tuple[str, object]:
+    """``KEY=VALUE`` -> (KEY, VALUE), VALUE a Python literal; a dotted KEY names a sub-config option such as
+    ``triton.cudagraphs``. A key ``torch._inductor.config`` does not have or a value that is no literal is a
     ValueError naming it."""
     import ast
 
@@ -29,19 +30,40 @@ def set_inductor_option(item: str) -> None:
 
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ValueError(f"--inductor {item!r}: expected KEY=VALUE")
+        raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
     *path, leaf = key.split(".")
     target = inductor_config
     for part in path:
         target = getattr(target, part, None)
     if target is None or not hasattr(target, leaf):
-        raise ValueError(f"--inductor: torch._inductor.config has no option {key!r}")
+        raise ValueError(f"{flag}: torch._inductor.config has no option {key!r}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--inductor {key}: {text!r} is not a Python literal (True, 3, 'name')") from None
+        raise ValueError(f"{flag} {key}: {text!r} is not a Python literal (True, 3, 'name')") from None
+    return key, value
+
+
+def set_inductor_option(item: str) -> None:
+    """``--inductor KEY=VALUE``: ``torch._inductor.config.KEY = VALUE`` for the whole process (both sides)."""
+    import torch._inductor.config as inductor_config
+
+    key, value = parse_inductor_option(item)
+    *path, leaf = key.split(".")
+    target = inductor_config
+    for part in path:
+        target = getattr(target, part)
     setattr(target, leaf, value)
     INDUCTOR_SET[key] = value
+
+
+def set_ours_option(item: str) -> None:
+    """``--ours-inductor KEY=VALUE``: the setting for our compiled inference graphs alone
+    (``ldm.fast.optimize(options=)``), so that diffusers, in the same process, runs without it: an A/B test of
+    one inductor option against the same reference."""
+    key, value = parse_inductor_option(item, "--ours-inductor")
+    OURS_OPTIONS[key] = value
+    OURS_SET[key] = value
 
 
 def apply_candidate(name: str) -> Callable[[], None]:

@@ -9,8 +9,8 @@ train: for reference) it samples one image per caption with fixed seeds and repo
 project's own CLIP (trained on the training split): the Fréchet distance to the real images of that split
 (``fd_clip``), caption retrieval top-1/top-5 among the split's captions (``retrieval@1/5``), and the same two for the
 real images as the reference floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
-style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed (per split, with the real-vs-real
-floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state dict, loaded with
+style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed (per split,
+with the real-vs-real floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state dict, loaded with
 ``weights_only=True``; ``pip install ldm[eval]``) and otherwise reported as absent. Per-category breakdown (Unicode
 categories from the dataset manifest) for every group of more than 16 samples.
 Writes ``metrics.json`` and grids of samples next to the real images.
@@ -110,7 +110,8 @@ def split_metrics(clip, real: dict, fake: torch.Tensor, inc=None) -> dict:
          "retrieval@5": retrieval_accuracy(gi, ft, 5), "real_retrieval@1": retrieval_accuracy(fr, ft, 1),
          "real_retrieval@5": retrieval_accuracy(fr, ft, 5),
          # the floor: FD between two halves of the real images, and generated half vs real other half (same n)
-         "fd_clip_real_halves": frechet_distance(fr[::2], fr[1::2]), "fd_clip_gen_vs_real_half": frechet_distance(gi[::2], fr[1::2])}
+         "fd_clip_real_halves": frechet_distance(fr[::2], fr[1::2]),
+         "fd_clip_gen_vs_real_half": frechet_distance(gi[::2], fr[1::2])}
     by_group(m, styles, gi, fr, ft, 8)
     by_group(m, [f"category:{c}" for c in real["category"]], gi, fr, ft, 16)
     if inc is not None:

@@ -41,6 +41,7 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--attn-train-batches", "6x4"], "--attn-train-batches"),
                                           (["--inductor", "no_such_option=1"], "no option 'no_such_option'"),
                                           (["--inductor", "max_autotune=yes"], "not a Python literal"),
+                                          (["--ours-inductor", "combo=True"], "--ours-inductor: torch._inductor"),
                                           (["--candidate", "gn-fast"], "invalid choice: 'gn-fast'")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
@@ -96,16 +97,21 @@ def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
         cand.set_inductor_option("coordinate_descent_tuning=True")
         assert inductor_config.coordinate_descent_tuning is True
         undo = cand.apply_candidate("mm-tune")
+        cand.set_ours_option("combo_kernels=True")
+        assert cand.OURS_OPTIONS["combo_kernels"] is True and inductor_config.combo_kernels is not True
         net = type("Net", (), {"attn_backend": "sdpa"})()
         # the candidate tunes our compiled inference graphs alone: training and eager rows do not carry it
         assert bench.variant_suffix(net, "ldm").endswith("_coordinate_descent_tuning=True")
         assert bench.variant_suffix(net, "diffusers").endswith("_coordinate_descent_tuning=True")
-        assert bench.inference_tag("compiled", "reduce-overhead").endswith("_coordinate_descent_tuning=True_mmtune")
+        assert bench.inference_tag("compiled", "reduce-overhead").endswith(
+            "_coordinate_descent_tuning=True_ours-combo_kernels=True_mmtune")
         assert bench.inference_tag("eager", "reduce-overhead").endswith("_coordinate_descent_tuning=True")
     finally:
         inductor_config.coordinate_descent_tuning = was
         cand.INDUCTOR_SET.clear()
         cand.CANDIDATES_ON.clear()
+        cand.OURS_SET.clear()
+        cand.OURS_OPTIONS.pop("combo_kernels", None)
         if undo is not None:
             undo()
     assert cand.OURS_OPTIONS == {}
