@@ -40,10 +40,17 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = diffusion_model
         self.conditioning_key = conditioning_key
 
+    @property
+    def supports_repeat(self) -> bool:
+        """Whether ``forward(..., repeat=G)`` shares x among G contexts (``UNetModel.forward``)."""
+        return bool(getattr(self.diffusion_model, "supports_repeat", False))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                concat: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+                concat: torch.Tensor | None = None, y: torch.Tensor | None = None, repeat: int = 1) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)  # (B, C + C_concat, h, w)
+        if repeat != 1:  # (G·B, ...) from x (B, ...) and context (G·B, L, D)
+            return self.diffusion_model(x, t, context=context, y=y, repeat=repeat)
         return self.diffusion_model(x, t, context=context, y=y)
 
 

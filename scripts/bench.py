@@ -78,21 +78,26 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
 def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("ldm", "diffusers")) -> None:
     dev, dt = ours.device, ours.dtype
     ctx_dim = pipe.unet.config.cross_attention_dim
-    torch.manual_seed(0)  # the same inputs for every variant
-    x = torch.randn(2, 4, res, res, device=dev, dtype=dt)
+    torch.manual_seed(0)  # the same inputs for every variant; a CFG step: the same x_t and t for both prompts
+    x = torch.randn(1, 4, res, res, device=dev, dtype=dt).repeat(2, 1, 1, 1)
     t = torch.tensor([500, 500], device=dev)
     c = torch.randn(2, 77, ctx_dim, device=dev, dtype=dt)
-    calls = {"ldm": lambda: ours.unet(x, t, context=c), "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=c)}
+    calls = {"ldm": lambda: ours.unet(x, t, context=c), "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=c),
+             # ours as its sampler calls it under guidance: x and t once, the layers before the first
+             # cross-attention at batch 1 (UNetModel.forward's repeat)
+             "ldm_shared_x": lambda: ours.unet(x[:1], t[:1], context=c, repeat=2)}
     y = {}
     for impl, fn in calls.items():
         t0 = time.time()  # compiled: the first call compiles (or loads from the cache, autotuning included)
         out_ = fn()
-        y[impl] = (out_ if impl == "ldm" else out_.sample).float()
+        y[impl] = (out_.sample if impl == "diffusers" else out_).float()
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         if tag.startswith("compiled"):
             emit(out, what=f"unet_first_call_s_{res}", impl=impl, variant=tag, value=time.time() - t0)
     emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
          value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
+    emit(out, what="unet_max_abs_diff_shared_x_vs_batched", variant=tag,
+         value=float((y["ldm_shared_x"] - y["ldm"]).abs().max()))
     for impl in y:  # the fast path against the eager one, same weights and inputs
         if is_reference(tag):
             EAGER_OUT[impl] = y[impl]
@@ -100,7 +105,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
             emit(out, what="unet_max_abs_diff_vs_eager", impl=impl, variant=tag,
                  value=float((y[impl] - EAGER_OUT[impl]).abs().max()))
     for name, fn in calls.items():
-        if name not in impls:
+        if name not in impls + (("ldm_shared_x",) if "ldm" in impls else ()):
             continue
         # a lone call (synchronized before it: launch and host overhead count) and 10 back to back, as a sampling
         # loop runs them (the host prepares the next call while the GPU runs this one)

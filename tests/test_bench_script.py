@@ -252,7 +252,10 @@ def test_compiled_unet_rows_time_the_first_call_and_compare_with_the_eager_outpu
     import torch
 
     net = torch.nn.Conv2d(4, 4, 1)
-    ours = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, unet=lambda x, t, context: net(x))
+    def unet(x, t, context, repeat=1):  # repeat: the same x for `repeat` contexts
+        return net(x.repeat(repeat, 1, 1, 1))
+
+    ours = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, unet=unet)
     pipe = SimpleNamespace(unet=lambda x, t, encoder_hidden_states: SimpleNamespace(sample=net(x)))
     pipe.unet.config = SimpleNamespace(cross_attention_dim=8)
     monkeypatch.setattr(bench, "EAGER_OUT", {})
@@ -262,10 +265,13 @@ def test_compiled_unet_rows_time_the_first_call_and_compare_with_the_eager_outpu
             bench.bench_unet(ours, pipe, 4, out, tag)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     first = {r["impl"]: r for r in rows if r["what"] == "unet_first_call_s_4"}
-    assert set(first) == {"ldm", "diffusers"} and all(r["variant"] == "compiled" for r in first.values())
+    assert set(first) == {"ldm", "diffusers", "ldm_shared_x"} and all(r["variant"] == "compiled"
+                                                                      for r in first.values())
     diffs = [r for r in rows if r["what"] == "unet_max_abs_diff_vs_eager"]
-    assert [(r["impl"], r["value"]) for r in diffs] == [("ldm", 0.0), ("diffusers", 0.0)]
-    assert sum(r["what"] == "unet_cfg_step_b2_4_back_to_back" for r in rows) == 4
+    assert [(r["impl"], r["value"]) for r in diffs] == [("ldm", 0.0), ("diffusers", 0.0), ("ldm_shared_x", 0.0)]
+    # a CFG step's inputs: both halves the same x, so sharing it changes nothing
+    assert [r["value"] for r in rows if r["what"] == "unet_max_abs_diff_shared_x_vs_batched"] == [0.0, 0.0]
+    assert sum(r["what"] == "unet_cfg_step_b2_4_back_to_back" for r in rows) == 6
 
 
 def test_fp8_linear_quantizes_per_row_and_stays_within_e4m3_error():

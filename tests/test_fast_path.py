@@ -270,3 +270,61 @@ def test_hoisting_leaves_one_matmul_for_all_time_projections_and_one_for_all_cro
     n_cross = sum(isinstance(m, CrossAttention) and not m.is_self_attention for m in model.modules())
     assert n_res > 10 and n_cross > 5
     assert in_blocks - hoisted == (n_res - 1) + (n_cross - 1)
+
+
+def _shared_and_repeated(params: dict, g: int = 2) -> tuple[dict, dict]:
+    """Inputs of forward(..., repeat=g): x, t, y of B = 2 items, g contexts each; and the same call spelled out."""
+    inp = inputs(params)
+    ctx = torch.cat([inputs(params, seed=s)["context"] for s in range(1, g + 1)])  # (g·B, L, D)
+    shared = {**inp, "context": ctx, "repeat": g}
+    spelled = {k: v.repeat(g, *([1] * (v.ndim - 1))) for k, v in inp.items()}
+    return shared, {**spelled, "context": ctx}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_repeat_shares_x_among_contexts_and_equals_the_repeated_batch(variant, fused):
+    """repeat=G (classifier-free guidance: G = 2) runs the layers before the first context reader once; the output
+    is the repeated batch's, on every variant (cross-attention-only first level, FiLM ResBlocks, adm vectors, two
+    transformer layers), with hoisted conditioning or without, for G = 2 and 3."""
+    params, _ = VARIANTS[variant]
+    model = build(params)
+    if fused:
+        model.fuse_projections()
+    for g in (2, 3):
+        shared, spelled = _shared_and_repeated(params, g)
+        with torch.no_grad():
+            out, ref = model(**shared), model(**spelled)
+        assert out.shape == ref.shape == (g * 2, params["out_channels"], *shared["x"].shape[-2:])
+        assert (out - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_repeat_runs_the_shared_prefix_at_batch_b_and_traces_into_one_graph():
+    model = build(TINY_V1)
+    model.fuse_projections()
+    shared, spelled = _shared_and_repeated(TINY_V1)
+    seen: dict[str, int] = {}
+    first = model.input_blocks[1][0]  # the ResBlock before the first transformer: shared
+    attn1 = model.input_blocks[1][1].transformer_blocks[0].attn1  # the first self-attention: shared
+    attn2 = model.input_blocks[1][1].transformer_blocks[0].attn2  # reads the context: per context
+    for name, mod in (("res", first), ("attn1", attn1), ("attn2", attn2)):
+        mod.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o.shape[0]))
+    with torch.no_grad():
+        ref = model(**spelled)
+        assert seen == {"res": 4, "attn1": 4, "attn2": 4}
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        out = compiled(**shared)
+        model(**shared)
+    assert seen == {"res": 2, "attn1": 2, "attn2": 4}
+    assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(repeat=0), "repeat must be a positive int"),
+    (dict(repeat=2), "context has batch size 2, expected 4"),
+    (dict(repeat=2, context=None), "needs a context"),
+])
+def test_repeat_rejects_what_it_cannot_share(kwargs, message):
+    model = build(TINY_V1)
+    with pytest.raises(ValueError, match=message):
+        model(**{**inputs(TINY_V1), **kwargs})

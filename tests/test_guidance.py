@@ -87,3 +87,51 @@ def test_bad_inputs() -> None:
         CFGDenoiser(D)(x, sigma, cond, {"context": uncond["context"]}, scale=3.0)
     with pytest.raises(ValueError, match="rescale"):
         CFGDenoiser(D)(x, sigma, cond, uncond, scale=3.0, rescale=1.5)
+
+
+def _tiny_guided():
+    """The tiny text-to-image config's U-Net behind DiscreteDenoiser and CFGDenoiser, in fp32, random weights."""
+    import ldm
+    from test_unet import randomize_
+
+    model = ldm.load(config="configs/tiny/txt2img.yaml", device="cpu").float().eval()
+    randomize_(model.model.diffusion_model)
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, unet.in_channels, 8, 8, generator=g) * 5
+    width = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k.in_features  # the text embedding's
+    ctx = lambda: torch.randn(2, 7, width, generator=g)  # noqa: E731
+    return model, unet, x, torch.tensor([5.0, 0.4]), {"context": ctx()}, {"context": ctx()}
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_cfg_shares_x_between_the_branches_and_equals_the_batched_call(rescale) -> None:
+    """Both branches see the same x_t and σ: D_cfg asks the U-Net for repeat=2 (its layers before the first
+    cross-attention run once), and the result equals the batched call [x; x] with [uncond; cond]."""
+    model, unet, x, sigma, cond, uncond = _tiny_guided()
+    guided = CFGDenoiser(model.denoiser())
+    assert guided.inner_model.supports_repeat
+    batches: list[int] = []
+    unet.input_blocks[0].register_forward_hook(lambda m, a, o: batches.append(o.shape[0]))
+    with torch.no_grad():
+        out = guided(x, sigma, cond, uncond, scale=6.0, rescale=rescale)
+        d = model.denoiser()(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                             context=torch.cat([uncond["context"], cond["context"]]))
+    d_u, d_c = d.chunk(2)
+    ref = rescale_guidance(d_u + 6.0 * (d_c - d_u), d_c, rescale)
+    assert batches == [2, 4]  # the shared call, then the spelled-out reference
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_cfg_batches_both_branches_when_more_than_the_context_differs() -> None:
+    """Another input that differs between the branches (here the inpainting concat) means different x for the
+    U-Net: the batched call, as before."""
+    model, unet, x, sigma, cond, uncond = _tiny_guided()
+    from ldm.diffusion.guidance import _shared_cond
+
+    den = model.denoiser()
+    a, b = torch.zeros(2, 1), torch.zeros(2, 1)
+    assert _shared_cond(den, {**cond, "concat": a}, {**uncond, "concat": a})["concat"] is a
+    assert _shared_cond(den, {**cond, "concat": a}, {**uncond, "concat": b}) is None
+    assert _shared_cond(den, cond, {**uncond, "y": a}) is None  # different keys
+    assert _shared_cond(DiscreteDenoiser(CondNet(), AC), cond, uncond) is None  # a network without repeat

@@ -123,8 +123,15 @@ class DiscreteDenoiser(nn.Module):
         """(c_skip, c_out, c_in) for this network's parameterization."""
         return get_scalings(sigma, self.parameterization)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
-        """x: (B, C, ...) in σ-space; sigma: (B,) or scalar; cond: the network's keyword inputs. Returns x̂0 like x."""
+    @property
+    def supports_repeat(self) -> bool:
+        """Whether ``forward(..., repeat=G)`` shares x among G contexts (the network's ``supports_repeat``)."""
+        return bool(getattr(self.inner_model, "supports_repeat", False))
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, repeat: int = 1, **cond: Any) -> torch.Tensor:
+        """x: (B, C, ...) in σ-space; sigma: (B,) or scalar; cond: the network's keyword inputs. Returns x̂0 like x.
+        ``repeat=G`` (a network that :attr:`supports_repeat`): ``cond["context"]`` holds G·B items, G contexts for
+        each x, and the result is (G·B, C, ...), as if x and σ were repeated G times."""
         B = x.shape[0]
         hi = torch.float32 if x.device.type == "mps" else torch.float64
         s = torch.as_tensor(sigma, device=x.device).to(hi).reshape(-1).expand(B)  # (B,)
@@ -132,5 +139,8 @@ class DiscreteDenoiser(nn.Module):
         dt = _net_dtype(self.inner_model, x.dtype)
         t = self.sigma_to_t(s).to(torch.float32)  # (B,) fractional timesteps
         cond = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
-        F = self.inner_model((x * c_in).to(dt), t, **cond)  # (B, C, ...) network output
-        return (c_skip * x + c_out * F.to(hi)).to(x.dtype)  # (B, C, ...) x̂0
+        if repeat != 1:
+            cond["repeat"] = repeat
+        F = self.inner_model((x * c_in).to(dt), t, **cond)  # (G·B, C, ...) network output, G = repeat
+        x0 = c_skip * x + c_out * F.to(hi).unflatten(0, (repeat, B))  # (G, B, C, ...) x̂0
+        return x0.flatten(0, 1).to(x.dtype)  # (G·B, C, ...)

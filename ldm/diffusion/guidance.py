@@ -45,6 +45,20 @@ def _batch_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str,
     return out
 
 
+def _shared_cond(denoiser: Any, cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The keyword inputs of ``denoiser(x, σ, repeat=2, ...)`` when both branches differ only in their context and
+    the denoiser :attr:`supports_repeat` (``UNetModel.forward``'s ``repeat``): the context batched [uncond; cond],
+    every other input once (the same object in both, e.g. an inpainting ``concat``). None otherwise."""
+    if not getattr(denoiser, "supports_repeat", False) or set(cond) != set(uncond):
+        return None
+    if not (torch.is_tensor(cond.get("context")) and torch.is_tensor(uncond.get("context"))):
+        return None
+    if any(cond[k] is not uncond[k] for k in cond if k != "context"):
+        return None
+    return {**{k: v for k, v in cond.items() if k != "context" and v is not None},
+            "context": torch.cat([uncond["context"], cond["context"]])}  # (2B, L, D)
+
+
 class CFGDenoiser(nn.Module):
     """Wraps ``D(x, σ, **cond) -> x̂0`` into ``D_cfg(x, σ, cond, uncond, scale, rescale)``."""
 
@@ -63,8 +77,12 @@ class CFGDenoiser(nn.Module):
             return self.inner_model(x, sigma, **cond)
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(B)  # (B,)
-        both = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]),  # (2B, C, ...): [uncond; cond]
-                                **_batch_cond(cond, uncond))
+        shared = _shared_cond(self.inner_model, cond, uncond)
+        if shared is not None:  # one x for both contexts: the layers before the first context reader run once
+            both = self.inner_model(x, sigma, repeat=2, **shared)  # (2B, C, ...): [uncond; cond]
+        else:
+            both = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]),  # (2B, C, ...): [uncond; cond]
+                                    **_batch_cond(cond, uncond))
         d_u, d_c = both.chunk(2)  # (B, C, ...) each
         d_cfg = d_u + scale * (d_c - d_u)
         return rescale_guidance(d_cfg, d_c, rescale)

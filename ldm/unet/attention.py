@@ -13,7 +13,15 @@ from torch import nn
 
 from ldm.attention import attention, check_backend
 from ldm.norm import GroupNorm
-from ldm.unet.blocks import ContextBlock, Hoisted, check_unadapted, run_maybe_checkpointed, zero_module
+from ldm.unet.blocks import (
+    ContextBlock,
+    Hoisted,
+    check_unadapted,
+    film,
+    repeat_batch,
+    run_maybe_checkpointed,
+    zero_module,
+)
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -147,7 +155,11 @@ class BasicTransformerBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None, kv1: torch.Tensor | None = None,
                  kv2: torch.Tensor | None = None) -> torch.Tensor:
+        if self.disable_self_attn and context is not None:
+            x = repeat_batch(x, context.shape[0])  # (G·B, N, dim): the context's batch from here on
         x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None, kv1)  # (B, N, dim)
+        if context is not None:  # x may hold B items for G·B contexts (UNetModel's repeat): they part here
+            x = repeat_batch(x, context.shape[0])  # (G·B, N, dim)
         x = x + self.attn2(self.norm2(x), context, kv2)  # (B, N, dim)
         return x + self.ff(self.norm3(x))  # (B, N, dim)
 
@@ -184,7 +196,7 @@ class SpatialTransformer(ContextBlock):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 hoisted: Hoisted | None = None) -> torch.Tensor:
         """x: (B, C, H, W), context: (B, L, context_dim) or None -> (B, C, H, W)."""
-        b, c, hgt, wid = x.shape
+        hgt, wid = x.shape[-2:]
         h = self.norm(x)  # (B, C, H, W)
         if not self.use_linear:
             h = self.proj_in(h)  # (B, inner, H, W)
@@ -195,7 +207,7 @@ class SpatialTransformer(ContextBlock):
             h = block(h, context, hoisted)  # (B, H·W, inner)
         if self.use_linear:
             h = self.proj_out(h)  # (B, H·W, C)
-        h = h.transpose(1, 2).reshape(b, -1, hgt, wid)  # (B, inner or C, H, W)
+        h = h.transpose(1, 2).reshape(-1, h.shape[2], hgt, wid)  # (B, inner or C, H, W)
         if not self.use_linear:
             h = self.proj_out(h)  # (B, C, H, W)
-        return h + x
+        return film(h, x)  # h + x, x repeated to h's batch when the context's batch is G·B (UNetModel's repeat)

@@ -38,6 +38,18 @@ def run_maybe_checkpointed(enabled: bool, module: nn.Module, fn: Callable[..., t
     return fn(*args)
 
 
+def repeat_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, ...) -> (n, ...), n a multiple of B: [t; t; ...], as ``torch.cat([t] * (n // B))``."""
+    return t if t.shape[0] == n else t.repeat(n // t.shape[0], *([1] * (t.ndim - 1)))
+
+
+def film(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """h · (1 + scale) + shift, for h (G·B, ...) and shift, scale (B, ...) that broadcast to one item of h: each of
+    the G groups of h gets the same B conditioning rows, without building the repeat (h viewed as (G, B, ...))."""
+    g = h.unflatten(0, (-1, shift.shape[0]))  # (G, B, ...)
+    return (g + shift if scale is None else g * (1 + scale) + shift).flatten(0, 1)
+
+
 def check_unadapted(owner: str, *linears: nn.Module) -> None:
     """Fused or hoisted projections copy these Linears' weights: one replaced since (a LoRA adapter attached after
     ``fuse_projections()``) would be bypassed without a word, so it is an error."""
@@ -183,11 +195,11 @@ class ResBlock(TimestepBlock):
             emb_out = self.emb_layers(emb)  # (B, C_out or 2·C_out)
         else:
             check_unadapted("ResBlock", self.emb_layers[1])
-        emb_out = emb_out.to(h.dtype)[..., None, None]  # (B, C_out or 2·C_out, 1, 1)
+        # (B, C_out or 2·C_out, 1, 1); B may divide x's batch: the same timestep for G copies (UNetModel's repeat)
+        emb_out = emb_out.to(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)  # (B, C_out, 1, 1) each
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)  # (B, C_out, H', W')
+            h = self.out_layers[1:](film(self.out_layers[0](h), shift, scale))  # (B, C_out, H', W')
         else:
-            h = self.out_layers(h + emb_out)  # (B, C_out, H', W')
+            h = self.out_layers(film(h, emb_out))  # (B, C_out, H', W')
         return self.skip_connection(x) + h

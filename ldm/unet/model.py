@@ -23,7 +23,7 @@ from ldm.attention import check_backend
 from ldm.norm import GroupNorm
 from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.unet.blocks import (NORM_GROUPS, RESBLOCK_NORM_EPS, Downsample, Hoisted, ResBlock, TimestepEmbedSequential,
-                             Upsample, zero_module)
+                             Upsample, repeat_batch, zero_module)
 from ldm.unet.embeddings import label_embedding, time_mlp, timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -314,20 +314,29 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)  # (B, 4C)
         return emb
 
+    supports_repeat = True  # forward(..., repeat=G): see below; DiscreteDenoiser and CFGDenoiser ask for it
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, repeat: int = 1) -> torch.Tensor:
         """ε_θ(x, t, c).
 
         Args:
             x: (B, in_channels, H, W), H and W divisible by 2^(len(channel_mult) − 1).
             timesteps: (B,) float or integer timesteps, or a scalar for the whole batch.
-            context: (B, L, context_dim) cross-attention tokens.
+            context: (B, L, context_dim) cross-attention tokens; (G·B, L, context_dim) with ``repeat=G``.
             y: (B,) class ids (int ``num_classes``), (B, adm_in_channels) ("sequential"), or (B, 1) ("continuous").
+            repeat: G > 1 evaluates the same x, timesteps and y under G contexts, [context_1; ...; context_G] of B
+                each, and returns (G·B, ...): what ``forward(x.repeat(G, 1, 1, 1), timesteps.repeat(G), context,
+                y.repeat(G))`` returns. Classifier-free guidance is G = 2 (the unconditional and the conditional
+                prompt at the same x_t and t): every layer before the first one that reads the context (SD: the
+                input convolution, the first ResBlock and the first self-attention, the largest one) runs once,
+                at batch B, not twice.
         Returns:
-            (B, out_channels, H, W) in ``x``'s dtype.
+            (B, out_channels, H, W) in ``x``'s dtype; (G·B, ...) with ``repeat=G``.
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_repeat(x.shape[0], context, repeat)
         emb = self._embed(timesteps, y, x.shape[0], x.device)  # (B, 4C)
         h = x.to(self.dtype)
         context = context.to(self.dtype) if context is not None else None
@@ -337,6 +346,17 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, hoisted)  # (B, C_l, H_l, W_l)
             skips.append(h)
         h = self.middle_block(h, emb, context, hoisted)  # (B, C_bottom, H_bottom, W_bottom)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, hoisted)  # (B, C_l, H_l, W_l)
+        for block in self.output_blocks:  # a skip from before the first context reader holds B items of G·B
+            h = block(torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1), emb, context,
+                      hoisted)  # (B, C_l, H_l, W_l)
         return self.out(h).to(x.dtype)  # (B, out_channels, H, W)
+
+    def _check_repeat(self, batch: int, context: torch.Tensor | None, repeat: int) -> None:
+        if not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+        if repeat > 1 and (context is None or not any(isinstance(m, SpatialTransformer) for m in self.modules())):
+            raise ValueError("repeat > 1 shares x among several contexts: it needs a context and a U-Net with "
+                             "cross-attention")
+        if context is not None and context.shape[0] != batch * repeat:
+            raise ValueError(f"context has batch size {context.shape[0]}, expected {batch * repeat} (x's {batch} "
+                             f"× repeat {repeat})")
