@@ -277,13 +277,15 @@ def uncompile(net: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
-    """GPU time per U-Net CFG step by kernel category, and the top kernels: what limits the step."""
-    x = torch.randn(2, 4, res, res, device=ours.device, dtype=ours.dtype)
-    t = torch.tensor([500, 500], device=ours.device)
+    """GPU time per U-Net CFG step by kernel category, and the top kernels: what limits the step. The step as
+    guidance calls it: one x for both prompts (``repeat=2``; rows before the sixth 11-29 session profiled [x; x])."""
+    x = torch.randn(1, 4, res, res, device=ours.device, dtype=ours.dtype)
+    t = torch.tensor([500], device=ours.device)
     c = torch.randn(2, 77, ctx_dim, device=ours.device, dtype=ours.dtype)
-    total, cats, top = profile_step(lambda: ours.unet(x, t, context=c))
-    emit(out, what=f"unet_profile_b2_{res}", variant=tag, total_ms_per_step=total, by_category_ms=cats)
-    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, kernels=top)
+    total, cats, top = profile_step(lambda: ours.unet(x, t, context=c, repeat=2))
+    emit(out, what=f"unet_profile_b2_{res}", variant=tag, call="shared_x", total_ms_per_step=total,
+         by_category_ms=cats)
+    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, call="shared_x", kernels=top)
 
 
 @torch.no_grad()

@@ -326,8 +326,8 @@ class UNetModel(nn.Module):
             context: (B, L, context_dim) cross-attention tokens; (G·B, L, context_dim) with ``repeat=G``.
             y: (B,) class ids (int ``num_classes``), (B, adm_in_channels) ("sequential"), or (B, 1) ("continuous").
             repeat: G > 1 evaluates the same x, timesteps and y under G contexts, [context_1; ...; context_G] of B
-                each, and returns (G·B, ...): what ``forward(x.repeat(G, 1, 1, 1), timesteps.repeat(G), context,
-                y.repeat(G))`` returns. Classifier-free guidance is G = 2 (the unconditional and the conditional
+                each, and returns (G·B, ...): what the call with x, timesteps and y repeated G times along the
+                batch returns. Classifier-free guidance is G = 2 (the unconditional and the conditional
                 prompt at the same x_t and t): every layer before the first one that reads the context (SD: the
                 input convolution, the first ResBlock and the first self-attention, the largest one) runs once,
                 at batch B, not twice.
