@@ -101,7 +101,8 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def ema_key(param_name: str) -> str:
-    """Original LitEma naming: ``diffusion_model.input_blocks.0.0.weight`` -> ``model_ema.diffusion_modelinput_blocks00weight``."""
+    """Original LitEma naming: ``diffusion_model.input_blocks.0.0.weight`` ->
+    ``model_ema.diffusion_modelinput_blocks00weight``."""
     return "model_ema." + param_name.replace(".", "")
 
 
@@ -148,7 +149,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write a flat state dict atomically; shared/non-contiguous tensors are copied so safetensors accepts them."""
     from safetensors.torch import save_file  # noqa: PLC0415
 

@@ -16,7 +16,8 @@ class LambdaLinearScheduler:
 
     def __init__(self, warm_up_steps: Sequence[int], f_min: Sequence[float], f_max: Sequence[float],
                  f_start: Sequence[float], cycle_lengths: Sequence[float], verbosity_interval: int = 0) -> None:
-        lists = dict(warm_up_steps=warm_up_steps, f_min=f_min, f_max=f_max, f_start=f_start, cycle_lengths=cycle_lengths)
+        lists = dict(warm_up_steps=warm_up_steps, f_min=f_min, f_max=f_max, f_start=f_start,
+                     cycle_lengths=cycle_lengths)
         n = {len(v) for v in lists.values()}
         if len(n) != 1:
             raise ValueError(f"LambdaLinearScheduler: per-cycle lists differ in length: "

@@ -79,7 +79,8 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
 
     kind = a.sigmas
     if kind == "auto":
-        kind = "ddim" if a.sampler in ("ddim", "plms", "ddpm") else "karras" if a.sampler.startswith("dpmpp") else "discrete"
+        kind = ("ddim" if a.sampler in ("ddim", "plms", "ddpm")
+                else "karras" if a.sampler.startswith("dpmpp") else "discrete")
     return get_sigmas(model.alphas_cumprod, a.steps, kind)
 
 
@@ -93,7 +94,8 @@ def _conditioning(model: Any, prompts: list[str], negative: list[str]) -> tuple[
 def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None = None,
              sampler: str = "dpmpp_2m", steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0,
              seed: int | None = None, height: int | None = None, width: int | None = None,
-             latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None, strength: float = 0.8,
+             latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None,
+             strength: float = 0.8,
              mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True) -> Any:
     """Generate images.
 
@@ -102,7 +104,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         negative_prompts: the unconditional branch of classifier-free guidance; default "" (as the models were trained).
         sampler: a name of ``ldm.diffusion.samplers.SAMPLERS`` (ddpm, ddim, plms, euler, euler_a, heun, lms, dpmpp_2m,
             dpmpp_2m_sde, dpmpp_2s_a, unipc).
-        steps, guidance, guidance_rescale, eta: sampling settings (eta: DDIM η / ancestral noise scale; None: the sampler's default).
+        steps, guidance, guidance_rescale, eta: sampling settings (eta: DDIM η / ancestral noise scale; None: the
+            sampler's default).
         seed: image i uses seed + i (random when None).
         height, width: pixels, multiples of the autoencoder's factor (default: the config's size).
         latents: (B, C, h, w) starting noise (unit variance), overriding the seed (compare with other implementations).

@@ -10,9 +10,9 @@ project's own CLIP (trained on the training split): the Fréchet distance to the
 (``fd_clip``), caption retrieval top-1/top-5 among the split's captions (``retrieval@1/5``), and the same two for the
 real images as the reference floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
 style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed (per split,
-with the real-vs-real floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state dict, loaded with
-``weights_only=True``; ``pip install ldm[eval]``) and otherwise reported as absent. Per-category breakdown (Unicode
-categories from the dataset manifest) for every group of more than 16 samples.
+with the real-vs-real floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state
+dict, loaded with ``weights_only=True``; ``pip install ldm[eval]``) and otherwise reported as absent.
+Per-category breakdown (Unicode categories from the dataset manifest) for every group of more than 16 samples.
 Writes ``metrics.json`` and grids of samples next to the real images.
 """
 from __future__ import annotations

@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help=".safetensors/.ckpt (ours or released SD)")
-    p.add_argument("--config", help="YAML (ours or an original SD inference YAML); optional when the checkpoint says enough")
+    p.add_argument("--config",
+                   help="YAML (ours or an original SD inference YAML); optional when the checkpoint says enough")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
@@ -104,8 +105,8 @@ def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, se
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, Seed: {seed}, "
-                 f"Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Version: ldm {__version__}"
+    lines.append(f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, "
+                 f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Version: ldm {__version__}"
                  + (f", Denoising strength: {a.strength}" if a.init_image else ""))
     return "\n".join(lines)
 

@@ -42,7 +42,8 @@ def build_clip_optimizer(module: L.LightningModule, named: list[tuple[str, torch
     """AdamW over two groups (decayed / not decayed) with ``linear_warmup(train.warmup_steps)``."""
     if not named:
         raise ValueError("nothing to train: no parameter requires grad (model.params.freeze must be false)")
-    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": float(t.get("weight_decay", 0.2))},
+    decay = float(t.get("weight_decay", 0.2))
+    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": decay},
               {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
     fused = use_fused(module, [p for _, p in named], t)
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=effective_lr(module, t),
@@ -96,7 +97,8 @@ class CLIPModule(ResumableStage, L.LightningModule):
             loss, logits, labels = clip_loss(img, txt, self.logit_scale.float().exp(), rank=self.global_rank,
                                              local_loss=bool(t.get("local_loss", False)))
         params = [p for _, p in self._named_params()]
-        if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=bool(t.get("check_finite", True))):
+        check = bool(t.get("check_finite", True))
+        if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
             sched.step()
             clamp_logit_scale_(self.logit_scale)
         log_step(self, {"train/loss": loss, "train/logit_scale": self.logit_scale.detach().exp(),

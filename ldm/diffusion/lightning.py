@@ -96,17 +96,20 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         self.batches_seen += 1
         fail = t.get("debug_fail")  # fault injection for the distributed-failure tests: {rank: R, step: S}
         if fail and self.global_rank == int(fail["rank"]) and self.global_step >= int(fail["step"]):
-            raise RuntimeError(f"train.debug_fail: injected failure on rank {self.global_rank} at step {self.global_step}")
+            raise RuntimeError(f"train.debug_fail: injected failure on rank {self.global_rank} at step "
+                               f"{self.global_step}")
         opt, sched = self.optimizers(), self.lr_schedulers()
         gen = step_generator(self, int(t.get("seed", 0)))
         z = self._latents(batch, gen)
         c = self._context(batch, gen)
         per_sample = diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod,
                                     self.net.parameterization, generator=gen,
-                                    min_snr_gamma=t.get("min_snr_gamma"), offset_noise=float(t.get("offset_noise", 0.0)))
+                                    min_snr_gamma=t.get("min_snr_gamma"),
+                                    offset_noise=float(t.get("offset_noise", 0.0)))
         loss = per_sample.mean()
         params = [p for p in self.net.model.parameters() if p.requires_grad]
-        if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=bool(t.get("check_finite", True))):
+        check = bool(t.get("check_finite", True))
+        if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
             sched.step()
             if self.model_ema is not None:
                 self.model_ema.update(self.net.model)
@@ -123,7 +126,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         self._t0 = now
 
     def setup(self, stage: str) -> None:
-        """Before the strategy moves and wraps the module (DDP buckets see the final layout): ``train.channels_last``."""
+        """Before the strategy moves and wraps the module (DDP buckets see the final layout):
+        ``train.channels_last``."""
         from ldm.training.layout import to_channels_last, wants_channels_last  # noqa: PLC0415
 
         if stage == "fit" and wants_channels_last(self.config.train, self.trainer.strategy.root_device):

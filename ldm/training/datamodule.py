@@ -73,7 +73,8 @@ class DataModule(L.LightningDataModule):
         d = self.d
         return make_dataloader(d["train"], int(d["batch_size"]), num_workers=int(d.get("num_workers", 0)),
                                rank=rank, world_size=world, seed=self.seed, epoch=epoch, split=d.get("split"),
-                               size=d.get("size"), resize=d.get("resize", "center-crop"), flip=bool(d.get("flip", False)),
+                               size=d.get("size"), resize=d.get("resize", "center-crop"),
+                               flip=bool(d.get("flip", False)),
                                caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
                                num_samples=d.get("num_samples"), shuffle_buffer=int(d.get("shuffle_buffer", 512)),
                                allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory())

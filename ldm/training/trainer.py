@@ -15,7 +15,8 @@ from ldm.training.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
-SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "access_token", "auth_token", "hf_token", "key"}
+SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "access_token", "auth_token", "hf_token",
+               "key"}
 TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
                 "log_every_n_steps", "accumulate_grad_batches", "limit_train_batches", "limit_val_batches",
                 "fast_dev_run", "enable_progress_bar", "deterministic", "benchmark", "val_check_interval",
