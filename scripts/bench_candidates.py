@@ -26,16 +26,10 @@ def parse_inductor_option(item: str, flag: str = "--inductor") -> tuple[str, obj
     ValueError naming it."""
     import ast
 
-    import torch._inductor.config as inductor_config
-
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-    *path, leaf = key.split(".")
-    target = inductor_config
-    for part in path:
-        target = getattr(target, part, None)
-    if target is None or not hasattr(target, leaf):
+    if _config_owner(key) is None:
         raise ValueError(f"{flag}: torch._inductor.config has no option {key!r}")
     try:
         value = ast.literal_eval(text)
@@ -44,16 +38,21 @@ def parse_inductor_option(item: str, flag: str = "--inductor") -> tuple[str, obj
     return key, value
 
 
-def set_inductor_option(item: str) -> None:
-    """``--inductor KEY=VALUE``: ``torch._inductor.config.KEY = VALUE`` for the whole process (both sides)."""
+def _config_owner(key: str) -> object | None:
+    """The (sub-)config object of ``torch._inductor.config`` that holds the dotted ``key``'s last part, or None."""
     import torch._inductor.config as inductor_config
 
-    key, value = parse_inductor_option(item)
     *path, leaf = key.split(".")
     target = inductor_config
     for part in path:
-        target = getattr(target, part)
-    setattr(target, leaf, value)
+        target = getattr(target, part, None)
+    return target if target is not None and hasattr(target, leaf) else None
+
+
+def set_inductor_option(item: str) -> None:
+    """``--inductor KEY=VALUE``: ``torch._inductor.config.KEY = VALUE`` for the whole process (both sides)."""
+    key, value = parse_inductor_option(item)
+    setattr(_config_owner(key), key.rsplit(".", 1)[-1], value)
     INDUCTOR_SET[key] = value
 
 

@@ -150,6 +150,8 @@ class UNetModel(nn.Module):
         self.register_buffer("hoist_kv_weight", None, persistent=False)  # (Σ 2·inner_j, context_dim)
         self._hoist_emb_sizes: list[int] = []
         self._hoist_kv_sizes: list[int] = []
+        # whether any block reads the context (forward's repeat needs one), fixed by the architecture
+        self._reads_context = any(isinstance(m, SpatialTransformer) for m in self.modules())
 
     # -- construction ------------------------------------------------------------------------------------------
     def _res(self, c_in: int, c_out: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -229,11 +231,12 @@ class UNetModel(nn.Module):
         conditioning hoisted out of the blocks (:meth:`hoist_conditioning`); ``False`` undoes both. The state dict
         is unchanged; call again after changing weights."""
         attn = [m for m in self.modules() if isinstance(m, CrossAttention)]
-        self.hoist_conditioning(fuse)
         if not fuse:
+            self._unhoist()
             for m in attn:
                 m.unfuse_projections()
             return
+        self.hoist_conditioning()
         skipped = sum(not m.fuse_projections() for m in attn)
         if skipped:
             log.warning("fuse_projections: %d of %d attention modules have adapted projections (LoRA) and stay "
@@ -244,17 +247,13 @@ class UNetModel(nn.Module):
         cross-attention as another, once per call at the top of :meth:`forward`, instead of ~22 and ~16 small
         matmuls inside the blocks (SD-1.5). Modules with adapted projections (LoRA) keep their own. A hoisted
         cross-attention drops its own fused [W_K; W_V]; ``False`` undoes the hoist and gives it back."""
-        res = [m for m in self.modules() if isinstance(m, ResBlock)]
-        cross = [m for m in self.modules() if isinstance(m, CrossAttention) and not m.is_self_attention]
-        was_hoisted = [m for m in cross if m.hoist_index is not None]
-        for m in res + cross:
-            m.hoist_index = None
-        self.hoist_emb_weight = self.hoist_emb_bias = self.hoist_kv_weight = None
-        self._hoist_emb_sizes, self._hoist_kv_sizes = [], []
+        was_hoisted = self._unhoist()
         if not enable:
             for m in was_hoisted:
                 m.fuse_projections()
             return
+        res = [m for m in self.modules() if isinstance(m, ResBlock)]
+        cross = [m for m in self.modules() if isinstance(m, CrossAttention) and not m.is_self_attention]
         res = [m for m in res if type(m.emb_layers[1]) is nn.Linear and isinstance(m.emb_layers[0], nn.SiLU)]
         cross = [m for m in cross if type(m.to_k) is nn.Linear and type(m.to_v) is nn.Linear]
         if len({m.to_k.in_features for m in cross}) > 1:  # per-layer context widths: nothing to concatenate
@@ -272,6 +271,16 @@ class UNetModel(nn.Module):
             m.fused_weight = None  # its K/V come from hoist_kv_weight
         self._hoist_emb_sizes = [m.emb_layers[1].out_features for m in res]
         self._hoist_kv_sizes = [2 * m.to_k.out_features for m in cross]
+
+    def _unhoist(self) -> list[CrossAttention]:
+        """Drop the hoisted weights and every block's slot in them; returns the cross-attentions that had one."""
+        blocks = [m for m in self.modules() if isinstance(m, (ResBlock, CrossAttention))]
+        was_hoisted = [m for m in blocks if isinstance(m, CrossAttention) and m.hoist_index is not None]
+        for m in blocks:
+            m.hoist_index = None
+        self.hoist_emb_weight = self.hoist_emb_bias = self.hoist_kv_weight = None
+        self._hoist_emb_sizes, self._hoist_kv_sizes = [], []
+        return was_hoisted
 
     def _hoisted(self, emb: torch.Tensor, context: torch.Tensor | None) -> Hoisted | None:
         """The :class:`Hoisted` projections of this call, or None when not hoisting."""
@@ -354,7 +363,7 @@ class UNetModel(nn.Module):
     def _check_repeat(self, batch: int, context: torch.Tensor | None, repeat: int) -> None:
         if not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"repeat must be a positive int, got {repeat!r}")
-        if repeat > 1 and (context is None or not any(isinstance(m, SpatialTransformer) for m in self.modules())):
+        if repeat > 1 and (context is None or not self._reads_context):
             raise ValueError("repeat > 1 shares x among several contexts: it needs a context and a U-Net with "
                              "cross-attention")
         if context is not None and context.shape[0] != batch * repeat:
