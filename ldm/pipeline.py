@@ -85,8 +85,10 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
 
 
 def _conditioning(model: Any, prompts: list[str], negative: list[str]) -> tuple[dict, dict]:
-    c = model.encode_text(prompts)  # (B, 77, D)
-    u = model.encode_text(negative)  # (B, 77, D)
+    """Both branches' contexts from one text-encoder call (half the launches of two; each prompt is encoded on its
+    own: no padding mask or cross-prompt attention couples the batch)."""
+    cu = model.encode_text(prompts + negative)  # (2B, 77, D)
+    c, u = cu.split(len(prompts))  # (B, 77, D) each
     return {"context": c}, {"context": u}
 
 

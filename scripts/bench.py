@@ -38,7 +38,7 @@ from bench_candidates import (  # noqa: E402
     set_inductor_option,
     set_ours_option,
 )
-from bench_common import bench_ceiling, emit, summary, timed  # noqa: E402
+from bench_common import bench_ceiling, bench_launch_floor, emit, summary, timed  # noqa: E402
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
 from bench_profile import host_syncs, profile_step  # noqa: E402
 
@@ -276,16 +276,23 @@ def uncompile(net: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def profile_unet(ours, ctx_dim: int, res: int, out, tag: str) -> None:
-    """GPU time per U-Net CFG step by kernel category, and the top kernels: what limits the step. The step as
-    guidance calls it: one x for both prompts (``repeat=2``; rows before the sixth 11-29 session profiled [x; x])."""
+def profile_unet(ours, pipe, res: int, out, tag: str) -> None:
+    """GPU time per U-Net CFG step by kernel category, the top kernels and the timeline's launches and idle gaps:
+    what limits the step. Ours as guidance calls it: one x for both prompts (``repeat=2``; rows before the sixth 11-29
+    session profiled [x; x]); diffusers' as its pipeline calls it, [x; x]."""
     x = torch.randn(1, 4, res, res, device=ours.device, dtype=ours.dtype)
     t = torch.tensor([500], device=ours.device)
-    c = torch.randn(2, 77, ctx_dim, device=ours.device, dtype=ours.dtype)
-    total, cats, top = profile_step(lambda: ours.unet(x, t, context=c, repeat=2))
-    emit(out, what=f"unet_profile_b2_{res}", variant=tag, call="shared_x", total_ms_per_step=total,
-         by_category_ms=cats)
-    emit(out, what=f"unet_profile_top_kernels_{res}", variant=tag, call="shared_x", kernels=top)
+    c = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=ours.device, dtype=ours.dtype)
+    x2, t2 = x.repeat(2, 1, 1, 1), t.repeat(2)
+    calls = {"ldm": ("shared_x", lambda: ours.unet(x, t, context=c, repeat=2)),
+             "diffusers": ("batched", lambda: pipe.unet(x2, t2, encoder_hidden_states=c))}
+    for impl, (call, fn) in calls.items():
+        timeline: dict = {}
+        total, cats, top = profile_step(fn, timeline=timeline)
+        emit(out, what=f"unet_profile_b2_{res}", impl=impl, variant=tag, call=call, total_ms_per_step=total,
+             by_category_ms=cats)
+        emit(out, what=f"unet_profile_top_kernels_{res}", impl=impl, variant=tag, call=call, kernels=top)
+        emit(out, what=f"unet_timeline_b2_{res}", impl=impl, variant=tag, call=call, **timeline)
 
 
 @torch.no_grad()
@@ -306,24 +313,26 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
         return ours.generate(["a photograph of an astronaut riding a horse"], sampler="euler", sigmas="discrete",
                              steps=steps, guidance=7.5, height=px, width=px, seed=0, progress=False, output="tensor")
 
-    total, cats, top = profile_step(run, 1)
+    timeline: dict = {}
+    total, cats, top = profile_step(run, 1, timeline=timeline)
     emit(out, what=f"txt2img_profile_{px}px_{steps}steps", impl="ldm", variant=tag, gpu_kernel_ms=total,
-         by_category_ms=cats, kernels=top[:10])
+         by_category_ms=cats, kernels=top[:10], timeline=timeline)
     syncs = host_syncs(run)
     emit(out, what=f"txt2img_host_syncs_{px}px_{steps}steps", impl="ldm", variant=tag, count=sum(syncs.values()),
          where=dict(sorted(syncs.items(), key=lambda kv: -kv[1])[:10]))
 
 
-def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) -> None:
-    """Our fast path with ``mode`` and diffusers at its best (channels_last, fused q/k/v, compiled U-Net and decoder)
-    with ``diffusers_mode`` (default: the same)."""
+def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None, compile_text: bool = True) -> None:
+    """Our fast path with ``mode`` (``compile_text``: its text encoder compiled too, the default) and diffusers at its
+    best (channels_last, fused q/k/v, compiled U-Net and decoder; its text encoder eager) with ``diffusers_mode``
+    (default: the same)."""
     from ldm.fast import optimize
 
     t0 = time.time()
     dmode = diffusers_mode or mode
     # cuDNN attention on Hopper, fused projections, inductor flags (process-wide: both); a candidate's settings for
     # our graphs alone
-    optimize(ours, mode=mode, options=dict(OURS_OPTIONS) or None)
+    optimize(ours, mode=mode, options=dict(OURS_OPTIONS) or None, compile_text=compile_text)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
@@ -334,6 +343,7 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None) 
     # compile_threads and the Python version: the autotuner's reports read "0.0003 seconds precompiling" with 1 and
     # with 16 compile threads alike (docs/BENCHMARKS.md, fourth and fifth 11-29 sessions)
     emit(out, what="compile_setup_s", value=time.time() - t0, mode=mode, diffusers_mode=dmode,
+         compile_text=compile_text,
          ours_options=dict(OURS_OPTIONS), compile_threads=inductor_config.compile_threads,
          python=sys.version.split()[0])
 
@@ -377,6 +387,10 @@ def main(argv=None) -> int:
                    help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
                         "for each convolution shape on first use)")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
+    p.add_argument("--no-compile-text", action="store_true",
+                   help="leave our text encoder eager in the compiled variants (ldm.fast.optimize(compile_text=False))")
+    p.add_argument("--no-denoiser-graph", action="store_true",
+                   help="with --compile, leave out the compiled_denoiser variant (the guided denoiser as one graph)")
     p.add_argument("--eager-nchw", action="store_true",
                    help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
     p.add_argument("--out", default=None)
@@ -417,6 +431,8 @@ def main(argv=None) -> int:
     res, px = (8, 32) if cpu else (64, 512)
     if not cpu:  # always (a few seconds): every TFLOP/s row then also reports its share of this ceiling
         bench_ceiling(out)
+    if not cpu and "profile" in only:
+        bench_launch_floor(out)
     if not cpu and "attention" in only:
         bench_attention(out)
     if not cpu and "attention_train" in only:
@@ -430,7 +446,7 @@ def main(argv=None) -> int:
         if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
             run_train_rows(ours, pipe, res, cpu, a, out)
         variants = ([] if a.skip_eager else ["eager"] + (["eager_nchw"] if a.eager_nchw else [])) + (
-        ["compiled", "compiled_denoiser"] if a.compile else [])
+        ["compiled"] + ([] if a.no_denoiser_graph else ["compiled_denoiser"]) if a.compile else [])
         for tag in variants:
             run_variant(ours, pipe, tag, res, px, cpu, only, a, out)
     summary()
@@ -444,7 +460,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     from ldm.fast import compile_guided_denoiser
 
     if tag == "compiled":
-        compile_both(ours, pipe, a.mode, out, a.diffusers_mode)
+        compile_both(ours, pipe, a.mode, out, a.diffusers_mode, compile_text=not a.no_compile_text)
     if tag == "compiled_denoiser":
         compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
     impls = ("ldm",) if tag in ("compiled_denoiser", "eager_nchw") else ("ldm", "diffusers")
@@ -464,7 +480,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
             bench_pipeline(ours, pipe, px, 8, steps, out, label, impls)
     if "profile" in only and not cpu:
         if tag != "compiled_denoiser":
-            profile_unet(ours, pipe.unet.config.cross_attention_dim, res, out, label)
+            profile_unet(ours, pipe, res, out, label)
         if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
             profile_vae(ours, pipe, res, out, label)
         profile_pipeline(ours, px, 50, out, label)

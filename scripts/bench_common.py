@@ -61,6 +61,26 @@ def bench_ceiling(out) -> float:
     return tf
 
 
+def bench_launch_floor(out, n: int = 500) -> float:
+    """µs per kernel of a CUDA graph of ``n`` tiny kernels replayed back to back: what each launch of a captured step
+    costs at least (a kernel's own few cycles plus the graph's gap before the next), to set against a profile's
+    launch count and idle time."""
+    x = torch.zeros(256, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x.add_(1)  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(n):
+                x.add_(1)
+    torch.cuda.current_stream().wait_stream(s)
+    r = timed(g.replay, 3, 20)
+    us = r["median_s"] / n * 1e6
+    emit(out, what="cuda_graph_us_per_kernel", value=us, kernels=n, **r)
+    return us
+
+
 def summary() -> None:
     print("\nSUMMARY")
     for r in RESULTS:

@@ -27,9 +27,11 @@ def is_annotation(key: str) -> bool:
     return key.startswith(("## ", "Optimizer."))
 
 
-def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
+def profile_step(fn, steps: int = 10, ops: list | None = None,
+                 timeline: dict | None = None) -> tuple[float, dict[str, float], list[dict]]:
     """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
-    ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources)."""
+    ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources).
+    ``timeline``: if a dict, it is filled with the GPU timeline's launches and idle gaps (timeline_summary)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -40,7 +42,36 @@ def profile_step(fn, steps: int = 10, ops: list | None = None) -> tuple[float, d
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    if timeline is not None:
+        timeline.update(timeline_summary(prof.events(), steps))
     return kernel_summary(prof, steps, ops)
+
+
+def timeline_summary(events, steps: int) -> dict:
+    """The GPU timeline of ``steps`` calls: kernels launched per call, busy and idle time per call (idle = the gaps
+    between one kernel's end and the next one's start, inside the profiled span), the median gap, and the idle time
+    by the category of the kernel that waited (a launch-bound graph spreads it evenly; a host-bound one piles it up
+    before a few kernels)."""
+    spans = sorted((e.time_range.start, e.time_range.end, kernel_category(e.name)) for e in events
+                   if e.device_type.name == "CUDA" and not is_annotation(e.name))
+    if not spans:
+        return {}
+    gaps, busy, idle_by_cat, count_by_cat, end = [], 0.0, {}, {}, spans[0][0]
+    for start, stop, cat in spans:
+        count_by_cat[cat] = count_by_cat.get(cat, 0) + 1 / steps
+        gap = max(start - end, 0.0)
+        gaps.append(gap)
+        idle_by_cat[cat] = idle_by_cat.get(cat, 0.0) + gap
+        busy += max(stop - max(start, end), 0.0)
+        end = max(end, stop)
+    ordered = sorted(gaps[1:]) or [0.0]
+    return {"launches_per_call": len(spans) / steps, "busy_ms_per_call": round(busy / steps / 1000, 3),
+            "idle_ms_per_call": round(sum(gaps) / steps / 1000, 3),
+            "median_gap_us": round(ordered[len(ordered) // 2], 2),
+            "p90_gap_us": round(ordered[int(len(ordered) * 0.9)], 2),
+            "launches_by_category": {k: round(v, 1) for k, v in sorted(count_by_cat.items(), key=lambda kv: -kv[1])},
+            "idle_ms_by_next_category": {k: round(v / steps / 1000, 3) for k, v in
+                                         sorted(idle_by_cat.items(), key=lambda kv: -kv[1])}}
 
 
 def kernel_summary(prof, steps: int, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
@@ -52,7 +83,7 @@ def kernel_summary(prof, steps: int, ops: list | None = None) -> tuple[float, di
         by_cat[cat] = by_cat.get(cat, 0.0) + float(e.device_time_total) / steps / 1000
     top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
     top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
-                 "calls_per_step": e.count // steps} for e in top]
+                 "calls_per_step": e.count / steps} for e in top]
     if ops is not None:
         ops.extend(copy_sources(prof.events(), steps)[:16])
     cats = {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}

@@ -87,6 +87,30 @@ def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
     assert rows[("aten::contiguous", "layer_a")]["shapes"].startswith("[[2, 8, 6, 6]")
 
 
+def test_timeline_counts_launches_and_the_idle_gaps_before_each_kernel():
+    from types import SimpleNamespace as NS
+
+    from bench_profile import timeline_summary
+
+    def kernel(name, start, end, device="CUDA"):
+        return NS(name=name, device_type=NS(name=device), time_range=NS(start=start, end=end))
+
+    # two calls: conv 0-10, 2 µs gap, triton 12-15, 5 µs gap, gemm 20-30 | 10 µs gap, conv 40-50, triton 50-52
+    # (overlapping the conv's end: no gap), gemm 60-70; a CPU op and a graph annotation on the GPU are left out
+    events = [kernel("sm90_xmma_fprop_implicit_gemm", 0, 10), kernel("triton_poi_fused_add", 12, 15),
+              kernel("nvjet_sm90_hsh_bias", 20, 30), kernel("sm90_xmma_fprop_implicit_gemm", 40, 50),
+              kernel("triton_red_fused_norm", 49, 52), kernel("nvjet_sm90_hsh_bias", 60, 70),
+              kernel("aten::add", 0, 100, device="CPU"), kernel("## Call CompiledFxGraph ##", 0, 70)]
+    row = timeline_summary(events, steps=2)
+    assert row["launches_per_call"] == 3.0
+    assert row["launches_by_category"] == {"convolution": 1.0, "norm / elementwise (Triton)": 1.0, "matmul": 1.0}
+    assert row["busy_ms_per_call"] == round((10 + 3 + 10 + 10 + 2 + 10) / 2 / 1000, 3)
+    assert row["idle_ms_per_call"] == round((2 + 5 + 10 + 0 + 8) / 2 / 1000, 3)
+    assert row["idle_ms_by_next_category"] == {"matmul": round(13 / 2 / 1000, 3), "convolution": 0.005,
+                                               "norm / elementwise (Triton)": 0.001}
+    assert row["median_gap_us"] == 5 and timeline_summary([], steps=1) == {}
+
+
 def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
     import bench
     import bench_candidates as cand

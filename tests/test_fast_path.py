@@ -128,7 +128,7 @@ def test_compiled_guided_denoiser_matches_eager_in_one_graph(sampler):
     assert not torch.equal(ref, ref2) and not torch.equal(ref, ref3)
     torch._dynamo.reset()
     counters.clear()
-    optimize(model, backend="aot_eager", scope="denoiser", fuse_projections=False)
+    optimize(model, backend="aot_eager", scope="denoiser", fuse_projections=False, compile_text=False)
     out = model.generate(["a red apple"], **kw)
     again = model.generate(["a green pear"], **kw)  # new prompt, same shapes: no recompile
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the guided denoiser (U-Net inlined)
@@ -139,6 +139,44 @@ def test_compiled_guided_denoiser_matches_eager_in_one_graph(sampler):
     weak = model.generate(["a red apple"], guidance=3.0, **kw)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     torch.testing.assert_close(weak, ref3, atol=1e-3, rtol=1e-4)
+
+
+def test_compiled_text_encoder_traces_into_one_graph_and_keeps_each_calls_output():
+    """The text encoder compiles into one graph (token ids already on the device: no host tensor, so a CUDA graph
+    on a GPU), once for every prompt batch of that size, encodes what the eager one does, and returns copies:
+    a context kept from an earlier call is not overwritten by the next (as a CUDA graph's output would be)."""
+    from torch._dynamo.utils import counters
+
+    from ldm.fast import compile_text_encoder
+
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    ref = model.encode_text(["a red apple", ""])
+    ref2 = model.encode_text(["a green pear", "blurry"])
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_text_encoder(model.cond_stage_model, backend="aot_eager", fullgraph=True)
+    out = model.encode_text(["a red apple", ""])
+    out2 = model.encode_text(["a green pear", "blurry"])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["stats"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2, ref2, atol=1e-5, rtol=1e-5)  # out was not overwritten by the second call
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert compile_text_encoder(model.cond_stage_model, backend="aot_eager")  # twice: no second wrapper
+    assert compile_text_encoder(object(), backend="aot_eager") is False  # an encoder without encode_ids: eager
+
+
+def test_generate_encodes_both_branches_in_one_text_encoder_call(monkeypatch):
+    """One batched call for prompts and negative prompts, which encodes each prompt as its own call would."""
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    calls = []
+    encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    model.generate(["a red apple", "a pear"], negative_prompts=["", "blurry"], steps=1, height=32, width=32,
+                   output="latent", progress=False)
+    assert calls == [["a red apple", "a pear", "", "blurry"]]
+    both = encode(["a red apple", "a pear", "", "blurry"])
+    torch.testing.assert_close(both[:2], encode(["a red apple", "a pear"]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[2:], encode(["", "blurry"]), atol=1e-5, rtol=1e-4)
 
 
 def test_optimize_rejects_an_unknown_scope():
@@ -152,7 +190,7 @@ def test_optimize_compiles_with_cuda_graphs_by_default_not_with_minutes_of_autot
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False)
-    assert [kw["mode"] for kw in calls] == ["reduce-overhead", "reduce-overhead"]  # the U-Net and the decoder
+    assert [kw["mode"] for kw in calls] == ["reduce-overhead"] * 3  # the U-Net, the decoder, the text encoder
     assert all(kw["fullgraph"] and kw["backend"] == "inductor" for kw in calls)
 
 
@@ -163,7 +201,7 @@ def test_optimize_options_are_inductor_settings_for_its_own_graphs_on_top_of_the
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
              options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"})
-    assert len(calls) == 2 and all("mode" not in kw for kw in calls)
+    assert len(calls) == 3 and all("mode" not in kw for kw in calls)  # U-Net, decoder, text encoder
     assert calls[0]["options"] == {"triton.cudagraphs": True, "max_autotune": True,
                                    "max_autotune_gemm_backends": "ATEN"}
     with pytest.raises(ValueError, match="backend 'aot_eager' takes none"):
@@ -317,6 +355,15 @@ def test_repeat_runs_the_shared_prefix_at_batch_b_and_traces_into_one_graph():
         model(**shared)
     assert seen == {"res": 2, "attn1": 2, "attn2": 4}
     assert (out - ref).abs().max() < 1e-5
+
+
+def test_repeat_batch_keeps_the_memory_format_of_a_channels_last_skip():
+    from ldm.unet.blocks import repeat_batch
+
+    h = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    r = repeat_batch(h, 6)
+    assert r.is_contiguous(memory_format=torch.channels_last) and r.shape == (6, 8, 4, 4)
+    assert torch.equal(r, torch.cat([h, h, h])) and repeat_batch(h, 2) is h
 
 
 @pytest.mark.parametrize("kwargs,message", [

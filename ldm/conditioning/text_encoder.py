@@ -165,8 +165,12 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> hidden states of ``self.layer`` after ln_final, (B, L, width), causal mask."""
+        return self.encode_ids(upload(tokens, self.model.token_embedding.weight.device))
+
+    def encode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_tokens` for ids already on the parameters' device: the part ``ldm.fast.optimize``
+        compiles (no host tensor in the graph, so it can be a CUDA graph)."""
         m = self.model
-        tokens = upload(tokens, m.token_embedding.weight.device)
         L = tokens.shape[1]
         x = m.token_embedding(tokens)  # (B, L, W)
         x = x + m.positional_embedding[:L].to(x.dtype)  # (B, L, W)

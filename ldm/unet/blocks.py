@@ -39,8 +39,9 @@ def run_maybe_checkpointed(enabled: bool, module: nn.Module, fn: Callable[..., t
 
 
 def repeat_batch(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, ...) -> (n, ...), n a multiple of B: [t; t; ...], as ``torch.cat([t] * (n // B))``."""
-    return t if t.shape[0] == n else t.repeat(n // t.shape[0], *([1] * (t.ndim - 1)))
+    """(B, ...) -> (n, ...), n a multiple of B: [t; t; ...]. ``torch.cat`` keeps t's memory format (a channels_last
+    skip stays channels_last in eager mode; ``Tensor.repeat`` would return it contiguous)."""
+    return t if t.shape[0] == n else torch.cat([t] * (n // t.shape[0]))
 
 
 def film(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
