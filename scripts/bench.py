@@ -288,10 +288,11 @@ def profile_unet(ours, pipe, res: int, out, tag: str) -> None:
              "diffusers": ("batched", lambda: pipe.unet(x2, t2, encoder_hidden_states=c))}
     for impl, (call, fn) in calls.items():
         timeline: dict = {}
-        total, cats, top = profile_step(fn, timeline=timeline)
+        total, cats, every = profile_step(fn, timeline=timeline, top_n=1000)
         emit(out, what=f"unet_profile_b2_{res}", impl=impl, variant=tag, call=call, total_ms_per_step=total,
              by_category_ms=cats)
-        emit(out, what=f"unet_profile_top_kernels_{res}", impl=impl, variant=tag, call=call, kernels=top)
+        emit(out, what=f"unet_profile_top_kernels_{res}", impl=impl, variant=tag, call=call, kernels=every[:12])
+        emit(out, what=f"unet_profile_all_kernels_{res}", impl=impl, variant=tag, call=call, kernels=every)
         emit(out, what=f"unet_timeline_b2_{res}", impl=impl, variant=tag, call=call, **timeline)
 
 
@@ -353,8 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
     p.add_argument("--only", default="attention,unet,vae,pipeline,train,profile",
-                   help="comma list of: attention, attention_train, unet, vae, pipeline, train, profile, layers "
-                        "(the matmul ceiling is always measured on a GPU)")
+                   help="comma list of: attention, attention_train, unet, vae, pipeline, train, profile, layers, "
+                        "unet_profile (profile's U-Net step alone); the matmul ceiling is always measured on a GPU")
     p.add_argument("--compile", action="store_true", help="also time the compiled inference variants")
     p.add_argument("--skip-eager", action="store_true", help="compiled inference variants only (a cache probe)")
     p.add_argument("--compile-train", action="store_true", help="also time our compiled training step")
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     only = set(a.only.split(","))
     unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
-                      "layers"}
+                      "unet_profile", "layers"}
     if unknown:
         p.error(f"--only: unknown item(s) {', '.join(sorted(unknown))}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
@@ -431,7 +432,7 @@ def main(argv=None) -> int:
     res, px = (8, 32) if cpu else (64, 512)
     if not cpu:  # always (a few seconds): every TFLOP/s row then also reports its share of this ceiling
         bench_ceiling(out)
-    if not cpu and "profile" in only:
+    if not cpu and only & {"profile", "unet_profile"}:
         bench_launch_floor(out)
     if not cpu and "attention" in only:
         bench_attention(out)
@@ -478,9 +479,9 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
         bench_pipeline(ours, pipe, px, 1, steps, out, label, impls)
         if a.batch8:
             bench_pipeline(ours, pipe, px, 8, steps, out, label, impls)
+    if ("profile" in only or "unet_profile" in only) and not cpu and tag != "compiled_denoiser":
+        profile_unet(ours, pipe, res, out, label)
     if "profile" in only and not cpu:
-        if tag != "compiled_denoiser":
-            profile_unet(ours, pipe, res, out, label)
         if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
             profile_vae(ours, pipe, res, out, label)
         profile_pipeline(ours, px, 50, out, label)

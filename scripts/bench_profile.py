@@ -27,11 +27,12 @@ def is_annotation(key: str) -> bool:
     return key.startswith(("## ", "Optimizer."))
 
 
-def profile_step(fn, steps: int = 10, ops: list | None = None,
-                 timeline: dict | None = None) -> tuple[float, dict[str, float], list[dict]]:
+def profile_step(fn, steps: int = 10, ops: list | None = None, timeline: dict | None = None,
+                 top_n: int = 12) -> tuple[float, dict[str, float], list[dict]]:
     """GPU kernel time of ``fn()`` per call (ms), by kernel category, and the top kernels (torch.profiler).
     ``ops``: if a list, the copy-like ATen ops and the operators that called them are appended to it (copy_sources).
-    ``timeline``: if a dict, it is filled with the GPU timeline's launches and idle gaps (timeline_summary)."""
+    ``timeline``: if a dict, it is filled with the GPU timeline's launches and idle gaps (timeline_summary).
+    ``top_n``: how many kernels the top list holds, heaviest first."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -44,7 +45,7 @@ def profile_step(fn, steps: int = 10, ops: list | None = None,
         torch.cuda.synchronize()
     if timeline is not None:
         timeline.update(timeline_summary(prof.events(), steps))
-    return kernel_summary(prof, steps, ops)
+    return kernel_summary(prof, steps, ops, top_n)
 
 
 def timeline_summary(events, steps: int) -> dict:
@@ -74,15 +75,17 @@ def timeline_summary(events, steps: int) -> dict:
                                          sorted(idle_by_cat.items(), key=lambda kv: -kv[1])}}
 
 
-def kernel_summary(prof, steps: int, ops: list | None = None) -> tuple[float, dict[str, float], list[dict]]:
+def kernel_summary(prof, steps: int, ops: list | None = None,
+                   top_n: int = 12) -> tuple[float, dict[str, float], list[dict]]:
     """A finished profile's GPU kernel time per step (ms), by category, and its top kernels (see profile_step)."""
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and not is_annotation(e.key)]
     by_cat: dict[str, float] = {}
     for e in kernels:
         cat = kernel_category(e.key)
         by_cat[cat] = by_cat.get(cat, 0.0) + float(e.device_time_total) / steps / 1000
-    top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:12]
-    top_rows = [{"name": e.key[:120], "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
+    top = sorted(kernels, key=lambda e: -float(e.device_time_total))[:top_n]
+    top_rows = [{"name": e.key[:120], "category": kernel_category(e.key),
+                 "ms_per_step": round(float(e.device_time_total) / steps / 1000, 3),
                  "calls_per_step": e.count / steps} for e in top]
     if ops is not None:
         ops.extend(copy_sources(prof.events(), steps)[:16])
