@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 # ResBlocks' skip projections) as matmuls, fusable with their epilogues. (The diffusers guide adds
 # coordinate-descent tuning, which costs minutes of compile time for a few per cent: pass it in ``flags`` to try.)
 INDUCTOR_FLAGS = {"conv_1x1_as_mm": True}
+# Inductor settings for the U-Net's graph alone (with ``inductor_flags``; ``options`` override them). Each GroupNorm's
+# statistics as one reduction kernel per (sample, group) rather than split across kernels: the SD-1.5 step at 64×64
+# launched ~600 kernels, 290 of them for its 61 GroupNorms, and ran 6.01 ms against 6.12 with split reductions
+# (H200, docs/BENCHMARKS.md, 2026-12-03). Not for the decoder, whose groups at 512 px hold 1 M values each.
+UNET_INDUCTOR_OPTIONS: dict[str, Any] = {"split_reductions": False}
 
 
 def set_inductor_flags(flags: dict[str, Any] | None = None) -> None:
@@ -59,7 +64,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     - ``fuse_projections``: q/k/v projections as one matmul, and the conditioning's projections (every ResBlock's
       time projection, every cross-attention's K/V) as one matmul each per U-Net call (inference only: undo
       before training);
-    - ``inductor_flags``: :data:`INDUCTOR_FLAGS` (process-wide);
+    - ``inductor_flags``: :data:`INDUCTOR_FLAGS` (process-wide) and :data:`UNET_INDUCTOR_OPTIONS` (the U-Net's
+      graph);
     - ``torch.compile`` of the U-Net forward and the autoencoder decoder (``mode``: any torch.compile mode; the
       default "reduce-overhead" adds CUDA graphs for the fixed-shape denoising loop, ~35 s of compile on the first
       call; see :data:`DEFAULT_MODE` for "max-autotune"; ``backend``: a torch.compile backend, ``mode`` applies to
@@ -86,15 +92,18 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         if inductor_flags and backend == "inductor":
             set_inductor_flags()
         kw = compile_kwargs(backend, mode, options, fullgraph=fullgraph, dynamic=dynamic)
+        unet_options = {**UNET_INDUCTOR_OPTIONS, **(options or {})} if inductor_flags and backend == "inductor" \
+            else options
+        unet_kw = compile_kwargs(backend, mode, unet_options, fullgraph=fullgraph, dynamic=dynamic)
         if backend == "inductor":
             guard_conv_templates(mode, options)  # torch builds whose autotuner can pick wrong convolutions
         unet, vae = model.unet, model.vae
-        unet.forward = torch.compile(unet.forward, **kw)
+        unet.forward = torch.compile(unet.forward, **unet_kw)
         vae.decoder.forward = torch.compile(vae.decoder.forward, **kw)
         if compile_text:
             compile_text_encoder(model.cond_stage_model, **kw)
-        if scope == "denoiser":
-            compile_guided_denoiser(model, **kw)
+        if scope == "denoiser":  # the U-Net is most of that graph
+            compile_guided_denoiser(model, **unet_kw)
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s)", attn, fuse_projections,
              compile, mode if compile else "-", scope)
     return model

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
-KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels
+KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flash and Triton kernels. Triton first:
+    # inductor names its kernels after the ops they fuse ("triton_poi_fused_add_convolution_..." is a conv's epilogue;
+    # rows before 2026-12-03 counted those under "convolution")
+    ("norm / elementwise (Triton)", ("triton",)),
     ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
     ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
     ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
-    ("norm / elementwise (Triton)", ("triton",)),
     ("optimizer / foreach", ("multi_tensor", "foreach", "adam")),
     ("copy / layout", ("copy", "memcpy", "memset", "transpose", "cat")),
 )

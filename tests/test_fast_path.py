@@ -208,6 +208,25 @@ def test_optimize_options_are_inductor_settings_for_its_own_graphs_on_top_of_the
         optimize(ldm.load(config="configs/tiny/txt2img.yaml"), backend="aot_eager", options={"max_autotune": True})
 
 
+def test_the_unet_graph_gets_its_own_inductor_settings_under_the_callers(monkeypatch):
+    """UNET_INDUCTOR_OPTIONS (GroupNorm statistics unsplit, measured faster for the SD-1.5 step) reach the U-Net's
+    graph alone, on top of the mode's; the decoder and the text encoder keep the mode; the caller's options win."""
+    from ldm.fast import UNET_INDUCTOR_OPTIONS
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn.__self__, kw)) or fn)
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    optimize(model, fuse_projections=False)
+    by_module = {type(owner).__name__: kw for owner, kw in calls}
+    assert by_module["UNetModel"]["options"] == {"triton.cudagraphs": True, **UNET_INDUCTOR_OPTIONS}
+    assert "mode" not in by_module["UNetModel"]
+    assert by_module["Decoder"]["mode"] == by_module["OpenCLIPTextEncoder"]["mode"] == "reduce-overhead"
+    calls.clear()
+    optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False,
+             options={"split_reductions": True})
+    assert calls[0][1]["options"]["split_reductions"] is True
+
+
 def test_optimize_options_reach_inductor_which_rejects_an_unknown_one():
     with pytest.raises(RuntimeError, match="no_such_setting"):
         optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
