@@ -101,7 +101,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         unet.forward = torch.compile(unet.forward, **unet_kw)
         vae.decoder.forward = torch.compile(vae.decoder.forward, **kw)
         if compile_text:
-            compile_text_encoder(model.cond_stage_model, **kw)
+            compile_text_encoder(getattr(model, "cond_stage_model", None), **kw)
         if scope == "denoiser":  # the U-Net is most of that graph
             compile_guided_denoiser(model, **unet_kw)
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s)", attn, fuse_projections,
