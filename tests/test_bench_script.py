@@ -87,6 +87,19 @@ def test_copy_sources_counts_each_copy_once_under_the_operator_that_made_it():
     assert rows[("aten::contiguous", "layer_a")]["shapes"].startswith("[[2, 8, 6, 6]")
 
 
+def test_kernel_categories_name_inductors_kernels_triton_whatever_ops_they_fuse():
+    from bench_profile import kernel_category
+
+    assert kernel_category("triton_poi_fused_add_clone_convolution_native_group_norm_silu_24") == \
+        "norm / elementwise (Triton)"
+    assert kernel_category("triton_per_fused__softmax_3") == "norm / elementwise (Triton)"
+    assert kernel_category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize256x64x32") == \
+        "convolution"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kernel_category("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN") == "matmul"
+    assert kernel_category("Memset (Unknown)") == "copy / layout"
+
+
 def test_timeline_counts_launches_and_the_idle_gaps_before_each_kernel():
     from types import SimpleNamespace as NS
 
