@@ -111,8 +111,8 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
         # loop runs them (the host prepares the next call while the GPU runs this one)
         for what, inner in ((f"unet_cfg_step_b2_{res}", 1), (f"unet_cfg_step_b2_{res}_back_to_back", 10)):
             r = timed(fn, 3, 20, inner=inner)
-            tf = GFLOP["unet_b2_64"] * (res / 64) ** 2 / r["median_s"] / 1000
-            emit(out, what=what, impl=name, variant=tag, tflops=tf if SD_SHAPES else None, **r)
+            tf = GFLOP["unet_b2_64"] / r["median_s"] / 1000  # counted at 64×64 only (attention grows faster)
+            emit(out, what=what, impl=name, variant=tag, tflops=tf if SD_SHAPES and res == 64 else None, **r)
 
 
 @torch.no_grad()
@@ -388,6 +388,8 @@ def main(argv=None) -> int:
                    help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
                         "for each convolution shape on first use)")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
+    p.add_argument("--px", type=int, default=512,
+                   help="image size of the inference rows on a GPU (latents px/8; SD-1.5's native 512)")
     p.add_argument("--no-compile-text", action="store_true",
                    help="leave our text encoder eager in the compiled variants (ldm.fast.optimize(compile_text=False))")
     p.add_argument("--no-denoiser-graph", action="store_true",
@@ -401,6 +403,8 @@ def main(argv=None) -> int:
                       "unet_profile", "layers"}
     if unknown:
         p.error(f"--only: unknown item(s) {', '.join(sorted(unknown))}")
+    if a.px < 64 or a.px % 64:
+        p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
         parse_shapes(shapes or "")  # checked before minutes of model building
     parse_batches(a.attn_train_batches)
@@ -429,7 +433,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
-    res, px = (8, 32) if cpu else (64, 512)
+    res, px = (8, 32) if cpu else (a.px // 8, a.px)
     if not cpu:  # always (a few seconds): every TFLOP/s row then also reports its share of this ceiling
         bench_ceiling(out)
     if not cpu and only & {"profile", "unet_profile"}:

@@ -42,7 +42,8 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--inductor", "no_such_option=1"], "no option 'no_such_option'"),
                                           (["--inductor", "max_autotune=yes"], "not a Python literal"),
                                           (["--ours-inductor", "combo=True"], "--ours-inductor: torch._inductor"),
-                                          (["--candidate", "gn-fast"], "invalid choice: 'gn-fast'")])
+                                          (["--candidate", "gn-fast"], "invalid choice: 'gn-fast'"),
+                                          (["--px", "500"], "--px must be a positive multiple of 64")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
