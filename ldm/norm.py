@@ -8,6 +8,13 @@ the ATen op, a copy inductor cannot fuse: 28 ms of a 445 ms SD-1.5 training step
 H200 (docs/BENCHMARKS.md). Asking for the input's layout on the output makes the recorded strides channels_last;
 inductor writes the norm's Triton kernel in that layout directly, so the request costs no kernel of its own.
 
+Compiled inference (no autograd) goes further: ``native_group_norm``'s lowering first makes its input NCHW-contiguous,
+so inductor wrote every tensor a norm reads in NCHW (the U-Net's skip concatenations, 12 of them in SD-1.5), then
+read it back channel-fastest in the normalizing kernel, 20-57 µs each on an H200 where a coalesced pass takes a few
+(docs/BENCHMARKS.md, 2026-12-03, second session). :func:`group_norm_nhwc` computes the same numbers on the
+channels_last memory as it is: statistics over a (B, H·W, G, C/G) view, the normalization on (B, H, W, C). Training
+graphs keep ``native_group_norm``, whose backward kernel is faster than the elementwise ops' (fifth 11-29 session).
+
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
 add a copy. The numbers are the same either way (only strides differ); parameters and state-dict keys are those of
 ``nn.GroupNorm``, so checkpoints load unchanged.
@@ -23,12 +30,34 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+# Compiled inference graphs normalize a channels_last input with :func:`group_norm_nhwc` (False: native_group_norm,
+# as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
+NHWC_INFERENCE = True
+
+
+def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """GroupNorm of a 4-D channels_last x computed in its own memory order, in float32, returned in x's dtype and
+    layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G values of sample b's group g."""
+    b, c, h, w = x.shape
+    g = num_groups
+    xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # (B, HW, G, C/G), a view of the NHWC memory
+    var, mean = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)  # (B, 1, G, 1) each
+    y = ((xs - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c)  # (B, H, W, C)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
+
+
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` whose compiled output keeps a channels_last input's layout (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""
-        y = super().forward(x)
-        if torch.compiler.is_compiling() and is_channels_last(x):
-            y = y.contiguous(memory_format=torch.channels_last)
-        return y
+        if not (torch.compiler.is_compiling() and is_channels_last(x)):
+            return super().forward(x)
+        if NHWC_INFERENCE and not torch.is_grad_enabled():
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x).contiguous(memory_format=torch.channels_last)

@@ -194,10 +194,25 @@ def _mm_tune() -> Callable[[], None]:
     return restore
 
 
-# name -> (row-variant suffix, patch returning its undo). Both tune our compiled inference graphs alone, so only
+def _gn_native() -> Callable[[], None]:
+    """Our compiled inference graphs normalize with ``native_group_norm`` as before the 12-03 second session (and as
+    training graphs and diffusers do) instead of :func:`ldm.norm.group_norm_nhwc`: the A/B of that change."""
+    import ldm.norm
+
+    before = ldm.norm.NHWC_INFERENCE
+    ldm.norm.NHWC_INFERENCE = False
+
+    def restore() -> None:
+        ldm.norm.NHWC_INFERENCE = before
+
+    return restore
+
+
+# name -> (row-variant suffix, patch returning its undo). The tuning ones tune our compiled inference graphs alone, so only
 # the rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (GroupNorm
 # from var_mean, fifth 11-29 session).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
+    "gn-native": ("_gnnative", _gn_native),
 }

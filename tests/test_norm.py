@@ -84,3 +84,65 @@ def test_nchw_input_stays_nchw_when_compiled():
     y = torch.compile(norm, backend="aot_eager", fullgraph=True)(torch.randn(2, 16, 4, 4))
     assert y.is_contiguous()
     torch._dynamo.reset()
+
+
+def graph_targets(fn, *inputs: torch.Tensor) -> set[str]:
+    """The names of the functions dynamo's graph of ``fn`` calls (torch-level, before decomposition)."""
+    names: set[str] = set()
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        names.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
+    torch._dynamo.reset()
+    return names
+
+
+def test_group_norm_nhwc_is_group_norm_in_channels_last():
+    from ldm.norm import group_norm_nhwc
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 6, 5) * 3 + 1.5).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64), torch.randn(64)
+    for weight, bias in ((w, b), (None, None), (w, None)):
+        y = group_norm_nhwc(x, 16, weight, bias, 1e-6)
+        torch.testing.assert_close(y, nn.functional.group_norm(x, 16, weight, bias, 1e-6), rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    # half precision in, statistics in float32, half out: as close to the float32 result as fp16 rounding allows
+    y16 = group_norm_nhwc(x.half(), 16, w.half(), b.half(), 1e-6)
+    assert y16.dtype == torch.float16
+    ref = nn.functional.group_norm(x.half().float(), 16, w.half().float(), b.half().float(), 1e-6)
+    torch.testing.assert_close(y16.float(), ref, rtol=0, atol=4e-3)
+
+
+def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_native():
+    norm = GroupNorm(8, 32)
+    x = torch.randn(2, 32, 4, 4).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        inference = graph_targets(norm, x)
+    assert "group_norm" not in inference and "var_mean" in inference, inference
+    training = graph_targets(norm, x.requires_grad_())
+    assert "group_norm" in training and "var_mean" not in training, training
+    import ldm.norm
+
+    ldm.norm.NHWC_INFERENCE = False  # bench.py's --candidate gn-native
+    try:
+        with torch.no_grad():
+            assert "group_norm" in graph_targets(norm, x.detach())
+    finally:
+        ldm.norm.NHWC_INFERENCE = True
+
+
+def test_compiled_inference_unet_matches_eager():
+    torch.manual_seed(0)
+    unet = UNetModel(**TINY).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    args = (x, torch.tensor([10, 500]), torch.randn(2, 5, 16))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = unet(*args)
+        y = torch.compile(unet, fullgraph=True)(*args)  # inductor on the CPU, group_norm_nhwc in the graph
+    torch._dynamo.reset()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
