@@ -2,6 +2,7 @@
 no activation in NCHW strides (the layout copies of the backward's convolutions, docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch import nn
@@ -146,3 +147,31 @@ def test_compiled_inference_unet_matches_eager():
         y = torch.compile(unet, fullgraph=True)(*args)  # inductor on the CPU, group_norm_nhwc in the graph
     torch._dynamo.reset()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_skip_concatenation_stays_channels_last_on_gpu():
+    """The decoder half's ResBlock input, cat([upsampled conv output, skip]), is written in channels_last by the
+    compiled graph: inductor made it NCHW when the GroupNorm's reshape fixed its layout before the skip
+    convolution asked for one (ResBlock computes the skip first for this)."""
+    from torch._inductor.utils import run_and_get_code
+
+    assert torch.cuda.is_available(), "a gpu test: run it on a machine with a CUDA device"
+    torch.manual_seed(0)
+    kw = dict(device="cuda", dtype=torch.float16)
+    conv = nn.Conv2d(64, 64, 3, padding=1).to(**kw).to(memory_format=torch.channels_last).eval()
+    block = ResBlock(96, 32, out_channels=64).to(**kw).to(memory_format=torch.channels_last).eval()
+    h, skip = (torch.randn(2, c, 16, 16, **kw).to(memory_format=torch.channels_last) for c in (64, 32))
+    emb = torch.randn(2, 32, **kw)
+
+    def up(h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return block(torch.cat([conv(h), skip], dim=1), emb)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = up(h, skip, emb)
+        y, code = run_and_get_code(torch.compile(up, fullgraph=True), h, skip, emb)
+    torch._dynamo.reset()
+    nchw_cat = "empty_strided_cuda((2, 96, 16, 16), (24576, 256, 16, 1)"
+    assert not any(nchw_cat in c for c in code), "the concatenation was written in NCHW"
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
