@@ -33,6 +33,25 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # Compiled inference graphs normalize a channels_last input with :func:`group_norm_nhwc` (False: native_group_norm,
 # as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
 NHWC_INFERENCE = True
+# How group_norm_nhwc computes μ and σ²: "shifted" (sums of x - K and (x - K)² in one pass, K one value of the
+# group, so no cancellation unless the group's spread is far below its distance from K) or "welford" (torch.var_mean:
+# inductor's Welford loop, a division per value; ``--candidate gn-welford``). Each (sample, group) is one reduction
+# program, 64 of them in SD's CFG batch: the per-value work sets their speed.
+NHWC_STATS = "shifted"
+
+
+def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """xs: (B, L, G, C/G) float32 -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (see :data:`NHWC_STATS`)."""
+    method = method or NHWC_STATS
+    if method == "welford":
+        return torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
+    if method != "shifted":
+        raise ValueError(f"ldm.norm.NHWC_STATS must be 'shifted' or 'welford', got {method!r}")
+    k = xs[:, :1, :, :1]  # (B, 1, G, 1): the shift, the group's first value
+    d = xs - k
+    m1 = d.mean(dim=(1, 3), keepdim=True)  # E[x - K]
+    m2 = d.square().mean(dim=(1, 3), keepdim=True)  # E[(x - K)²]
+    return (m2 - m1.square()).clamp_min(0), k + m1
 
 
 def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -42,7 +61,7 @@ def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     b, c, h, w = x.shape
     g = num_groups
     xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # (B, HW, G, C/G), a view of the NHWC memory
-    var, mean = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)  # (B, 1, G, 1) each
+    var, mean = group_stats(xs)  # (B, 1, G, 1) each
     y = ((xs - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c)  # (B, H, W, C)
     if weight is not None:
         y = y * weight.float()

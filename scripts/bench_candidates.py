@@ -208,6 +208,20 @@ def _gn_native() -> Callable[[], None]:
     return restore
 
 
+def _gn_welford() -> Callable[[], None]:
+    """:func:`ldm.norm.group_norm_nhwc` takes its statistics from ``torch.var_mean`` (inductor's Welford loop)
+    instead of shifted sums: the A/B of :data:`ldm.norm.NHWC_STATS`."""
+    import ldm.norm
+
+    before = ldm.norm.NHWC_STATS
+    ldm.norm.NHWC_STATS = "welford"
+
+    def restore() -> None:
+        ldm.norm.NHWC_STATS = before
+
+    return restore
+
+
 # name -> (row-variant suffix, patch returning its undo). The tuning ones tune our compiled inference graphs alone, so only
 # the rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (GroupNorm
 # from var_mean, fifth 11-29 session).
@@ -215,4 +229,5 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
     "gn-native": ("_gnnative", _gn_native),
+    "gn-welford": ("_gnwelford", _gn_welford),
 }

@@ -88,11 +88,13 @@ def test_nchw_input_stays_nchw_when_compiled():
 
 
 def graph_targets(fn, *inputs: torch.Tensor) -> set[str]:
-    """The names of the functions dynamo's graph of ``fn`` calls (torch-level, before decomposition)."""
+    """The names of the functions and tensor methods dynamo's graph of ``fn`` calls (torch-level, before
+    decomposition)."""
     names: set[str] = set()
 
     def backend(gm: torch.fx.GraphModule, _inputs):
-        names.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function")
+        names.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                     if n.op in ("call_function", "call_method"))
         return gm.forward
 
     torch._dynamo.reset()
@@ -118,16 +120,41 @@ def test_group_norm_nhwc_is_group_norm_in_channels_last():
     torch.testing.assert_close(y16.float(), ref, rtol=0, atol=4e-3)
 
 
+def test_group_stats_shifted_sums_match_welford_far_from_zero():
+    from ldm.norm import group_stats
+
+    torch.manual_seed(0)
+    xs = torch.randn(2, 4096, 8, 10, dtype=torch.float64) * 0.01 + 300.0  # spread 3e-5 of the distance from 0
+    var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
+    for method in ("shifted", "welford"):
+        var, mean = group_stats(xs.float(), method)
+        assert var.shape == mean.shape == (2, 1, 8, 1)
+        torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(var.double(), var_ref, rtol=1e-3, atol=0)
+    try:
+        group_stats(xs.float(), "sums")
+    except ValueError as e:
+        assert "NHWC_STATS" in str(e) and "'sums'" in str(e)
+    else:
+        raise AssertionError("an unknown method was accepted")
+
+
 def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_native():
     norm = GroupNorm(8, 32)
     x = torch.randn(2, 32, 4, 4).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        inference = graph_targets(norm, x)
-    assert "group_norm" not in inference and "var_mean" in inference, inference
-    training = graph_targets(norm, x.requires_grad_())
-    assert "group_norm" in training and "var_mean" not in training, training
     import ldm.norm
 
+    with torch.no_grad():
+        inference = graph_targets(norm, x)
+        assert "group_norm" not in inference and "mean" in inference and "var_mean" not in inference, inference
+        ldm.norm.NHWC_STATS = "welford"  # bench.py's --candidate gn-welford
+        try:
+            welford = graph_targets(norm, x)
+        finally:
+            ldm.norm.NHWC_STATS = "shifted"
+    assert "group_norm" not in welford and "var_mean" in welford, welford
+    training = graph_targets(norm, x.requires_grad_())
+    assert "group_norm" in training and "var_mean" not in training, training
     ldm.norm.NHWC_INFERENCE = False  # bench.py's --candidate gn-native
     try:
         with torch.no_grad():
