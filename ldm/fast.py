@@ -124,21 +124,30 @@ def compile_kwargs(backend: str, mode: str | None, options: dict[str, Any] | Non
     return dict(backend=backend, options={**list_mode_options(mode or "default", kw.get("dynamic")), **options}, **kw)
 
 
+def _compile_method(obj: Any, name: str, context: Any = None, **compile_kwargs: Any) -> None:
+    """Replace ``obj.<name>`` by its ``torch.compile`` whose output is a copy: a CUDA graph's output is overwritten by
+    its next replay, and callers keep results across calls. ``context``: a context-manager factory entered around
+    each call. A method already compiled this way is left as it is."""
+    if name in vars(obj):
+        return  # already compiled
+    compiled = torch.compile(getattr(obj, name), **compile_kwargs)
+
+    def method(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if context is None:
+            return compiled(*args, **kwargs).clone()
+        with context():
+            return compiled(*args, **kwargs).clone()
+
+    setattr(obj, name, method)
+
+
 def compile_text_encoder(encoder: Any, **compile_kwargs: Any) -> bool:
     """Compile ``encoder.encode_ids`` (token ids on the device -> context) in place; False for an encoder without
-    one. Its output is a copy: a CUDA graph's output is overwritten by its next replay, and callers keep contexts
-    across calls (the sampler holds both branches' for a whole generate call)."""
+    one. Its output is a copy (the sampler holds both branches' contexts for a whole generate call)."""
     if not callable(getattr(encoder, "encode_ids", None)):
         log.info("fast path: %s has no encode_ids; its text encoder stays eager", type(encoder).__name__)
         return False
-    if "encode_ids" in vars(encoder):
-        return True  # already compiled
-    compiled = torch.compile(encoder.encode_ids, **compile_kwargs)
-
-    def encode_ids(tokens: torch.Tensor) -> torch.Tensor:
-        return compiled(tokens).clone()
-
-    encoder.encode_ids = encode_ids
+    _compile_method(encoder, "encode_ids", **compile_kwargs)
     return True
 
 
@@ -147,19 +156,11 @@ def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:
 
     The σ → t table is put on the model's device first, so the graph holds no CPU tensor (which would turn CUDA
     graphs off). The guidance weight and rescale are traced as constants (``specialize_float``): another value
-    compiles another graph rather than reaching a CUDA graph recorded with the old one. The returned x̂0 is a copy:
-    a CUDA graph's output is overwritten by its next replay, and multistep samplers keep the previous x̂0.
+    compiles another graph rather than reaching a CUDA graph recorded with the old one. The returned x̂0 is a copy
+    (multistep samplers keep the previous x̂0).
     """
     guided = model.guided_denoiser()
-    if "forward" in vars(guided):
-        return  # already compiled
     dev = model.device
     table_dtype = torch.float32 if dev.type == "mps" else torch.float64
     guided.inner_model.sigma_to_t(torch.ones(1, device=dev, dtype=table_dtype))
-    compiled = torch.compile(guided.forward, **compile_kwargs)
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args, **kwargs).clone()
-
-    guided.forward = forward
+    _compile_method(guided, "forward", lambda: torch._dynamo.config.patch(specialize_float=True), **compile_kwargs)
