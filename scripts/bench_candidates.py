@@ -208,13 +208,13 @@ def _gn_native() -> Callable[[], None]:
     return restore
 
 
-def _gn_welford() -> Callable[[], None]:
-    """:func:`ldm.norm.group_norm_nhwc` takes its statistics from ``torch.var_mean`` (inductor's Welford loop)
-    instead of shifted sums: the A/B of :data:`ldm.norm.NHWC_STATS`."""
+def _gn_shifted() -> Callable[[], None]:
+    """:func:`ldm.norm.group_norm_nhwc` takes its statistics from shifted sums in one loop instead of
+    ``torch.var_mean`` (inductor's Welford loop, a division per value): the A/B of :data:`ldm.norm.NHWC_STATS`."""
     import ldm.norm
 
     before = ldm.norm.NHWC_STATS
-    ldm.norm.NHWC_STATS = "welford"
+    ldm.norm.NHWC_STATS = "shifted"
 
     def restore() -> None:
         ldm.norm.NHWC_STATS = before
@@ -222,12 +222,12 @@ def _gn_welford() -> Callable[[], None]:
     return restore
 
 
-# name -> (row-variant suffix, patch returning its undo). The tuning ones tune our compiled inference graphs alone, so only
-# the rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (GroupNorm
-# from var_mean, fifth 11-29 session).
+# name -> (row-variant suffix, patch returning its undo). All act on our compiled inference graphs alone, so only the
+# rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from
+# var_mean for training graphs, fifth 11-29 session).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
     "gn-native": ("_gnnative", _gn_native),
-    "gn-welford": ("_gnwelford", _gn_welford),
+    "gn-shifted": ("_gnshifted", _gn_shifted),
 }

@@ -146,13 +146,13 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
 
     with torch.no_grad():
         inference = graph_targets(norm, x)
-        assert "group_norm" not in inference and "mean" in inference and "var_mean" not in inference, inference
-        ldm.norm.NHWC_STATS = "welford"  # bench.py's --candidate gn-welford
+        assert "group_norm" not in inference and "var_mean" in inference, inference
+        ldm.norm.NHWC_STATS = "shifted"  # bench.py's --candidate gn-shifted
         try:
-            welford = graph_targets(norm, x)
+            shifted = graph_targets(norm, x)
         finally:
-            ldm.norm.NHWC_STATS = "shifted"
-    assert "group_norm" not in welford and "var_mean" in welford, welford
+            ldm.norm.NHWC_STATS = "welford"
+    assert "group_norm" not in shifted and "mean" in shifted and "var_mean" not in shifted, shifted
     training = graph_targets(norm, x.requires_grad_())
     assert "group_norm" in training and "var_mean" not in training, training
     ldm.norm.NHWC_INFERENCE = False  # bench.py's --candidate gn-native
@@ -163,7 +163,11 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
         ldm.norm.NHWC_INFERENCE = True
 
 
-def test_compiled_inference_unet_matches_eager():
+@pytest.mark.parametrize("stats", ["welford", "shifted"])
+def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
+    import ldm.norm
+
+    monkeypatch.setattr(ldm.norm, "NHWC_STATS", stats)
     torch.manual_seed(0)
     unet = UNetModel(**TINY).eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
