@@ -9,11 +9,12 @@ H200 (docs/BENCHMARKS.md). Asking for the input's layout on the output makes the
 inductor writes the norm's Triton kernel in that layout directly, so the request costs no kernel of its own.
 
 Compiled inference (no autograd) goes further: ``native_group_norm``'s lowering first makes its input NCHW-contiguous,
-so inductor wrote every tensor a norm reads in NCHW (the U-Net's skip concatenations, 12 of them in SD-1.5), then
-read it back channel-fastest in the normalizing kernel, 20-57 µs each on an H200 where a coalesced pass takes a few
-(docs/BENCHMARKS.md, 2026-12-03, second session). :func:`group_norm_nhwc` computes the same numbers on the
-channels_last memory as it is: statistics over a (B, H·W, G, C/G) view, the normalization on (B, H, W, C). Training
-graphs keep ``native_group_norm``, whose backward kernel is faster than the elementwise ops' (fifth 11-29 session).
+and inductor wrote 8 of SD-1.5's 12 skip concatenations in NCHW for it, then read them back channel-fastest in the
+normalizing kernel, 10-57 µs each on an H200 where a coalesced pass takes a few (docs/BENCHMARKS.md, 2026-12-03,
+second session). :func:`group_norm_nhwc` computes the same numbers on the channels_last memory as it is: statistics
+over a (B, H·W, G, C/G) view, the normalization on (B, H, W, C). (Its reshape can still fix a concatenation's layout
+as NCHW if it comes first; ResBlock computes its skip convolution first for that.) Training graphs keep
+``native_group_norm``, whose backward kernel is faster than the elementwise ops' (fifth 11-29 session).
 
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
 add a copy. The numbers are the same either way (only strides differ); parameters and state-dict keys are those of

@@ -194,40 +194,27 @@ def _mm_tune() -> Callable[[], None]:
     return restore
 
 
-def _gn_native() -> Callable[[], None]:
-    """Our compiled inference graphs normalize with ``native_group_norm`` as before the 12-03 second session (and as
-    training graphs and diffusers do) instead of :func:`ldm.norm.group_norm_nhwc`: the A/B of that change."""
-    import ldm.norm
+def _norm_setting(name: str, value: object) -> Callable[[], Callable[[], None]]:
+    """A candidate that sets ``ldm.norm.<name>`` (read when our graphs are traced) to ``value``."""
 
-    before = ldm.norm.NHWC_INFERENCE
-    ldm.norm.NHWC_INFERENCE = False
+    def patch() -> Callable[[], None]:
+        import ldm.norm
 
-    def restore() -> None:
-        ldm.norm.NHWC_INFERENCE = before
+        before = getattr(ldm.norm, name)
+        setattr(ldm.norm, name, value)
+        return lambda: setattr(ldm.norm, name, before)
 
-    return restore
-
-
-def _gn_shifted() -> Callable[[], None]:
-    """:func:`ldm.norm.group_norm_nhwc` takes its statistics from shifted sums in one loop instead of
-    ``torch.var_mean`` (inductor's Welford loop, a division per value): the A/B of :data:`ldm.norm.NHWC_STATS`."""
-    import ldm.norm
-
-    before = ldm.norm.NHWC_STATS
-    ldm.norm.NHWC_STATS = "shifted"
-
-    def restore() -> None:
-        ldm.norm.NHWC_STATS = before
-
-    return restore
+    return patch
 
 
 # name -> (row-variant suffix, patch returning its undo). All act on our compiled inference graphs alone, so only the
 # rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from
-# var_mean for training graphs, fifth 11-29 session).
+# var_mean for training graphs, fifth 11-29 session). gn-native: our inference graphs normalize with
+# native_group_norm (as training graphs and diffusers do) instead of ldm.norm.group_norm_nhwc; gn-shifted:
+# group_norm_nhwc's statistics from shifted sums instead of Welford (ldm.norm.NHWC_STATS).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
-    "gn-native": ("_gnnative", _gn_native),
-    "gn-shifted": ("_gnshifted", _gn_shifted),
+    "gn-native": ("_gnnative", _norm_setting("NHWC_INFERENCE", False)),
+    "gn-shifted": ("_gnshifted", _norm_setting("NHWC_STATS", "shifted")),
 }

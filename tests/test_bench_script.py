@@ -332,3 +332,22 @@ def test_fp8_linear_quantizes_per_row_and_stays_within_e4m3_error():
     rel = (y.float() - ref).norm(dim=1) / ref.norm(dim=1)
     assert rel.max() < 0.08 and rel[0] < 0.08  # the quiet rows keep their precision
     assert [n for _, _, n in level_linears(320)] == [960, 320, 2560, 320]
+
+
+def test_groupnorm_candidates_set_ldm_norm_and_undo():
+    import bench_candidates as cand
+
+    import ldm.norm
+
+    assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "welford")
+    try:
+        undo_native = cand.apply_candidate("gn-native")
+        undo_shifted = cand.apply_candidate("gn-shifted")
+        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (False, "shifted")
+        assert cand.CANDIDATES_ON == ["gn-native", "gn-shifted"]
+        undo_native()
+        undo_shifted()
+        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "welford")
+    finally:
+        cand.CANDIDATES_ON.clear()
+        ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS = True, "welford"
