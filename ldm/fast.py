@@ -12,8 +12,9 @@ process with the same shapes pays much less compile time.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -124,7 +125,8 @@ def compile_kwargs(backend: str, mode: str | None, options: dict[str, Any] | Non
     return dict(backend=backend, options={**list_mode_options(mode or "default", kw.get("dynamic")), **options}, **kw)
 
 
-def _compile_method(obj: Any, name: str, context: Any = None, **compile_kwargs: Any) -> None:
+def _compile_method(obj: Any, name: str, context: Callable[[], Any] = contextlib.nullcontext,
+                    **compile_kwargs: Any) -> None:
     """Replace ``obj.<name>`` by its ``torch.compile`` whose output is a copy: a CUDA graph's output is overwritten by
     its next replay, and callers keep results across calls. ``context``: a context-manager factory entered around
     each call. A method already compiled this way is left as it is."""
@@ -133,8 +135,6 @@ def _compile_method(obj: Any, name: str, context: Any = None, **compile_kwargs: 
     compiled = torch.compile(getattr(obj, name), **compile_kwargs)
 
     def method(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if context is None:
-            return compiled(*args, **kwargs).clone()
         with context():
             return compiled(*args, **kwargs).clone()
 
