@@ -12,8 +12,11 @@ Compiled inference (no autograd) goes further: ``native_group_norm``'s lowering 
 and inductor wrote 8 of SD-1.5's 12 skip concatenations in NCHW for it, then read them back channel-fastest in the
 normalizing kernel, 10-57 µs each on an H200 where a coalesced pass takes a few (docs/BENCHMARKS.md, 2026-12-03,
 second session). :func:`group_norm_nhwc` computes the same numbers on the channels_last memory as it is: statistics
-over a (B, H·W, G, C/G) view, the normalization on (B, H, W, C). (Its reshape can still fix a concatenation's layout
-as NCHW if it comes first; ResBlock computes its skip convolution first for that.) Training graphs keep
+over a (B, H·W, G, C/G) view, the normalization on (B, H, W, C). Its reshape would let inductor choose the input's
+layout when the input is a buffer not yet written (a concatenation), and inductor chose NCHW, so it first asks for
+channels_last strides with inductor's stride-order prim (:func:`force_channels_last`): a no-op when the input
+already has them, the layout of the write when it has none yet, a copy only if another consumer fixed NCHW first.
+Training graphs keep
 ``native_group_norm``, whose backward kernel is faster than the elementwise ops' (fifth 11-29 session).
 
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
@@ -56,12 +59,31 @@ def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tens
     return (m2 - m1.square()).clamp_min(0), k + m1
 
 
+def channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:
+    """The strides of a contiguous (B, C, H, W) tensor laid out NHWC."""
+    _, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
+def force_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x: (B, C, H, W) -> the same values with channels_last strides. Compiled, inductor lowers the prim to a layout
+    requirement on x's buffer (``ExternKernel.require_stride_order``), so a buffer not yet written is written NHWC
+    rather than copied. Eager, ``contiguous`` does the same (a copy only if x lacks those strides); compiled, it would
+    be dropped, as the traced strides of an unwritten concatenation are channels_last already."""
+    if not torch.compiler.is_compiling():
+        return x.contiguous(memory_format=torch.channels_last)
+    from torch._inductor import inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
+
+    return torch.ops.prims.inductor_force_stride_order(x, channels_last_strides(x.shape))
+
+
 def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float) -> torch.Tensor:
     """GroupNorm of a 4-D channels_last x computed in its own memory order, in float32, returned in x's dtype and
     layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G values of sample b's group g."""
     b, c, h, w = x.shape
     g = num_groups
+    x = force_channels_last(x)  # before the reshape below can fix a not-yet-written x as NCHW
     xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # (B, HW, G, C/G), a view of the NHWC memory
     var, mean = group_stats(xs)  # (B, 1, G, 1) each
     y = ((xs - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c)  # (B, H, W, C)

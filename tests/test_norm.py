@@ -120,6 +120,17 @@ def test_group_norm_nhwc_is_group_norm_in_channels_last():
     torch.testing.assert_close(y16.float(), ref, rtol=0, atol=4e-3)
 
 
+def test_force_channels_last_copies_only_when_needed():
+    from ldm.norm import channels_last_strides, force_channels_last
+
+    x = torch.randn(2, 6, 4, 5)
+    y = force_channels_last(x)
+    assert y.stride() == channels_last_strides(x.shape) == (120, 1, 30, 6)
+    assert torch.equal(y, x)
+    cl = x.to(memory_format=torch.channels_last)
+    assert force_channels_last(cl).data_ptr() == cl.data_ptr()  # no copy
+
+
 def test_group_stats_shifted_sums_match_welford_far_from_zero():
     from ldm.norm import group_stats
 
@@ -147,6 +158,7 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
     with torch.no_grad():
         inference = graph_targets(norm, x)
         assert "group_norm" not in inference and "var_mean" in inference, inference
+        assert "inductor_force_stride_order" in inference, inference  # the layout request on the input
         ldm.norm.NHWC_STATS = "shifted"  # bench.py's --candidate gn-shifted
         try:
             shifted = graph_targets(norm, x)
@@ -184,7 +196,7 @@ def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
 def test_compiled_skip_concatenation_stays_channels_last_on_gpu():
     """The decoder half's ResBlock input, cat([upsampled conv output, skip]), is written in channels_last by the
     compiled graph: inductor made it NCHW when the GroupNorm's reshape fixed its layout before the skip
-    convolution asked for one (ResBlock computes the skip first for this)."""
+    convolution asked for one (ResBlock normalizes first; group_norm_nhwc's stride request prevents it)."""
     from torch._inductor.utils import run_and_get_code
 
     assert torch.cuda.is_available(), "a gpu test: run it on a machine with a CUDA device"

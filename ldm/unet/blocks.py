@@ -191,11 +191,8 @@ class ResBlock(TimestepBlock):
             h = self.in_layers[-1](self.h_upd(h))  # (B, C_out, H', W')
             skip = self.skip_connection(self.x_upd(x))  # (B, C_out, H', W')
         else:
-            # The skip first: compiled, its convolution asks for x in channels_last before the GroupNorm's reshape
-            # can fix x's layout, which inductor makes NCHW for a skip concatenation of the decoder half otherwise
-            # (then read back channel-fastest: 10-57 µs a norm on an H200, docs/BENCHMARKS.md, 12-03).
-            skip = self.skip_connection(x)  # (B, C_out, H, W)
             h = self.in_layers(x)  # (B, C_out, H, W)
+            skip = self.skip_connection(x)  # (B, C_out, H, W)
         if emb_out is None:
             emb_out = self.emb_layers(emb)  # (B, C_out or 2·C_out)
         else:
