@@ -37,12 +37,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # Compiled inference graphs normalize a channels_last input with :func:`group_norm_nhwc` (False: native_group_norm,
 # as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
 NHWC_INFERENCE = True
-# How group_norm_nhwc computes μ and σ²: "welford" (torch.var_mean: inductor's Welford loop, a division per value;
-# measured on an H200) or "shifted" (sums of x - K and (x - K)² in one loop, K one value of the group hoisted out of
-# it, so no cancellation unless the group's spread is far below its distance from K; the compiled kernel is checked,
-# its speed not yet measured: ``--candidate gn-shifted``). Each (sample, group) is one reduction program, 64 of them
-# in SD's CFG batch, so the per-value work may set their speed (docs/BENCHMARKS.md, 12-03, second session).
-NHWC_STATS = "welford"
+# How group_norm_nhwc computes μ and σ²: "shifted" (sums of x - K and (x - K)² in one loop, K one value of the group
+# hoisted out of it, so no cancellation unless the group's spread is far below its distance from K) or "welford"
+# (torch.var_mean: inductor's Welford loop, a division per value). Each (sample, group) is one reduction program, 64
+# of them in SD's CFG batch, so the per-value work sets their speed: shifted sums made the SD-1.5 CFG step 1.0-1.5%
+# faster on an H200 (5.72, 5.74 ms against 5.78, one machine; ``--candidate gn-welford``; docs/BENCHMARKS.md).
+NHWC_STATS = "shifted"
 
 
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,8 +111,9 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
         # loop runs them (the host prepares the next call while the GPU runs this one)
         for what, inner in ((f"unet_cfg_step_b2_{res}", 1), (f"unet_cfg_step_b2_{res}_back_to_back", 10)):
             r = timed(fn, 3, 20, inner=inner)
-            tf = GFLOP["unet_b2_64"] / r["median_s"] / 1000  # counted at 64×64 only (attention grows faster)
-            emit(out, what=what, impl=name, variant=tag, tflops=tf if SD_SHAPES and res == 64 else None, **r)
+            # FLOPs are counted at 64×64 only (attention grows faster than the rest)
+            tf = GFLOP["unet_b2_64"] / r["median_s"] / 1000 if SD_SHAPES and res == 64 else None
+            emit(out, what=what, impl=name, variant=tag, tflops=tf, **r)
 
 
 @torch.no_grad()

@@ -339,15 +339,15 @@ def test_groupnorm_candidates_set_ldm_norm_and_undo():
 
     import ldm.norm
 
-    assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "welford")
+    assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "shifted")
     try:
         undo_native = cand.apply_candidate("gn-native")
-        undo_shifted = cand.apply_candidate("gn-shifted")
-        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (False, "shifted")
-        assert cand.CANDIDATES_ON == ["gn-native", "gn-shifted"]
+        undo_welford = cand.apply_candidate("gn-welford")
+        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (False, "welford")
+        assert cand.CANDIDATES_ON == ["gn-native", "gn-welford"]
         undo_native()
-        undo_shifted()
-        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "welford")
+        undo_welford()
+        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "shifted")
     finally:
         cand.CANDIDATES_ON.clear()
-        ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS = True, "welford"
+        ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS = True, "shifted"

@@ -157,14 +157,14 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
 
     with torch.no_grad():
         inference = graph_targets(norm, x)
-        assert "group_norm" not in inference and "var_mean" in inference, inference
+        assert "group_norm" not in inference and "mean" in inference and "var_mean" not in inference, inference
         assert "inductor_force_stride_order" in inference, inference  # the layout request on the input
-        ldm.norm.NHWC_STATS = "shifted"  # bench.py's --candidate gn-shifted
+        ldm.norm.NHWC_STATS = "welford"  # bench.py's --candidate gn-welford
         try:
-            shifted = graph_targets(norm, x)
+            welford = graph_targets(norm, x)
         finally:
-            ldm.norm.NHWC_STATS = "welford"
-    assert "group_norm" not in shifted and "mean" in shifted and "var_mean" not in shifted, shifted
+            ldm.norm.NHWC_STATS = "shifted"
+    assert "group_norm" not in welford and "var_mean" in welford, welford
     training = graph_targets(norm, x.requires_grad_())
     assert "group_norm" in training and "var_mean" not in training, training
     ldm.norm.NHWC_INFERENCE = False  # bench.py's --candidate gn-native
