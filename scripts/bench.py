@@ -278,7 +278,8 @@ def uncompile(net: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def profile_unet(ours, pipe, res: int, out, tag: str) -> None:
-    """GPU time per U-Net CFG step by kernel category, the top kernels and the timeline's launches and idle gaps:
+    """GPU time per U-Net CFG step by kernel category, every kernel (heaviest first; rows before the third 12-03
+    session also listed the top 12 apart) and the timeline's launches and idle gaps:
     what limits the step. Ours as guidance calls it: one x for both prompts (``repeat=2``; rows before the sixth 11-29
     session profiled [x; x]); diffusers' as its pipeline calls it, [x; x]."""
     x = torch.randn(1, 4, res, res, device=ours.device, dtype=ours.dtype)
@@ -292,7 +293,6 @@ def profile_unet(ours, pipe, res: int, out, tag: str) -> None:
         total, cats, every = profile_step(fn, timeline=timeline, top_n=1000)
         emit(out, what=f"unet_profile_b2_{res}", impl=impl, variant=tag, call=call, total_ms_per_step=total,
              by_category_ms=cats)
-        emit(out, what=f"unet_profile_top_kernels_{res}", impl=impl, variant=tag, call=call, kernels=every[:12])
         emit(out, what=f"unet_profile_all_kernels_{res}", impl=impl, variant=tag, call=call, kernels=every)
         emit(out, what=f"unet_timeline_b2_{res}", impl=impl, variant=tag, call=call, **timeline)
 
