@@ -25,6 +25,8 @@ add a copy. The numbers are the same either way (only strides differ); parameter
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,18 +47,40 @@ NHWC_INFERENCE = True
 NHWC_STATS = "shifted"
 
 
+# "chunked": the shifted sums in two steps: partial sums over STATS_CHUNKS runs of rows, each read with all C channels
+# side by side (consecutive addresses across the kernel's programs, B·chunks·C outputs to spread over the SMs), then
+# a small sum over the chunks and the group's channels. Inductor's one-step reduction gives each (sample, group) one
+# program that reads C/G values out of every C (10 of 320): 32-64 programs at 0.2-0.7 TB/s on an H200, 377 µs of the
+# SD-1.5 CFG step in 61 launches (docs/BENCHMARKS.md, 12-03, third session). A candidate: ``--candidate gn-chunked``.
+STATS_METHODS = ("shifted", "chunked", "welford")
+STATS_CHUNKS = 64
+
+
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """xs: (B, L, G, C/G) float32 -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (see :data:`NHWC_STATS`)."""
     method = method or NHWC_STATS
+    if method not in STATS_METHODS:
+        raise ValueError(f"ldm.norm.NHWC_STATS must be one of {STATS_METHODS}, got {method!r}")
     if method == "welford":
         return torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
-    if method != "shifted":
-        raise ValueError(f"ldm.norm.NHWC_STATS must be 'shifted' or 'welford', got {method!r}")
     k = xs[:, :1, :, :1]  # (B, 1, G, 1): the shift, the group's first value
     d = xs - k
-    m1 = d.mean(dim=(1, 3), keepdim=True)  # E[x - K]
-    m2 = d.square().mean(dim=(1, 3), keepdim=True)  # E[(x - K)²]
+    if method == "chunked":
+        m1, m2 = _chunked_moments(d)
+    else:
+        m1 = d.mean(dim=(1, 3), keepdim=True)  # E[x - K]
+        m2 = d.square().mean(dim=(1, 3), keepdim=True)  # E[(x - K)²]
     return (m2 - m1.square()).clamp_min(0), k + m1
+
+
+def _chunked_moments(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d: (B, L, G, C/G) -> (E[d], E[d²]) over dims 1 and 3, each (B, 1, G, 1), summed per run of rows first."""
+    b, n_rows, g, cg = d.shape
+    n = math.gcd(n_rows, STATS_CHUNKS)
+    d = d.reshape(b, n, n_rows // n, g, cg)  # (B, n, L/n, G, C/G)
+    s1, s2 = d.sum(dim=2), d.square().sum(dim=2)  # (B, n, G, C/G) each: partial sums over L/n rows
+    count = n_rows * cg
+    return s1.sum(dim=(1, 3), keepdim=True) / count, s2.sum(dim=(1, 3), keepdim=True) / count
 
 
 def channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:

@@ -211,10 +211,12 @@ def _norm_setting(name: str, value: object) -> Callable[[], Callable[[], None]]:
 # rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from
 # var_mean for training graphs, fifth 11-29 session). gn-native: our inference graphs normalize with
 # native_group_norm (as training graphs and diffusers do) instead of ldm.norm.group_norm_nhwc; gn-welford:
-# group_norm_nhwc's statistics from Welford's loop instead of shifted sums (ldm.norm.NHWC_STATS).
+# group_norm_nhwc's statistics from Welford's loop instead of shifted sums (ldm.norm.NHWC_STATS); gn-chunked: the
+# shifted sums in two steps, partial sums over runs of rows read channel by channel first.
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
     "gn-native": ("_gnnative", _norm_setting("NHWC_INFERENCE", False)),
     "gn-welford": ("_gnwelford", _norm_setting("NHWC_STATS", "welford")),
+    "gn-chunked": ("_gnchunked", _norm_setting("NHWC_STATS", "chunked")),
 }

@@ -131,13 +131,26 @@ def test_force_channels_last_copies_only_when_needed():
     assert force_channels_last(cl).data_ptr() == cl.data_ptr()  # no copy
 
 
+@pytest.mark.parametrize("rows", [1, 36, 60, 4096 + 64])
+def test_chunked_stats_at_any_row_count(rows):
+    """The chunked sums split L into gcd(L, 64) runs: 1 run, 4, 4, 64 here; all give the group's moments."""
+    from ldm.norm import group_stats
+
+    torch.manual_seed(rows)
+    xs = torch.randn(2, rows, 4, 3, dtype=torch.float64) * 2 + 1
+    var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
+    var, mean = group_stats(xs, "chunked")
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref)
+
+
 def test_group_stats_shifted_sums_match_welford_far_from_zero():
     from ldm.norm import group_stats
 
     torch.manual_seed(0)
     xs = torch.randn(2, 4096, 8, 10, dtype=torch.float64) * 0.01 + 300.0  # spread 3e-5 of the distance from 0
     var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
-    for method in ("shifted", "welford"):
+    for method in ("shifted", "chunked", "welford"):
         var, mean = group_stats(xs.float(), method)
         assert var.shape == mean.shape == (2, 1, 8, 1)
         torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
@@ -145,7 +158,7 @@ def test_group_stats_shifted_sums_match_welford_far_from_zero():
     try:
         group_stats(xs.float(), "sums")
     except ValueError as e:
-        assert "NHWC_STATS" in str(e) and "'sums'" in str(e)
+        assert "NHWC_STATS" in str(e) and "'sums'" in str(e) and "chunked" in str(e)
     else:
         raise AssertionError("an unknown method was accepted")
 
@@ -175,7 +188,7 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
         ldm.norm.NHWC_INFERENCE = True
 
 
-@pytest.mark.parametrize("stats", ["welford", "shifted"])
+@pytest.mark.parametrize("stats", ["welford", "shifted", "chunked"])
 def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
     import ldm.norm
 
