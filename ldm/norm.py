@@ -25,6 +25,7 @@ add a copy. The numbers are the same either way (only strides differ); parameter
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,21 +40,20 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # Compiled inference graphs normalize a channels_last input with :func:`group_norm_nhwc` (False: native_group_norm,
 # as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
 NHWC_INFERENCE = True
-# How group_norm_nhwc computes μ and σ²: "shifted" (sums of x - K and (x - K)² in one loop, K one value of the group
-# hoisted out of it, so no cancellation unless the group's spread is far below its distance from K) or "welford"
-# (torch.var_mean: inductor's Welford loop, a division per value). Each (sample, group) is one reduction program, 64
-# of them in SD's CFG batch, so the per-value work sets their speed: shifted sums made the SD-1.5 CFG step 1.0-1.5%
-# faster on an H200 (5.72, 5.74 ms against 5.78, one machine; ``--candidate gn-welford``; docs/BENCHMARKS.md).
-NHWC_STATS = "shifted"
-
-
-# "chunked": the shifted sums in two steps: partial sums over STATS_CHUNKS runs of rows, each read with all C channels
-# side by side (consecutive addresses across the kernel's programs, B·chunks·C outputs to spread over the SMs), then
-# a small sum over the chunks and the group's channels. Inductor's one-step reduction gives each (sample, group) one
-# program that reads C/G values out of every C (10 of 320): 32-64 programs at 0.2-0.7 TB/s on an H200, 377 µs of the
-# SD-1.5 CFG step in 61 launches (docs/BENCHMARKS.md, 12-03, third session). A candidate: ``--candidate gn-chunked``.
-STATS_METHODS = ("shifted", "chunked", "welford")
-STATS_CHUNKS = 64
+# How group_norm_nhwc computes μ and σ²: "partial" (the default), "shifted" or "welford".
+# - "shifted": sums of x - K and (x - K)² in one loop, K one value of the group hoisted out of it, so no cancellation
+#   unless the group's spread is far below its distance from K. Inductor gives each (sample, group) one reduction
+#   program that reads C/G values out of every C (10 of 320): 32-64 programs at 0.2-0.7 TB/s on an H200.
+# - "partial": the same shifted sums over STATS_PARTS runs of rows first, B·parts·G programs (256 in SD's CFG batch),
+#   then the parts added term by term (inductor writes μ and 1/σ per group in one small kernel). Its statistics
+#   kernels took 0.17 ms of the SD-1.5 CFG step against 0.26, and the step ran 5.76 ms against 5.86 (shifted), same
+#   H200, same process as diffusers' 6.34 (docs/BENCHMARKS.md, 2026-12-04). ``--candidate gn-shifted`` gives the
+#   one-step sums, ``gn-partial8`` eight parts.
+# - "welford": torch.var_mean, inductor's Welford loop (a division per value): 1.0-1.5% slower than "shifted"
+#   (``--candidate gn-welford``, 12-03).
+NHWC_STATS = "partial"
+STATS_METHODS = ("partial", "shifted", "welford")
+STATS_PARTS = 4
 
 
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,22 +65,25 @@ def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tens
         return torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
     k = xs[:, :1, :, :1]  # (B, 1, G, 1): the shift, the group's first value
     d = xs - k
-    if method == "chunked":
-        m1, m2 = _chunked_moments(d)
+    if method == "partial":
+        m1, m2 = _partial_moments(d)
     else:
         m1 = d.mean(dim=(1, 3), keepdim=True)  # E[x - K]
         m2 = d.square().mean(dim=(1, 3), keepdim=True)  # E[(x - K)²]
     return (m2 - m1.square()).clamp_min(0), k + m1
 
 
-def _chunked_moments(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d: (B, L, G, C/G) -> (E[d], E[d²]) over dims 1 and 3, each (B, 1, G, 1), summed per run of rows first."""
+def _partial_moments(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d: (B, L, G, C/G) -> (E[d], E[d²]) over dims 1 and 3, each (B, 1, G, 1), from gcd(L, STATS_PARTS) partial
+    sums, each over a run of rows and the group's channels, then added up term by term."""
     b, n_rows, g, cg = d.shape
-    n = math.gcd(n_rows, STATS_CHUNKS)
+    n = math.gcd(n_rows, STATS_PARTS)
     d = d.reshape(b, n, n_rows // n, g, cg)  # (B, n, L/n, G, C/G)
-    s1, s2 = d.sum(dim=2), d.square().sum(dim=2)  # (B, n, G, C/G) each: partial sums over L/n rows
+    s1, s2 = d.sum(dim=(2, 4)), d.square().sum(dim=(2, 4))  # (B, n, G) each: one reduction program per entry
     count = n_rows * cg
-    return s1.sum(dim=(1, 3), keepdim=True) / count, s2.sum(dim=(1, 3), keepdim=True) / count
+    m1 = functools.reduce(torch.add, s1.unbind(1)) / count  # (B, G): n - 1 additions, not a reduction kernel
+    m2 = functools.reduce(torch.add, s2.unbind(1)) / count
+    return m1.view(b, 1, g, 1), m2.view(b, 1, g, 1)
 
 
 def channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:
@@ -102,14 +105,15 @@ def force_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                    eps: float) -> torch.Tensor:
+                    eps: float, stats: str | None = None) -> torch.Tensor:
     """GroupNorm of a 4-D channels_last x computed in its own memory order, in float32, returned in x's dtype and
-    layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G values of sample b's group g."""
+    layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G values of sample b's group g
+    (``stats``: how, one of :data:`STATS_METHODS`; None: :data:`NHWC_STATS`)."""
     b, c, h, w = x.shape
     g = num_groups
     x = force_channels_last(x)  # before the reshape below can fix a not-yet-written x as NCHW
     xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # (B, HW, G, C/G), a view of the NHWC memory
-    var, mean = group_stats(xs)  # (B, 1, G, 1) each
+    var, mean = group_stats(xs, stats)  # (B, 1, G, 1) each
     y = ((xs - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c)  # (B, H, W, C)
     if weight is not None:
         y = y * weight.float()
@@ -119,12 +123,22 @@ def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` whose compiled output keeps a channels_last input's layout (see the module docstring)."""
+    """``nn.GroupNorm`` whose compiled output keeps a channels_last input's layout (see the module docstring).
+
+    ``stats``: how its compiled inference computes the statistics (:data:`STATS_METHODS`); None, the default, reads
+    :data:`NHWC_STATS` when the graph is traced. Not saved: the state dict is ``nn.GroupNorm``'s."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 stats: str | None = None, **kwargs) -> None:
+        super().__init__(num_groups, num_channels, eps=eps, affine=affine, **kwargs)
+        if stats is not None and stats not in STATS_METHODS:
+            raise ValueError(f"GroupNorm stats must be one of {STATS_METHODS} or None, got {stats!r}")
+        self.stats = stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""
         if not (torch.compiler.is_compiling() and is_channels_last(x)):
             return super().forward(x)
         if NHWC_INFERENCE and not torch.is_grad_enabled():
-            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.stats)
         return super().forward(x).contiguous(memory_format=torch.channels_last)

@@ -194,29 +194,40 @@ def _mm_tune() -> Callable[[], None]:
     return restore
 
 
-def _norm_setting(name: str, value: object) -> Callable[[], Callable[[], None]]:
-    """A candidate that sets ``ldm.norm.<name>`` (read when our graphs are traced) to ``value``."""
+def _set_norm(settings: dict[str, object]) -> None:
+    import ldm.norm
+
+    for key, value in settings.items():
+        setattr(ldm.norm, key, value)
+
+
+def _norm_setting(name: str, value: object, **more: object) -> Callable[[], Callable[[], None]]:
+    """A candidate that sets ``ldm.norm.<name>`` (read when our graphs are traced) to ``value``, and any ``more``."""
+    settings = {name: value, **more}
 
     def patch() -> Callable[[], None]:
         import ldm.norm
 
-        before = getattr(ldm.norm, name)
-        setattr(ldm.norm, name, value)
-        return lambda: setattr(ldm.norm, name, before)
+        before = {key: getattr(ldm.norm, key) for key in settings}
+        _set_norm(settings)
+        return lambda: _set_norm(before)
 
     return patch
 
 
 # name -> (row-variant suffix, patch returning its undo). All act on our compiled inference graphs alone, so only the
 # rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from
-# var_mean for training graphs, fifth 11-29 session). gn-native: our inference graphs normalize with
-# native_group_norm (as training graphs and diffusers do) instead of ldm.norm.group_norm_nhwc; gn-welford:
-# group_norm_nhwc's statistics from Welford's loop instead of shifted sums (ldm.norm.NHWC_STATS); gn-chunked: the
-# shifted sums in two steps, partial sums over runs of rows read channel by channel first.
+# var_mean for training graphs, fifth 11-29 session), gn-chunked (partial sums over 64 runs of rows, channel by
+# channel, then per group: 1.047x against diffusers where the default of then gave 1.079x, 12-04). gn-native: our
+# inference graphs normalize with native_group_norm (as training graphs and diffusers do) instead of
+# ldm.norm.group_norm_nhwc. group_norm_nhwc's statistics (ldm.norm.NHWC_STATS; the default sums four parts of the
+# rows per group): gn-welford, Welford's loop; gn-shifted, the shifted sums in one reduction per group (the default
+# until 12-04); gn-partial8, eight parts.
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
     "gn-native": ("_gnnative", _norm_setting("NHWC_INFERENCE", False)),
     "gn-welford": ("_gnwelford", _norm_setting("NHWC_STATS", "welford")),
-    "gn-chunked": ("_gnchunked", _norm_setting("NHWC_STATS", "chunked")),
+    "gn-shifted": ("_gnshifted", _norm_setting("NHWC_STATS", "shifted")),
+    "gn-partial8": ("_gnpartial8", _norm_setting("NHWC_STATS", "partial", STATS_PARTS=8)),
 }

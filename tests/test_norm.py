@@ -131,15 +131,21 @@ def test_force_channels_last_copies_only_when_needed():
     assert force_channels_last(cl).data_ptr() == cl.data_ptr()  # no copy
 
 
+@pytest.mark.parametrize("parts", [4, 8])
 @pytest.mark.parametrize("rows", [1, 36, 60, 4096 + 64])
-def test_chunked_stats_at_any_row_count(rows):
-    """The chunked sums split L into gcd(L, 64) runs: 1 run, 4, 4, 64 here; all give the group's moments."""
+def test_partial_stats_at_any_row_count(rows, parts, monkeypatch):
+    """The partial sums split L into gcd(L, parts) runs (1, 4, 4, 4 and 1, 4, 4, 8 here): all give the group's
+    moments."""
+    import ldm.norm
     from ldm.norm import group_stats
+
+    monkeypatch.setattr(ldm.norm, "STATS_PARTS", parts)
 
     torch.manual_seed(rows)
     xs = torch.randn(2, rows, 4, 3, dtype=torch.float64) * 2 + 1
     var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
-    var, mean = group_stats(xs, "chunked")
+    var, mean = group_stats(xs, "partial")
+    assert var.shape == mean.shape == (2, 1, 4, 1)
     torch.testing.assert_close(mean, mean_ref)
     torch.testing.assert_close(var, var_ref)
 
@@ -150,7 +156,7 @@ def test_group_stats_shifted_sums_match_welford_far_from_zero():
     torch.manual_seed(0)
     xs = torch.randn(2, 4096, 8, 10, dtype=torch.float64) * 0.01 + 300.0  # spread 3e-5 of the distance from 0
     var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
-    for method in ("shifted", "chunked", "welford"):
+    for method in ("partial", "shifted", "welford"):
         var, mean = group_stats(xs.float(), method)
         assert var.shape == mean.shape == (2, 1, 8, 1)
         torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
@@ -158,7 +164,7 @@ def test_group_stats_shifted_sums_match_welford_far_from_zero():
     try:
         group_stats(xs.float(), "sums")
     except ValueError as e:
-        assert "NHWC_STATS" in str(e) and "'sums'" in str(e) and "chunked" in str(e)
+        assert "NHWC_STATS" in str(e) and "'sums'" in str(e) and "partial" in str(e)
     else:
         raise AssertionError("an unknown method was accepted")
 
@@ -170,13 +176,13 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
 
     with torch.no_grad():
         inference = graph_targets(norm, x)
-        assert "group_norm" not in inference and "mean" in inference and "var_mean" not in inference, inference
+        assert "group_norm" not in inference and "sum" in inference and "var_mean" not in inference, inference
         assert "inductor_force_stride_order" in inference, inference  # the layout request on the input
-        ldm.norm.NHWC_STATS = "welford"  # bench.py's --candidate gn-welford
+        default, ldm.norm.NHWC_STATS = ldm.norm.NHWC_STATS, "welford"  # bench.py's --candidate gn-welford
         try:
             welford = graph_targets(norm, x)
         finally:
-            ldm.norm.NHWC_STATS = "shifted"
+            ldm.norm.NHWC_STATS = default
     assert "group_norm" not in welford and "var_mean" in welford, welford
     training = graph_targets(norm, x.requires_grad_())
     assert "group_norm" in training and "var_mean" not in training, training
@@ -188,7 +194,7 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
         ldm.norm.NHWC_INFERENCE = True
 
 
-@pytest.mark.parametrize("stats", ["welford", "shifted", "chunked"])
+@pytest.mark.parametrize("stats", ["welford", "shifted", "partial"])
 def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
     import ldm.norm
 
@@ -231,3 +237,18 @@ def test_compiled_skip_concatenation_stays_channels_last_on_gpu():
     nchw_cat = "empty_strided_cuda((2, 96, 16, 16), (24576, 256, 16, 1)"
     assert not any(nchw_cat in c for c in code), "the concatenation was written in NCHW"
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_autoencoder_norms_keep_one_step_statistics_and_the_unet_splits_them():
+    """The U-Net's compiled norms sum four parts per group (``unbind`` of the parts), the autoencoder's one reduction
+    per group (``mean``): the partial sums made the 512 px decode slower on an H200 (docs/BENCHMARKS.md, 12-04)."""
+    from ldm.autoencoder.model import Normalize
+
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        unet_norm = graph_targets(GroupNorm(32, 64), x)
+        vae_norm = graph_targets(Normalize(64), x)
+    assert "unbind" in unet_norm and "sum" in unet_norm, unet_norm
+    assert "mean" in vae_norm and "unbind" not in vae_norm, vae_norm
+    with pytest.raises(ValueError, match="stats must be one of .*'sums'"):
+        GroupNorm(32, 64, stats="sums")

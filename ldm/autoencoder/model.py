@@ -36,9 +36,16 @@ DDCONFIG_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")  # "vanilla-xformers" (SD 2 YAMLs) has the same weights
 
 
+# The autoencoder's compiled GroupNorms sum their statistics in one reduction per group (ldm.norm's "shifted"), which
+# inductor splits itself in this graph (a group holds up to 1 M values at 512 px). The U-Net's default, four parts per
+# group, made the 512 px decode 7.69 ms against diffusers' 7.57, where "shifted" gave 6.49 against 7.53 (H200,
+# docs/BENCHMARKS.md, 12-03 and 12-04).
+NORM_STATS = "shifted"
+
+
 def Normalize(channels: int) -> GroupNorm:  # noqa: N802 (original name)
     """GroupNorm(32 groups, eps 1e-6), as in the original."""
-    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True, stats=NORM_STATS)
 
 
 class ResnetBlock(nn.Module):
