@@ -129,8 +129,9 @@ class GroupNorm(nn.GroupNorm):
     :data:`NHWC_STATS` when the graph is traced. Not saved: the state dict is ``nn.GroupNorm``'s."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 stats: str | None = None, **kwargs) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine, **kwargs)
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 stats: str | None = None) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
         if stats is not None and stats not in STATS_METHODS:
             raise ValueError(f"GroupNorm stats must be one of {STATS_METHODS} or None, got {stats!r}")
         self.stats = stats

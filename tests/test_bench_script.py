@@ -339,15 +339,21 @@ def test_groupnorm_candidates_set_ldm_norm_and_undo():
 
     import ldm.norm
 
-    assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "shifted")
+    default = (True, "partial", 4)
+    state = lambda: (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS, ldm.norm.STATS_PARTS)  # noqa: E731
+    assert state() == default
     try:
         undo_native = cand.apply_candidate("gn-native")
         undo_welford = cand.apply_candidate("gn-welford")
-        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (False, "welford")
+        assert state() == (False, "welford", 4)
         assert cand.CANDIDATES_ON == ["gn-native", "gn-welford"]
         undo_native()
         undo_welford()
-        assert (ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS) == (True, "shifted")
+        assert state() == default
+        undo_eight = cand.apply_candidate("gn-partial8")  # two settings at once
+        assert state() == (True, "partial", 8)
+        undo_eight()
+        assert state() == default
     finally:
         cand.CANDIDATES_ON.clear()
-        ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS = True, "shifted"
+        ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS, ldm.norm.STATS_PARTS = default
