@@ -201,9 +201,8 @@ def _set_norm(settings: dict[str, object]) -> None:
         setattr(ldm.norm, key, value)
 
 
-def _norm_setting(name: str, value: object, **more: object) -> Callable[[], Callable[[], None]]:
-    """A candidate that sets ``ldm.norm.<name>`` (read when our graphs are traced) to ``value``, and any ``more``."""
-    settings = {name: value, **more}
+def _norm_setting(**settings: object) -> Callable[[], Callable[[], None]]:
+    """A candidate that sets ``ldm.norm``'s module settings (read when our graphs are traced), e.g. NHWC_STATS."""
 
     def patch() -> Callable[[], None]:
         import ldm.norm
@@ -226,8 +225,8 @@ def _norm_setting(name: str, value: object, **more: object) -> Callable[[], Call
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
-    "gn-native": ("_gnnative", _norm_setting("NHWC_INFERENCE", False)),
-    "gn-welford": ("_gnwelford", _norm_setting("NHWC_STATS", "welford")),
-    "gn-shifted": ("_gnshifted", _norm_setting("NHWC_STATS", "shifted")),
-    "gn-partial8": ("_gnpartial8", _norm_setting("NHWC_STATS", "partial", STATS_PARTS=8)),
+    "gn-native": ("_gnnative", _norm_setting(NHWC_INFERENCE=False)),
+    "gn-welford": ("_gnwelford", _norm_setting(NHWC_STATS="welford")),
+    "gn-shifted": ("_gnshifted", _norm_setting(NHWC_STATS="shifted")),
+    "gn-partial8": ("_gnpartial8", _norm_setting(NHWC_STATS="partial", STATS_PARTS=8)),
 }
