@@ -38,7 +38,8 @@ from bench_candidates import (  # noqa: E402
     set_inductor_option,
     set_ours_option,
 )
-from bench_common import bench_ceiling, bench_launch_floor, emit, summary, timed  # noqa: E402
+from bench_common import (bench_ceiling, bench_launch_floor, compile_breakdown, compile_counters, emit,  # noqa: E402
+                          summary, timed)
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
 from bench_profile import host_syncs, profile_step  # noqa: E402
 
@@ -88,12 +89,13 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
              "ldm_shared_x": lambda: ours.unet(x[:1], t[:1], context=c, repeat=2)}
     y = {}
     for impl, fn in calls.items():
-        t0 = time.time()  # compiled: the first call compiles (or loads from the cache, autotuning included)
-        out_ = fn()
+        t0, before = time.time(), compile_counters()  # compiled: the first call compiles (or loads from the
+        out_ = fn()  # cache, autotuning included)
         y[impl] = (out_.sample if impl == "diffusers" else out_).float()
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         if tag.startswith("compiled"):
-            emit(out, what=f"unet_first_call_s_{res}", impl=impl, variant=tag, value=time.time() - t0)
+            emit(out, what=f"unet_first_call_s_{res}", impl=impl, variant=tag, value=time.time() - t0,
+                 phases=compile_breakdown(before))
     emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
          value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
     emit(out, what="unet_max_abs_diff_shared_x_vs_batched", variant=tag,
@@ -155,11 +157,12 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str,
     for name, fn in ((n, f) for n, f in (("ldm", run_ours), ("diffusers", run_diffusers)) if n in impls):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()  # compiled: the first call compiles (or loads from the cache) and captures the graphs
-        img = fn().float()
+        t0, before = time.time(), compile_counters()  # compiled: the first call compiles (or loads from the
+        img = fn().float()  # cache) and captures the graphs
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         if tag.startswith("compiled"):
-            emit(out, what=f"txt2img_first_call_s_{px}px_b{batch}", impl=name, variant=tag, value=time.time() - t0)
+            emit(out, what=f"txt2img_first_call_s_{px}px_b{batch}", impl=name, variant=tag, value=time.time() - t0,
+                 phases=compile_breakdown(before))
         key = f"txt2img_{name}_{px}_{batch}"
         if is_reference(tag):
             EAGER_OUT[key] = img

@@ -25,6 +25,33 @@ def emit(out: Path | None, **kw) -> None:
             f.write(json.dumps(kw) + "\n")
 
 
+# torch's compile-phase timers (``torch._dynamo.utils.compilation_time_metrics`` keys) that the first-call rows
+# break down: where a cold compile goes and what a cached one still pays.
+COMPILE_PHASES = {"compile": "_compile.compile_inner",  # all of it, per frame: the phases below and the rest
+                  "dynamo_trace": "bytecode_tracing", "aot": "create_aot_dispatcher_function",
+                  "lowering": "GraphLowering.run", "scheduling": "Scheduler.__init__",
+                  "codegen": "GraphLowering.codegen", "kernel_compile_wait": "async_compile.wait",
+                  "guards": "build_guards"}
+
+
+def compile_counters() -> dict[str, float]:
+    """Seconds spent so far in this process in each of :data:`COMPILE_PHASES`, and the counts of inductor's FX graph
+    cache and AOT autograd's cache hits and misses."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    snap = {name: float(sum(compilation_time_metrics.get(key, ()))) for name, key in COMPILE_PHASES.items()}
+    for group in ("inductor", "aot_autograd"):
+        snap.update({key: float(n) for key, n in counters[group].items() if "cache" in key})
+    return snap
+
+
+def compile_breakdown(before: dict[str, float]) -> dict[str, float]:
+    """What happened since ``before`` (a :func:`compile_counters`): seconds per phase, cache hits and misses;
+    phases that did not run are left out."""
+    return {key: round(v - before.get(key, 0.0), 3) for key, v in compile_counters().items()
+            if v > before.get(key, 0.0)}
+
+
 def timed(fn, warmup: int = 3, reps: int = 10, inner: int = 1) -> dict:
     """Median/min/max seconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU). ``inner`` > 1 times that many
     back-to-back calls per repetition and divides: for kernels shorter than the launch latency of a lone call."""

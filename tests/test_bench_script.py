@@ -305,6 +305,7 @@ def test_compiled_unet_rows_time_the_first_call_and_compare_with_the_eager_outpu
     first = {r["impl"]: r for r in rows if r["what"] == "unet_first_call_s_4"}
     assert set(first) == {"ldm", "diffusers", "ldm_shared_x"} and all(r["variant"] == "compiled"
                                                                       for r in first.values())
+    assert all(isinstance(r["phases"], dict) for r in first.values())  # nothing compiled here: no phase ran
     diffs = [r for r in rows if r["what"] == "unet_max_abs_diff_vs_eager"]
     assert [(r["impl"], r["value"]) for r in diffs] == [("ldm", 0.0), ("diffusers", 0.0), ("ldm_shared_x", 0.0)]
     # a CFG step's inputs: both halves the same x, so sharing it changes nothing
@@ -357,3 +358,27 @@ def test_groupnorm_candidates_set_ldm_norm_and_undo():
     finally:
         cand.CANDIDATES_ON.clear()
         ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS, ldm.norm.STATS_PARTS = default
+
+
+def test_compile_breakdown_names_the_phases_of_a_cold_compile_and_the_cache_hit_of_the_next(tmp_path, monkeypatch):
+    import torch
+    import torch._inductor.config as inductor_config
+    from bench_common import compile_breakdown, compile_counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold: nothing from other tests
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+
+    def fn(x):
+        return torch.nn.functional.silu(x) * 2 + x.mean()
+
+    phases = []
+    for _ in range(2):  # a cold compile, then the same graph in a fresh Dynamo: inductor's cache has it
+        torch._dynamo.reset()
+        before = compile_counters()
+        torch.compile(fn)(torch.randn(8, 8))
+        phases.append(compile_breakdown(before))
+    cold, cached = phases
+    assert cold["fxgraph_cache_miss"] == 1 and "fxgraph_cache_hit" not in cold
+    assert cold["compile"] >= cold["lowering"] > 0 and cold["dynamo_trace"] > 0
+    assert cached["fxgraph_cache_hit"] == 1 and "fxgraph_cache_miss" not in cached
+    assert "lowering" not in cached and cached["dynamo_trace"] > 0  # a hit still traces, but lowers nothing
