@@ -75,8 +75,15 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
     return ours, pipe.to(device)
 
 
+# The U-Net calls bench_unet times: ours batched, ours as guidance calls it (x shared), diffusers batched.
+UNET_CALLS = ("ldm", "ldm_shared_x", "diffusers")
+
+
 @torch.no_grad()
-def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("ldm", "diffusers")) -> None:
+def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("ldm", "diffusers"),
+               calls_on: tuple[str, ...] = UNET_CALLS) -> None:
+    """The U-Net's CFG step (batch 2 at ``res``×``res`` latents) for each of ``calls_on`` (:data:`UNET_CALLS`),
+    each compiled once more when ``tag`` is a compiled variant: leaving a call out saves its compile."""
     dev, dt = ours.device, ours.dtype
     ctx_dim = pipe.unet.config.cross_attention_dim
     torch.manual_seed(0)  # the same inputs for every variant; a CFG step: the same x_t and t for both prompts
@@ -87,6 +94,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
              # ours as its sampler calls it under guidance: x and t once, the layers before the first
              # cross-attention at batch 1 (UNetModel.forward's repeat)
              "ldm_shared_x": lambda: ours.unet(x[:1], t[:1], context=c, repeat=2)}
+    calls = {name: fn for name, fn in calls.items() if name in calls_on}
     y = {}
     for impl, fn in calls.items():
         t0, before = time.time(), compile_counters()  # compiled: the first call compiles (or loads from the
@@ -96,10 +104,7 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
         if tag.startswith("compiled"):
             emit(out, what=f"unet_first_call_s_{res}", impl=impl, variant=tag, value=time.time() - t0,
                  phases=compile_breakdown(before))
-    emit(out, what="unet_max_abs_diff_vs_diffusers", variant=tag,
-         value=float((y["ldm"] - y["diffusers"]).abs().max()), output_abs_max=float(y["ldm"].abs().max()))
-    emit(out, what="unet_max_abs_diff_shared_x_vs_batched", variant=tag,
-         value=float((y["ldm_shared_x"] - y["ldm"]).abs().max()))
+    compare_unet_outputs(y, out, tag)
     for impl in y:  # the fast path against the eager one, same weights and inputs
         if is_reference(tag):
             EAGER_OUT[impl] = y[impl]
@@ -116,6 +121,18 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
             # FLOPs are counted at 64×64 only (attention grows faster than the rest)
             tf = GFLOP["unet_b2_64"] / r["median_s"] / 1000 if SD_SHAPES and res == 64 else None
             emit(out, what=what, impl=name, variant=tag, tflops=tf, **r)
+
+
+def compare_unet_outputs(y: dict[str, torch.Tensor], out, tag: str) -> None:
+    """Rows of the largest differences between the calls' outputs that ran: ours against diffusers (batched, or
+    shared-x when batched did not run), shared-x against batched."""
+    ours = "ldm" if "ldm" in y else "ldm_shared_x"
+    if ours in y and "diffusers" in y:
+        emit(out, what="unet_max_abs_diff_vs_diffusers", impl=ours, variant=tag,
+             value=float((y[ours] - y["diffusers"]).abs().max()), output_abs_max=float(y[ours].abs().max()))
+    if "ldm" in y and "ldm_shared_x" in y:
+        emit(out, what="unet_max_abs_diff_shared_x_vs_batched", variant=tag,
+             value=float((y["ldm_shared_x"] - y["ldm"]).abs().max()))
 
 
 @torch.no_grad()
@@ -400,6 +417,8 @@ def main(argv=None) -> int:
                    help="with --compile, leave out the compiled_denoiser variant (the guided denoiser as one graph)")
     p.add_argument("--eager-nchw", action="store_true",
                    help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
+    p.add_argument("--unet-calls", default=",".join(UNET_CALLS),
+                   help=f"the U-Net rows' calls, of {', '.join(UNET_CALLS)} (each one left out is a compile saved)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     only = set(a.only.split(","))
@@ -407,6 +426,10 @@ def main(argv=None) -> int:
                       "unet_profile", "layers"}
     if unknown:
         p.error(f"--only: unknown item(s) {', '.join(sorted(unknown))}")
+    a.unet_calls = tuple(a.unet_calls.split(","))
+    if set(a.unet_calls) - set(UNET_CALLS):
+        p.error(f"--unet-calls: unknown call(s) {', '.join(sorted(set(a.unet_calls) - set(UNET_CALLS)))}; "
+                f"known: {', '.join(UNET_CALLS)}")
     if a.px < 64 or a.px % 64:
         p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
@@ -480,7 +503,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
         ours.vae.to(memory_format=torch.contiguous_format)
     label = inference_tag(tag, a.mode, a.diffusers_mode)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
-        bench_unet(ours, pipe, res, out, label, impls)
+        bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
         bench_vae(ours, pipe, res, out, label)
     if "pipeline" in only:  # before the profiles: its first call is the compile

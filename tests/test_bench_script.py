@@ -43,7 +43,8 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--inductor", "max_autotune=yes"], "not a Python literal"),
                                           (["--ours-inductor", "combo=True"], "--ours-inductor: torch._inductor"),
                                           (["--candidate", "gn-fast"], "invalid choice: 'gn-fast'"),
-                                          (["--px", "500"], "--px must be a positive multiple of 64")])
+                                          (["--px", "500"], "--px must be a positive multiple of 64"),
+                                          (["--unet-calls", "ldm,ours"], "--unet-calls: unknown call(s) ours")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
@@ -382,3 +383,32 @@ def test_compile_breakdown_names_the_phases_of_a_cold_compile_and_the_cache_hit_
     assert cold["compile"] >= cold["lowering"] > 0 and cold["dynamo_trace"] > 0
     assert cached["fxgraph_cache_hit"] == 1 and "fxgraph_cache_miss" not in cached
     assert "lowering" not in cached and cached["dynamo_trace"] > 0  # a hit still traces, but lowers nothing
+
+
+def test_unet_rows_time_only_the_calls_asked_for_and_compare_what_ran(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import bench
+    import torch
+
+    net = torch.nn.Conv2d(4, 4, 1)
+    seen = []
+
+    def unet(x, t, context, repeat=1):
+        seen.append(repeat)
+        return net(x.repeat(repeat, 1, 1, 1))
+
+    ours = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, unet=unet)
+    pipe = SimpleNamespace(unet=lambda x, t, encoder_hidden_states: SimpleNamespace(sample=net(x) + 1))
+    pipe.unet.config = SimpleNamespace(cross_attention_dim=8)
+    monkeypatch.setattr(bench, "EAGER_OUT", {})
+    out = tmp_path / "rows.jsonl"
+    with torch.no_grad():
+        bench.bench_unet(ours, pipe, 4, out, "compiled", calls_on=("ldm_shared_x", "diffusers"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(seen) == {2}  # ours ran only as guidance calls it
+    assert {r["impl"] for r in rows if r["what"] == "unet_first_call_s_4"} == {"ldm_shared_x", "diffusers"}
+    diff = [r for r in rows if r["what"] == "unet_max_abs_diff_vs_diffusers"]
+    assert [(r["impl"], round(r["value"], 6)) for r in diff] == [("ldm_shared_x", 1.0)]
+    assert not any(r["what"] == "unet_max_abs_diff_shared_x_vs_batched" for r in rows)
+    assert {r["impl"] for r in rows if r["what"] == "unet_cfg_step_b2_4_back_to_back"} == {"ldm_shared_x", "diffusers"}
