@@ -56,11 +56,17 @@ STATS_METHODS = ("partial", "shifted", "welford")
 STATS_PARTS = 4
 
 
+def check_stats_method(method: str, where: str) -> str:
+    """``method`` when it is one of :data:`STATS_METHODS`; otherwise a ValueError naming ``where`` it was set."""
+    if method not in STATS_METHODS:
+        raise ValueError(f"{where} must be one of {STATS_METHODS}, got {method!r}")
+    return method
+
+
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """xs: (B, L, G, C/G) float32 -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (see :data:`NHWC_STATS`)."""
-    method = method or NHWC_STATS
-    if method not in STATS_METHODS:
-        raise ValueError(f"ldm.norm.NHWC_STATS must be one of {STATS_METHODS}, got {method!r}")
+    method = check_stats_method(method, "group_stats method") if method else \
+        check_stats_method(NHWC_STATS, "ldm.norm.NHWC_STATS")  # read at trace time: it may change after construction
     if method == "welford":
         return torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
     k = xs[:, :1, :, :1]  # (B, 1, G, 1): the shift, the group's first value
@@ -132,9 +138,7 @@ class GroupNorm(nn.GroupNorm):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  stats: str | None = None) -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
-        if stats is not None and stats not in STATS_METHODS:
-            raise ValueError(f"GroupNorm stats must be one of {STATS_METHODS} or None, got {stats!r}")
-        self.stats = stats
+        self.stats = None if stats is None else check_stats_method(stats, "GroupNorm stats")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""

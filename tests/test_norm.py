@@ -9,7 +9,8 @@ from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from ldm.norm import GroupNorm
+import ldm.norm as norm_module
+from ldm.norm import GroupNorm, group_stats
 from ldm.unet.blocks import ResBlock
 from ldm.unet.model import UNetModel
 
@@ -164,7 +165,7 @@ def test_group_stats_shifted_sums_match_welford_far_from_zero():
     try:
         group_stats(xs.float(), "sums")
     except ValueError as e:
-        assert "NHWC_STATS" in str(e) and "'sums'" in str(e) and "partial" in str(e)
+        assert "group_stats method" in str(e) and "'sums'" in str(e) and "partial" in str(e)
     else:
         raise AssertionError("an unknown method was accepted")
 
@@ -252,3 +253,6 @@ def test_autoencoder_norms_keep_one_step_statistics_and_the_unet_splits_them():
     assert "mean" in vae_norm and "unbind" not in vae_norm, vae_norm
     with pytest.raises(ValueError, match="stats must be one of .*'sums'"):
         GroupNorm(32, 64, stats="sums")
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError, match=r"ldm.norm.NHWC_STATS must be one of"):
+        mp.setattr(norm_module, "NHWC_STATS", "sums")
+        group_stats(torch.randn(1, 4, 2, 2))
