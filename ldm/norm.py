@@ -65,7 +65,7 @@ def check_stats_method(method: str, where: str) -> str:
 
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """xs: (B, L, G, C/G) float32 -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (see :data:`NHWC_STATS`)."""
-    method = check_stats_method(method, "group_stats method") if method else \
+    method = check_stats_method(method, "group_stats method") if method is not None else \
         check_stats_method(NHWC_STATS, "ldm.norm.NHWC_STATS")  # read at trace time: it may change after construction
     if method == "welford":
         return torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
