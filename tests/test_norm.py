@@ -241,8 +241,8 @@ def test_compiled_skip_concatenation_stays_channels_last_on_gpu():
 
 
 def test_autoencoder_norms_keep_one_step_statistics_and_the_unet_splits_them():
-    """The U-Net's compiled norms sum four parts per group (``unbind`` of the parts), the autoencoder's one reduction
-    per group (``mean``): the partial sums made the 512 px decode slower on an H200 (docs/BENCHMARKS.md, 12-04)."""
+    """The U-Net's compiled norms sum four parts per group (``unbind`` of the parts), the autoencoder's use one
+    Welford reduction per group (``var_mean``): the decode measured fastest so on an H200 (docs/BENCHMARKS.md)."""
     from ldm.autoencoder.model import Normalize
 
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
@@ -250,7 +250,7 @@ def test_autoencoder_norms_keep_one_step_statistics_and_the_unet_splits_them():
         unet_norm = graph_targets(GroupNorm(32, 64), x)
         vae_norm = graph_targets(Normalize(64), x)
     assert "unbind" in unet_norm and "sum" in unet_norm, unet_norm
-    assert "mean" in vae_norm and "unbind" not in vae_norm, vae_norm
+    assert "var_mean" in vae_norm and "unbind" not in vae_norm and "sum" not in vae_norm, vae_norm
     with pytest.raises(ValueError, match="stats must be one of .*'sums'"):
         GroupNorm(32, 64, stats="sums")
     with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError, match=r"ldm.norm.NHWC_STATS must be one of"):

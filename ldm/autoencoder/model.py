@@ -36,11 +36,12 @@ DDCONFIG_REQUIRED = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")  # "vanilla-xformers" (SD 2 YAMLs) has the same weights
 
 
-# The autoencoder's compiled GroupNorms sum their statistics in one reduction per group (ldm.norm's "shifted"), which
-# inductor splits itself in this graph (a group holds up to 1 M values at 512 px). The U-Net's default, four parts per
-# group, made the 512 px decode 7.69 ms against diffusers' 7.57, where "shifted" gave 6.49 against 7.53 (H200,
-# docs/BENCHMARKS.md, 12-03 and 12-04).
-NORM_STATS = "shifted"
+# The autoencoder's compiled GroupNorms compute their statistics with Welford's method (ldm.norm's "welford", one
+# var_mean per group, which inductor splits itself in this graph: a group holds up to 1 M values at 512 px). Measured
+# 512 px decodes against diffusers' in the same process (H200, docs/BENCHMARKS.md): "welford" 6.49 against 7.53 ms and
+# 6.76 against 7.65 (12-03, two machines); "shifted" 8.19 against 8.53 (12-04, a slower machine); the U-Net's
+# default, four parts per group, 7.69 against 7.57 (12-04).
+NORM_STATS = "welford"
 
 
 def Normalize(channels: int) -> GroupNorm:  # noqa: N802 (original name)
