@@ -194,22 +194,29 @@ def _mm_tune() -> Callable[[], None]:
     return restore
 
 
-def _set_norm(settings: dict[str, object]) -> None:
-    import ldm.norm
+def _set(module: str, settings: dict[str, object]) -> None:
+    import importlib
 
+    target = importlib.import_module(module)
+    missing = [key for key in settings if not hasattr(target, key)]
+    if missing:  # checked before any is set
+        raise AttributeError(f"candidate setting: {module} has no {', '.join(missing)}")
     for key, value in settings.items():
-        setattr(ldm.norm, key, value)
+        setattr(target, key, value)
 
 
-def _norm_setting(**settings: object) -> Callable[[], Callable[[], None]]:
-    """A candidate that sets ``ldm.norm``'s module settings (read when our graphs are traced), e.g. NHWC_STATS."""
+def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[], None]]:
+    """A candidate that sets module-level settings of ``module`` (``ldm.norm``'s are read when our graphs are
+    traced; ``ldm.autoencoder.model.NORM_STATS`` when the autoencoder is built, which bench.py does after the
+    candidates are applied); the patch returns its undo."""
 
     def patch() -> Callable[[], None]:
-        import ldm.norm
+        import importlib
 
-        before = {key: getattr(ldm.norm, key) for key in settings}
-        _set_norm(settings)
-        return lambda: _set_norm(before)
+        target = importlib.import_module(module)
+        before = {key: getattr(target, key) for key in settings if hasattr(target, key)}
+        _set(module, settings)
+        return lambda: _set(module, before)
 
     return patch
 
@@ -221,12 +228,15 @@ def _norm_setting(**settings: object) -> Callable[[], Callable[[], None]]:
 # inference graphs normalize with native_group_norm (as training graphs and diffusers do) instead of
 # ldm.norm.group_norm_nhwc. group_norm_nhwc's statistics (ldm.norm.NHWC_STATS; the default sums four parts of the
 # rows per group): gn-welford, Welford's loop; gn-shifted, the shifted sums in one reduction per group (the default
-# until 12-04); gn-partial8, eight parts.
+# until 12-04); gn-partial8, eight parts. The autoencoder's statistics (ldm.autoencoder.model.NORM_STATS, Welford by
+# default): vae-shifted, vae-partial (a decoder A/B against diffusers in one process).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
-    "gn-native": ("_gnnative", _norm_setting(NHWC_INFERENCE=False)),
-    "gn-welford": ("_gnwelford", _norm_setting(NHWC_STATS="welford")),
-    "gn-shifted": ("_gnshifted", _norm_setting(NHWC_STATS="shifted")),
-    "gn-partial8": ("_gnpartial8", _norm_setting(NHWC_STATS="partial", STATS_PARTS=8)),
+    "gn-native": ("_gnnative", _module_setting("ldm.norm", NHWC_INFERENCE=False)),
+    "gn-welford": ("_gnwelford", _module_setting("ldm.norm", NHWC_STATS="welford")),
+    "gn-shifted": ("_gnshifted", _module_setting("ldm.norm", NHWC_STATS="shifted")),
+    "gn-partial8": ("_gnpartial8", _module_setting("ldm.norm", NHWC_STATS="partial", STATS_PARTS=8)),
+    "vae-shifted": ("_vaeshifted", _module_setting("ldm.autoencoder.model", NORM_STATS="shifted")),
+    "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
 }

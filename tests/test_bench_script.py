@@ -361,6 +361,26 @@ def test_groupnorm_candidates_set_ldm_norm_and_undo():
         ldm.norm.NHWC_INFERENCE, ldm.norm.NHWC_STATS, ldm.norm.STATS_PARTS = default
 
 
+def test_autoencoder_candidates_set_the_statistics_of_norms_built_after_them_and_undo():
+    import bench_candidates as cand
+    import pytest
+
+    import ldm.autoencoder.model as ae
+
+    assert ae.NORM_STATS == "welford" and ae.Normalize(64).stats == "welford"
+    try:
+        undo = cand.apply_candidate("vae-shifted")
+        assert ae.Normalize(64).stats == "shifted"  # bench.py builds the models after applying the candidates
+        undo()
+        assert ae.NORM_STATS == "welford"
+    finally:
+        cand.CANDIDATES_ON.clear()
+        ae.NORM_STATS = "welford"
+    with pytest.raises(AttributeError, match="ldm.autoencoder.model has no NORM_STAT"):
+        cand._module_setting("ldm.autoencoder.model", NORM_STAT="shifted")()
+    assert ae.NORM_STATS == "welford"
+
+
 def test_compile_breakdown_names_the_phases_of_a_cold_compile_and_the_cache_hit_of_the_next(tmp_path, monkeypatch):
     import torch
     import torch._inductor.config as inductor_config
