@@ -387,17 +387,19 @@ def test_compile_breakdown_names_the_phases_of_a_cold_compile_and_the_cache_hit_
     from bench_common import compile_breakdown, compile_counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold: nothing from other tests
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
 
     def fn(x):
         return torch.nn.functional.silu(x) * 2 + x.mean()
 
     phases = []
-    for _ in range(2):  # a cold compile, then the same graph in a fresh Dynamo: inductor's cache has it
-        torch._dynamo.reset()
-        before = compile_counters()
-        torch.compile(fn)(torch.randn(8, 8))
-        phases.append(compile_breakdown(before))
+    # (inductor's config object is patched with its own context manager: monkeypatch's undo deletes the option)
+    with inductor_config.patch(fx_graph_cache=True):
+        for _ in range(2):  # a cold compile, then the same graph in a fresh Dynamo: inductor's cache has it
+            torch._dynamo.reset()
+            before = compile_counters()
+            torch.compile(fn)(torch.randn(8, 8))
+            phases.append(compile_breakdown(before))
+    assert inductor_config.fx_graph_cache is not None  # the option is still there for the tests after this one
     cold, cached = phases
     assert cold["fxgraph_cache_miss"] == 1 and "fxgraph_cache_hit" not in cold
     assert cold["compile"] >= cold["lowering"] > 0 and cold["dynamo_trace"] > 0
