@@ -256,3 +256,22 @@ def test_autoencoder_norms_keep_one_step_statistics_and_the_unet_splits_them():
     with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError, match=r"ldm.norm.NHWC_STATS must be one of"):
         mp.setattr(norm_module, "NHWC_STATS", "sums")
         group_stats(torch.randn(1, 4, 2, 2))
+
+
+def test_compiled_inference_decoder_matches_eager_with_the_autoencoders_statistics():
+    """The decoder's compiled GroupNorms (group_norm_nhwc with ``ldm.autoencoder.model.NORM_STATS``, Welford) give
+    eager's numbers: the path the fast sampler's decode takes."""
+    from ldm.autoencoder.model import NORM_STATS, Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), out_ch=3, resolution=16,
+                  z_channels=4).eval().to(memory_format=torch.channels_last)
+    assert {m.stats for m in dec.modules() if isinstance(m, GroupNorm)} == {NORM_STATS}
+    z = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = dec(z)
+        y = torch.compile(dec, fullgraph=True)(z)  # inductor on the CPU, group_norm_nhwc in the graph
+    torch._dynamo.reset()
+    assert y.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
