@@ -194,13 +194,7 @@ def _mm_tune() -> Callable[[], None]:
     return restore
 
 
-def _set(module: str, settings: dict[str, object]) -> None:
-    import importlib
-
-    target = importlib.import_module(module)
-    missing = [key for key in settings if not hasattr(target, key)]
-    if missing:  # checked before any is set
-        raise AttributeError(f"candidate setting: {module} has no {', '.join(missing)}")
+def _set(target: object, settings: dict[str, object]) -> None:
     for key, value in settings.items():
         setattr(target, key, value)
 
@@ -208,15 +202,18 @@ def _set(module: str, settings: dict[str, object]) -> None:
 def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[], None]]:
     """A candidate that sets module-level settings of ``module`` (``ldm.norm``'s are read when our graphs are
     traced; ``ldm.autoencoder.model.NORM_STATS`` when the autoencoder is built, which bench.py does after the
-    candidates are applied); the patch returns its undo."""
+    candidates are applied); the patch returns its undo. A name the module lacks raises before anything is set."""
 
     def patch() -> Callable[[], None]:
         import importlib
 
         target = importlib.import_module(module)
-        before = {key: getattr(target, key) for key in settings if hasattr(target, key)}
-        _set(module, settings)
-        return lambda: _set(module, before)
+        missing = [key for key in settings if not hasattr(target, key)]
+        if missing:
+            raise AttributeError(f"candidate setting: {module} has no {', '.join(missing)}")
+        before = {key: getattr(target, key) for key in settings}
+        _set(target, settings)
+        return lambda: _set(target, before)
 
     return patch
 
