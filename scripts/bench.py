@@ -370,7 +370,7 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None, 
          python=sys.version.split()[0])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny config on the CPU")
     p.add_argument("--config", default=None)
@@ -400,7 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES),
                    help="a change under test for our compiled inference graphs (scripts/bench_candidates.py); "
                         "repeatable")
-    p.add_argument("--attn-train-batches", default="64", help="batches of the attention_train rows, e.g. 32,64")
+    p.add_argument("--attn-train-batches", default="64", type=parse_ints,
+                   help="batches of the attention_train rows, e.g. 32,64")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both sides")
     p.add_argument("--diffusers-mode", default=None,
                    help="diffusers' torch.compile mode where it differs from --mode (issue 7 defines diffusers at its "
@@ -408,7 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
                         "for each convolution shape on first use)")
-    p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8")
+    p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8 (--pipeline-batches 1,8)")
+    p.add_argument("--pipeline-batches", default="1", type=parse_ints,
+                   help="comma-separated txt2img batch sizes, in order (default 1; a batch alone compiles its shapes "
+                        "first, so its first-call row is a cold compile)")
     p.add_argument("--px", type=int, default=512,
                    help="image size of the inference rows on a GPU (latents px/8; SD-1.5's native 512)")
     p.add_argument("--no-compile-text", action="store_true",
@@ -420,6 +424,11 @@ def main(argv=None) -> int:
     p.add_argument("--unet-calls", default=",".join(UNET_CALLS),
                    help=f"the U-Net rows' calls, of {', '.join(UNET_CALLS)} (each one left out is a compile saved)")
     p.add_argument("--out", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     only = set(a.only.split(","))
     unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
@@ -434,7 +443,6 @@ def main(argv=None) -> int:
         p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
         parse_shapes(shapes or "")  # checked before minutes of model building
-    parse_batches(a.attn_train_batches)
     if a.train_attn is not None:
         from ldm.attention import check_backend
 
@@ -468,7 +476,7 @@ def main(argv=None) -> int:
     if not cpu and "attention" in only:
         bench_attention(out)
     if not cpu and "attention_train" in only:
-        for b in parse_batches(a.attn_train_batches):
+        for b in a.attn_train_batches:
             bench_attention(out, batch=b, train=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
@@ -507,9 +515,8 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
         bench_vae(ours, pipe, res, out, label)
     if "pipeline" in only:  # before the profiles: its first call is the compile
-        bench_pipeline(ours, pipe, px, 1, steps, out, label, impls)
-        if a.batch8:
-            bench_pipeline(ours, pipe, px, 8, steps, out, label, impls)
+        for batch in pipeline_batches(a):
+            bench_pipeline(ours, pipe, px, batch, steps, out, label, impls)
     if ("profile" in only or "unet_profile" in only) and not cpu and tag != "compiled_denoiser":
         profile_unet(ours, pipe, res, out, label)
     if "profile" in only and not cpu:
@@ -522,6 +529,22 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     ours.vae.to(memory_format=was)
 
 
+def parse_ints(text: str) -> list[int]:
+    """``"1,8"`` -> [1, 8]; an empty item or a non-positive number is an error that names the text."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return values
+
+
+def pipeline_batches(a: argparse.Namespace) -> list[int]:
+    """The txt2img batch sizes to time: --pipeline-batches, with 8 appended by --batch8."""
+    return a.pipeline_batches + ([8] if a.batch8 and 8 not in a.pipeline_batches else [])
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """"32x32,64x16" -> [(latent side, batch), ...]."""
     try:
@@ -529,14 +552,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     except ValueError:
         raise SystemExit(f"--train-shapes/--compile-train-shapes: expected LATENTxBATCH items like 32x32,64x16, "
                          f"got {text!r}") from None
-
-
-def parse_batches(text: str) -> list[int]:
-    """"32,64" -> [32, 64]."""
-    try:
-        return [int(b) for b in text.split(",") if b]
-    except ValueError:
-        raise SystemExit(f"--attn-train-batches: expected integers like 32,64, got {text!r}") from None
 
 
 def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
