@@ -344,8 +344,9 @@ def profile_pipeline(ours, px: int, steps: int, out, tag: str) -> None:
          where=dict(sorted(syncs.items(), key=lambda kv: -kv[1])[:10]))
 
 
-def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None, compile_text: bool = True) -> None:
-    """Our fast path with ``mode`` (``compile_text``: its text encoder compiled too, the default) and diffusers at its
+def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None,
+                 compile_text: bool | str = "graph") -> None:
+    """Our fast path with ``mode`` (``compile_text``: see ``ldm.fast.optimize``) and diffusers at its
     best (channels_last, fused q/k/v, compiled U-Net and decoder; its text encoder eager) with ``diffusers_mode``
     (default: the same)."""
     from ldm.fast import optimize
@@ -368,6 +369,9 @@ def compile_both(ours, pipe, mode: str, out, diffusers_mode: str | None = None, 
          compile_text=compile_text,
          ours_options=dict(OURS_OPTIONS), compile_threads=inductor_config.compile_threads,
          python=sys.version.split()[0])
+
+
+TEXT_FLAGS = {"graph": "graph", "compile": True, "eager": False}  # --text -> optimize(compile_text=...)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,8 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, so its first-call row is a cold compile)")
     p.add_argument("--px", type=int, default=512,
                    help="image size of the inference rows on a GPU (latents px/8; SD-1.5's native 512)")
-    p.add_argument("--no-compile-text", action="store_true",
-                   help="leave our text encoder eager in the compiled variants (ldm.fast.optimize(compile_text=False))")
+    p.add_argument("--text", default="graph", choices=sorted(TEXT_FLAGS),
+                   help="our text encoder in the compiled variants: graph (its eager kernels replayed from a CUDA "
+                        "graph, the default), compile (torch.compile, the U-Net's mode), eager; "
+                        "ldm.fast.optimize(compile_text='graph' | True | False)")
     p.add_argument("--no-denoiser-graph", action="store_true",
                    help="with --compile, leave out the compiled_denoiser variant (the guided denoiser as one graph)")
     p.add_argument("--eager-nchw", action="store_true",
@@ -500,7 +506,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     from ldm.fast import compile_guided_denoiser
 
     if tag == "compiled":
-        compile_both(ours, pipe, a.mode, out, a.diffusers_mode, compile_text=not a.no_compile_text)
+        compile_both(ours, pipe, a.mode, out, a.diffusers_mode, compile_text=TEXT_FLAGS[a.text])
     if tag == "compiled_denoiser":
         compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
     impls = ("ldm",) if tag in ("compiled_denoiser", "eager_nchw") else ("ldm", "diffusers")
@@ -510,6 +516,8 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
     label = inference_tag(tag, a.mode, a.diffusers_mode)  # the rows' variant name
+    if tag.startswith("compiled") and a.text != "graph":  # the text encoder only matters to txt2img rows
+        label += f"_text-{a.text}"
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):

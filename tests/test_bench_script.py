@@ -46,7 +46,8 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--px", "500"], "--px must be a positive multiple of 64"),
                                           (["--unet-calls", "ldm,ours"], "--unet-calls: unknown call(s) ours"),
                                           (["--pipeline-batches", "1,x"], "comma-separated integers, got '1,x'"),
-                                          (["--pipeline-batches", "0"], "batch sizes must be positive")])
+                                          (["--pipeline-batches", "0"], "batch sizes must be positive"),
+                                          (["--text", "jit"], "invalid choice: 'jit'")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
@@ -62,6 +63,14 @@ def test_pipeline_batches_keep_their_order_and_batch8_adds_eight_once():
     assert batches("--batch8") == [1, 8]
     assert batches("--pipeline-batches", "8") == [8]
     assert batches("--pipeline-batches", "8,1", "--batch8") == [8, 1]
+
+
+def test_text_encoder_modes_name_optimizes_compile_text():
+    import bench
+
+    parse = bench.build_parser().parse_args
+    assert [bench.TEXT_FLAGS[parse(argv).text] for argv in ([], ["--text", "compile"], ["--text", "eager"])] == \
+        ["graph", True, False]
 
 
 def test_end_to_end_training_bench_runs_the_lightning_module_on_a_synthetic_cache(tmp_path):

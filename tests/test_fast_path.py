@@ -189,9 +189,16 @@ def test_optimize_compiles_with_cuda_graphs_by_default_not_with_minutes_of_autot
     compile of the SD U-Net took over 20 minutes there (docs/BENCHMARKS.md)."""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
-    optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False)
-    assert [kw["mode"] for kw in calls] == ["reduce-overhead"] * 3  # the U-Net, the decoder, the text encoder
+    model = optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False)
+    assert [kw["mode"] for kw in calls] == ["reduce-overhead"] * 2  # the U-Net, the decoder
     assert all(kw["fullgraph"] and kw["backend"] == "inductor" for kw in calls)
+    from ldm.cuda_graph import GraphedCall  # the text encoder: replayed from a CUDA graph, nothing to compile
+
+    assert isinstance(vars(model.cond_stage_model)["encode_ids"], GraphedCall)
+    calls.clear()
+    optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
+             compile_text=True)
+    assert [kw["mode"] for kw in calls] == ["reduce-overhead"] * 3  # and the text encoder
 
 
 def test_optimize_options_are_inductor_settings_for_its_own_graphs_on_top_of_the_mode(monkeypatch):
@@ -200,7 +207,7 @@ def test_optimize_options_are_inductor_settings_for_its_own_graphs_on_top_of_the
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     optimize(ldm.load(config="configs/tiny/txt2img.yaml"), fuse_projections=False, inductor_flags=False,
-             options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"})
+             options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}, compile_text=True)
     assert len(calls) == 3 and all("mode" not in kw for kw in calls)  # U-Net, decoder, text encoder
     assert calls[0]["options"] == {"triton.cudagraphs": True, "max_autotune": True,
                                    "max_autotune_gemm_backends": "ATEN"}
@@ -216,7 +223,7 @@ def test_the_unet_graph_gets_its_own_inductor_settings_under_the_callers(monkeyp
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append((fn.__self__, kw)) or fn)
     model = ldm.load(config="configs/tiny/txt2img.yaml")
-    optimize(model, fuse_projections=False)
+    optimize(model, fuse_projections=False, compile_text=True)
     by_module = {type(owner).__name__: kw for owner, kw in calls}
     assert by_module["UNetModel"]["options"] == {"triton.cudagraphs": True, **UNET_INDUCTOR_OPTIONS}
     assert "mode" not in by_module["UNetModel"]

@@ -1,0 +1,106 @@
+"""ldm.cuda_graph.GraphedCall and optimize(compile_text="graph"): eager where a graph cannot serve (CPU inputs,
+autograd), one recorded graph per input signature on a GPU, replays equal to eager and never overwrite a kept
+result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ldm
+from ldm.cuda_graph import GraphedCall
+from ldm.fast import optimize
+
+
+class Counted:
+    """y = tanh(x W) + 1, counting its Python calls (a replay makes none)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(x @ self.w) + 1
+
+
+def test_cpu_inputs_and_autograd_stay_eager():
+    fn = Counted()
+    graphed = GraphedCall(fn, name="counted")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(x), fn(x))
+    torch.testing.assert_close(graphed(x), fn(x))  # grad enabled: eager as well
+    assert fn.calls == 4 and graphed.graphs == {}
+
+
+def test_graphs_are_dropped_when_a_parameter_is_replaced_or_moved_not_when_updated_in_place():
+    model = torch.nn.Linear(8, 8)
+    graphed = GraphedCall(model, name="linear", state=model.parameters)
+    graphed.drop_stale_graphs()
+    graphed.graphs["recorded"] = "a graph"  # as a capture would leave it
+    with torch.no_grad():
+        model.weight.mul_(2)  # in place: the graph reads the new values at the same address
+    graphed.drop_stale_graphs()
+    assert graphed.graphs == {"recorded": "a graph"}
+    model.double()  # new storage for every parameter
+    graphed.drop_stale_graphs()
+    assert graphed.graphs == {}
+    graphed.graphs["recorded"] = "a graph"
+    model.weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.float64))  # replaced (load_state_dict(assign=True))
+    graphed.drop_stale_graphs()
+    assert graphed.graphs == {}
+
+
+def test_optimize_graphs_the_text_encoder_once_and_rejects_an_unknown_mode():
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    with torch.no_grad():
+        ref = model.encode_text(["a red apple", ""])
+    optimize(model, compile=False, compile_text="graph")
+    enc = model.cond_stage_model
+    assert isinstance(vars(enc)["encode_ids"], GraphedCall)
+    with torch.no_grad():  # on the CPU the wrapper calls the eager encoder
+        torch.testing.assert_close(model.encode_text(["a red apple", ""]), ref)
+    optimize(model, compile=False, compile_text="graph")
+    assert not isinstance(vars(enc)["encode_ids"].fn, GraphedCall)  # not wrapped twice
+    with pytest.raises(ValueError, match=r"compile_text must be one of .*got 'cudagraph'"):
+        optimize(model, compile=False, compile_text="cudagraph")
+    with pytest.raises(ValueError, match="compile_text must be one of"):
+        optimize(model, compile=False, compile_text=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replays_equal_eager_record_once_per_shape_and_return_copies():
+    fn = Counted("cuda")
+    graphed = GraphedCall(fn, name="counted")
+    x1, x2 = torch.randn(3, 8, device="cuda"), torch.randn(3, 8, device="cuda")
+    with torch.no_grad():
+        y1 = graphed(x1)  # warm-up calls and the capture
+        calls = fn.calls
+        y2 = graphed(x2)  # a replay: no Python call of fn
+        assert fn.calls == calls and len(graphed.graphs) == 1
+        torch.testing.assert_close(y1, fn(x1))  # y1 kept its values through the second replay
+        torch.testing.assert_close(y2, fn(x2))
+        graphed(torch.randn(5, 8, device="cuda"))  # another shape: another graph
+        assert len(graphed.graphs) == 2
+    w = fn.w
+    graphed.state = lambda: (fn.w,)
+    with torch.no_grad():
+        graphed(x1)
+        fn.w = w * 2  # replaced: the graphs read the old tensor, so they are recorded again
+        torch.testing.assert_close(graphed(x1), torch.tanh(x1 @ (w * 2)) + 1)
+        assert len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_text_encoder_encodes_what_the_eager_one_does():
+    model = ldm.load(config="configs/tiny/txt2img.yaml", device="cuda")
+    prompts = [["a red apple", ""], ["a green pear", "blurry"]]
+    with torch.no_grad():
+        refs = [model.encode_text(p) for p in prompts]
+        optimize(model, compile=False, compile_text="graph")
+        outs = [model.encode_text(p) for p in prompts]
+    assert len(vars(model.cond_stage_model)["encode_ids"].graphs) == 1
+    for out, ref in zip(outs, refs):  # cuBLAS may pick other algorithms under capture: fp16-level tolerance
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
