@@ -69,8 +69,12 @@ class GraphedCall:
                 self.fn(static_x)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = self.fn(static_x)
+        try:
+            with torch.cuda.graph(graph):
+                static_y = self.fn(static_x)
+        except RuntimeError as e:  # an operation CUDA graphs forbid (a host read of a device value, a sync)
+            raise RuntimeError(f"GraphedCall({self.name}): recording a CUDA graph for input {tuple(x.shape)} failed; "
+                               f"run it eager instead (ldm.fast.optimize(..., compile_text=False)): {e}") from e
         if not isinstance(static_y, torch.Tensor):
             raise TypeError(f"GraphedCall({self.name}): expected a tensor output, got {type(static_y).__name__}")
         log.info("CUDA graph of %s recorded for input %s %s (%d graphs)", self.name, tuple(x.shape),
