@@ -12,6 +12,9 @@
     python scripts/bench.py --compile --skip-eager --only unet --mode max-autotune --diffusers-mode reduce-overhead
                                                  # ours autotuned against diffusers at its best (issue 7's
                                                  # definition); scripts/bench_autotune_log.py reads the log
+    python scripts/bench.py --compile --skip-eager --only pipeline --pipeline-batches 1,8 --text compile
+                                                 # txt2img at batch 1 and 8, our text encoder compiled instead
+                                                 # of replayed from a CUDA graph (the default)
 
 Our model is converted to diffusers' layout (ldm.convert.export_diffusers) and loaded by diffusers, so both sides
 run the same weights; the U-Net outputs are compared first. Timings are medians of CUDA-event-timed repetitions
