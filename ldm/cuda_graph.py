@@ -1,9 +1,9 @@
 """CUDA-graph replay of an eager function, without a compiler.
 
-:class:`GraphedCall` records ``fn(x)`` once per input signature (shape, dtype, device, inference mode) in a CUDA
-graph and replays it afterwards: the launches of a small network (the text encoder's ~150 kernels per prompt batch)
-cost one graph launch instead of ~150 Python dispatches, with no compile time. ``ldm.fast.optimize`` uses it for the
-text encoder with ``compile_text="graph"``.
+:class:`GraphedCall` records ``fn(x)`` once per input signature (:func:`signature`) in a CUDA graph and replays it
+afterwards: the launches of a small network (the text encoder's ~150 kernels per prompt batch) cost one graph
+launch instead of ~150 Python dispatches, with no compile time. ``ldm.fast.optimize`` uses it for the text encoder
+(``compile_text="graph"``, the default).
 
 What a captured function may not do is what CUDA graphs forbid: read a device value on the host (``.item()``,
 data-dependent shapes), or allocate pinned host memory. ``fn`` must be a pure function of its tensor input and of
@@ -21,6 +21,14 @@ import torch
 log = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: cuBLAS workspaces, cuDNN plans, lazy inits
+
+
+def signature(x: torch.Tensor) -> tuple:
+    """What a recorded graph depends on besides the values: the input's shape, dtype and device, inference mode, and
+    autocast on the input's device (a graph recorded without it would replay fp32 kernels under it)."""
+    kind = x.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), autocast
 
 
 class GraphedCall:
@@ -41,7 +49,7 @@ class GraphedCall:
         if x.device.type != "cuda" or torch.is_grad_enabled():
             return self.fn(x)
         self.drop_stale_graphs()
-        key = (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled())
+        key = signature(x)
         with torch.cuda.device(x.device):  # capture and replay on the input's device, whichever is current
             if key not in self.graphs:
                 self.graphs[key] = self._capture(x)

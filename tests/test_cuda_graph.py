@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ldm
-from ldm.cuda_graph import GraphedCall
+from ldm.cuda_graph import GraphedCall, signature
 from ldm.fast import optimize
 
 
@@ -31,6 +31,17 @@ def test_cpu_inputs_and_autograd_stay_eager():
         torch.testing.assert_close(graphed(x), fn(x))
     torch.testing.assert_close(graphed(x), fn(x))  # grad enabled: eager as well
     assert fn.calls == 4 and graphed.graphs == {}
+
+
+def test_the_signature_tells_apart_shape_dtype_inference_mode_and_autocast():
+    x = torch.zeros(2, 3)
+    base = signature(x)
+    assert signature(torch.zeros(2, 4)) != base and signature(x.double()) != base
+    with torch.inference_mode():
+        assert signature(x) != base
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert signature(x)[-1] == torch.bfloat16
+    assert signature(torch.ones(2, 3)) == base  # values do not matter
 
 
 def test_graphs_are_dropped_when_a_parameter_is_replaced_or_moved_not_when_updated_in_place():
@@ -104,3 +115,17 @@ def test_graphed_text_encoder_encodes_what_the_eager_one_does():
     assert len(vars(model.cond_stage_model)["encode_ids"].graphs) == 1
     for out, ref in zip(outs, refs):  # cuBLAS may pick other algorithms under capture: fp16-level tolerance
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_call_under_autocast_records_its_own_graph():
+    fn = Counted("cuda")
+    graphed = GraphedCall(fn, name="counted")
+    x = torch.randn(3, 8, device="cuda")
+    with torch.no_grad():
+        assert graphed(x).dtype == torch.float32
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = graphed(x)
+            torch.testing.assert_close(y, fn(x), atol=1e-3, rtol=1e-3)
+    assert y.dtype == torch.float16 and len(graphed.graphs) == 2
