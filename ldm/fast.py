@@ -157,19 +157,28 @@ def compile_text_encoder(encoder: Any, **compile_kwargs: Any) -> bool:
     if not callable(getattr(encoder, "encode_ids", None)):
         log.info("fast path: %s has no encode_ids; its text encoder stays eager", type(encoder).__name__)
         return False
+    from ldm.cuda_graph import GraphedCall
+
+    if isinstance(vars(encoder).get("encode_ids"), GraphedCall):
+        del encoder.encode_ids  # replayed from CUDA graphs until now: compiled instead
     _compile_method(encoder, "encode_ids", **compile_kwargs)
     return True
 
 
 def graph_text_encoder(encoder: Any) -> bool:
     """Replay ``encoder.encode_ids`` from a CUDA graph per token-batch shape (:class:`ldm.cuda_graph.GraphedCall`), in
-    place; False for an encoder without one, or one already compiled or graphed."""
+    place (one compiled by :func:`compile_text_encoder` before is replaced); False for an encoder without one, or one
+    already graphed."""
     if not callable(getattr(encoder, "encode_ids", None)):
         log.info("fast path: %s has no encode_ids; its text encoder stays eager", type(encoder).__name__)
         return False
-    if "encode_ids" in vars(encoder):
-        return False  # already compiled or graphed
     from ldm.cuda_graph import GraphedCall
+
+    if isinstance(vars(encoder).get("encode_ids"), GraphedCall):
+        return False  # already graphed
+    if "encode_ids" in vars(encoder):
+        log.info("fast path: the compiled text encoder is replaced by CUDA-graph replay of the eager one")
+        del encoder.encode_ids
 
     def state() -> Iterable[torch.Tensor]:  # what the graph reads besides its input (checked before each replay)
         return itertools.chain(encoder.parameters(), encoder.buffers()) if isinstance(encoder, torch.nn.Module) else ()

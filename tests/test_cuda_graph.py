@@ -8,7 +8,7 @@ import torch
 
 import ldm
 from ldm.cuda_graph import GraphedCall, signature
-from ldm.fast import optimize
+from ldm.fast import compile_text_encoder, graph_text_encoder, optimize
 
 
 class Counted:
@@ -73,6 +73,12 @@ def test_optimize_graphs_the_text_encoder_once_and_rejects_an_unknown_mode():
         torch.testing.assert_close(model.encode_text(["a red apple", ""]), ref)
     optimize(model, compile=False, compile_text="graph")
     assert not isinstance(vars(enc)["encode_ids"].fn, GraphedCall)  # not wrapped twice
+    compile_text_encoder(enc, backend="aot_eager")  # the last choice wins: compiled instead of graphed
+    assert not isinstance(vars(enc)["encode_ids"], GraphedCall)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(["a red apple", ""]), ref, atol=1e-5, rtol=1e-5)
+    assert graph_text_encoder(enc) and isinstance(vars(enc)["encode_ids"], GraphedCall)  # and back
+    assert vars(enc)["encode_ids"].fn.__func__ is type(enc).encode_ids  # wrapping the eager method, not the compiled
     with pytest.raises(ValueError, match=r"compile_text must be one of .*got 'cudagraph'"):
         optimize(model, compile=False, compile_text="cudagraph")
     with pytest.raises(ValueError, match="compile_text must be one of"):
