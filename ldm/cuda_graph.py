@@ -14,6 +14,7 @@ values may change in place (an optimizer step), and when one is replaced or move
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, Iterable
 
 import torch
@@ -36,7 +37,8 @@ class GraphedCall:
 
     Eager (``fn`` called as it is): an input not on a CUDA device, or autograd recording (graphs hold no autograd
     history: training calls stay eager). The result of a replay is a copy (the graph's output buffer is
-    overwritten by the next replay, and callers keep results across calls).
+    overwritten by the next replay, and callers keep results across calls). Threads take turns (a lock around the
+    copy in, the replay and the copy out); they are expected to share one CUDA stream, as they do by default.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str = "function",
@@ -44,13 +46,14 @@ class GraphedCall:
         self.fn, self.name, self.state = fn, name, state
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.addresses: tuple[int, ...] = ()
+        self.lock = threading.Lock()  # one caller at a time between the copy into the static input and the clone
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda" or torch.is_grad_enabled():
             return self.fn(x)
-        self.drop_stale_graphs()
         key = signature(x)
-        with torch.cuda.device(x.device):  # capture and replay on the input's device, whichever is current
+        with self.lock, torch.cuda.device(x.device):  # capture and replay on the input's device, whichever is current
+            self.drop_stale_graphs()
             if key not in self.graphs:
                 self.graphs[key] = self._capture(x)
             graph, static_x, static_y = self.graphs[key]
