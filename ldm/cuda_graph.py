@@ -13,6 +13,7 @@ values may change in place (an optimizer step), and when one is replaced or move
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Callable, Iterable
@@ -30,6 +31,14 @@ def signature(x: torch.Tensor) -> tuple:
     kind = x.device.type
     autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     return tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), autocast
+
+
+def without_autocast_cache(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast as it is, without its cache of cast weights: a graph recorded with a cached cast would read memory
+    that autocast frees when its context ends (so the casts are recorded in the graph instead)."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
 class GraphedCall:
@@ -71,6 +80,10 @@ class GraphedCall:
             self.graphs, self.addresses = {}, addresses
 
     def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        with without_autocast_cache(x.device.type):
+            return self._record(x)
+
+    def _record(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """Warm ``fn`` up on a side stream, then record it reading a static copy of ``x``."""
         static_x = x.clone()
         side = torch.cuda.Stream(device=x.device)

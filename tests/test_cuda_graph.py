@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ldm
-from ldm.cuda_graph import GraphedCall, signature
+from ldm.cuda_graph import GraphedCall, signature, without_autocast_cache
 from ldm.fast import compile_text_encoder, graph_text_encoder, optimize
 
 
@@ -42,6 +42,16 @@ def test_the_signature_tells_apart_shape_dtype_inference_mode_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert signature(x)[-1] == torch.bfloat16
     assert signature(torch.ones(2, 3)) == base  # values do not matter
+
+
+def test_recording_under_autocast_turns_its_weight_cache_off_and_keeps_its_dtype():
+    with without_autocast_cache("cpu"):
+        assert not torch.is_autocast_enabled("cpu")  # nothing to change without autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        with without_autocast_cache("cpu"):
+            assert not torch.is_autocast_cache_enabled() and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_cache_enabled()
 
 
 def test_graphs_are_dropped_when_a_parameter_is_replaced_or_moved_not_when_updated_in_place():
@@ -127,6 +137,7 @@ def test_graphed_text_encoder_encodes_what_the_eager_one_does():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_call_under_autocast_records_its_own_graph():
     fn = Counted("cuda")
+    fn.w.requires_grad_(True)  # a leaf that autocast would cache the fp16 cast of (freed when its context ends)
     graphed = GraphedCall(fn, name="counted")
     x = torch.randn(3, 8, device="cuda")
     with torch.no_grad():
@@ -135,3 +146,5 @@ def test_a_call_under_autocast_records_its_own_graph():
             y = graphed(x)
             torch.testing.assert_close(y, fn(x), atol=1e-3, rtol=1e-3)
     assert y.dtype == torch.float16 and len(graphed.graphs) == 2
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):  # a new autocast context: the cast replayed
+        torch.testing.assert_close(graphed(x), y)
