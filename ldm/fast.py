@@ -112,8 +112,11 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
             compile_text_encoder(getattr(model, "cond_stage_model", None), **kw)
         if scope == "denoiser":  # the U-Net is most of that graph
             compile_guided_denoiser(model, **unet_kw)
+    encoder = getattr(model, "cond_stage_model", None)
     if compile_text == "graph":
-        graph_text_encoder(getattr(model, "cond_stage_model", None))
+        graph_text_encoder(encoder)
+    elif compile_text is False and "encode_ids" in getattr(encoder, "__dict__", {}):
+        del encoder.encode_ids  # compiled or graphed by an earlier call: eager again
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, text encoder %s)", attn,
              fuse_projections, compile, mode if compile else "-", scope,
              {True: "compiled" if compile else "eager", False: "eager"}.get(compile_text, compile_text))

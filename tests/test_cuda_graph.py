@@ -89,6 +89,9 @@ def test_optimize_graphs_the_text_encoder_once_and_rejects_an_unknown_mode():
         torch.testing.assert_close(model.encode_text(["a red apple", ""]), ref, atol=1e-5, rtol=1e-5)
     assert graph_text_encoder(enc) and isinstance(vars(enc)["encode_ids"], GraphedCall)  # and back
     assert vars(enc)["encode_ids"].fn.__func__ is type(enc).encode_ids  # wrapping the eager method, not the compiled
+    optimize(model, compile=False, compile_text=False)  # eager again
+    assert "encode_ids" not in vars(enc)
+    optimize(model, compile=False, compile_text="graph")
     with pytest.raises(ValueError, match=r"compile_text must be one of .*got 'cudagraph'"):
         optimize(model, compile=False, compile_text="cudagraph")
     with pytest.raises(ValueError, match="compile_text must be one of"):
