@@ -271,13 +271,15 @@ def settings_suffix(name: str = "ldm", compiled_inference: bool = False) -> str:
     return "".join(parts)
 
 
-def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None) -> str:
+def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None, text: str = "graph") -> str:
     """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead (and
-    diffusers' where it differs from ours), then the process-wide settings (and, on compiled rows, the candidates:
-    they tune our compiled graphs only, so diffusers' rows with the same name ran without them)."""
+    diffusers' where it differs from ours), our text encoder where it is not the default CUDA graph (``--text``),
+    then the process-wide settings (and, on compiled rows, the candidates: they tune our compiled graphs only, so
+    diffusers' rows with the same name ran without them)."""
     compiled = tag.startswith("compiled")
     mode_part = f"_{mode}" if compiled and mode != "reduce-overhead" else ""
     mode_part += f"_diffusers-{diffusers_mode}" if compiled and diffusers_mode not in (None, mode) else ""
+    mode_part += f"_text-{text}" if compiled and text != "graph" else ""
     return tag + mode_part + settings_suffix(compiled_inference=compiled)
 
 
@@ -518,9 +520,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if tag == "eager_nchw":
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
-    label = inference_tag(tag, a.mode, a.diffusers_mode)  # the rows' variant name
-    if tag.startswith("compiled") and a.text != "graph":  # the text encoder only matters to txt2img rows
-        label += f"_text-{a.text}"
+    label = inference_tag(tag, a.mode, a.diffusers_mode, a.text)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
     if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
