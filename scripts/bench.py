@@ -41,8 +41,8 @@ from bench_candidates import (  # noqa: E402
     set_inductor_option,
     set_ours_option,
 )
-from bench_common import (bench_ceiling, bench_launch_floor, compile_breakdown, compile_counters, emit,  # noqa: E402
-                          summary, timed)
+from bench_common import (bench_ceiling, bench_launch_floor, compile_breakdown, compile_counters,  # noqa: E402
+                          describe_run, emit, summary, timed)
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
 from bench_profile import host_syncs, profile_step  # noqa: E402
 
@@ -435,12 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-calls", default=",".join(UNET_CALLS),
                    help=f"the U-Net rows' calls, of {', '.join(UNET_CALLS)} (each one left out is a compile saved)")
     p.add_argument("--out", default=None)
+    p.add_argument("--label", default=None,
+                   help="a name every row carries beside its command line, e.g. 'A (machine 3)'")
     return p
 
 
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    describe_run("scripts/bench.py", sys.argv[1:] if argv is None else list(argv), a.label)
     only = set(a.only.split(","))
     unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
                       "unet_profile", "layers"}

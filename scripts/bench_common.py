@@ -3,6 +3,7 @@ card's measured matmul ceiling that TFLOP/s rows are shares of, and the closing 
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +12,16 @@ import torch
 
 RESULTS: list[dict] = []  # every row emitted in this process, for the closing table
 CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s), measured first on a GPU
+RUN: dict[str, str] = {}  # fields every row of this process carries (the command that made it, a label)
+
+
+def describe_run(script: str, argv: list[str], label: str | None = None) -> None:
+    """Make every row of this process name the command that made it (and ``label``, e.g. "A (machine 3)"), so that
+    rows collected from several processes stay attributable."""
+    RUN.clear()
+    RUN["command"] = shlex.join(["python", script, *argv])
+    if label:
+        RUN["label"] = label
 
 
 def emit(out: Path | None, **kw) -> None:
@@ -18,6 +29,7 @@ def emit(out: Path | None, **kw) -> None:
         kw["share_of_ceiling"] = round(kw["tflops"] / CEILING["tflops"], 3)
     kw["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     kw["torch"] = torch.__version__
+    kw.update(RUN)
     print(json.dumps(kw), flush=True)
     RESULTS.append(kw)
     if out:

@@ -23,7 +23,7 @@ def _bench(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, lis
 
 def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
     proc, rows = _bench("--only", "unet,train", "--train-shapes", "8x2", "--train-cl", "--train-attn", "flash",
-                        "--train-cudnn-benchmark", tmp_path=tmp_path)
+                        "--train-cudnn-benchmark", "--label", "smoke (CPU)", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     by = {(r["what"], r.get("impl"), r.get("variant")): r for r in rows}
     assert by[("unet_fp32_max_abs_diff_vs_diffusers", None, None)]["value"] < 1e-4  # identical weights, same function
@@ -33,6 +33,8 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
     assert by[("train_step_bf16_latent8_b2", "ldm", "eager_cl_flash_cudnnbench")]["img_per_s"] > 0
     assert by[("train_step_bf16_latent8_b2", "diffusers", "eager_cl_cudnnbench")]["img_per_s"] > 0
     assert "SUMMARY" in proc.stdout
+    assert all(r["command"].startswith("python scripts/bench.py --cpu --out ") and r["label"] == "smoke (CPU)"
+               for r in rows)  # every row names the process that made it
 
 
 @pytest.mark.parametrize("args,message", [(["--only", "unet,speed"], "unknown item(s) speed"),
