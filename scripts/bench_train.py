@@ -26,7 +26,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import emit  # noqa: E402
+from bench_common import describe_run, emit  # noqa: E402
 from bench_profile import SyncCounter, kernel_summary  # noqa: E402
 
 GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], help="more key=value overrides (repeatable)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    describe_run("scripts/bench_train.py", sys.argv[1:] if argv is None else list(argv))
     gpu = torch.cuda.is_available() and not a.cpu
     a.config = a.config or (GPU_CONFIG if gpu else CPU_CONFIG)
     defaults = dict(latent=32, batch=128, steps=60, warmup=20, workers=8) if gpu else \

@@ -81,6 +81,7 @@ def test_end_to_end_training_bench_runs_the_lightning_module_on_a_synthetic_cach
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["synthetic_cache_s"]["command"].startswith("python scripts/bench_train.py --cpu")
     assert rows["synthetic_cache_s"]["samples"] == 32  # batch 4 × (6 timed + 2 profiled steps) on the CPU
     assert rows["train_e2e_first_step_s"]["value"] > 0 and rows["train_e2e_img_per_s"]["img_per_s"] > 0
     assert rows["train_e2e_img_per_s"]["steps"] == 4  # 6 steps, 2 of warm-up left out; the profiled ones neither
