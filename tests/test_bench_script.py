@@ -462,3 +462,37 @@ def test_unet_rows_time_only_the_calls_asked_for_and_compare_what_ran(tmp_path, 
     assert [(r["impl"], round(r["value"], 6)) for r in diff] == [("ldm_shared_x", 1.0)]
     assert not any(r["what"] == "unet_max_abs_diff_shared_x_vs_batched" for r in rows)
     assert {r["impl"] for r in rows if r["what"] == "unet_cfg_step_b2_4_back_to_back"} == {"ldm_shared_x", "diffusers"}
+
+
+@pytest.mark.parametrize("line,message", [("A 0 --cpu", "positive whole number of seconds"),
+                                          ("A", "expected 'LABEL LIMIT_S ARGS...'"),
+                                          ("a/b 10 --cpu", "label 'a/b' must be"),
+                                          ("A 10 --cpu\nA 20 --cpu", "label 'A' is used twice"),
+                                          ("# only a comment", "no runs")])
+def test_a_bad_plan_is_named_by_file_and_line(tmp_path, line, message):
+    import bench_plan
+
+    plan = tmp_path / "plan.txt"
+    plan.write_text(line + "\n")
+    with pytest.raises(bench_plan.PlanError, match=message):
+        bench_plan.read_plan(plan)
+
+
+def test_a_plan_runs_within_its_budget_cuts_a_run_at_its_limit_and_says_what_it_skipped(tmp_path, capsys):
+    import bench_plan
+
+    plan = tmp_path / "plan.txt"
+    plan.write_text("# label, seconds, bench.py arguments\n"
+                    "smoke 300 --cpu --only unet  # a whole run\n"
+                    "cut 1 --cpu --only unet\n")
+    runs = bench_plan.read_plan(plan)
+    assert [r[:2] for r in runs] == [("smoke", 300), ("cut", 1)]
+    done = bench_plan.run_plan(runs, tmp_path / "out", total_s=600, min_s=1)
+    assert done[0]["status"] == 0 and done[0]["rows"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "smoke.jsonl").read_text().splitlines()]
+    assert all(r["label"] == "smoke" and "--only unet" in r["command"] for r in rows)
+    assert done[1]["status"] == 124 and (tmp_path / "out" / "cut.log").exists()
+    capsys.readouterr()
+    skipped = bench_plan.run_plan(runs, tmp_path / "late", total_s=10, min_s=30)  # too little budget for any
+    assert [d["status"] for d in skipped] == ["skipped", "skipped"]
+    assert "smoke: skipped" in capsys.readouterr().out
