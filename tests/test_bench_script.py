@@ -479,20 +479,28 @@ def test_a_bad_plan_is_named_by_file_and_line(tmp_path, line, message):
 
 
 def test_a_plan_runs_within_its_budget_cuts_a_run_at_its_limit_and_says_what_it_skipped(tmp_path, capsys):
+    """The runner with a stand-in for bench.py (the same --label/--out contract) that writes one row, then sleeps as
+    long as its first argument says."""
     import bench_plan
 
+    script = tmp_path / "fake_bench.py"
+    script.write_text("import argparse, json, time\n"
+                      "p = argparse.ArgumentParser(); p.add_argument('sleep', type=float)\n"
+                      "p.add_argument('--label'); p.add_argument('--out')\n"
+                      "a = p.parse_args()\n"
+                      "open(a.out, 'a').write(json.dumps({'label': a.label}) + '\\n')\n"
+                      "time.sleep(a.sleep)\n")
     plan = tmp_path / "plan.txt"
-    plan.write_text("# label, seconds, bench.py arguments\n"
-                    "smoke 300 --cpu --only unet  # a whole run\n"
-                    "cut 1 --cpu --only unet\n")
+    plan.write_text("# label, seconds, arguments\n"
+                    "quick 60 0  # a whole run\n"
+                    "cut 1 30\n")
     runs = bench_plan.read_plan(plan)
-    assert [r[:2] for r in runs] == [("smoke", 300), ("cut", 1)]
-    done = bench_plan.run_plan(runs, tmp_path / "out", total_s=600, min_s=1)
-    assert done[0]["status"] == 0 and done[0]["rows"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "smoke.jsonl").read_text().splitlines()]
-    assert all(r["label"] == "smoke" and "--only unet" in r["command"] for r in rows)
-    assert done[1]["status"] == 124 and (tmp_path / "out" / "cut.log").exists()
+    assert runs == [("quick", 60, ["0"]), ("cut", 1, ["30"])]
+    done = bench_plan.run_plan(runs, tmp_path / "out", total_s=120, min_s=1, script=script)
+    assert done[0]["status"] == 0 and done[0]["rows"] == 1
+    assert json.loads((tmp_path / "out" / "quick.jsonl").read_text()) == {"label": "quick"}
+    assert done[1]["status"] == 124 and done[1]["seconds"] < 20 and done[1]["rows"] == 1  # its row kept
     capsys.readouterr()
-    skipped = bench_plan.run_plan(runs, tmp_path / "late", total_s=10, min_s=30)  # too little budget for any
+    skipped = bench_plan.run_plan(runs, tmp_path / "late", total_s=10, min_s=30, script=script)  # too little budget
     assert [d["status"] for d in skipped] == ["skipped", "skipped"]
-    assert "smoke: skipped" in capsys.readouterr().out
+    assert "quick: skipped" in capsys.readouterr().out
