@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -115,7 +115,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     encoder = getattr(model, "cond_stage_model", None)
     if compile_text == "graph":
         graph_text_encoder(encoder)
-    elif compile_text is False and "encode_ids" in getattr(encoder, "__dict__", {}):
+    elif compile_text is False and _text_wrapper(encoder):
         del encoder.encode_ids  # compiled or graphed by an earlier call: eager again
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, text encoder %s)", attn,
              fuse_projections, compile, mode if compile else "-", scope,
@@ -154,15 +154,25 @@ def _compile_method(obj: Any, name: str, context: Callable[[], Any] = contextlib
     setattr(obj, name, method)
 
 
-def compile_text_encoder(encoder: Any, **compile_kwargs: Any) -> bool:
-    """Compile ``encoder.encode_ids`` (token ids on the device -> context) in place; False for an encoder without
-    one. Its output is a copy (the sampler holds both branches' contexts for a whole generate call)."""
+def _text_wrapper(encoder: Any) -> Any:
+    """The wrapper an earlier call put on ``encoder.encode_ids`` (compiled or graphed), or None when it is the eager
+    method; ``False`` for an encoder without ``encode_ids`` (logged: it stays eager)."""
     if not callable(getattr(encoder, "encode_ids", None)):
         log.info("fast path: %s has no encode_ids; its text encoder stays eager", type(encoder).__name__)
         return False
+    return vars(encoder).get("encode_ids")
+
+
+def compile_text_encoder(encoder: Any, **compile_kwargs: Any) -> bool:
+    """Compile ``encoder.encode_ids`` (token ids on the device -> context) in place (a CUDA-graph wrapper from
+    :func:`graph_text_encoder` is replaced); False for an encoder without one. Its output is a copy (the sampler holds
+    both branches' contexts for a whole generate call)."""
     from ldm.cuda_graph import GraphedCall
 
-    if isinstance(vars(encoder).get("encode_ids"), GraphedCall):
+    wrapper = _text_wrapper(encoder)
+    if wrapper is False:
+        return False
+    if isinstance(wrapper, GraphedCall):
         del encoder.encode_ids  # replayed from CUDA graphs until now: compiled instead
     _compile_method(encoder, "encode_ids", **compile_kwargs)
     return True
@@ -172,20 +182,16 @@ def graph_text_encoder(encoder: Any) -> bool:
     """Replay ``encoder.encode_ids`` from a CUDA graph per token-batch shape (:class:`ldm.cuda_graph.GraphedCall`), in
     place (one compiled by :func:`compile_text_encoder` before is replaced); False for an encoder without one, or one
     already graphed."""
-    if not callable(getattr(encoder, "encode_ids", None)):
-        log.info("fast path: %s has no encode_ids; its text encoder stays eager", type(encoder).__name__)
-        return False
     from ldm.cuda_graph import GraphedCall
 
-    if isinstance(vars(encoder).get("encode_ids"), GraphedCall):
-        return False  # already graphed
-    if "encode_ids" in vars(encoder):
+    wrapper = _text_wrapper(encoder)
+    if wrapper is False or isinstance(wrapper, GraphedCall):
+        return False
+    if wrapper is not None:
         log.info("fast path: the compiled text encoder is replaced by CUDA-graph replay of the eager one")
         del encoder.encode_ids
-
-    def state() -> Iterable[torch.Tensor]:  # what the graph reads besides its input (checked before each replay)
-        return itertools.chain(encoder.parameters(), encoder.buffers()) if isinstance(encoder, torch.nn.Module) else ()
-
+    state = (lambda: itertools.chain(encoder.parameters(), encoder.buffers())) \
+        if isinstance(encoder, torch.nn.Module) else tuple  # what the graph reads besides its input
     encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state)
     return True
 

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    describe_run("scripts/bench.py", sys.argv[1:] if argv is None else list(argv), a.label)
+    describe_run("scripts/bench.py", argv, a.label)
     only = set(a.only.split(","))
     unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
                       "unet_profile", "layers"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -15,11 +16,12 @@ CEILING: dict[str, float] = {}  # the matmul rate measured in this run (TFLOP/s)
 RUN: dict[str, str] = {}  # fields every row of this process carries (the command that made it, a label)
 
 
-def describe_run(script: str, argv: list[str], label: str | None = None) -> None:
-    """Make every row of this process name the command that made it (and ``label``, e.g. "A (machine 3)"), so that
-    rows collected from several processes stay attributable."""
+def describe_run(script: str, argv: list[str] | None, label: str | None = None) -> None:
+    """Make every row of this process name the command that made it (``argv``: a main's arguments, None for the
+    command line's; and ``label``, e.g. "A (machine 3)"), so that rows collected from several processes stay
+    attributable."""
     RUN.clear()
-    RUN["command"] = shlex.join(["python", script, *argv])
+    RUN["command"] = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
     if label:
         RUN["label"] = label
 

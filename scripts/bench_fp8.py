@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2, help="U-Net batch (CFG: twice the images), default 2")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    describe_run("scripts/bench_fp8.py", sys.argv[1:] if argv is None else list(argv))
+    describe_run("scripts/bench_fp8.py", argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         p.error("needs a GPU with fp8 tensor cores (compute capability 8.9 or newer)")
     out = Path(a.out) if a.out else None

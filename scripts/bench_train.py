@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[], help="more key=value overrides (repeatable)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    describe_run("scripts/bench_train.py", sys.argv[1:] if argv is None else list(argv))
+    describe_run("scripts/bench_train.py", argv)
     gpu = torch.cuda.is_available() and not a.cpu
     a.config = a.config or (GPU_CONFIG if gpu else CPU_CONFIG)
     defaults = dict(latent=32, batch=128, steps=60, warmup=20, workers=8) if gpu else \
