@@ -91,6 +91,30 @@ def timed(fn, warmup: int = 3, reps: int = 10, inner: int = 1) -> dict:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "reps": reps}
 
 
+def graph_time_us(fn, calls: int = 20, reps: int = 9) -> float:
+    """Median µs per call of ``fn`` over replays of one CUDA graph holding ``calls`` back-to-back calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up (compiles) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[reps // 2]
+
+
 def bench_ceiling(out) -> float:
     """The card's measured bf16 matmul rate (8192³, TFLOP/s): the ceiling the U-Net's rates are shares of."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import describe_run, emit, summary  # noqa: E402
+from bench_common import describe_run, emit, graph_time_us, summary  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 
@@ -51,30 +51,6 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor) -> torch.Ten
     x's dtype (bf16 accumulation output, the type rowwise-scaled fp8 matmuls give on Hopper)."""
     x8, sx = quantize_rows(x)
     return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16).to(x.dtype)
-
-
-def graph_time_us(fn, calls: int = 20, reps: int = 9) -> float:
-    """Median µs per call of ``fn`` over replays of one CUDA graph holding ``calls`` back-to-back calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up (compiles) outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return sorted(times)[reps // 2]
 
 
 def bench_linear(name: str, m: int, k: int, n: int, out) -> dict:
