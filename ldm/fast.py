@@ -3,9 +3,7 @@ convolution networks, ``torch.compile``.
 
 Attention stays on PyTorch's SDPA dispatch: on an H200 with torch 2.11 it already runs cuDNN's fused kernel (the
 fastest of the card's three at the U-Net's shapes, docs/BENCHMARKS.md); the ``"cudnn"`` backend forces that order on
-builds that pick flash first, at 25–60 µs of Python per call in eager mode (free once compiled). The exception is
-:mod:`ldm.kernels`: where their rules accept the card and the shapes, a one-tile Triton attention over the text tokens
-and a fused GEGLU replace the library kernels (``optimize(kernels=False)`` keeps the libraries everywhere).
+builds that pick flash first, at 25–60 µs of Python per call in eager mode (free once compiled).
 
 ``optimize(model)`` is opt-in and changes no saved weight (the fused projections are non-persistent buffers);
 outputs stay within fp16 tolerance of the eager path (scripts/bench.py measures the difference next to the speed).
@@ -62,7 +60,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
              fullgraph: bool = True, dynamic: bool = False, attention: str | None = None,
              fuse_projections: bool = True, inductor_flags: bool = True, scope: str = "unet",
              backend: str = "inductor", options: dict[str, Any] | None = None,
-             compile_text: bool | str = "graph", kernels: bool = True) -> Any:
+             compile_text: bool | str = "graph") -> Any:
     """Prepare a loaded :class:`ldm.model.LatentDiffusion` for fast sampling on a GPU.
 
     - U-Net and autoencoder in ``channels_last`` (the layout cuDNN's fast convolutions want);
@@ -81,10 +79,6 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
       when eager. ``"graph"`` (the default): its eager kernels replayed from a CUDA graph per prompt-batch shape
       (:func:`graph_text_encoder`; on an H200, SD-1.5: the same txt2img time as compiling it, and a first call
       ~12 s shorter); True: compiled with the U-Net's mode (:func:`compile_text_encoder`); False: eager;
-    - ``kernels``: :mod:`ldm.kernels`' Triton kernels (the feed-forward's GEGLU in one kernel, one-pass attention
-      over the text tokens) wherever they were measured faster than the library kernels: on compute-capability-9.0
-      cards in fp16/bf16, at the shapes their rules accept (SD-1.5: the 640- and 1280-channel levels);
-      elsewhere the modules keep cuBLAS and SDPA;
     - ``scope="denoiser"``: also compile the guided denoiser D_cfg(x, σ) that ``generate`` calls once per step (the
       CFG batch and combination, the σ scalings and t(σ) around the U-Net), so a step is one graph (one CUDA-graph
       replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Measured no
@@ -100,7 +94,6 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     attn = model.unet.attn_backend
     if fuse_projections:
         model.unet.fuse_projections()
-    model.unet.use_kernels(kernels)
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
     if compile:
@@ -124,8 +117,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         graph_text_encoder(encoder)
     elif compile_text is False and _text_wrapper(encoder):
         del encoder.encode_ids  # compiled or graphed by an earlier call: eager again
-    log.info("fast path: attention %s, fused projections %s, Triton kernels %s, compiled %s (mode=%s, scope=%s, "
-             "text encoder %s)", attn, fuse_projections, kernels, compile, mode if compile else "-", scope,
+    log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, text encoder %s)", attn,
+             fuse_projections, compile, mode if compile else "-", scope,
              {True: "compiled" if compile else "eager", False: "eager"}.get(compile_text, compile_text))
     return model
 

@@ -226,8 +226,9 @@ def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[]
 # ldm.norm.group_norm_nhwc. group_norm_nhwc's statistics (ldm.norm.NHWC_STATS; the default sums four parts of the
 # rows per group): gn-welford, Welford's loop; gn-shifted, the shifted sums in one reduction per group (the default
 # until 12-04); gn-partial8, eight parts. The autoencoder's statistics (ldm.autoencoder.model.NORM_STATS, Welford by
-# default): vae-shifted, vae-partial (a decoder A/B against diffusers in one process). no-kernels: our graphs without
-# ldm.kernels' Triton kernels (the A/B of the default that has them).
+# default): vae-shifted, vae-partial (a decoder A/B against diffusers in one process).
+# no-kernels, kernels-geglu, kernels-attention: ldm.kernels' Triton GEGLU and one-tile attention (7c03af9), both,
+# one, the other; slower in the step than cuBLAS and cuDNN, removed (12-04, fourth session).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
@@ -237,5 +238,4 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "gn-partial8": ("_gnpartial8", _module_setting("ldm.norm", NHWC_STATS="partial", STATS_PARTS=8)),
     "vae-shifted": ("_vaeshifted", _module_setting("ldm.autoencoder.model", NORM_STATS="shifted")),
     "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
-    "no-kernels": ("_nokernels", _module_setting("ldm.kernels", ENABLED=False)),
 }

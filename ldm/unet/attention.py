@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import kernels
 from ldm.attention import attention, check_backend
 from ldm.norm import GroupNorm
 from ldm.unet.blocks import (
@@ -50,7 +49,6 @@ class CrossAttention(nn.Module):
         # only, not saved (the state dict keeps the three weights), rebuilt by fuse_projections()
         self.register_buffer("fused_weight", None, persistent=False)
         self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.kv, when K and V are hoisted
-        self.kernels = False  # ldm.kernels' short attention where it applies (UNetModel.use_kernels)
 
     def fuse_projections(self) -> bool:
         """Concatenate the projection weights for one matmul (inference: call again after changing weights).
@@ -93,10 +91,6 @@ class CrossAttention(nn.Module):
             return (self.to_q(x), *F.linear(context, w).chunk(2, dim=-1))
         return self.to_q(x), self.to_k(context), self.to_v(context)
 
-    def _short_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether ldm.kernels' one-tile attention replaces SDPA's choice here (not an explicit backend, not fp32)."""
-        return self.kernels and self.backend == "sdpa" and not self.upcast and kernels.short_attention_applies(q, k, v)
-
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)  # (B, L, H·d) -> (B, H, L, d)
 
@@ -105,10 +99,7 @@ class CrossAttention(nn.Module):
         """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim). ``kv``: the context's
         [K ‖ V] (B, L, 2·H·d) when the U-Net computed it with the other layers' (:class:`Hoisted`)."""
         q, k, v = (self._split_heads(t) for t in self._project(x, context, kv))  # (B, H, N or L, d)
-        if self._short_kernel(q, k, v):
-            out = kernels.short_attention_op()(q, k, v)  # (B, H, N, d)
-        else:
-            out = attention(q, k, v, backend=self.backend, upcast=self.upcast)  # (B, H, N, d)
+        out = attention(q, k, v, backend=self.backend, upcast=self.upcast)  # (B, H, N, d)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, query_dim)
 
 
@@ -118,12 +109,8 @@ class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
-        self.kernels = False  # ldm.kernels' fused GEGLU where it applies (UNetModel.use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.proj
-        if self.kernels and type(proj) is nn.Linear and kernels.geglu_applies(x, proj.weight, proj.bias):
-            return kernels.geglu_op()(x, proj.weight, proj.bias)  # (B, N, dim_out), [a ‖ g] never stored
         a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
         return a * F.gelu(gate)
 

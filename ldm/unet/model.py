@@ -21,7 +21,7 @@ from torch import nn
 
 from ldm.attention import check_backend
 from ldm.norm import GroupNorm
-from ldm.unet.attention import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer
+from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.unet.blocks import (NORM_GROUPS, RESBLOCK_NORM_EPS, Downsample, Hoisted, ResBlock, TimestepEmbedSequential,
                              Upsample, repeat_batch, zero_module)
 from ldm.unet.embeddings import label_embedding, time_mlp, timestep_embedding
@@ -225,15 +225,6 @@ class UNetModel(nn.Module):
                 m.backend = backend
                 if upcast is not None:
                     m.upcast = upcast
-
-    def use_kernels(self, enable: bool = True) -> int:
-        """Inference: let every GEGLU and attention module use :mod:`ldm.kernels`' Triton kernels where they apply
-        (a card, dtype and shape measured faster, gradients off; decided per call, once per shape when compiled);
-        returns the number of modules switched."""
-        mods = [m for m in self.modules() if isinstance(m, (GEGLU, CrossAttention))]
-        for m in mods:
-            m.kernels = enable
-        return len(mods)
 
     def fuse_projections(self, fuse: bool = True) -> None:
         """Inference: q/k/v projections of every attention as one matmul, and the projections of the
