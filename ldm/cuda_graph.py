@@ -1,12 +1,13 @@
 """CUDA-graph replay of an eager function, without a compiler.
 
-:class:`GraphedCall` records ``fn(x)`` once per input signature (:func:`signature`) in a CUDA graph and replays it
-afterwards: the launches of a small network (the text encoder's ~150 kernels per prompt batch) cost one graph
-launch instead of ~150 Python dispatches, with no compile time. ``ldm.fast.optimize`` uses it for the text encoder
-(``compile_text="graph"``, the default).
+:class:`GraphedCall` records ``fn(*args, **kwargs)`` once per call signature (:func:`call_signature`: the tensors'
+shapes, dtypes and devices, the other arguments' values) in a CUDA graph and replays it afterwards: the launches of a
+network (the text encoder's ~150 kernels per prompt batch, the U-Net's ~1,000 per step) cost one graph launch
+instead of one Python dispatch each, with no compile time. ``ldm.fast.optimize`` uses it for the text encoder
+(``compile_text="graph"``, the default) and, without a compiler, for the U-Net (``compile=False, unet_graph=True``).
 
 What a captured function may not do is what CUDA graphs forbid: read a device value on the host (``.item()``,
-data-dependent shapes), or allocate pinned host memory. ``fn`` must be a pure function of its tensor input and of
+data-dependent shapes), or allocate pinned host memory. ``fn`` must be a pure function of its tensor inputs and of
 the tensors ``state()`` returns (a module's parameters and buffers): the graph holds their addresses, so their
 values may change in place (an optimizer step), and when one is replaced or moved (``.half()``, ``.to()``,
 ``load_state_dict(assign=True)``) the graphs are recorded again.
@@ -16,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,19 @@ def signature(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled(), autocast
 
 
+def call_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """What a graph recorded for ``fn(*args, **kwargs)`` depends on: the arguments' structure, each tensor's
+    :func:`signature`, every other argument's value (``repeat=2``, ``y=None``); None when such a value is not
+    hashable (the call then runs eager)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = tuple(signature(leaf) if isinstance(leaf, torch.Tensor) else ("value", type(leaf), leaf) for leaf in leaves)
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    return str(spec), parts
+
+
 def without_autocast_cache(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast as it is, without its cache of cast weights: a graph recorded with a cached cast would read memory
     that autocast frees when its context ends (so the casts are recorded in the graph instead)."""
@@ -42,31 +57,42 @@ def without_autocast_cache(device_type: str) -> contextlib.AbstractContextManage
 
 
 class GraphedCall:
-    """``fn(x) -> Tensor`` replayed from a CUDA graph per input signature; eager where a graph cannot serve.
+    """``fn(*args, **kwargs) -> Tensor`` replayed from a CUDA graph per call signature; eager where a graph cannot
+    serve.
 
-    Eager (``fn`` called as it is): an input not on a CUDA device, or autograd recording (graphs hold no autograd
-    history: training calls stay eager). The result of a replay is a copy (the graph's output buffer is
-    overwritten by the next replay, and callers keep results across calls). Threads take turns (a lock around the
-    copy in, the replay and the copy out); they are expected to share one CUDA stream, as they do by default.
+    Eager (``fn`` called as it is): a call without tensors, with a tensor not on a CUDA device, with an argument whose
+    value cannot key a graph (not hashable), or with autograd recording (graphs hold no autograd history: training
+    calls stay eager). The tensors are copied into the graph's static inputs before each replay; the other arguments
+    are part of the signature, so a new value records a new graph. The result of a replay is a copy (the graph's
+    output buffer is overwritten by the next replay, and callers keep results across calls). Threads take turns (a
+    lock around the copies in, the replay and the copy out); they are expected to share one CUDA stream, as they do
+    by default.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str = "function",
-                 state: Callable[[], Iterable[torch.Tensor]] = tuple) -> None:
-        self.fn, self.name, self.state = fn, name, state
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, fn: Callable[..., torch.Tensor], name: str = "function",
+                 state: Callable[[], Iterable[torch.Tensor]] = tuple, eager_hint: str = "call fn itself") -> None:
+        """``state``: the tensors ``fn`` reads besides its arguments; ``eager_hint``: how to run it without graphs,
+        for the message of a failed capture."""
+        self.fn, self.name, self.state, self.eager_hint = fn, name, state, eager_hint
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.addresses: tuple[int, ...] = ()
-        self.lock = threading.Lock()  # one caller at a time between the copy into the static input and the clone
+        self.lock = threading.Lock()  # one caller at a time between the copies into the static inputs and the clone
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda" or torch.is_grad_enabled():
-            return self.fn(x)
-        key = signature(x)
-        with self.lock, torch.cuda.device(x.device):  # capture and replay on the input's device, whichever is current
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        key = call_signature(args, kwargs)
+        if key is None:
+            return self.fn(*args, **kwargs)
+        device = tensors[0].device
+        with self.lock, torch.cuda.device(device):  # capture and replay on the input's device, whichever is current
             self.drop_stale_graphs()
             if key not in self.graphs:
-                self.graphs[key] = self._capture(x)
-            graph, static_x, static_y = self.graphs[key]
-            static_x.copy_(x)
+                self.graphs[key] = self._capture(args, kwargs, device)
+            graph, static_inputs, static_y = self.graphs[key]
+            for static, t in zip(static_inputs, tensors):
+                static.copy_(t)
             graph.replay()
             return static_y.clone()
 
@@ -79,28 +105,32 @@ class GraphedCall:
                 log.info("%s: parameters moved or replaced; recording its CUDA graphs again", self.name)
             self.graphs, self.addresses = {}, addresses
 
-    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        with without_autocast_cache(x.device.type):
-            return self._record(x)
+    def _capture(self, args: tuple, kwargs: dict,
+                 device: torch.device) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
+        with without_autocast_cache(device.type):
+            return self._record(args, kwargs, device)
 
-    def _record(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        """Warm ``fn`` up on a side stream, then record it reading a static copy of ``x``."""
-        static_x = x.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+    def _record(self, args: tuple, kwargs: dict,
+                device: torch.device) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
+        """Warm ``fn`` up on a side stream, then record it reading static copies of the call's tensors."""
+        leaves, spec = tree_flatten((args, kwargs))
+        leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        static_args, static_kwargs = tree_unflatten(leaves, spec)
+        shapes = [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                self.fn(static_x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+                self.fn(*static_args, **static_kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                static_y = self.fn(static_x)
+                static_y = self.fn(*static_args, **static_kwargs)
         except RuntimeError as e:  # an operation CUDA graphs forbid (a host read of a device value, a sync)
-            raise RuntimeError(f"GraphedCall({self.name}): recording a CUDA graph for input {tuple(x.shape)} failed; "
-                               f"run it eager instead (ldm.fast.optimize(..., compile_text=False)): {e}") from e
+            raise RuntimeError(f"GraphedCall({self.name}): recording a CUDA graph for inputs {shapes} failed; "
+                               f"run it eager instead ({self.eager_hint}): {e}") from e
         if not isinstance(static_y, torch.Tensor):
             raise TypeError(f"GraphedCall({self.name}): expected a tensor output, got {type(static_y).__name__}")
-        log.info("CUDA graph of %s recorded for input %s %s (%d graphs)", self.name, tuple(x.shape),
-                 str(x.dtype).removeprefix("torch."), len(self.graphs) + 1)
-        return graph, static_x, static_y
+        log.info("CUDA graph of %s recorded for inputs %s (%d graphs)", self.name, shapes, len(self.graphs) + 1)
+        return graph, [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)], static_y

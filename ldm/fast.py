@@ -60,7 +60,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
              fullgraph: bool = True, dynamic: bool = False, attention: str | None = None,
              fuse_projections: bool = True, inductor_flags: bool = True, scope: str = "unet",
              backend: str = "inductor", options: dict[str, Any] | None = None,
-             compile_text: bool | str = "graph") -> Any:
+             compile_text: bool | str = "graph", unet_graph: bool = False) -> Any:
     """Prepare a loaded :class:`ldm.model.LatentDiffusion` for fast sampling on a GPU.
 
     - U-Net and autoencoder in ``channels_last`` (the layout cuDNN's fast convolutions want);
@@ -79,6 +79,10 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
       when eager. ``"graph"`` (the default): its eager kernels replayed from a CUDA graph per prompt-batch shape
       (:func:`graph_text_encoder`; on an H200, SD-1.5: the same txt2img time as compiling it, and a first call
       ~12 s shorter); True: compiled with the U-Net's mode (:func:`compile_text_encoder`); False: eager;
+    - ``unet_graph`` (with ``compile=False``): the eager U-Net replayed from a CUDA graph per input shape
+      (:func:`graph_unet`): no compile time, and the ~1,000 kernel launches of an SD step cost one graph launch, where
+      eager sampling at batch 1 is bound by the host launching them. Opt-in: not yet measured on a GPU
+      (docs/BENCHMARKS.md, "Changes since the last GPU measurement");
     - ``scope="denoiser"``: also compile the guided denoiser D_cfg(x, σ) that ``generate`` calls once per step (the
       CFG batch and combination, the σ scalings and t(σ) around the U-Net), so a step is one graph (one CUDA-graph
       replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Measured no
@@ -89,6 +93,9 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         raise ValueError(f"optimize: scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(compile_text, (bool, str)) or compile_text not in TEXT_MODES:
         raise ValueError(f"optimize: compile_text must be one of {TEXT_MODES}, got {compile_text!r}")
+    if unet_graph and compile:
+        raise ValueError("optimize: unet_graph replays the eager U-Net from CUDA graphs instead of compiling it; pass "
+                         "compile=False with it (compile=True with mode='reduce-overhead' graphs the compiled one)")
     if attention is not None:
         model.unet.set_attention_backend(attention)
     attn = model.unet.attn_backend
@@ -96,6 +103,9 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         model.unet.fuse_projections()
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
+    ungraph_unet(model.unet)  # the last call wins: graphed below again, compiled, or eager
+    if unet_graph:
+        graph_unet(model.unet)
     if compile:
         if inductor_flags and backend == "inductor":
             set_inductor_flags()
@@ -117,8 +127,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         graph_text_encoder(encoder)
     elif compile_text is False and _text_wrapper(encoder):
         del encoder.encode_ids  # compiled or graphed by an earlier call: eager again
-    log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, text encoder %s)", attn,
-             fuse_projections, compile, mode if compile else "-", scope,
+    log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, U-Net graph %s, text "
+             "encoder %s)", attn, fuse_projections, compile, mode if compile else "-", scope, unet_graph,
              {True: "compiled" if compile else "eager", False: "eager"}.get(compile_text, compile_text))
     return model
 
@@ -192,8 +202,33 @@ def graph_text_encoder(encoder: Any) -> bool:
         del encoder.encode_ids
     state = (lambda: itertools.chain(encoder.parameters(), encoder.buffers())) \
         if isinstance(encoder, torch.nn.Module) else tuple  # what the graph reads besides its input
-    encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state)
+    encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state,
+                                     eager_hint="ldm.fast.optimize(..., compile_text=False)")
     return True
+
+
+def graph_unet(unet: torch.nn.Module) -> bool:
+    """Replay ``unet``'s eager forward from a CUDA graph per call signature (:class:`ldm.cuda_graph.GraphedCall`), in
+    place; False if it is compiled or graphed already. Sampling calls it under ``no_grad``; training calls (autograd
+    on) and CPU calls run eager."""
+    from ldm.cuda_graph import GraphedCall
+
+    if "forward" in vars(unet):
+        return False
+    state = lambda: itertools.chain(unet.parameters(), unet.buffers())  # noqa: E731 (what the graphs read)
+    unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=state,
+                               eager_hint="ldm.fast.optimize(..., unet_graph=False)")
+    return True
+
+
+def ungraph_unet(unet: torch.nn.Module) -> bool:
+    """Undo :func:`graph_unet` (True if there was a graph wrapper to remove)."""
+    from ldm.cuda_graph import GraphedCall
+
+    if isinstance(vars(unet).get("forward"), GraphedCall):
+        del unet.forward
+        return True
+    return False
 
 
 def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:

@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile, leave out the compiled_denoiser variant (the guided denoiser as one graph)")
     p.add_argument("--eager-nchw", action="store_true",
                    help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
+    p.add_argument("--eager-graph", action="store_true",
+                   help="also our eager U-Net and text encoder replayed from CUDA graphs, no compiler "
+                        "(ldm.fast.optimize(compile=False, unet_graph=True)): the eager_graph rows")
     p.add_argument("--unet-calls", default=",".join(UNET_CALLS),
                    help=f"the U-Net rows' calls, of {', '.join(UNET_CALLS)} (each one left out is a compile saved)")
     p.add_argument("--out", default=None)
@@ -499,7 +502,8 @@ def main(argv=None) -> int:
         check_same_function(ours, pipe, res, out, dtype)
         if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
             run_train_rows(ours, pipe, res, cpu, a, out)
-        variants = ([] if a.skip_eager else ["eager"] + (["eager_nchw"] if a.eager_nchw else [])) + (
+        eager = ["eager"] + (["eager_nchw"] if a.eager_nchw else []) + (["eager_graph"] if a.eager_graph else [])
+        variants = ([] if a.skip_eager else eager) + (
         ["compiled"] + ([] if a.no_denoiser_graph else ["compiled_denoiser"]) if a.compile else [])
         for tag in variants:
             run_variant(ours, pipe, tag, res, px, cpu, only, a, out)
@@ -507,17 +511,24 @@ def main(argv=None) -> int:
     return 0
 
 
+OURS_ONLY = ("compiled_denoiser", "eager_nchw", "eager_graph")  # variants of ours alone (no diffusers or VAE rows)
+
+
 def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a, out) -> None:
-    """One inference variant: "eager", "eager_nchw" (ours only, NCHW weights), "compiled" (U-Net and decoder, both
-    sides) or "compiled_denoiser" (ours only: the whole guided denoiser of a step as one graph,
+    """One inference variant: "eager", "eager_nchw" (ours only, NCHW weights), "eager_graph" (ours only: the eager
+    U-Net and text encoder replayed from CUDA graphs), "compiled" (U-Net and decoder, both sides) or
+    "compiled_denoiser" (ours only: the whole guided denoiser of a step as one graph,
     ``ldm.fast.optimize(scope="denoiser")``)."""
-    from ldm.fast import compile_guided_denoiser
+    from ldm.fast import compile_guided_denoiser, graph_text_encoder, graph_unet, ungraph_unet
 
     if tag == "compiled":
         compile_both(ours, pipe, a.mode, out, a.diffusers_mode, compile_text=TEXT_FLAGS[a.text])
     if tag == "compiled_denoiser":
         compile_guided_denoiser(ours, backend="inductor", mode=a.mode, fullgraph=True, dynamic=False)
-    impls = ("ldm",) if tag in ("compiled_denoiser", "eager_nchw") else ("ldm", "diffusers")
+    if tag == "eager_graph":
+        graph_unet(ours.unet)
+        graph_text_encoder(ours.cond_stage_model)
+    impls = ("ldm",) if tag in OURS_ONLY else ("ldm", "diffusers")
     steps = 50 if not cpu else 4
     was = layout_of(ours.unet)
     if tag == "eager_nchw":
@@ -526,7 +537,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     label = inference_tag(tag, a.mode, a.diffusers_mode, a.text)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
-    if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
+    if "vae" in only and tag not in OURS_ONLY:
         bench_vae(ours, pipe, res, out, label)
     if "pipeline" in only:  # before the profiles: its first call is the compile
         for batch in pipeline_batches(a):
@@ -534,13 +545,16 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if ("profile" in only or "unet_profile" in only) and not cpu and tag != "compiled_denoiser":
         profile_unet(ours, pipe, res, out, label)
     if "profile" in only and not cpu:
-        if "vae" in only and tag not in ("compiled_denoiser", "eager_nchw"):
+        if "vae" in only and tag not in OURS_ONLY:
             profile_vae(ours, pipe, res, out, label)
         profile_pipeline(ours, px, 50, out, label)
     if "layers" in only and not cpu and tag == "eager":
         bench_layers(ours, pipe.unet.config.cross_attention_dim, res, out)
     ours.unet.to(memory_format=was)
     ours.vae.to(memory_format=was)
+    if tag == "eager_graph":
+        ungraph_unet(ours.unet)
+        vars(ours.cond_stage_model).pop("encode_ids", None)  # eager again for the next variant
 
 
 def parse_ints(text: str) -> list[int]:

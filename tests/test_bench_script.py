@@ -23,12 +23,15 @@ def _bench(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, lis
 
 def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
     proc, rows = _bench("--only", "unet,train", "--train-shapes", "8x2", "--train-cl", "--train-attn", "flash",
-                        "--train-cudnn-benchmark", "--label", "smoke (CPU)", tmp_path=tmp_path)
+                        "--train-cudnn-benchmark", "--eager-graph", "--label", "smoke (CPU)", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     by = {(r["what"], r.get("impl"), r.get("variant")): r for r in rows}
     assert by[("unet_fp32_max_abs_diff_vs_diffusers", None, None)]["value"] < 1e-4  # identical weights, same function
     for impl in ("ldm", "diffusers"):
         assert by[("unet_cfg_step_b2_8", impl, "eager")]["median_s"] > 0
+    assert by[("unet_cfg_step_b2_8", "ldm", "eager_graph")]["median_s"] > 0  # ours alone (eager on a CPU)
+    assert ("unet_cfg_step_b2_8", "diffusers", "eager_graph") not in by
+    assert by[("unet_max_abs_diff_vs_eager", "ldm", "eager_graph")]["value"] < 1e-5
     # the training knobs name themselves in the row's variant; our attention backend is ours alone
     assert by[("train_step_bf16_latent8_b2", "ldm", "eager_cl_flash_cudnnbench")]["img_per_s"] > 0
     assert by[("train_step_bf16_latent8_b2", "diffusers", "eager_cl_cudnnbench")]["img_per_s"] > 0

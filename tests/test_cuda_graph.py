@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ldm
-from ldm.cuda_graph import GraphedCall, signature, without_autocast_cache
-from ldm.fast import compile_text_encoder, graph_text_encoder, optimize
+from ldm.cuda_graph import GraphedCall, call_signature, signature, without_autocast_cache
+from ldm.fast import compile_text_encoder, graph_text_encoder, graph_unet, optimize
 
 
 class Counted:
@@ -42,6 +42,46 @@ def test_the_signature_tells_apart_shape_dtype_inference_mode_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert signature(x)[-1] == torch.bfloat16
     assert signature(torch.ones(2, 3)) == base  # values do not matter
+
+
+def test_a_call_signature_holds_the_structure_the_tensors_and_the_other_values():
+    x, ctx = torch.zeros(2, 4, 8, 8), torch.zeros(4, 77, 16)
+    base = call_signature((x, torch.zeros(2)), {"context": ctx, "repeat": 2})
+    assert base == call_signature((torch.ones(2, 4, 8, 8), torch.ones(2)), {"context": ctx + 1, "repeat": 2})
+    assert base != call_signature((x, torch.zeros(2)), {"context": ctx, "repeat": 1})  # another value
+    assert base != call_signature((x, torch.zeros(2)), {"y": ctx, "repeat": 2})  # another keyword
+    assert base != call_signature((x, torch.zeros(3)), {"context": ctx, "repeat": 2})  # another shape
+    assert call_signature((x,), {"sizes": [1, 2]}) != call_signature((x,), {"sizes": [1, 3]})  # lists are structure
+    assert call_signature((x,), {"ids": {1, 2}}) is None  # a set cannot key a graph: the call runs eager
+
+
+def test_calls_with_several_arguments_run_eager_where_no_graph_can_serve():
+    seen = []
+
+    def fn(x, t, context=None, repeat=1):
+        seen.append(repeat)
+        return x * t.reshape(-1, 1) + context.sum() * repeat
+
+    graphed = GraphedCall(fn, name="fn")
+    x, t, ctx = torch.randn(2, 3), torch.randn(2), torch.randn(4, 5)
+    with torch.no_grad():  # CPU tensors: eager
+        torch.testing.assert_close(graphed(x, t, context=ctx, repeat=2), fn(x, t, context=ctx, repeat=2))
+    assert graphed.graphs == {} and seen == [2, 2]
+
+
+def test_optimize_graphs_the_eager_unet_on_request_and_the_last_call_wins():
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    with pytest.raises(ValueError, match="unet_graph replays the eager U-Net.*pass compile=False"):
+        optimize(model, unet_graph=True)
+    kw = dict(prompts="a red apple", steps=2, height=32, width=32, seed=0, output="latent", progress=False)
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        optimize(model, compile=False, unet_graph=True)
+        assert isinstance(vars(model.unet)["forward"], GraphedCall)
+        assert not graph_unet(model.unet)  # not wrapped twice
+        torch.testing.assert_close(model.generate(**kw), ref)  # on the CPU the wrapper runs the eager U-Net
+    optimize(model, compile=False)
+    assert "forward" not in vars(model.unet)
 
 
 def test_recording_under_autocast_turns_its_weight_cache_off_and_keeps_its_dtype():
@@ -151,3 +191,29 @@ def test_a_call_under_autocast_records_its_own_graph():
     assert y.dtype == torch.float16 and len(graphed.graphs) == 2
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):  # a new autocast context: the cast replayed
         torch.testing.assert_close(graphed(x), y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_graphed_unet_replays_what_the_eager_one_computes():
+    model = ldm.load(config="configs/tiny/txt2img.yaml", device="cuda", dtype=torch.float16)
+    unet = model.unet
+    gen = torch.Generator("cuda").manual_seed(0)
+    h = dict(device="cuda", dtype=torch.float16, generator=gen)
+    xs = [torch.randn(1, unet.in_channels, 16, 16, **h) for _ in range(2)]
+    ts = [torch.tensor([t], device="cuda", dtype=torch.float32) for t in (10.0, 700.0)]
+    with torch.no_grad():
+        ctx = model.encode_text(["", "a red apple"]).half()  # (2, 77, D): guidance's [uncond; cond]
+        refs = [unet(x, t, context=ctx, repeat=2) for x, t in zip(xs, ts)]
+        graph_unet(unet)
+        outs = [unet(x, t, context=ctx, repeat=2) for x, t in zip(xs, ts)]  # one capture, then a replay
+    assert len(vars(unet)["forward"].graphs) == 1
+    for out, ref in zip(outs, refs):  # kept results: the second replay did not overwrite the first
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    with torch.no_grad():
+        kw = dict(prompts="a red apple", negative_prompts="blurry", steps=4, height=64, width=64, seed=0, progress=False)
+        optimize(model, compile=False, compile_text=False)  # eager
+        eager = model.generate(**kw, output="latent")
+        optimize(model, compile=False, compile_text=False, unet_graph=True)
+        graphed = model.generate(**kw, output="latent")
+    torch.testing.assert_close(graphed, eager, atol=5e-3, rtol=5e-3)
