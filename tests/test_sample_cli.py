@@ -30,6 +30,7 @@ def test_writes_pngs_with_parameters_and_a_grid(ckpt, tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--steps", "0"], "--steps"), (["--height", "30"], "--height"), (["--guidance", "nan"], "--guidance"),
     (["--init-image", "missing.png"], "missing.png"), (["--mask", "m.png"], "not found"),
+    (["--compile", "--cuda-graph"], "give --compile or --cuda-graph"),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
     monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))
@@ -43,15 +44,16 @@ def test_unknown_sampler_is_rejected(ckpt, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,mode", [(["--compile"], "reduce-overhead"),
-                                       (["--compile", "max-autotune"], "max-autotune"), ([], None)])
-def test_compile_flag_takes_the_fast_path_with_its_mode(ckpt, tmp_path, monkeypatch, flag, mode):
+@pytest.mark.parametrize("flag,kw", [(["--compile"], {"mode": "reduce-overhead"}),
+                                     (["--compile", "max-autotune"], {"mode": "max-autotune"}),
+                                     (["--cuda-graph"], {"compile": False, "unet_graph": True}), ([], None)])
+def test_compile_flag_takes_the_fast_path_with_its_mode(ckpt, tmp_path, monkeypatch, flag, kw):
     import ldm.fast
 
     calls = []
-    monkeypatch.setattr(ldm.fast, "optimize", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(ldm.fast, "optimize", lambda model, **k: calls.append(k) or model)
     rc = main(["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--out", str(tmp_path), *flag])
-    assert rc == 0 and calls == ([{"mode": mode}] if mode else [])
+    assert rc == 0 and calls == ([kw] if kw else [])
 
 
 def test_compiled_sampling_writes_the_images_eager_sampling_writes(ckpt, tmp_path):

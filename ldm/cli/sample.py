@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "torch.compile mode, reduce-overhead (CUDA graphs) if none is named; the first batch compiles "
                    "(about 35 s for SD-1.5 on an H200), a later run reuses inductor's cache; a last, smaller batch "
                    "compiles once more")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="no compiler: replay the eager U-Net from a CUDA graph per batch shape "
+                        "(ldm.fast.optimize(compile=False, unet_graph=True); a GPU only, opt-in)")
     p.add_argument("--out", default="outputs", help="output folder")
     return p.parse_args(argv)
 
@@ -63,6 +66,8 @@ def check_args(a: argparse.Namespace) -> list[str]:
     """Validate everything cheap before a model loads; returns the prompt list."""
     if not a.checkpoint and not a.config:
         raise ValueError("give --checkpoint and/or --config")
+    if a.compile and a.cuda_graph:
+        raise ValueError("--cuda-graph replays the eager U-Net instead of compiling it: give --compile or --cuda-graph")
     for name in ("checkpoint", "config", "init_image", "mask", "prompts_file"):
         v = getattr(a, name)
         if v and name != "config" and not Path(v).is_file():
@@ -128,6 +133,10 @@ def run(argv: list[str] | None = None) -> list[Path]:
         from ldm.fast import optimize  # noqa: PLC0415
 
         optimize(model, mode=a.compile)
+    elif a.cuda_graph:
+        from ldm.fast import optimize  # noqa: PLC0415
+
+        optimize(model, compile=False, unet_graph=True)
     init = Image.open(a.init_image) if a.init_image else None
     mask = Image.open(a.mask) if a.mask else None
     out = Path(a.out)
