@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -70,10 +70,12 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], name: str = "function",
-                 state: Callable[[], Iterable[torch.Tensor]] = tuple, eager_hint: str = "call fn itself") -> None:
-        """``state``: the tensors ``fn`` reads besides its arguments; ``eager_hint``: how to run it without graphs,
-        for the message of a failed capture."""
-        self.fn, self.name, self.state, self.eager_hint = fn, name, state, eager_hint
+                 state: Callable[[], Iterable[torch.Tensor]] = tuple, settings: Callable[[], Hashable] = tuple,
+                 eager_hint: str = "call fn itself") -> None:
+        """``state``: the tensors ``fn`` reads besides its arguments; ``settings``: the Python values it reads that
+        may change between calls (an attention backend, an adapter's scale), part of the signature; ``eager_hint``:
+        how to run it without graphs, for the message of a failed capture."""
+        self.fn, self.name, self.state, self.settings, self.eager_hint = fn, name, state, settings, eager_hint
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.addresses: tuple[int, ...] = ()
         self.lock = threading.Lock()  # one caller at a time between the copies into the static inputs and the clone
@@ -82,7 +84,7 @@ class GraphedCall:
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
-        key = call_signature(args, kwargs)
+        key = self.key(args, kwargs)
         if key is None:
             return self.fn(*args, **kwargs)
         device = tensors[0].device
@@ -95,6 +97,11 @@ class GraphedCall:
                 static.copy_(t)
             graph.replay()
             return static_y.clone()
+
+    def key(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The graph a call replays: its :func:`call_signature` and the current ``settings()``; None: run eager."""
+        sig = call_signature(args, kwargs)
+        return None if sig is None else (sig, self.settings())
 
     def drop_stale_graphs(self) -> None:
         """Forget the recorded graphs when a tensor of ``state()`` was replaced or moved (their addresses in the

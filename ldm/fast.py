@@ -217,8 +217,19 @@ def graph_unet(unet: torch.nn.Module) -> bool:
         return False
     state = lambda: itertools.chain(unet.parameters(), unet.buffers())  # noqa: E731 (what the graphs read)
     unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=state,
+                               settings=lambda: unet_settings(unet),
                                eager_hint="ldm.fast.optimize(..., unet_graph=False)")
     return True
+
+
+def unet_settings(unet: torch.nn.Module) -> tuple:
+    """The Python values a U-Net's forward reads that a recorded graph would keep: train/eval mode, each attention's
+    backend and fp32 upcast, each LoRA adapter's scale (a change records a new graph)."""
+    from ldm.lora import LoRALinear
+    from ldm.unet.attention import CrossAttention
+
+    return unet.training, tuple((m.backend, m.upcast) if isinstance(m, CrossAttention) else m.scale
+                                for m in unet.modules() if isinstance(m, (CrossAttention, LoRALinear)))
 
 
 def ungraph_unet(unet: torch.nn.Module) -> bool:

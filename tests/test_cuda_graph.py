@@ -80,6 +80,13 @@ def test_optimize_graphs_the_eager_unet_on_request_and_the_last_call_wins():
         assert isinstance(vars(model.unet)["forward"], GraphedCall)
         assert not graph_unet(model.unet)  # not wrapped twice
         torch.testing.assert_close(model.generate(**kw), ref)  # on the CPU the wrapper runs the eager U-Net
+    graphed = vars(model.unet)["forward"]
+    call = ((torch.zeros(1, 4, 4, 4), torch.zeros(1)), {"context": torch.zeros(2, 77, 64), "repeat": 2})
+    key = graphed.key(*call)
+    model.unet.set_attention_backend("math")  # a Python setting the forward reads: another graph
+    assert graphed.key(*call) != key
+    model.unet.set_attention_backend("sdpa")
+    assert graphed.key(*call) == key
     optimize(model, compile=False)
     assert "forward" not in vars(model.unet)
 
