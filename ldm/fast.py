@@ -214,6 +214,9 @@ def graph_unet(unet: torch.nn.Module) -> bool:
     from ldm.cuda_graph import GraphedCall
 
     if "forward" in vars(unet):
+        wrapper = vars(unet)["forward"]
+        if not isinstance(wrapper, GraphedCall):
+            log.info("fast path: the U-Net's forward is already wrapped (%s); not graphed", type(wrapper).__name__)
         return False
     state = lambda: itertools.chain(unet.parameters(), unet.buffers())  # noqa: E731 (what the graphs read)
     unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=state,
