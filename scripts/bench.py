@@ -23,6 +23,7 @@ after warm-up. Prints JSON lines (also to --out) and a table last.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -153,10 +154,44 @@ def check_same_function(ours, pipe, res: int, out, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
-def bench_vae(ours, pipe, res: int, out, tag: str) -> None:
+def bench_vae(ours, pipe, res: int, out, tag: str, stats: tuple[str, ...] = (),
+              compile_kw: dict | None = None) -> None:
+    """The decode of one ``res``×``res`` latent, ours and diffusers'; and ours again with its decoder's GroupNorm
+    statistics computed by each method of ``stats`` (a copy of the decoder, compiled with ``compile_kw`` in a
+    compiled variant): an A/B of the methods in one process, rows named ``<variant>_vae-<method>``."""
     z = torch.randn(1, 4, res, res, device=ours.device, dtype=ours.dtype)
-    for name, fn in (("ldm", lambda: ours.vae.decode(z)), ("diffusers", lambda: pipe.vae.decode(z))):
-        emit(out, what=f"vae_decode_{res * 8}px", impl=name, variant=tag, **timed(fn, 2, 10))
+    runs = [("ldm", tag, lambda: ours.vae.decode(z))]
+    for method in stats:
+        alt = decoder_with_stats(ours.vae.decoder, method, compile_kw)
+        runs.append(("ldm", f"{tag}_vae-{method}", lambda alt=alt: decode_with(ours.vae, alt, z)))
+    runs.append(("diffusers", tag, lambda: pipe.vae.decode(z)))
+    for name, variant, fn in runs:
+        emit(out, what=f"vae_decode_{res * 8}px", impl=name, variant=variant, **timed(fn, 2, 10))
+
+
+def decoder_with_stats(decoder: torch.nn.Module, stats: str, compile_kw: dict | None) -> torch.nn.Module:
+    """A copy of ``decoder`` whose GroupNorms compute their statistics with ``stats`` (``ldm.norm.STATS_METHODS``),
+    compiled with ``compile_kw`` when given."""
+    from ldm.norm import GroupNorm
+
+    alt = copy.deepcopy(decoder)
+    vars(alt).pop("forward", None)  # a compiled wrapper of the original's forward: the copy runs its own
+    for m in alt.modules():
+        if isinstance(m, GroupNorm):
+            m.stats = stats
+    if compile_kw is not None:
+        alt.forward = torch.compile(alt.forward, **compile_kw)
+    return alt
+
+
+def decode_with(vae: torch.nn.Module, decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``vae.decode(z)`` through ``decoder`` (the autoencoder's own is put back afterwards)."""
+    own = vae.decoder
+    vae.decoder = decoder
+    try:
+        return vae.decode(z)
+    finally:
+        vae.decoder = own
 
 
 @torch.no_grad()
@@ -432,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile, leave out the compiled_denoiser variant (the guided denoiser as one graph)")
     p.add_argument("--eager-nchw", action="store_true",
                    help="also our eager rows with NCHW weights (the eager rows use channels_last, as ldm.load gives)")
+    p.add_argument("--vae-stats", type=parse_names, default=(),
+                   help="comma-separated GroupNorm statistics methods (ldm.norm.STATS_METHODS) to time our decoder "
+                        "with beside its default, in the same process: the vae rows' <variant>_vae-<method>")
     p.add_argument("--eager-graph", action="store_true",
                    help="also our eager U-Net and text encoder replayed from CUDA graphs, no compiler "
                         "(ldm.fast.optimize(compile=False, unet_graph=True)): the eager_graph rows")
@@ -511,6 +549,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def vae_compile_kwargs(a: argparse.Namespace) -> dict:
+    """torch.compile's arguments for our decoder, as ``ldm.fast.optimize`` gives them in this run."""
+    from ldm.fast import compile_kwargs
+
+    return compile_kwargs("inductor", a.mode, dict(OURS_OPTIONS) or None, fullgraph=True, dynamic=False)
+
+
 OURS_ONLY = ("compiled_denoiser", "eager_nchw", "eager_graph")  # variants of ours alone (no diffusers or VAE rows)
 
 
@@ -538,7 +583,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
     if "vae" in only and tag not in OURS_ONLY:
-        bench_vae(ours, pipe, res, out, label)
+        bench_vae(ours, pipe, res, out, label, a.vae_stats, vae_compile_kwargs(a) if tag == "compiled" else None)
     if "pipeline" in only:  # before the profiles: its first call is the compile
         for batch in pipeline_batches(a):
             bench_pipeline(ours, pipe, px, batch, steps, out, label, impls)
@@ -566,6 +611,18 @@ def parse_ints(text: str) -> list[int]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
     return values
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"shifted,partial"`` -> ("shifted", "partial"), each checked against ``ldm.norm.STATS_METHODS``."""
+    from ldm.norm import STATS_METHODS
+
+    names = tuple(n for n in text.split(",") if n)
+    unknown = [n for n in names if n not in STATS_METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown statistics method(s) {', '.join(unknown)}; known: "
+                                         f"{', '.join(STATS_METHODS)}")
+    return names
 
 
 def pipeline_batches(a: argparse.Namespace) -> list[int]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # bench.py and its helpers, imported by the unit tests below
@@ -52,10 +53,35 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--unet-calls", "ldm,ours"], "--unet-calls: unknown call(s) ours"),
                                           (["--pipeline-batches", "1,x"], "comma-separated integers, got '1,x'"),
                                           (["--pipeline-batches", "0"], "batch sizes must be positive"),
-                                          (["--text", "jit"], "invalid choice: 'jit'")])
+                                          (["--text", "jit"], "invalid choice: 'jit'"),
+                                          (["--vae-stats", "shifted,fast"], "unknown statistics method(s) fast")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_the_decoder_is_timed_again_with_each_statistics_method_asked_for(tmp_path):
+    proc, rows = _bench("--only", "vae", "--vae-stats", "shifted,partial", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    variants = [(r["impl"], r["variant"]) for r in rows if r["what"].startswith("vae_decode_")]
+    assert variants == [("ldm", "eager"), ("ldm", "eager_vae-shifted"), ("ldm", "eager_vae-partial"),
+                        ("diffusers", "eager")]
+
+
+def test_a_decoder_copy_takes_its_statistics_method_and_leaves_the_original_alone():
+    import bench
+
+    import ldm
+    from ldm.norm import GroupNorm
+
+    vae = ldm.load(config="configs/tiny/txt2img.yaml").vae
+    alt = bench.decoder_with_stats(vae.decoder, "shifted", None)
+    assert {m.stats for m in alt.modules() if isinstance(m, GroupNorm)} == {"shifted"}
+    assert {m.stats for m in vae.decoder.modules() if isinstance(m, GroupNorm)} != {"shifted"}
+    z = torch.randn(1, vae.embed_dim, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.decode_with(vae, alt, z), vae.decode(z))  # eager: the same function
+    assert vae.decoder is not alt
 
 
 def test_pipeline_batches_keep_their_order_and_batch8_adds_eight_once():
