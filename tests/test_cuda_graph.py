@@ -217,6 +217,12 @@ def test_a_graphed_unet_replays_what_the_eager_one_computes():
     assert len(vars(unet)["forward"].graphs) == 1
     for out, ref in zip(outs, refs):  # kept results: the second replay did not overwrite the first
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    unet.set_attention_backend("math")  # a setting the forward reads: recorded again, not replayed stale
+    with torch.no_grad():
+        out = unet(xs[0], ts[0], context=ctx, repeat=2)
+    assert len(vars(unet)["forward"].graphs) == 2
+    torch.testing.assert_close(out, refs[0], atol=2e-3, rtol=2e-3)
+    unet.set_attention_backend("sdpa")
     with torch.no_grad():
         kw = dict(prompts="a red apple", negative_prompts="blurry", steps=4, height=64, width=64, seed=0, progress=False)
         optimize(model, compile=False, compile_text=False)  # eager
