@@ -221,7 +221,7 @@ def test_a_graphed_unet_replays_what_the_eager_one_computes():
     with torch.no_grad():
         out = unet(xs[0], ts[0], context=ctx, repeat=2)
     assert len(vars(unet)["forward"].graphs) == 2
-    torch.testing.assert_close(out, refs[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out, refs[0], atol=5e-3, rtol=5e-3)  # fp16 math attention against SDPA
     unet.set_attention_backend("sdpa")
     with torch.no_grad():
         kw = dict(prompts="a red apple", negative_prompts="blurry", steps=4, height=64, width=64, seed=0, progress=False)
