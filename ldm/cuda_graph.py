@@ -69,6 +69,8 @@ class GraphedCall:
     by default.
     """
 
+    device_type = "cuda"  # where calls are recorded (tests of the plumbing set another, with stand-ins for the graphs)
+
     def __init__(self, fn: Callable[..., torch.Tensor], name: str = "function",
                  state: Callable[[], Iterable[torch.Tensor]] = tuple, settings: Callable[[], Hashable] = tuple,
                  eager_hint: str = "call fn itself") -> None:
@@ -82,7 +84,7 @@ class GraphedCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
+        if not tensors or any(t.device.type != self.device_type for t in tensors) or torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
         key = self.key(args, kwargs)
         if key is None:

@@ -69,6 +69,63 @@ def test_calls_with_several_arguments_run_eager_where_no_graph_can_serve():
     assert graphed.graphs == {} and seen == [2, 2]
 
 
+class StandInGraph:
+    """Replays the call recorded in it by running it again into the recorded output (what a CUDA graph's replay
+    amounts to), so the static-input plumbing of GraphedCall can be checked on a CPU."""
+
+    calls: list = []  # (args, kwargs, output) of every call of the function under test
+
+    def replay(self) -> None:
+        args, kwargs, out = self.recorded
+        out.copy_(StandInGraph.pure(*args, **kwargs))
+
+    @staticmethod
+    def pure(x, t, context=None, repeat=1):
+        return x * t.reshape(-1, 1) + context.sum() * repeat
+
+
+def test_replays_read_each_call_s_tensors_through_the_static_inputs(monkeypatch):
+    import contextlib
+
+    StandInGraph.calls = []
+
+    def fn(*args, **kwargs):
+        out = StandInGraph.pure(*args, **kwargs)
+        StandInGraph.calls.append((args, kwargs, out))
+        return out
+
+    @contextlib.contextmanager
+    def capture(graph):
+        yield
+        graph.recorded = StandInGraph.calls[-1]  # the call made inside the capture block
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    graphed = GraphedCall(fn, name="fn")
+    graphed.device_type = "cpu"
+    calls = [(torch.randn(2, 3), torch.randn(2), torch.randn(4, 5)) for _ in range(3)]
+    with torch.no_grad():
+        y0 = graphed(calls[0][0], calls[0][1], context=calls[0][2], repeat=2)  # warm-up calls and the capture
+        recorded = len(StandInGraph.calls)
+        y1 = graphed(calls[1][0], calls[1][1], context=calls[1][2], repeat=2)  # a replay
+        assert len(StandInGraph.calls) == recorded and len(graphed.graphs) == 1
+        torch.testing.assert_close(y1, StandInGraph.pure(*calls[1][:2], context=calls[1][2], repeat=2))
+        torch.testing.assert_close(y0, StandInGraph.pure(*calls[0][:2], context=calls[0][2], repeat=2))  # a copy
+        y2 = graphed(calls[2][0], calls[2][1], context=calls[2][2], repeat=1)  # another value: another graph
+        assert len(graphed.graphs) == 2
+        torch.testing.assert_close(y2, StandInGraph.pure(*calls[2][:2], context=calls[2][2], repeat=1))
+    args, kwargs, _ = StandInGraph.calls[-1]
+    assert args[0] is not calls[2][0] and kwargs["context"] is not calls[2][2]  # recorded on copies of the inputs
+
+
 def test_optimize_graphs_the_eager_unet_on_request_and_the_last_call_wins():
     model = ldm.load(config="configs/tiny/txt2img.yaml")
     with pytest.raises(ValueError, match="unet_graph replays the eager U-Net.*pass compile=False"):
@@ -224,7 +281,8 @@ def test_a_graphed_unet_replays_what_the_eager_one_computes():
     torch.testing.assert_close(out, refs[0], atol=5e-3, rtol=5e-3)  # fp16 math attention against SDPA
     unet.set_attention_backend("sdpa")
     with torch.no_grad():
-        kw = dict(prompts="a red apple", negative_prompts="blurry", steps=4, height=64, width=64, seed=0, progress=False)
+        kw = dict(prompts="a red apple", negative_prompts="blurry", steps=4, height=64, width=64, seed=0,
+                  progress=False)
         optimize(model, compile=False, compile_text=False)  # eager
         eager = model.generate(**kw, output="latent")
         optimize(model, compile=False, compile_text=False, unet_graph=True)
