@@ -39,7 +39,11 @@ def call_signature(args: tuple, kwargs: dict) -> tuple | None:
     """What a graph recorded for ``fn(*args, **kwargs)`` depends on: the arguments' structure, each tensor's
     :func:`signature`, every other argument's value (``repeat=2``, ``y=None``); None when such a value is not
     hashable (the call then runs eager)."""
-    leaves, spec = tree_flatten((args, kwargs))
+    return leaves_signature(*tree_flatten((args, kwargs)))
+
+
+def leaves_signature(leaves: list, spec: Any) -> tuple | None:
+    """:func:`call_signature` of a call already flattened by ``tree_flatten``."""
     parts = tuple(signature(leaf) if isinstance(leaf, torch.Tensor) else ("value", type(leaf), leaf) for leaf in leaves)
     try:
         hash(parts)
@@ -83,17 +87,18 @@ class GraphedCall:
         self.lock = threading.Lock()  # one caller at a time between the copies into the static inputs and the clone
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        leaves, spec = tree_flatten((args, kwargs))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
         if not tensors or any(t.device.type != self.device_type for t in tensors) or torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
-        key = self.key(args, kwargs)
+        key = self._key(leaves, spec)
         if key is None:
             return self.fn(*args, **kwargs)
         device = tensors[0].device
         with self.lock, torch.cuda.device(device):  # capture and replay on the input's device, whichever is current
             self.drop_stale_graphs()
             if key not in self.graphs:
-                self.graphs[key] = self._capture(args, kwargs, device)
+                self.graphs[key] = self._capture(leaves, spec, device)
             graph, static_inputs, static_y = self.graphs[key]
             for static, t in zip(static_inputs, tensors):
                 static.copy_(t)
@@ -102,7 +107,10 @@ class GraphedCall:
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
         """The graph a call replays: its :func:`call_signature` and the current ``settings()``; None: run eager."""
-        sig = call_signature(args, kwargs)
+        return self._key(*tree_flatten((args, kwargs)))
+
+    def _key(self, leaves: list, spec: Any) -> tuple | None:
+        sig = leaves_signature(leaves, spec)
         return None if sig is None else (sig, self.settings())
 
     def drop_stale_graphs(self) -> None:
@@ -114,15 +122,15 @@ class GraphedCall:
                 log.info("%s: parameters moved or replaced; recording its CUDA graphs again", self.name)
             self.graphs, self.addresses = {}, addresses
 
-    def _capture(self, args: tuple, kwargs: dict,
+    def _capture(self, leaves: list, spec: Any,
                  device: torch.device) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
         with without_autocast_cache(device.type):
-            return self._record(args, kwargs, device)
+            return self._record(leaves, spec, device)
 
-    def _record(self, args: tuple, kwargs: dict,
+    def _record(self, leaves: list, spec: Any,
                 device: torch.device) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
-        """Warm ``fn`` up on a side stream, then record it reading static copies of the call's tensors."""
-        leaves, spec = tree_flatten((args, kwargs))
+        """Warm ``fn`` up on a side stream, then record it reading static copies of the call's tensors (``leaves``
+        and ``spec``: the call as ``tree_flatten`` gives it)."""
         leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         static_args, static_kwargs = tree_unflatten(leaves, spec)
         shapes = [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -125,8 +125,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     encoder = getattr(model, "cond_stage_model", None)
     if compile_text == "graph":
         graph_text_encoder(encoder)
-    elif compile_text is False and _text_wrapper(encoder):
-        del encoder.encode_ids  # compiled or graphed by an earlier call: eager again
+    elif compile_text is False:
+        eager_text_encoder(encoder)  # compiled or graphed by an earlier call: eager again
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, U-Net graph %s, text "
              "encoder %s)", attn, fuse_projections, compile, mode if compile else "-", scope, unet_graph,
              {True: "compiled" if compile else "eager", False: "eager"}.get(compile_text, compile_text))
@@ -200,11 +200,25 @@ def graph_text_encoder(encoder: Any) -> bool:
     if wrapper is not None:
         log.info("fast path: the compiled text encoder is replaced by CUDA-graph replay of the eager one")
         del encoder.encode_ids
-    state = (lambda: itertools.chain(encoder.parameters(), encoder.buffers())) \
-        if isinstance(encoder, torch.nn.Module) else tuple  # what the graph reads besides its input
+    state = module_state(encoder) if isinstance(encoder, torch.nn.Module) else tuple
     encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state,
                                      eager_hint="ldm.fast.optimize(..., compile_text=False)")
     return True
+
+
+def module_state(module: torch.nn.Module) -> Callable[[], Iterable[torch.Tensor]]:
+    """What a graph of ``module``'s computation reads besides its inputs: its parameters and buffers, as they are
+    at each call (``GraphedCall``'s ``state``)."""
+    return lambda: itertools.chain(module.parameters(), module.buffers())
+
+
+def eager_text_encoder(encoder: Any) -> bool:
+    """Take off the wrapper :func:`compile_text_encoder` or :func:`graph_text_encoder` put on ``encode_ids`` (True
+    if there was one): the encoder runs eager again."""
+    if _text_wrapper(encoder):
+        del encoder.encode_ids
+        return True
+    return False
 
 
 def graph_unet(unet: torch.nn.Module) -> bool:
@@ -218,8 +232,7 @@ def graph_unet(unet: torch.nn.Module) -> bool:
         if not isinstance(wrapper, GraphedCall):
             log.info("fast path: the U-Net's forward is already wrapped (%s); not graphed", type(wrapper).__name__)
         return False
-    state = lambda: itertools.chain(unet.parameters(), unet.buffers())  # noqa: E731 (what the graphs read)
-    unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=state,
+    unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=module_state(unet),
                                settings=lambda: unet_settings(unet),
                                eager_hint="ldm.fast.optimize(..., unet_graph=False)")
     return True

@@ -564,7 +564,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     U-Net and text encoder replayed from CUDA graphs), "compiled" (U-Net and decoder, both sides) or
     "compiled_denoiser" (ours only: the whole guided denoiser of a step as one graph,
     ``ldm.fast.optimize(scope="denoiser")``)."""
-    from ldm.fast import compile_guided_denoiser, graph_text_encoder, graph_unet, ungraph_unet
+    from ldm.fast import compile_guided_denoiser, eager_text_encoder, graph_text_encoder, graph_unet, ungraph_unet
 
     if tag == "compiled":
         compile_both(ours, pipe, a.mode, out, a.diffusers_mode, compile_text=TEXT_FLAGS[a.text])
@@ -599,7 +599,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     ours.vae.to(memory_format=was)
     if tag == "eager_graph":
         ungraph_unet(ours.unet)
-        vars(ours.cond_stage_model).pop("encode_ids", None)  # eager again for the next variant
+        eager_text_encoder(ours.cond_stage_model)  # eager again for the next variant
 
 
 def parse_ints(text: str) -> list[int]:

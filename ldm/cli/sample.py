@@ -129,14 +129,11 @@ def run(argv: list[str] | None = None) -> list[Path]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema)
-    if a.compile:
+    if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415
 
-        optimize(model, mode=a.compile)
-    elif a.cuda_graph:
-        from ldm.fast import optimize  # noqa: PLC0415
-
-        optimize(model, compile=False, unet_graph=True)
+        fast = dict(mode=a.compile) if a.compile else dict(compile=False, unet_graph=True)
+        optimize(model, **fast)
     init = Image.open(a.init_image) if a.init_image else None
     mask = Image.open(a.mask) if a.mask else None
     out = Path(a.out)
