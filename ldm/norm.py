@@ -26,7 +26,6 @@ add a copy. The numbers are the same either way (only strides differ); parameter
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -83,13 +82,19 @@ def _partial_moments(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """d: (B, L, G, C/G) -> (E[d], E[d²]) over dims 1 and 3, each (B, 1, G, 1), from gcd(L, STATS_PARTS) partial
     sums, each over a run of rows and the group's channels, then added up term by term."""
     b, n_rows, g, cg = d.shape
-    n = math.gcd(n_rows, STATS_PARTS)
+    n = common_divisor(n_rows, STATS_PARTS)
     d = d.reshape(b, n, n_rows // n, g, cg)  # (B, n, L/n, G, C/G)
     s1, s2 = d.sum(dim=(2, 4)), d.square().sum(dim=(2, 4))  # (B, n, G) each: one reduction program per entry
     count = n_rows * cg
     m1 = functools.reduce(torch.add, s1.unbind(1)) / count  # (B, G): n - 1 additions, not a reduction kernel
     m2 = functools.reduce(torch.add, s2.unbind(1)) / count
     return m1.view(b, 1, g, 1), m2.view(b, 1, g, 1)
+
+
+def common_divisor(n_rows: int, parts: int) -> int:
+    """gcd(n_rows, parts), also for a symbolic ``n_rows`` (a dimension Dynamo made dynamic after a recompile, which
+    ``math.gcd`` refuses): the largest divisor of ``parts`` that divides ``n_rows``, each test a shape guard."""
+    return next(p for p in range(parts, 0, -1) if parts % p == 0 and n_rows % p == 0)
 
 
 def channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:

@@ -151,6 +151,24 @@ def test_partial_stats_at_any_row_count(rows, parts, monkeypatch):
     torch.testing.assert_close(var, var_ref)
 
 
+def test_partial_stats_compile_with_a_dynamic_row_count():
+    """A recompile for a new size makes the rows dimension symbolic (Dynamo's automatic dynamic shapes): the run
+    count is found without math.gcd, which refuses a symbolic int (sampling at a second resolution, 12-04)."""
+    import math
+
+    from ldm.norm import common_divisor, group_stats
+
+    assert [common_divisor(n, 4) for n in (1, 2, 6, 36, 4160)] == [math.gcd(n, 4) for n in (1, 2, 6, 36, 4160)]
+    assert [common_divisor(n, 8) for n in (12, 64, 4100)] == [4, 8, 4]
+    compiled = torch.compile(lambda xs: group_stats(xs, "partial"), backend="eager", fullgraph=True, dynamic=True)
+    for rows in (36, 60):
+        xs = torch.randn(2, rows, 4, 3, dtype=torch.float64)
+        var_ref, mean_ref = torch.var_mean(xs, dim=(1, 3), keepdim=True, correction=0)
+        var, mean = compiled(xs)
+        torch.testing.assert_close(mean, mean_ref)
+        torch.testing.assert_close(var, var_ref)
+
+
 def test_group_stats_shifted_sums_match_welford_far_from_zero():
     from ldm.norm import group_stats
 
