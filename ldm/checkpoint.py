@@ -80,8 +80,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Tell SD v1 from v2 (and inpainting/depth variants) from keys and shapes.
 
-    Returns ``{"version": "v1"|"v2", "in_channels": int, "context_dim": int}``. A v-prediction 2.x file cannot be
-    told from its keys: as with the original code, its YAML (``configs/sd/v2-inference-v.yaml``) says so.
+    Returns ``{"version": "v1"|"v2", "in_channels": int, "context_dim": int, "parameterization": "eps"|"v"}``.
+    A v-prediction 2.x file has the same keys as an ε one; its weights tell them apart (:func:`guess_v_prediction`).
     """
     unet_in = "model.diffusion_model.input_blocks.0.0.weight"
     if unet_in not in sd:
@@ -97,7 +97,20 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         log.warning("no text encoder weights in the checkpoint; guessed %s from context_dim %d", version, ctx)
     else:
         raise CheckpointError("cannot tell the SD version: no text encoder keys and no cross-attention")
-    return {"version": version, "in_channels": int(sd[unet_in].shape[1]), "context_dim": ctx}
+    in_channels = int(sd[unet_in].shape[1])
+    v = version == "v2" and in_channels == 4 and guess_v_prediction(sd)
+    return {"version": version, "in_channels": in_channels, "context_dim": ctx, "parameterization": "v" if v else "eps"}
+
+
+V_PRED_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+def guess_v_prediction(sd: Mapping[str, torch.Tensor], threshold: float = 0.09) -> bool:
+    """Whether an SD 2.x U-Net (4 input channels) was trained for v-prediction: ComfyUI's test, the population std of
+    the last transformer block's first LayerNorm bias above 0.09 (the 768-px v-models are; the 512-px base and the
+    inpainting/depth models, all ε, are not). A file without that key is taken for ε."""
+    b = sd.get(V_PRED_PROBE)
+    return b is not None and float(b.float().std(unbiased=False)) > threshold
 
 
 def ema_key(param_name: str) -> str:

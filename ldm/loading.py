@@ -25,7 +25,8 @@ from ldm.registry import ConfigError, instantiate
 
 log = logging.getLogger(__name__)
 
-SD_CONFIGS = {"v1": "sd/v1-inference.yaml", "v2": "sd/v2-inference.yaml"}
+SD_CONFIGS = {("v1", "eps"): "sd/v1-inference.yaml", ("v2", "eps"): "sd/v2-inference.yaml",
+              ("v2", "v"): "sd/v2-inference-v.yaml"}
 
 
 def _config_for(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> DictConfig:
@@ -33,17 +34,27 @@ def _config_for(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> DictConfig
     if own is not None:
         return OmegaConf.create(own)
     variant = detect_variant(sd)
-    cfg = load_config(find_config(SD_CONFIGS[variant["version"]]))
+    name = SD_CONFIGS[variant["version"], variant["parameterization"]]
+    cfg = load_config(find_config(name))
     if variant["in_channels"] != 4:
         # inpainting (9 = latents + masked-image latents + mask) and depth (5) models concatenate their conditioning
         cfg.model.params.unet_config.params.in_channels = variant["in_channels"]
         cfg.model.params.conditioning_key = "hybrid"
-    log.info("detected SD %s checkpoint (in_channels %d); using %s", variant["version"], variant["in_channels"],
-             SD_CONFIGS[variant["version"]])
+    log.info("detected SD %s checkpoint (in_channels %d, %s-prediction); using %s", variant["version"],
+             variant["in_channels"], variant["parameterization"], name)
     if variant["version"] == "v2":
-        log.info("SD 2.x eps and v-prediction files have the same keys: pass config='sd/v2-inference-v.yaml' for a "
-                 "768-px v-prediction model")
+        log.info("SD 2.x ε and v-prediction files have the same keys; told apart from the weights "
+                 "(ldm.checkpoint.guess_v_prediction): pass config= to override")
     return cfg
+
+
+def _sidecar_config(checkpoint: str | Path | None, meta: dict[str, str]) -> Path | None:
+    """``model.yaml`` beside ``model.safetensors``/``.ckpt`` (the convention of the SD web UIs for files whose
+    architecture is not the default), for a checkpoint that does not carry its own config."""
+    if checkpoint is None or config_from_metadata(meta) is not None:
+        return None
+    side = Path(checkpoint).with_suffix(".yaml")
+    return side if side.is_file() else None
 
 
 def build(cfg: DictConfig | dict, where: str = "config") -> Any:
@@ -65,8 +76,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     Args:
         checkpoint: ``.ckpt``/``.safetensors`` (original SD v1/v2 or ours), a diffusers pipeline folder, or None
             for random weights.
-        config: our YAML or an original SD inference YAML; may be omitted when the checkpoint says enough
-            (our files carry their config; SD v1/v2 are detected from keys and shapes).
+        config: our YAML or an original SD inference YAML; may be omitted when the checkpoint says enough (our
+            files carry their config; else a ``.yaml`` of the same name beside the checkpoint is used; else SD
+            v1/v2, ε or v, inpainting or not, are detected from keys, shapes and weights).
         device, dtype: where and in what precision the model lives.
         use_ema: load the ``model_ema.*`` weights of the U-Net instead of the raw ones.
         strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
@@ -91,6 +103,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         cfg = config
     elif config is not None:
         cfg = load_config(config)
+    elif (side := _sidecar_config(checkpoint, meta)) is not None:
+        log.info("using %s, the YAML beside the checkpoint", side)
+        cfg, config = load_config(side), side
     else:
         cfg = _config_for(sd, meta)
     model = build(cfg, str(config or checkpoint))
@@ -138,6 +153,13 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     n_loss = sum(k.startswith("loss.") for k in extra)
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{where}: {len(bad)} tensor(s) have other shapes than the config's model, e.g. {k!r}: "
+                              f"{tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model (wrong "
+                              "config? pass the YAML the checkpoint was trained with)")
     result = model.load_state_dict(weights, strict=False)
     problems = []
     if result.missing_keys:

@@ -37,6 +37,7 @@ class GenerateArgs:
 
     def validate(self, factor: int) -> None:
         from ldm.diffusion.samplers import SAMPLERS  # noqa: PLC0415
+        from ldm.diffusion.schedules import SIGMA_KINDS  # noqa: PLC0415
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
@@ -53,8 +54,14 @@ class GenerateArgs:
                 raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
         if self.output not in ("pil", "latent", "tensor"):
             raise ValueError(f"output must be 'pil', 'latent' or 'tensor', got {self.output!r}")
-        if self.sigmas not in ("auto", "discrete", "karras", "exponential", "ddim"):
-            raise ValueError(f"sigmas must be auto, discrete, karras, exponential or ddim, got {self.sigmas!r}")
+        if self.sigmas not in ("auto", *SIGMA_KINDS):
+            raise ValueError(f"sigmas must be auto or one of {', '.join(SIGMA_KINDS)}, got {self.sigmas!r}")
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` an img2img/inpainting call runs: ⌊steps · strength⌋ (the original img2img script's
+    ``t_enc`` and diffusers' ``init_timestep``), at least one."""
+    return max(1, min(steps, int(steps * strength)))
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -115,7 +122,9 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
             is the fraction of the schedule that is re-noised.
         mask: inpainting mask (PIL or (B, 1, H, W) tensor; 1/white = repaint).
         output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
-        sigmas: σ schedule: "auto", "discrete", "karras", "exponential" or "ddim".
+        sigmas: σ schedule: "auto", "discrete", "karras", "exponential", "ddim", "leading" or "trailing" (see
+            :func:`ldm.diffusion.schedules.get_sigmas`; "leading" is what diffusers' Euler/Heun/LMS schedulers use
+            with SD's scheduler config).
     """
     from ldm.diffusion.samplers import sample  # noqa: PLC0415
 
@@ -146,8 +155,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     if init_image is not None:
         img = to_image_tensor(init_image, B, H, W).to(dev, dt)  # (B, 3, H, W)
         z0 = vae.encode_latents(img).float()  # (B, C, h, w)
-        t_start = max(1, min(a.steps, round(a.steps * a.strength)))
-        sig = sig[a.steps - t_start:]
+        sig = sig[a.steps - denoising_steps(a.steps, a.strength):]
         x = z0 + noise * sig[0]
         if mask is not None:
             m_px = to_mask_tensor(mask, B, H, W).to(dev)  # (B, 1, H, W)
@@ -157,6 +165,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
                 masked = vae.encode_latents(img * (m_px < 0.5)).float()
                 concat = torch.cat([m, masked], dim=1)
                 cond["concat"], uncond["concat"] = concat, concat
+                if a.strength == 1.0:  # as trained and as the original scripts and diffusers sample: from pure noise
+                    x = noise * torch.sqrt(sig[0] ** 2 + 1)
             else:
                 masked_with = m
     guided: nn.Module = model.guided_denoiser()  # D_cfg over the model's D(x, σ)
@@ -165,6 +175,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)
     gens = [torch.Generator().manual_seed(base + 10_000 + i) for i in range(B)]
     z = sample(a.sampler, guided, x, sig, extra_args=extra, eta=a.eta, generators=gens, disable=not progress)
+    z = z / torch.sqrt(sig[-1] ** 2 + 1)  # a schedule that ends above σ = 0 (DDIM's σ(ᾱ_0)): back to VP, as decoded
     if isinstance(guided, MaskedDenoiser):
         z = guided.mask * z + (1 - guided.mask) * guided.z0
     if a.output == "latent":

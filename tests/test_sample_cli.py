@@ -27,6 +27,21 @@ def test_writes_pngs_with_parameters_and_a_grid(ckpt, tmp_path):
     assert "Steps: 2, Sampler: euler_a" in text and "Seed: 8" in text and "Size: 32x32" in text and "ldm 0.1.0" in text
 
 
+def test_sampler_defaults_reach_the_library(ckpt, tmp_path, monkeypatch):
+    """No --eta: the sampler's own default (euler_a stays ancestral); --eta and --sigmas are passed on and recorded."""
+    import ldm.pipeline
+
+    seen = []
+    real = ldm.pipeline.generate
+    monkeypatch.setattr(ldm.pipeline, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    base = ["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "2", "--sampler", "euler_a", "--dtype", "fp32"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--eta", "0.5", "--sigmas", "leading"]) == 0
+    assert seen[0]["eta"] is None and seen[1]["eta"] == 0.5 and seen[1]["sigmas"] == "leading"
+    texts = [Image.open(tmp_path / d / "00000-0.png").text["parameters"] for d in "ab"]
+    assert "Eta" not in texts[0] and "Eta: 0.5" in texts[1] and "Schedule: leading" in texts[1]
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--steps", "0"], "--steps"), (["--height", "30"], "--height"), (["--guidance", "nan"], "--guidance"),
     (["--init-image", "missing.png"], "missing.png"), (["--mask", "m.png"], "not found"),

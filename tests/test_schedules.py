@@ -128,6 +128,22 @@ def test_ddim_sigmas_match_diffusers(steps: int) -> None:
         assert sorted(ddim_timesteps(1000, steps).tolist()) == [t + 1 for t in range(0, 1000, 1000 // steps)]
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [7, 10, 30, 50, 999])  # at 1000 diffusers asks for t = 1000, past the table
+def test_spaced_sigmas_match_diffusers_euler(spacing: str, steps: int) -> None:
+    """diffusers' Euler/Heun/LMS σ with SD's config: the table's σ at its "leading"/"trailing" timesteps, then 0."""
+    from ldm.diffusion.schedules import spaced_timesteps
+
+    ref = df.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    timestep_spacing=spacing, steps_offset=1)
+    ref.set_timesteps(steps)
+    assert spaced_timesteps(1000, steps, spacing).tolist() == ref.timesteps.long().tolist()
+    torch.testing.assert_close(get_sigmas(ref.alphas_cumprod.double(), steps, spacing), ref.sigmas,
+                               rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="spacing"):
+        spaced_timesteps(1000, steps, "linspace")
+
+
 def test_zero_terminal_snr() -> None:
     """ᾱ_T = 0 exactly (σ_T = ∞) is kept in alphas_cumprod; σ tables clamp ᾱ at 2⁻²⁴ so σ_max ≈ 4096 is finite."""
     from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as ref_rescale

@@ -25,6 +25,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ldm.diffusion.samplers import SAMPLERS  # noqa: PLC0415
+    from ldm.diffusion.schedules import SIGMA_KINDS  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help=".safetensors/.ckpt (ours or released SD)")
@@ -36,11 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    p.add_argument("--sigmas", default="auto", choices=["auto", "discrete", "karras", "exponential", "ddim"])
+    p.add_argument("--sigmas", default="auto", choices=["auto", *SIGMA_KINDS])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM η / ancestral noise scale (default: the sampler's own, 0 for ddim, 1 for euler_a, "
+                        "dpmpp_2s_a and dpmpp_2m_sde)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -79,7 +82,7 @@ def check_args(a: argparse.Namespace) -> list[str]:
     if a.n <= 0 or a.batch_size <= 0:
         raise ValueError("--n and --batch-size must be positive")
     for name in ("guidance", "guidance_rescale", "eta", "strength"):
-        if not math.isfinite(getattr(a, name)):
+        if getattr(a, name) is not None and not math.isfinite(getattr(a, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
     for name in ("height", "width"):
         v = getattr(a, name)
@@ -112,6 +115,7 @@ def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, se
         lines.append(f"Negative prompt: {negative}")
     lines.append(f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, "
                  f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Version: ldm {__version__}"
+                 + (f", Eta: {a.eta}" if a.eta is not None else "")
                  + (f", Denoising strength: {a.strength}" if a.init_image else ""))
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ALPHA_BAR_MIN = 2.0**-24  # ᾱ floor for σ tables (σ_max ≈ 4096 under zero terminal SNR)
 BETA_KINDS = ("linear", "scaled_linear", "linear_plain", "sqrt_linear", "sqrt", "cosine")
-SIGMA_KINDS = ("discrete", "karras", "exponential", "ddim")
+SIGMA_KINDS = ("discrete", "karras", "exponential", "ddim", "leading", "trailing")
 
 
 def make_betas(kind: str, n: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012,
@@ -204,12 +204,32 @@ def sigmas_ddim(schedule: "DiscreteSchedule | torch.Tensor", steps: int, offset:
     return torch.cat([sig, last])
 
 
+def spaced_timesteps(num_train: int, steps: int, spacing: str) -> torch.Tensor:
+    """Descending integer timesteps of diffusers' ``timestep_spacing``: "leading" (with SD's ``steps_offset=1``: the
+    DDIM timesteps) or "trailing" (``round(T − i·T/S) − 1``, which starts at t = T − 1; Lin et al. 2023, table 2)."""
+    if not 0 < steps <= num_train:
+        raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
+    if spacing == "leading":
+        return ddim_timesteps(num_train, steps, offset=1)
+    if spacing == "trailing":
+        return (num_train - torch.arange(steps, dtype=torch.float64) * (num_train / steps)).round().long() - 1
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose leading or trailing")
+
+
+def sigmas_spaced(schedule: "DiscreteSchedule | torch.Tensor", steps: int, spacing: str) -> torch.Tensor:
+    """The model's σ at diffusers' "leading" or "trailing" timesteps, plus a final 0: what diffusers' Euler, Heun,
+    LMS and DPM-Solver schedulers walk with those spacings (``interpolation_type="linear"``, integer t). (steps+1,)"""
+    s = as_schedule(schedule)
+    return _append_zero(s.sigmas[spaced_timesteps(len(s), steps, spacing)])
+
+
 def get_sigmas(schedule: "DiscreteSchedule | torch.Tensor", steps: int, kind: str = "discrete", rho: float = 7.0,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A descending σ schedule of ``steps`` sampling steps ((steps+1,) on the CPU) for a model's discrete schedule.
 
     kind: "discrete" (the model's σ at evenly spaced t), "karras" (ρ = ``rho``), "exponential" (log-uniform) or
-    "ddim" (the original LDM / diffusers "leading" timesteps, ending at σ(ᾱ_0); see :func:`sigmas_ddim`).
+    "ddim" (the original LDM / diffusers "leading" timesteps, ending at σ(ᾱ_0); see :func:`sigmas_ddim`),
+    "leading" or "trailing" (diffusers' timestep spacings, ending at 0; see :func:`sigmas_spaced`).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -222,6 +242,8 @@ def get_sigmas(schedule: "DiscreteSchedule | torch.Tensor", steps: int, kind: st
         out = sigmas_exponential(steps, s.sigma_min, s.sigma_max)
     elif kind == "ddim":
         out = sigmas_ddim(s, steps)
+    elif kind in ("leading", "trailing"):
+        out = sigmas_spaced(s, steps, kind)
     else:
         raise ValueError(f"get_sigmas: unknown kind {kind!r}; choose one of {', '.join(SIGMA_KINDS)}")
     return out.to(dtype)
