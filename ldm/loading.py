@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -69,8 +69,8 @@ def build(cfg: DictConfig | dict, where: str = "config") -> Any:
 
 def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         use_ema: bool = False, strict: bool = True, lora: str | Path | None = None,
-         merge_lora: bool = False, fast: bool = True) -> Any:
+         use_ema: bool = False, strict: bool = True, lora: str | Path | Sequence[str | Path] | None = None,
+         merge_lora: bool = False, fast: bool = True, lora_scale: float | Sequence[float] = 1.0) -> Any:
     """Load a latent diffusion model.
 
     Args:
@@ -82,8 +82,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         device, dtype: where and in what precision the model lives.
         use_ema: load the ``model_ema.*`` weights of the U-Net instead of the raw ones.
         strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
-        lora: adapters saved by LoRA fine-tuning (``lora.safetensors``), attached to the U-Net;
-            ``merge_lora=True`` folds them into the base weights.
+        lora: a LoRA file or a list of them: ours (``lora.safetensors`` of LoRA fine-tuning, attached to the
+            U-Net; ``merge_lora=True`` folds it into the base weights), or kohya-ss / diffusers files (merged into
+            the U-Net and the text encoder); ``lora_scale`` is the strength, one for all or one per file.
         fast: on a CUDA device, the safe part of the fast path: channels_last weights (cuDNN's fast convolution
             layout); compile and fused projections with :func:`ldm.fast.optimize`.
     Returns:
@@ -112,7 +113,7 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     if checkpoint is not None:
         load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))
     if lora is not None:
-        attach_lora(model, lora, merge_lora)
+        _attach_loras(model, lora, lora_scale, merge_lora)
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
@@ -130,17 +131,44 @@ def _fast_defaults(model: Any) -> None:
             part.to(memory_format=torch.channels_last)
 
 
-def attach_lora(model: Any, path: str | Path, merge: bool = False) -> None:
-    """Attach LoRA adapters (keys ``model.diffusion_model.….lora_A``) to ``model.model``; optionally merge them."""
-    from ldm.lora import load_lora, merge_lora  # noqa: PLC0415
+def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float = 1.0) -> None:
+    """Add the LoRA in ``path`` to ``model`` at strength ``scale``.
+
+    Our own adapter files (keys ``model.diffusion_model.….lora_A``) are attached to ``model.model`` (merged with
+    ``merge``); kohya-ss and diffusers/peft files are merged into the U-Net and the text encoder
+    (:mod:`ldm.lora_import`).
+    """
+    from ldm.lora import LoRALinear, load_lora, merge_lora  # noqa: PLC0415
+    from ldm.lora_import import is_ldm_lora, merge_lora_file  # noqa: PLC0415
 
     sd, _ = read_state_dict(path)
+    if not is_ldm_lora(sd):
+        try:
+            merge_lora_file(model, sd, scale)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return
     bad = [k for k in sd if not k.startswith("model.")]
     if bad:
         raise CheckpointError(f"{path}: not a LoRA file of this project (unexpected key {bad[0]!r})")
-    load_lora(model.model, {k[len("model."):]: v for k, v in sd.items()})
+    ours = {k[len("model."):]: v for k, v in sd.items()}
+    load_lora(model.model, ours)
+    for name in {k.rsplit(".", 1)[0] for k in ours if k.endswith("lora_A")}:
+        m = model.model.get_submodule(name)
+        if isinstance(m, LoRALinear):
+            m.scale *= scale
     if merge:
         log.info("merged %d LoRA adapters into the U-Net", merge_lora(model.model))
+
+
+def _attach_loras(model: Any, lora: Any, scale: Any, merge: bool) -> None:
+    """One file or a list of them, with one strength for all or one each; two or more are merged in turn."""
+    paths = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    scales = [float(scale)] * len(paths) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(scales) != len(paths):
+        raise ValueError(f"lora_scale has {len(scales)} value(s) for {len(paths)} LoRA file(s)")
+    for p, s in zip(paths, scales):
+        attach_lora(model, p, merge or len(paths) > 1, s)
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool = False, strict: bool = True,

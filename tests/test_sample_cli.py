@@ -42,10 +42,25 @@ def test_sampler_defaults_reach_the_library(ckpt, tmp_path, monkeypatch):
     assert "Eta" not in texts[0] and "Eta: 0.5" in texts[1] and "Schedule: leading" in texts[1]
 
 
+def test_lora_files_reach_the_loader_and_the_metadata(ckpt, tmp_path, monkeypatch):
+    from ldm.checkpoint import save_safetensors
+
+    lora = tmp_path / "style.safetensors"
+    save_safetensors({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, lora)
+    seen = []
+    real = ldm.load
+    monkeypatch.setattr(ldm, "load", lambda *a, **k: seen.append(k) or real(*a, **dict(k, lora=None)))
+    assert main(["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--dtype", "fp32", "--out",
+                 str(tmp_path / "o"), "--lora", str(lora), "--lora-scale", "0.8"]) == 0
+    assert seen[0]["lora"] == [str(lora)] and seen[0]["lora_scale"] == 0.8
+    assert "LoRA: style.safetensors:0.8" in Image.open(tmp_path / "o" / "00000-0.png").text["parameters"]
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--steps", "0"], "--steps"), (["--height", "30"], "--height"), (["--guidance", "nan"], "--guidance"),
     (["--init-image", "missing.png"], "missing.png"), (["--mask", "m.png"], "not found"),
     (["--compile", "--cuda-graph"], "give --compile or --cuda-graph"),
+    (["--lora", "missing.safetensors"], "missing.safetensors"), (["--lora-scale", "0.5"], "--lora-scale"),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
     monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))

@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=float, default=0.8)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a LoRA file (ours, kohya-ss or diffusers); repeatable")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help="strength of the LoRA files: one for all or one per --lora (default 1)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--compile", nargs="?", const="reduce-overhead", default=None, choices=COMPILE_MODES,
@@ -75,6 +79,11 @@ def check_args(a: argparse.Namespace) -> list[str]:
         v = getattr(a, name)
         if v and name != "config" and not Path(v).is_file():
             raise ValueError(f"--{name.replace('_', '-')}: file {v!r} not found")
+    for f in a.lora:
+        if not Path(f).is_file():
+            raise ValueError(f"--lora: file {f!r} not found")
+    if len(a.lora_scale) not in (0, 1, len(a.lora)) or (a.lora_scale and not a.lora):
+        raise ValueError(f"--lora-scale: {len(a.lora_scale)} value(s) for {len(a.lora)} --lora file(s)")
     if a.mask and not a.init_image:
         raise ValueError("--mask needs --init-image")
     if a.steps <= 0:
@@ -106,6 +115,12 @@ def file_hash(path: str | None) -> str:
     return h.hexdigest()[:10]
 
 
+def lora_text(a: argparse.Namespace) -> str:
+    """"name.safetensors:0.8, other.safetensors:1" for the PNG metadata."""
+    scales = a.lora_scale if len(a.lora_scale) > 1 else (a.lora_scale or [1.0]) * len(a.lora)
+    return ", ".join(f"{Path(f).name}:{s:g}" for f, s in zip(a.lora, scales))
+
+
 def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, seed: int, size: tuple[int, int],
                     model_hash: str) -> str:
     from ldm import __version__  # noqa: PLC0415
@@ -116,6 +131,7 @@ def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, se
     lines.append(f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, "
                  f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Version: ldm {__version__}"
                  + (f", Eta: {a.eta}" if a.eta is not None else "")
+                 + (f", LoRA: {lora_text(a)}" if a.lora else "")
                  + (f", Denoising strength: {a.strength}" if a.init_image else ""))
     return "\n".join(lines)
 
@@ -132,7 +148,9 @@ def run(argv: list[str] | None = None) -> list[Path]:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
-    model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema)
+    scale = a.lora_scale if len(a.lora_scale) > 1 else (a.lora_scale or [1.0])[0]
+    model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema, lora=a.lora or None,
+                     lora_scale=scale)
     if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415
 

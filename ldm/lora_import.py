@@ -1,0 +1,177 @@
+"""LoRA files made by other tools, merged into our weights (U-Net and text encoder).
+
+Formats: kohya-ss / the SD web UIs (``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``;
+``lora_te_<module>`` for the text encoder; convolutions too, "LoCon") and diffusers / peft
+(``unet.<module>.lora_A.weight``, ``lora_B``; the older ``lora.down``/``lora.up``, ``lora_linear_layer`` and
+attention-processor names; ``text_encoder.<module>``). Module names are diffusers' (U-Net) and ``CLIPTextModel``'s
+(text encoder); they are mapped onto ours with the same key maps as the diffusers folder conversion.
+
+Each adapter adds ΔW = s · (α / r) · B A to its weight (Hu et al. 2021, eq. 3 and the α/r scaling of §4.1), s the
+user's strength; α defaults to r. For a convolution, A is (r, C_in, k, k) and B (C_out, r, 1, 1), and
+ΔW = (B.flatten(1) · A.flatten(1)).reshape(C_out, C_in, k, k).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (down, up) suffixes of the formats we read, longest first
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".lora.down.weight", ".lora.up.weight"))
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # diffusers' attention-processor LoRA
+_UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lora_mid", "oft_blocks", "diff_b")  # LyCORIS LoHa/LoKr/Tucker/OFT, biases
+
+
+@dataclass
+class Adapter:
+    """One low-rank update: which part and module (diffusers/HF dotted path), A (down), B (up) and α."""
+
+    part: str  # "unet" or "text"
+    module: str
+    down: torch.Tensor  # A: (r, C_in) or (r, C_in, k, k)
+    up: torch.Tensor  # B: (C_out, r) or (C_out, r, 1, 1)
+    alpha: float | None
+
+    def delta(self, shape: torch.Size, scale: float) -> torch.Tensor:
+        """ΔW in float32, shaped as the weight it adds to."""
+        r = self.down.shape[0]
+        a = self.alpha if self.alpha is not None else float(r)
+        dw = self.up.float().flatten(1) @ self.down.float().flatten(1)  # (C_out, C_in·k·k)
+        if dw.numel() != torch.Size(shape).numel():
+            raise ValueError(f"LoRA for {self.part} module {self.module!r}: B·A has {tuple(dw.shape)} elements "
+                             f"for a weight of shape {tuple(shape)}")
+        return dw.reshape(shape) * (scale * a / r)
+
+
+def is_ldm_lora(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Our own adapter files (``model.diffusion_model.….lora_A``), written by LoRA fine-tuning."""
+    return any(k.startswith("model.") and k.endswith(("lora_A", "lora_B")) for k in sd)
+
+
+def _split_pairs(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """{full module name as written: {"down", "up", "alpha"}}; an unknown key or format is an error."""
+    bad = [k for k in sd if any(u in k for u in _UNSUPPORTED)]
+    if bad:
+        raise ValueError(f"LoRA file: {len(bad)} key(s) of a LyCORIS/bias variant this loader does not merge "
+                         f"(LoHa, LoKr, Tucker, OFT, bias deltas), e.g. {bad[0]!r}; plain LoRA/LoCon only")
+    mods: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for k, v in sd.items():
+        for down, up in _PAIRS:
+            if k.endswith(down) or k.endswith(up):
+                role, end = ("down", down) if k.endswith(down) else ("up", up)
+                mods.setdefault(k[: -len(end)], {})[role] = v
+                break
+        else:
+            if k.endswith(".alpha"):
+                mods.setdefault(k[: -len(".alpha")], {})["alpha"] = float(v)
+            else:
+                unknown.append(k)
+    if unknown:
+        raise ValueError(f"LoRA file: {len(unknown)} key(s) of no known LoRA layout, e.g. {unknown[:3]}")
+    half = [m for m, d in mods.items() if "down" not in d or "up" not in d]
+    if half:
+        raise ValueError(f"LoRA file: {len(half)} module(s) with only one of the down/up matrices, e.g. {half[0]!r}")
+    return mods
+
+
+def _module_name(written: str, kohya: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(part, dotted module) for a module name as written in the file, or None when it fits nothing."""
+    if written.startswith(("lora_unet_", "lora_te_")):
+        return kohya.get(written)
+    for prefix, part in (("unet.", "unet"), ("text_encoder.", "text")):
+        if written.startswith(prefix):
+            name = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""),
+                                  written[len(prefix):])
+            return part, name
+    return None
+
+
+def parse_lora(sd: Mapping[str, torch.Tensor], modules: Mapping[str, set[str]]) -> list[Adapter]:
+    """The adapters of a kohya or diffusers LoRA file. ``modules``: {"unet": diffusers module names, "text": HF
+    ``CLIPTextModel`` module names} of the model it is for (kohya's names are these with "." → "_")."""
+    kohya = {f"lora_{tag}_{m.replace('.', '_')}": (part, m)
+             for part, tag in (("unet", "unet"), ("text", "te")) for m in modules[part]}
+    out, unmatched = [], []
+    for written, d in _split_pairs(sd).items():
+        hit = _module_name(written, kohya)
+        if hit is None or hit[1] not in modules[hit[0]]:
+            unmatched.append(written)
+            continue
+        out.append(Adapter(hit[0], hit[1], d["down"], d["up"], d.get("alpha")))
+    if unmatched:
+        raise ValueError(f"LoRA file: {len(unmatched)} module(s) not in this model, e.g. {unmatched[:3]} (a LoRA for "
+                         "another architecture, e.g. SDXL or SD 2.x on SD 1.x?)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- merging
+UNET_PREFIX = "model.diffusion_model."
+
+
+def _unet_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Our U-Net's weights in diffusers' names (views, no copies)."""
+    from ldm.convert.diffusers_unet import unet_ldm_to_diffusers  # noqa: PLC0415
+    from ldm.lora import strip_lora  # noqa: PLC0415
+
+    sd = strip_lora({k[len(UNET_PREFIX):]: v for k, v in model.state_dict().items() if k.startswith(UNET_PREFIX)})
+    return unet_ldm_to_diffusers(sd, model.config.model.params.unet_config.params)
+
+
+def _text_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Our text encoder's weights in ``CLIPTextModel``'s names, every layer; {} for a non-CLIP encoder."""
+    from ldm.convert.diffusers_text import text_encoder_to_hf  # noqa: PLC0415
+
+    enc = model.cond_stage_model
+    if not hasattr(enc, "layout"):
+        return {}
+    return text_encoder_to_hf(enc.state_dict(), enc.layout, enc.num_layers, "last")
+
+
+def _merge_text(model: Any, hf_deltas: Mapping[str, torch.Tensor], hf: Mapping[str, torch.Tensor]) -> None:
+    """Add ΔW given in HF names to our text encoder: the deltas (zeros elsewhere, as stride-0 views) take the same
+    conversion as the weights (linear: renames, and open_clip's q ‖ k ‖ v concatenation), then load strictly."""
+    from ldm.convert.diffusers_text import text_encoder_from_hf  # noqa: PLC0415
+
+    enc = model.cond_stage_model
+    ours = enc.state_dict()
+    full = {k: hf_deltas[k] if k in hf_deltas else torch.zeros(()).expand(v.shape) for k, v in hf.items()}
+    back = text_encoder_from_hf(full, ours, enc.layout, "last")
+    new = {k: (v.float() + back[k].to(v.device)).to(v.dtype) if k in back and bool(back[k].any()) else v
+           for k, v in ours.items()}
+    enc.load_state_dict(new)
+
+
+def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> int:
+    """Merge a kohya or diffusers LoRA state dict into ``model``'s U-Net and text encoder with strength ``scale``.
+
+    Returns the number of adapted weights. Raises ValueError naming the keys that fit no module of the model.
+    """
+    from ldm.convert.diffusers_unet import unet_diffusers_to_ldm  # noqa: PLC0415
+
+    unet_w, text_w = _unet_weights(model), _text_weights(model)
+    modules = {"unet": {k[:-len(".weight")] for k in unet_w if k.endswith(".weight")},
+               "text": {k[:-len(".weight")] for k in text_w if k.endswith(".weight")}}
+    adapters = parse_lora(sd, modules)
+    deltas: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text": {}}
+    for a in adapters:
+        key = a.module + ".weight"
+        shape = (unet_w if a.part == "unet" else text_w)[key].shape
+        deltas[a.part][key] = deltas[a.part].get(key, 0) + a.delta(shape, scale)
+    unet = unet_diffusers_to_ldm(deltas["unet"], model.config.model.params.unet_config.params)
+    params = dict(model.model.diffusion_model.named_parameters())
+    with torch.no_grad():
+        for k, dw in unet.items():
+            p = params[k]
+            p.copy_((p.float() + dw.to(p.device)).to(p.dtype))  # summed in fp32, then the model's dtype
+        if deltas["text"]:
+            _merge_text(model, deltas["text"], text_w)
+    n_unet, n_text = len(deltas["unet"]), len(deltas["text"])
+    log.info("merged a LoRA at strength %g: %d U-Net and %d text-encoder weights", scale, n_unet, n_text)
+    return n_unet + n_text
