@@ -70,7 +70,8 @@ def build(cfg: DictConfig | dict, where: str = "config") -> Any:
 def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig | None = None,
          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          use_ema: bool = False, strict: bool = True, lora: str | Path | Sequence[str | Path] | None = None,
-         merge_lora: bool = False, fast: bool = True, lora_scale: float | Sequence[float] = 1.0) -> Any:
+         merge_lora: bool = False, fast: bool = True, lora_scale: float | Sequence[float] = 1.0,
+         vae: str | Path | None = None, clip_skip: int | None = None) -> Any:
     """Load a latent diffusion model.
 
     Args:
@@ -85,6 +86,10 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
         lora: a LoRA file or a list of them: ours (``lora.safetensors`` of LoRA fine-tuning, attached to the
             U-Net; ``merge_lora=True`` folds it into the base weights), or kohya-ss / diffusers files (merged into
             the U-Net and the text encoder); ``lora_scale`` is the strength, one for all or one per file.
+        vae: a separate autoencoder file to use instead of the checkpoint's (e.g. ``vae-ft-mse-840000``; the
+            original layout, with or without ``first_stage_model.``, or diffusers' ``AutoencoderKL`` keys).
+        clip_skip: 1 conditions on the text encoder's last layer, 2 on the penultimate (the web UIs' "CLIP skip";
+            default: the config's).
         fast: on a CUDA device, the safe part of the fast path: channels_last weights (cuDNN's fast convolution
             layout); compile and fused projections with :func:`ldm.fast.optimize`.
     Returns:
@@ -93,12 +98,33 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     """
     if checkpoint is None and config is None:
         raise ValueError("ldm.load needs a checkpoint, a config, or both")
+    from ldm.addons import attach_loras, load_vae, set_clip_skip  # noqa: PLC0415
+
+    model = _load_model(checkpoint, config, use_ema, strict)
+    if vae is not None:
+        load_vae(model, vae)
+    if clip_skip is not None:
+        set_clip_skip(model, clip_skip)
+    if lora is not None:
+        attach_loras(model, lora, lora_scale, merge_lora)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
+    if fast and device is not None and torch.device(device).type == "cuda":
+        _fast_defaults(model)
+    return model
+
+
+def _load_model(checkpoint: str | Path | None, config: str | Path | DictConfig | None, use_ema: bool,
+                strict: bool) -> Any:
+    """The model of a diffusers folder, or of a checkpoint file with its config (given, its own, a sidecar YAML or
+    detected), or of a config alone (random weights); on the CPU in float32."""
     if checkpoint is not None and Path(checkpoint).is_dir():
         if not (Path(checkpoint) / "model_index.json").is_file():
             raise FileNotFoundError(f"{checkpoint} is a folder without model_index.json (not a diffusers pipeline)")
         from ldm.convert import import_diffusers  # noqa: PLC0415
 
-        return import_diffusers(checkpoint, device=device, dtype=dtype, strict=strict)
+        return import_diffusers(checkpoint, strict=strict)
     sd, meta = read_state_dict(checkpoint) if checkpoint is not None else ({}, {})
     if isinstance(config, DictConfig):
         cfg = config
@@ -112,13 +138,6 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     model = build(cfg, str(config or checkpoint))
     if checkpoint is not None:
         load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))
-    if lora is not None:
-        _attach_loras(model, lora, lora_scale, merge_lora)
-    model.eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)  # ᾱ stays float64 (LatentDiffusion._apply)
-    if fast and device is not None and torch.device(device).type == "cuda":
-        _fast_defaults(model)
     return model
 
 
@@ -129,46 +148,6 @@ def _fast_defaults(model: Any) -> None:
         part = getattr(model, name, None)
         if isinstance(part, torch.nn.Module):
             part.to(memory_format=torch.channels_last)
-
-
-def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float = 1.0) -> None:
-    """Add the LoRA in ``path`` to ``model`` at strength ``scale``.
-
-    Our own adapter files (keys ``model.diffusion_model.….lora_A``) are attached to ``model.model`` (merged with
-    ``merge``); kohya-ss and diffusers/peft files are merged into the U-Net and the text encoder
-    (:mod:`ldm.lora_import`).
-    """
-    from ldm.lora import LoRALinear, load_lora, merge_lora  # noqa: PLC0415
-    from ldm.lora_import import is_ldm_lora, merge_lora_file  # noqa: PLC0415
-
-    sd, _ = read_state_dict(path)
-    if not is_ldm_lora(sd):
-        try:
-            merge_lora_file(model, sd, scale)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        return
-    bad = [k for k in sd if not k.startswith("model.")]
-    if bad:
-        raise CheckpointError(f"{path}: not a LoRA file of this project (unexpected key {bad[0]!r})")
-    ours = {k[len("model."):]: v for k, v in sd.items()}
-    load_lora(model.model, ours)
-    for name in {k.rsplit(".", 1)[0] for k in ours if k.endswith("lora_A")}:
-        m = model.model.get_submodule(name)
-        if isinstance(m, LoRALinear):
-            m.scale *= scale
-    if merge:
-        log.info("merged %d LoRA adapters into the U-Net", merge_lora(model.model))
-
-
-def _attach_loras(model: Any, lora: Any, scale: Any, merge: bool) -> None:
-    """One file or a list of them, with one strength for all or one each; two or more are merged in turn."""
-    paths = [lora] if isinstance(lora, (str, Path)) else list(lora)
-    scales = [float(scale)] * len(paths) if isinstance(scale, (int, float)) else [float(s) for s in scale]
-    if len(scales) != len(paths):
-        raise ValueError(f"lora_scale has {len(scales)} value(s) for {len(paths)} LoRA file(s)")
-    for p, s in zip(paths, scales):
-        attach_lora(model, p, merge or len(paths) > 1, s)
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: bool = False, strict: bool = True,

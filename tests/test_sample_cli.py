@@ -61,6 +61,7 @@ def test_lora_files_reach_the_loader_and_the_metadata(ckpt, tmp_path, monkeypatc
     (["--init-image", "missing.png"], "missing.png"), (["--mask", "m.png"], "not found"),
     (["--compile", "--cuda-graph"], "give --compile or --cuda-graph"),
     (["--lora", "missing.safetensors"], "missing.safetensors"), (["--lora-scale", "0.5"], "--lora-scale"),
+    (["--vae", "nope.safetensors"], "nope.safetensors"), (["--clip-skip", "3"], "--clip-skip"),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
     monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))

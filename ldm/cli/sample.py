@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--strength", type=float, default=0.8)
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    p.add_argument("--vae", metavar="FILE", help="a separate autoencoder file (e.g. vae-ft-mse-840000-ema-pruned)")
+    p.add_argument("--clip-skip", type=int, metavar="N", help="1: the text encoder's last layer, 2: the penultimate")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a LoRA file (ours, kohya-ss or diffusers); repeatable")
     p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
@@ -75,7 +77,9 @@ def check_args(a: argparse.Namespace) -> list[str]:
         raise ValueError("give --checkpoint and/or --config")
     if a.compile and a.cuda_graph:
         raise ValueError("--cuda-graph replays the eager U-Net instead of compiling it: give --compile or --cuda-graph")
-    for name in ("checkpoint", "config", "init_image", "mask", "prompts_file"):
+    if a.clip_skip not in (None, 1, 2):
+        raise ValueError(f"--clip-skip must be 1 or 2, got {a.clip_skip}")
+    for name in ("checkpoint", "config", "init_image", "mask", "prompts_file", "vae"):
         v = getattr(a, name)
         if v and name != "config" and not Path(v).is_file():
             raise ValueError(f"--{name.replace('_', '-')}: file {v!r} not found")
@@ -121,6 +125,14 @@ def lora_text(a: argparse.Namespace) -> str:
     return ", ".join(f"{Path(f).name}:{s:g}" for f, s in zip(a.lora, scales))
 
 
+def _optional_settings(a: argparse.Namespace) -> list[str]:
+    """The "Key: value" items of the settings that were given."""
+    items = [("Eta", a.eta if a.eta is not None else None), ("LoRA", lora_text(a) if a.lora else None),
+             ("VAE", Path(a.vae).name if a.vae else None), ("Clip skip", a.clip_skip),
+             ("Denoising strength", a.strength if a.init_image else None)]
+    return [f"{k}: {v}" for k, v in items if v is not None]
+
+
 def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, seed: int, size: tuple[int, int],
                     model_hash: str) -> str:
     from ldm import __version__  # noqa: PLC0415
@@ -128,11 +140,9 @@ def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, se
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, "
-                 f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Version: ldm {__version__}"
-                 + (f", Eta: {a.eta}" if a.eta is not None else "")
-                 + (f", LoRA: {lora_text(a)}" if a.lora else "")
-                 + (f", Denoising strength: {a.strength}" if a.init_image else ""))
+    lines.append(", ".join([f"Steps: {a.steps}, Sampler: {a.sampler}, Schedule: {a.sigmas}, CFG scale: {a.guidance}, "
+                            f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, "
+                            f"Version: ldm {__version__}", *_optional_settings(a)]))
     return "\n".join(lines)
 
 
@@ -150,7 +160,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
     scale = a.lora_scale if len(a.lora_scale) > 1 else (a.lora_scale or [1.0])[0]
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema, lora=a.lora or None,
-                     lora_scale=scale)
+                     lora_scale=scale, vae=a.vae, clip_skip=a.clip_skip)
     if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415
 

@@ -1,0 +1,99 @@
+"""What :func:`ldm.load` adds on top of a checkpoint: LoRA files, a separate autoencoder, CLIP skip."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import open_dict
+
+from ldm.checkpoint import CheckpointError, read_state_dict
+
+log = logging.getLogger(__name__)
+VAE_PREFIX = "first_stage_model."
+VAE_EXTRAS = ("loss.", "model_ema.")  # the released autoencoder .ckpt files carry their training loss (LPIPS, disc.)
+
+
+def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float = 1.0) -> None:
+    """Add the LoRA in ``path`` to ``model`` at strength ``scale``.
+
+    Our own adapter files (keys ``model.diffusion_model.….lora_A``) are attached to ``model.model`` (merged with
+    ``merge``); kohya-ss and diffusers/peft files are merged into the U-Net and the text encoder
+    (:mod:`ldm.lora_import`).
+    """
+    from ldm.lora import LoRALinear, load_lora, merge_lora  # noqa: PLC0415
+    from ldm.lora_import import is_ldm_lora, merge_lora_file  # noqa: PLC0415
+
+    sd, _ = read_state_dict(path)
+    if not is_ldm_lora(sd):
+        try:
+            merge_lora_file(model, sd, scale)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return
+    bad = [k for k in sd if not k.startswith("model.")]
+    if bad:
+        raise CheckpointError(f"{path}: not a LoRA file of this project (unexpected key {bad[0]!r})")
+    ours = {k[len("model."):]: v for k, v in sd.items()}
+    load_lora(model.model, ours)
+    for name in {k.rsplit(".", 1)[0] for k in ours if k.endswith("lora_A")}:
+        m = model.model.get_submodule(name)
+        if isinstance(m, LoRALinear):
+            m.scale *= scale
+    if merge:
+        log.info("merged %d LoRA adapters into the U-Net", merge_lora(model.model))
+
+
+def attach_loras(model: Any, lora: Any, scale: Any, merge: bool) -> None:
+    """One file or a list of them, with one strength for all or one each; two or more are merged in turn."""
+    paths = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    scales = [float(scale)] * len(paths) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(scales) != len(paths):
+        raise ValueError(f"lora_scale has {len(scales)} value(s) for {len(paths)} LoRA file(s)")
+    for p, s in zip(paths, scales):
+        attach_lora(model, p, merge or len(paths) > 1, s)
+
+
+def load_vae(model: Any, path: str | Path) -> None:
+    """Replace the autoencoder's weights with those in ``path``: an autoencoder file (original layout, as
+    ``vae-ft-mse-840000-ema-pruned``), a whole SD checkpoint (its ``first_stage_model.*``) or diffusers'
+    ``AutoencoderKL`` keys. Strict: a missing, unexpected or misshapen tensor is an error naming the file."""
+    sd, _ = read_state_dict(path)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(VAE_EXTRAS)}
+    vae = model.first_stage_model
+    if any(k.startswith("encoder.down_blocks.") for k in sd):
+        from ldm.convert.diffusers_vae import vae_diffusers_to_ldm  # noqa: PLC0415
+
+        try:
+            sd = vae_diffusers_to_ldm(sd, model.config.model.params.first_stage_config.params.ddconfig)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    own = vae.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{path} does not fit the autoencoder: {len(missing)} missing (e.g. {missing[:2]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(bad)} of another shape "
+                              f"(e.g. {bad[:2]})")
+    vae.load_state_dict(sd)
+    log.info("autoencoder weights from %s (%d tensors)", path, len(sd))
+
+
+def set_clip_skip(model: Any, clip_skip: int) -> None:
+    """Condition on the text encoder's last (1) or penultimate (2) layer, then its final LayerNorm (the web UIs'
+    "CLIP skip"); the config records it, so that a saved model keeps it."""
+    layers = {1: "last", 2: "penultimate"}
+    if clip_skip not in layers:
+        raise ValueError(f"clip_skip must be 1 (last layer) or 2 (penultimate), got {clip_skip!r}")
+    enc = model.cond_stage_model
+    if not hasattr(enc, "layer"):
+        raise ValueError(f"clip_skip: the text encoder {type(enc).__name__} has no selectable layer")
+    enc.layer = layers[clip_skip]
+    cs = model.config.model.params.cond_stage_config
+    with open_dict(cs):
+        if cs.get("params") is None:
+            cs.params = {}
+        cs.params.layer = enc.layer
+    log.info("text conditioning from the %s layer (clip_skip=%d)", enc.layer, clip_skip)
