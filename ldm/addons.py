@@ -97,3 +97,21 @@ def set_clip_skip(model: Any, clip_skip: int) -> None:
             cs.params = {}
         cs.params.layer = enc.layer
     log.info("text conditioning from the %s layer (clip_skip=%d)", enc.layer, clip_skip)
+
+
+def load_embeddings(model: Any, embeddings: Any) -> None:
+    """Textual-inversion files: a path (named after its stem), a list of paths, or {name: path}."""
+    from ldm.conditioning.embeddings import read_embedding  # noqa: PLC0415
+
+    items = (list(embeddings.items()) if isinstance(embeddings, dict)
+             else [(None, p) for p in ([embeddings] if isinstance(embeddings, (str, Path)) else embeddings)])
+    enc = model.cond_stage_model
+    if not hasattr(enc, "add_embedding"):
+        raise ValueError(f"embeddings: the text encoder {type(enc).__name__} takes no textual-inversion vectors")
+    for name, path in items:
+        name, vectors = read_embedding(path, name)
+        try:
+            enc.add_embedding(name, vectors)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e} (an embedding for another text encoder?)") from None
+        log.info("embedding %r: %d vector(s) from %s", name, vectors.shape[0], path)

@@ -39,6 +39,23 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint tried to run code while loading."""
 
 
+def load_pickle(path: Path) -> Any:
+    """A pickled checkpoint's object, read with ``torch.load(weights_only=True)`` (tensors and plain containers
+    only: a pickle that asks to build anything else is refused)."""
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
+                              f"{', '.join(PICKLE_SUFFIXES)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the pickle asks to build objects other than tensors ({str(e).splitlines()[0]}). "
+            "Only weights are loaded (torch.load weights_only=True); convert the file to safetensors from a "
+            "trusted environment if you trust its source") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+
+
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a flat ``{name: tensor}`` dict and the file's metadata (safetensors only; ``{}`` for pickles).
 
@@ -57,18 +74,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
         return sd, meta
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
-                              f"{', '.join(PICKLE_SUFFIXES)}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: the pickle asks to build objects other than tensors ({str(e).splitlines()[0]}). "
-            "Only weights are loaded (torch.load weights_only=True); convert the file to safetensors from a "
-            "trusted environment if you trust its source") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    obj = load_pickle(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -71,7 +71,7 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          use_ema: bool = False, strict: bool = True, lora: str | Path | Sequence[str | Path] | None = None,
          merge_lora: bool = False, fast: bool = True, lora_scale: float | Sequence[float] = 1.0,
-         vae: str | Path | None = None, clip_skip: int | None = None) -> Any:
+         vae: str | Path | None = None, clip_skip: int | None = None, embeddings: Any = None) -> Any:
     """Load a latent diffusion model.
 
     Args:
@@ -90,6 +90,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
             original layout, with or without ``first_stage_model.``, or diffusers' ``AutoencoderKL`` keys).
         clip_skip: 1 conditions on the text encoder's last layer, 2 on the penultimate (the web UIs' "CLIP skip";
             default: the config's).
+        embeddings: textual-inversion files (a path, a list, or {name: path}); a file's name in a prompt stands
+            for its vectors (the name is the file's stem unless given).
         fast: on a CUDA device, the safe part of the fast path: channels_last weights (cuDNN's fast convolution
             layout); compile and fused projections with :func:`ldm.fast.optimize`.
     Returns:
@@ -98,13 +100,15 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
     """
     if checkpoint is None and config is None:
         raise ValueError("ldm.load needs a checkpoint, a config, or both")
-    from ldm.addons import attach_loras, load_vae, set_clip_skip  # noqa: PLC0415
+    from ldm.addons import attach_loras, load_embeddings, load_vae, set_clip_skip  # noqa: PLC0415
 
     model = _load_model(checkpoint, config, use_ema, strict)
     if vae is not None:
         load_vae(model, vae)
     if clip_skip is not None:
         set_clip_skip(model, clip_skip)
+    if embeddings is not None:
+        load_embeddings(model, embeddings)
     if lora is not None:
         attach_loras(model, lora, lora_scale, merge_lora)
     model.eval()

@@ -42,7 +42,7 @@ def test_sampler_defaults_reach_the_library(ckpt, tmp_path, monkeypatch):
     assert "Eta" not in texts[0] and "Eta: 0.5" in texts[1] and "Schedule: leading" in texts[1]
 
 
-def test_lora_files_reach_the_loader_and_the_metadata(ckpt, tmp_path, monkeypatch):
+def test_lora_and_embedding_files_reach_the_loader(ckpt, tmp_path, monkeypatch):
     from ldm.checkpoint import save_safetensors
 
     lora = tmp_path / "style.safetensors"
@@ -50,9 +50,12 @@ def test_lora_files_reach_the_loader_and_the_metadata(ckpt, tmp_path, monkeypatc
     seen = []
     real = ldm.load
     monkeypatch.setattr(ldm, "load", lambda *a, **k: seen.append(k) or real(*a, **dict(k, lora=None)))
-    assert main(["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--dtype", "fp32", "--out",
-                 str(tmp_path / "o"), "--lora", str(lora), "--lora-scale", "0.8"]) == 0
+    emb = tmp_path / "neg.safetensors"
+    save_safetensors({"emb_params": torch.randn(2, 64)}, emb)
+    assert main(["--checkpoint", str(ckpt), "--prompt", "x, bad", "--steps", "1", "--dtype", "fp32", "--out",
+                 str(tmp_path / "o"), "--lora", str(lora), "--lora-scale", "0.8", "--embedding", f"bad={emb}"]) == 0
     assert seen[0]["lora"] == [str(lora)] and seen[0]["lora_scale"] == 0.8
+    assert seen[0]["embeddings"] == {"bad": str(emb)}
     assert "LoRA: style.safetensors:0.8" in Image.open(tmp_path / "o" / "00000-0.png").text["parameters"]
 
 
@@ -62,6 +65,7 @@ def test_lora_files_reach_the_loader_and_the_metadata(ckpt, tmp_path, monkeypatc
     (["--compile", "--cuda-graph"], "give --compile or --cuda-graph"),
     (["--lora", "missing.safetensors"], "missing.safetensors"), (["--lora-scale", "0.5"], "--lora-scale"),
     (["--vae", "nope.safetensors"], "nope.safetensors"), (["--clip-skip", "3"], "--clip-skip"),
+    (["--embedding", "neg=absent.pt"], "absent.pt"),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
     monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--vae", metavar="FILE", help="a separate autoencoder file (e.g. vae-ft-mse-840000-ema-pruned)")
     p.add_argument("--clip-skip", type=int, metavar="N", help="1: the text encoder's last layer, 2: the penultimate")
+    p.add_argument("--embedding", action="append", default=[], metavar="[NAME=]FILE",
+                   help="a textual-inversion file; its name (the file's stem unless given) in a prompt stands for its "
+                        "vectors; repeatable")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a LoRA file (ours, kohya-ss or diffusers); repeatable")
     p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
@@ -86,6 +89,9 @@ def check_args(a: argparse.Namespace) -> list[str]:
     for f in a.lora:
         if not Path(f).is_file():
             raise ValueError(f"--lora: file {f!r} not found")
+    for name, f in embedding_args(a.embedding).items():
+        if not Path(f).is_file():
+            raise ValueError(f"--embedding: file {f!r} not found")
     if len(a.lora_scale) not in (0, 1, len(a.lora)) or (a.lora_scale and not a.lora):
         raise ValueError(f"--lora-scale: {len(a.lora_scale)} value(s) for {len(a.lora)} --lora file(s)")
     if a.mask and not a.init_image:
@@ -117,6 +123,17 @@ def file_hash(path: str | None) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:10]
+
+
+def embedding_args(values: list[str]) -> dict[str, str]:
+    """``--embedding`` values → {name: file}: "NAME=FILE", or a file named after its stem."""
+    out = {}
+    for v in values:
+        name, eq, f = v.partition("=")
+        if not eq or Path(v).is_file():
+            name, f = Path(v).stem, v
+        out[name] = f
+    return out
 
 
 def lora_text(a: argparse.Namespace) -> str:
@@ -160,7 +177,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
     scale = a.lora_scale if len(a.lora_scale) > 1 else (a.lora_scale or [1.0])[0]
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema, lora=a.lora or None,
-                     lora_scale=scale, vae=a.vae, clip_skip=a.clip_skip)
+                     lora_scale=scale, vae=a.vae, clip_skip=a.clip_skip,
+                     embeddings=embedding_args(a.embedding) or None)
     if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415
 

@@ -154,14 +154,60 @@ class OpenCLIPTextEncoder(nn.Module):
         for i, text in enumerate(prompts):
             if not isinstance(text, str):
                 raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
-            ids = tok.encode(text)
+            ids = self._encode_text(text)
             if len(ids) > n - 2:
                 log.warning("The following part of your input was truncated because CLIP can only handle sequences "
-                            "up to %d tokens: %s", n, tok.decode(ids[n - 2:]).strip())
+                            "up to %d tokens: %s", n, self._decode(ids[n - 2:]).strip())
                 ids = ids[: n - 2]
             row = [tok.sot_token_id, *ids, tok.eot_token_id]
             out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return out
+
+    # -- textual inversion (ldm.conditioning.embeddings) ---------------------------------------------------
+    def add_embedding(self, name: str, vectors: torch.Tensor) -> None:
+        """Make ``name`` in a prompt stand for ``vectors`` (n, width): ids past the vocabulary, looked up in a
+        buffer beside the token embedding (not saved with the model)."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.width:
+            raise ValueError(f"embedding {name!r}: vectors {tuple(vectors.shape)} do not fit width {self.width}")
+        emb = self.model.token_embedding.weight
+        extra = getattr(self, "extra_vectors", emb.new_zeros(0, self.width))
+        start = emb.shape[0] + extra.shape[0]  # ids V, V+1, … in the order added
+        self.register_buffer("extra_vectors", torch.cat([extra, vectors.to(emb)]), persistent=False)
+        self.embeddings = {**getattr(self, "embeddings", {}), name: (start, vectors.shape[0])}
+
+    def _encode_text(self, text: str) -> list[int]:
+        from ldm.conditioning.embeddings import split_prompt  # noqa: PLC0415
+
+        named = getattr(self, "embeddings", {})
+        ids: list[int] = []
+        for piece in split_prompt(text, list(named)):
+            ids += list(range(named[piece][0], sum(named[piece]))) if piece in named else bpe_tokenizer().encode(piece)
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        """Ids back to text; an embedding's ids (or the part of them that is there) become its name once."""
+        names = {i: k for k, (s, n) in getattr(self, "embeddings", {}).items() for i in range(s, s + n)}
+        V, out, run, prev = self.model.token_embedding.weight.shape[0], [], [], None
+        for i in [*ids, None]:
+            if i is not None and i < V:
+                run.append(i)
+            elif run:
+                out.append(bpe_tokenizer().decode(run))
+                run = []
+            if i in names and names[i] != names.get(prev):
+                out.append(names[i] + " ")
+            prev = i
+        return "".join(out)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> vectors (B, L, W); ids past the vocabulary from the textual-inversion buffer."""
+        emb = self.model.token_embedding
+        extra = getattr(self, "extra_vectors", None)
+        if extra is None:
+            return emb(tokens)  # (B, L, W)
+        V = emb.weight.shape[0]
+        x = emb(tokens.clamp(max=V - 1))  # (B, L, W)
+        return torch.where((tokens >= V)[..., None], extra[(tokens - V).clamp(min=0)].to(x.dtype), x)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> hidden states of ``self.layer`` after ln_final, (B, L, width), causal mask."""
@@ -172,7 +218,7 @@ class OpenCLIPTextEncoder(nn.Module):
         compiles (no host tensor in the graph, so it can be a CUDA graph)."""
         m = self.model
         L = tokens.shape[1]
-        x = m.token_embedding(tokens)  # (B, L, W)
+        x = self._embed(tokens)  # (B, L, W)
         x = x + m.positional_embedding[:L].to(x.dtype)  # (B, L, W)
         # (L, L) additive causal mask, built here rather than taken from open_clip's non-persistent buffer, which
         # stays on the meta device when a model built on meta is loaded with load_state_dict(assign=True)

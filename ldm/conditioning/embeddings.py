@@ -1,0 +1,62 @@
+"""Textual-inversion embeddings (Gal et al. 2022): named sequences of learned token vectors used in prompts.
+
+Files: the web UIs' ``.pt`` (``{"string_to_param": {"*": (n, D)}, "name": …}``) and ``.safetensors``
+(``{"emb_params": (n, D)}``), and diffusers' ``learned_embeds`` (``{"<token>": (D,) or (n, D)}``). The name used in
+prompts is the file's stem (the web UIs' rule) unless one is given. In a prompt, each occurrence of the name (as a
+substring, as diffusers' added tokens match) becomes its n vectors; the rest of the text is tokenized as usual.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ldm.checkpoint import CheckpointError, load_pickle, read_state_dict
+
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def _vectors(obj: Mapping[str, Any], path: Path) -> tuple[torch.Tensor, str | None]:
+    """(n, D) vectors and the name the file gives itself, if any."""
+    if isinstance(obj.get("string_to_param"), Mapping):  # the web UIs' .pt
+        params = list(obj["string_to_param"].values())
+        if len(params) != 1:
+            raise CheckpointError(f"{path}: expected one entry in string_to_param, got {len(params)}")
+        return params[0].detach(), obj.get("name") if isinstance(obj.get("name"), str) else None
+    if "emb_params" in obj:
+        return obj["emb_params"], None
+    if any(k in obj for k in SDXL_KEYS):
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l/clip_g); this model has one text encoder")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:  # diffusers' learned_embeds: {"<token>": vectors}
+        (token, v), = tensors.items()
+        return v, token
+    raise CheckpointError(f"{path}: not a textual-inversion embedding (keys {sorted(obj)[:5]})")
+
+
+def read_embedding(path: str | Path, name: str | None = None) -> tuple[str, torch.Tensor]:
+    """(name, vectors (n, D) in float32) from an embedding file; ``name`` overrides the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding {str(path)!r} does not exist")
+    obj = read_state_dict(path)[0] if path.suffix == ".safetensors" else load_pickle(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    v, own = _vectors(obj, path)
+    v = v.float().reshape(-1, v.shape[-1]) if v.ndim in (1, 2) else v
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise CheckpointError(f"{path}: embedding vectors must be (n, D), got {tuple(v.shape)}")
+    name = name or (own if own and own.startswith("<") else path.stem)
+    if not name.strip():
+        raise ValueError(f"{path}: empty embedding name")
+    return name, v
+
+
+def split_prompt(text: str, names: list[str]) -> list[str]:
+    """The prompt cut around every occurrence of the names (longest first): ["a photo of ", "<cat>", " toy"]."""
+    if not names:
+        return [text]
+    pattern = "(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")"
+    return [p for p in re.split(pattern, text) if p]
