@@ -46,6 +46,8 @@ class GenerateArgs:
         for name in ("guidance", "guidance_rescale", "eta", "strength"):
             if getattr(self, name) is not None and not math.isfinite(float(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         for name in ("height", "width"):
@@ -86,7 +88,10 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
 
     kind = a.sigmas
     if kind == "auto":
-        kind = ("ddim" if a.sampler in ("ddim", "plms", "ddpm")
+        # DDPM: the DDIM timesteps but ending at σ = 0 ("leading"), not at σ(ᾱ_0) > 0: Ho et al.'s last step adds no
+        # noise (Algorithm 2, z = 0 at t = 1), as the original p_sample_loop and diffusers' DDPMScheduler, while a
+        # step to σ(ᾱ_0) > 0 draws fresh noise of std ≈ σ(ᾱ_0) that would stay in the image.
+        kind = ("leading" if a.sampler == "ddpm" else "ddim" if a.sampler in ("ddim", "plms")
                 else "karras" if a.sampler.startswith("dpmpp") else "discrete")
     return get_sigmas(model.alphas_cumprod, a.steps, kind)
 
@@ -144,6 +149,10 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     H, W = a.height or size, a.width or size
     base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
     C = model.unet.out_channels if hasattr(model.unet, "out_channels") else 4
+    in_ch = model.unet.in_channels if hasattr(model.unet, "in_channels") else C
+    if in_ch == C + C + 1 and mask is None:
+        raise ValueError(f"this is an inpainting model (its U-Net takes {in_ch} channels: latents, mask, masked "
+                         "image): give init_image and mask")
     noise = latents if latents is not None else seeded_noise((C, H // f, W // f), [base + i for i in range(B)])
     if noise.shape[0] != B:
         raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
@@ -160,7 +169,6 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         if mask is not None:
             m_px = to_mask_tensor(mask, B, H, W).to(dev)  # (B, 1, H, W)
             m = torch.nn.functional.interpolate(m_px, size=(H // f, W // f), mode="nearest")
-            in_ch = model.unet.in_channels if hasattr(model.unet, "in_channels") else C
             if in_ch == C + C + 1:  # a 9-channel inpainting model: condition on mask ‖ masked-image latents
                 masked = vae.encode_latents(img * (m_px < 0.5)).float()
                 concat = torch.cat([m, masked], dim=1)

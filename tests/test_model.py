@@ -78,6 +78,7 @@ def test_img2img_and_inpainting_keep_the_known_region(tiny):
 @pytest.mark.parametrize("kw, match", [
     (dict(steps=0), "steps"), (dict(height=30), "height"), (dict(sampler="nope"), "unknown sampler"),
     (dict(guidance=float("nan")), "guidance"), (dict(strength=0.0), "strength"), (dict(mask=torch.ones(1, 1, 8, 8)), "init_image"),
+    (dict(guidance_rescale=1.5), "guidance_rescale must be in"),
 ])
 def test_bad_generate_arguments(tiny, kw, match):
     with pytest.raises(ValueError, match=match):

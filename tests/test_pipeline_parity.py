@@ -183,6 +183,8 @@ def test_nine_channel_inpainting_matches(tmp_path, deterministic_vae_encode, str
     pipe = _pipeline(model, tmp_path, "StableDiffusionInpaintPipeline")
     assert pipe.unet.config.in_channels == 9
     init, mask = _images(2), _mask()
+    with pytest.raises(ValueError, match="inpainting model .* give init_image and mask"):
+        generate(model, PROMPTS, steps=2, progress=False)
     theirs = pipe(PROMPTS, image=init, mask_image=mask, strength=strength, num_inference_steps=STEPS,
                   guidance_scale=7.5, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(5),
                   output_type="latent").images

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.diffusion.samplers_common import (NoiseSampler, SigmaSteps, ancestral_step, call, make_noise_sampler,
-                                           report, steps, to_d)
+from ldm.diffusion.samplers_common import (NoiseSampler, SigmaSteps, ancestral_step, call, check_eta,
+                                           make_noise_sampler, report, steps, to_d)
 from ldm.diffusion.samplers_multistep import (sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral,
                                               sample_plms, sample_unipc)
 
@@ -57,6 +57,7 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     σ_η is eq. 16's σ_t(η) (η = 0: deterministic, the Euler step of the probability-flow ODE in σ-space;
     η = 1: DDPM). Use ``get_sigmas(..., "ddim")`` for the original timesteps.
     """
+    check_eta(eta)
     sig, noise = SigmaSteps(sigmas, x), make_noise_sampler(x, generators, noise_sampler)
     for i in steps(len(sig) - 1, disable):
         s, s_next = sig[i], sig[i + 1]
@@ -104,6 +105,7 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tenso
                            noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps (k-diffusion): an Euler step to σ_down, then noise of std σ_up
     (see :func:`~ldm.diffusion.samplers_common.ancestral_step`; η = 1 is the DDPM posterior)."""
+    check_eta(eta)
     sig, noise = SigmaSteps(sigmas, x), make_noise_sampler(x, generators, noise_sampler)
     for i in steps(len(sig) - 1, disable):
         s, s_next = sig[i], sig[i + 1]
@@ -198,8 +200,8 @@ def sample(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, **
             if not (k == "eta" and v is None):
                 args[k] = v
         elif k in _GENERIC:
-            if k == "eta" and v:
-                log.warning("sampler %r is deterministic; eta=%s is ignored", name, v)
+            if k == "eta" and v:  # ddpm takes no η either, and it is not deterministic
+                log.warning("sampler %r takes no eta; eta=%s is ignored", name, v)
         else:
             raise TypeError(f"sampler {name!r} got an unexpected option {k!r}")
     return fn(model, x, sigmas, **args)

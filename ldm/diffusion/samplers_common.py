@@ -39,14 +39,25 @@ def make_noise_sampler(x: torch.Tensor, generators: Sequence[torch.Generator] | 
 
 
 class SigmaSteps:
-    """σ values as Python floats plus a factory for the (B,) σ tensor the model receives."""
+    """σ values as Python floats plus a factory for the (B,) σ tensor the model receives.
+
+    A σ equal to the one before it is dropped. A step of zero length is the identity (the ODE moves by
+    dσ = 0 and the ancestral/posterior noise σ_next²(σ² − σ_next²)/σ² is 0), but the multistep samplers divide by it:
+    DPM-Solver++ and UniPC by h = λ_next − λ, LMS by differences of its Lagrange nodes (inf/NaN otherwise), and a
+    σ = 0 before the end would divide by σ in every sampler. Repeats are legal input: the "ddim"/"leading" spacing at
+    steps = T has σ(T−1) twice (diffusers' leading timesteps too).
+    """
 
     def __init__(self, sigmas: torch.Tensor, x: torch.Tensor) -> None:
         if sigmas.ndim != 1 or sigmas.numel() < 2:
             raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
-        self.values: list[float] = sigmas.detach().to("cpu", torch.float64).tolist()
-        if any(b > a for a, b in zip(self.values, self.values[1:])):
+        values = sigmas.detach().to("cpu", torch.float64).tolist()
+        bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+        if bad:  # NaN would pass the ordering check below and come out as a NaN image
+            raise ValueError(f"sigmas must be finite and >= 0, got {bad[:4]}")
+        if any(b > a for a, b in zip(values, values[1:])):
             raise ValueError("sigmas must be non-increasing (σ_max … 0)")
+        self.values: list[float] = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]
         ok64 = sigmas.dtype == torch.float64 and x.device.type != "mps"
         self.dtype = torch.float64 if ok64 else torch.float32
         self.batch, self.device = x.shape[0], x.device
@@ -70,6 +81,15 @@ def call(model: Callable, x: torch.Tensor, sig: SigmaSteps, sigma: float, extra_
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE derivative dx/dσ = (x − D(x, σ)) / σ (Karras et al. 2022, eq. 3 with σ(t) = t)."""
     return (x - denoised) / sigma
+
+
+def check_eta(eta: float) -> float:
+    """η scales a standard deviation (σ_up, or DPM-Solver++ SDE's noise): it must be finite and >= 0. A negative η
+    would shrink σ_down below σ_next without adding the noise that makes up the difference (or take the root of a
+    negative number), and NaN would reach the image."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    return eta
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:

@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.diffusion.samplers_common import (NoiseSampler, SigmaSteps, ancestral_step, call, make_noise_sampler,
-                                           report, steps, to_d)
+from ldm.diffusion.samplers_common import (NoiseSampler, SigmaSteps, ancestral_step, call, check_eta,
+                                           make_noise_sampler, report, steps, to_d)
 
 Gens = Sequence[torch.Generator] | None
 
@@ -85,6 +85,7 @@ def sample_dpmpp_2m_sde(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     reverse SDE; η scales the injected noise (η = 0 is DPM-Solver++(2M)). solver_type: "midpoint" or "heun"."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    check_eta(eta)
     sig, noise = SigmaSteps(sigmas, x), make_noise_sampler(x, generators, noise_sampler)
     old, h_last = None, None
     for i in steps(len(sig) - 1, disable):
@@ -115,6 +116,7 @@ def sample_dpmpp_2s_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Te
                               generators: Gens = None, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b, Algorithm 1 with r = 1/2): a single-step
     second-order move to σ_down through the midpoint in λ, then noise of std σ_up."""
+    check_eta(eta)
     sig, noise = SigmaSteps(sigmas, x), make_noise_sampler(x, generators, noise_sampler)
     for i in steps(len(sig) - 1, disable):
         s, s_next = sig[i], sig[i + 1]
