@@ -4,6 +4,8 @@
     python scripts/convert.py to-diffusers v1-5-pruned-emaonly.safetensors sd15-diffusers [--config YAML] [--ema]
     python scripts/convert.py from-diffusers sd15-diffusers sd15.safetensors
     python scripts/convert.py to-safetensors v1-5-pruned.ckpt v1-5-pruned.safetensors
+    python scripts/convert.py merge v1-5.safetensors styled.safetensors --lora style.safetensors --lora-scale 0.8 \
+        [--vae vae-ft-mse-840000-ema-pruned.ckpt] [--ema] [--fp16]
 
 ``to-safetensors`` reads the pickle with ``torch.load(weights_only=True)`` (a pickle that tries to build anything but
 tensors is refused) and writes every tensor unchanged (Lightning's ``state_dict`` nesting removed), atomically.
@@ -50,6 +52,22 @@ def to_safetensors(args: argparse.Namespace) -> None:
     log.info("wrote %d tensors to %s", len(sd), args.out)
 
 
+def merge(args: argparse.Namespace) -> None:
+    import torch  # noqa: PLC0415
+
+    import ldm  # noqa: PLC0415
+
+    _check_suffix(args.out, ".safetensors")
+    if not args.lora and not args.vae:
+        raise ValueError("merge: give --lora and/or --vae")
+    scale = args.lora_scale if len(args.lora_scale) > 1 else (args.lora_scale or [1.0])[0]
+    model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema, lora=args.lora or None,
+                     merge_lora=True, lora_scale=scale, vae=args.vae,
+                     dtype=torch.float16 if args.fp16 else None)
+    ldm.save(model, args.out)
+    log.info("wrote %s: the original SD layout with the LoRA/VAE baked in and the config in its metadata", args.out)
+
+
 def _check_suffix(path: str, suffix: str) -> None:
     if Path(path).suffix != suffix:
         raise SystemExit(f"error: output {path!r} must end in {suffix}")
@@ -61,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("to-diffusers", help="our/original SD checkpoint -> diffusers pipeline folder")
     a.add_argument("checkpoint", help=".ckpt or .safetensors (original SD v1/v2 or ours)")
     a.add_argument("out_dir", help="folder to write")
-    a.add_argument("--config", default=None, help="YAML (needed for SD 2.x v-prediction files)")
+    a.add_argument("--config", default=None, help="YAML (default: the file's own, a sidecar .yaml, or detected)")
     a.add_argument("--ema", action="store_true", help="export the EMA weights of the U-Net")
     a.set_defaults(fn=to_diffusers)
     b = sub.add_parser("from-diffusers", help="diffusers pipeline folder -> our safetensors (original SD layout)")
@@ -73,6 +91,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint")
     c.add_argument("out", help="OUT.safetensors")
     c.set_defaults(fn=to_safetensors)
+    m = sub.add_parser("merge", help="bake LoRA files and/or an autoencoder into a checkpoint")
+    m.add_argument("checkpoint")
+    m.add_argument("out", help="OUT.safetensors")
+    m.add_argument("--config", default=None, help="YAML (default: the file's own, a sidecar .yaml, or detected)")
+    m.add_argument("--lora", action="append", default=[], help="a LoRA file (ours, kohya-ss, diffusers); repeatable")
+    m.add_argument("--lora-scale", action="append", type=float, default=[], help="one for all or one per --lora")
+    m.add_argument("--vae", default=None, help="an autoencoder file to replace the checkpoint's")
+    m.add_argument("--ema", action="store_true", help="start from the EMA weights of the U-Net")
+    m.add_argument("--fp16", action="store_true", help="write float16 weights")
+    m.set_defaults(fn=merge)
     return p
 
 

@@ -156,3 +156,27 @@ def test_our_lora_file_takes_a_strength(tmp_path) -> None:
     full, half, base = (ldm.load(ckpt, lora=file, merge_lora=True, lora_scale=s).state_dict()[w] for s in (1, 0.5, 0))
     torch.testing.assert_close(half - base, (full - base) * 0.5)
     assert not torch.equal(full, base)
+
+
+def test_convert_merge_bakes_a_lora_into_a_checkpoint(tmp_path) -> None:
+    import importlib.util
+    import pathlib
+
+    from ldm.checkpoint import read_state_dict
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    base = ldm.load(config="configs/tiny/txt2img.yaml")
+    ckpt = ldm.save(base, tmp_path / "tiny.safetensors")
+    save_safetensors(_kohya_file(*_ours_in_diffusers_names(base)), tmp_path / "style.safetensors")
+    out = tmp_path / "styled.safetensors"
+    assert script.main(["merge", str(ckpt), str(out), "--lora", str(tmp_path / "style.safetensors"),
+                        "--lora-scale", "0.8", "--fp16"]) == 0
+    merged, meta = read_state_dict(out)
+    ref = ldm.load(ckpt, lora=tmp_path / "style.safetensors", lora_scale=0.8).state_dict()
+    assert set(merged) == set(ref) and "ldm_config" in " ".join(meta)
+    assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], ref[k].half()) for k in ref)
+    assert script.main(["merge", str(ckpt), str(tmp_path / "none.safetensors")]) == 1  # nothing to merge
