@@ -36,6 +36,8 @@ def _config_for(sd: dict[str, torch.Tensor], meta: dict[str, str]) -> DictConfig
     variant = detect_variant(sd)
     name = SD_CONFIGS[variant["version"], variant["parameterization"]]
     cfg = load_config(find_config(name))
+    if variant["parameterization"] == "v":  # the 2.x v-models were trained at 768 px: their default size
+        cfg.model.params.image_size = 96  # (the original YAML leaves 64 and asks the script for --H 768 --W 768)
     if variant["in_channels"] != 4:
         # inpainting (9 = latents + masked-image latents + mask) and depth (5) models concatenate their conditioning
         cfg.model.params.unet_config.params.in_channels = variant["in_channels"]

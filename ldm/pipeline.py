@@ -153,6 +153,9 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     if in_ch == C + C + 1 and mask is None:
         raise ValueError(f"this is an inpainting model (its U-Net takes {in_ch} channels: latents, mask, masked "
                          "image): give init_image and mask")
+    if in_ch not in (C, C + C + 1):
+        raise ValueError(f"generate: a U-Net with {in_ch} input channels (e.g. depth-conditioned) needs conditioning "
+                         "that generate does not make; only text-to-image and 9-channel inpainting models are sampled")
     noise = latents if latents is not None else seeded_noise((C, H // f, W // f), [base + i for i in range(B)])
     if noise.shape[0] != B:
         raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")

@@ -165,9 +165,9 @@ def test_denoising_steps_floor_like_the_references() -> None:
     assert denoising_steps(50, 0.8) == 40 and denoising_steps(100, 0.29) == 28  # 0.29·100 = 28.999…96 in floats
 
 
-def _inpainting_model():
+def _inpainting_model(in_channels: int = 9):
     cfg = _tiny_config("v1")
-    cfg["model"]["params"]["unet_config"]["params"]["in_channels"] = 9
+    cfg["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
     cfg["model"]["params"]["conditioning_key"] = "hybrid"
     model = build(cfg)
     g = torch.Generator().manual_seed(4)
@@ -213,3 +213,8 @@ def test_four_channel_inpainting_matches_below_full_strength(exported, determini
     ours = generate(model, PROMPTS, sampler=sampler, sigmas=sigmas, steps=STEPS, guidance=7.5, init_image=init,
                     mask=mask, strength=0.7, latents=_noise(2, seed=6), output="latent", progress=False)
     assert _diff(theirs, ours) < 1e-4
+
+
+def test_a_depth_conditioned_unet_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="5 input channels"):
+        generate(_inpainting_model(in_channels=5), PROMPTS, steps=2, progress=False)

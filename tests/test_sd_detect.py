@@ -49,8 +49,9 @@ def test_v_model_gets_the_v_config(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="ldm.loading"):
         cfg = _config_for(_sd_like("v2", 4, 0.12), {})
     assert cfg.model.params.parameterization == "v" and "v2-inference-v.yaml" in caplog.text
+    assert cfg.model.params.image_size == 96  # 768 px by default, as trained
     base = _config_for(_sd_like("v2", 4, 0.05), {})
-    assert base.model.params.get("parameterization", "eps") == "eps"
+    assert base.model.params.get("parameterization", "eps") == "eps" and base.model.params.image_size == 64
     inpaint = _config_for(_sd_like("v2", 9, 0.12), {})
     assert inpaint.model.params.unet_config.params.in_channels == 9
     assert inpaint.model.params.conditioning_key == "hybrid"
