@@ -19,10 +19,10 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
 
     Our own adapter files (keys ``model.diffusion_model.….lora_A``) are attached to ``model.model`` (merged with
     ``merge``); kohya-ss and diffusers/peft files are merged into the U-Net and the text encoder
-    (:mod:`ldm.lora_import`).
+    (:mod:`ldm.lora_formats`).
     """
     from ldm.lora import LoRALinear, load_lora, merge_lora  # noqa: PLC0415
-    from ldm.lora_import import is_ldm_lora, merge_lora_file  # noqa: PLC0415
+    from ldm.lora_formats import is_ldm_lora, merge_lora_file  # noqa: PLC0415
 
     sd, _ = read_state_dict(path)
     if not is_ldm_lora(sd):

@@ -6,6 +6,7 @@
     python scripts/convert.py to-safetensors v1-5-pruned.ckpt v1-5-pruned.safetensors
     python scripts/convert.py merge v1-5.safetensors styled.safetensors --lora style.safetensors --lora-scale 0.8 \
         [--vae vae-ft-mse-840000-ema-pruned.ckpt] [--ema] [--fp16]
+    python scripts/convert.py lora-to-kohya runs/x/lora.safetensors x-kohya.safetensors
 
 ``to-safetensors`` reads the pickle with ``torch.load(weights_only=True)`` (a pickle that tries to build anything but
 tensors is refused) and writes every tensor unchanged (Lightning's ``state_dict`` nesting removed), atomically.
@@ -68,6 +69,28 @@ def merge(args: argparse.Namespace) -> None:
     log.info("wrote %s: the original SD layout with the LoRA/VAE baked in and the config in its metadata", args.out)
 
 
+def lora_to_kohya(args: argparse.Namespace) -> None:
+    import json  # noqa: PLC0415
+
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from ldm.checkpoint import META_CONFIG, read_state_dict, save_safetensors  # noqa: PLC0415
+    from ldm.config import load_config  # noqa: PLC0415
+    from ldm.lora_formats import to_kohya  # noqa: PLC0415
+
+    _check_suffix(args.out, ".safetensors")
+    sd, meta = read_state_dict(args.lora)
+    if args.config:
+        cfg = load_config(args.config)
+    elif META_CONFIG in meta:
+        cfg = OmegaConf.create(json.loads(meta[META_CONFIG]))
+    else:
+        raise ValueError(f"{args.lora} carries no config: give --config (the YAML the LoRA was trained with)")
+    save_safetensors(to_kohya(sd, cfg.model.params.unet_config.params), args.out,
+                     {"ss_network_module": "networks.lora"})
+    log.info("wrote %s (kohya-ss layout: the web UIs, ComfyUI, diffusers' load_lora_weights)", args.out)
+
+
 def _check_suffix(path: str, suffix: str) -> None:
     if Path(path).suffix != suffix:
         raise SystemExit(f"error: output {path!r} must end in {suffix}")
@@ -101,6 +124,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--ema", action="store_true", help="start from the EMA weights of the U-Net")
     m.add_argument("--fp16", action="store_true", help="write float16 weights")
     m.set_defaults(fn=merge)
+    k = sub.add_parser("lora-to-kohya", help="our lora.safetensors -> kohya-ss layout for other tools")
+    k.add_argument("lora")
+    k.add_argument("out", help="OUT.safetensors")
+    k.add_argument("--config", default=None, help="YAML (default: the config in the file's metadata)")
+    k.set_defaults(fn=lora_to_kohya)
     return p
 
 

@@ -119,6 +119,8 @@ def test_lora_finetune_saves_adapters_and_base_stays(tmp_path):
         y0, y1, y2 = plain.unet(x, t, context=c), merged.unet(x, t, context=c), attached.unet(x, t, context=c)
     assert not torch.allclose(y0, y1) and torch.allclose(y1, y2, atol=1e-5)
     assert merged.state_dict().keys() == plain.state_dict().keys()  # merged: the original layout again
+    kohya = ldm.load(base, lora=tmp_path / "lora" / "lora-kohya.safetensors")  # the copy for other tools
+    assert all(torch.allclose(kohya.state_dict()[k], v, atol=1e-6) for k, v in merged.state_dict().items())
 
 
 def test_latent_cache_with_context_trains(tmp_path):

@@ -166,12 +166,14 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
 
     def export(self, path: str, ema: bool = True) -> str:
         """Write the trained model as safetensors with its config: EMA weights in ``model_ema.*``; with LoRA, the
-        base model unchanged in ``path`` and the adapters (EMA-averaged when kept) in ``lora.safetensors`` beside it."""
+        base model unchanged in ``path`` and the adapters (EMA-averaged when kept) in ``lora.safetensors`` beside it,
+        and again in kohya-ss's layout in ``lora-kohya.safetensors`` (for the web UIs, ComfyUI, diffusers)."""
         from pathlib import Path  # noqa: PLC0415
 
         from ldm.checkpoint import META_CONFIG, save_safetensors  # noqa: PLC0415
         from ldm.loading import save  # noqa: PLC0415
         from ldm.lora import lora_state_dict, strip_lora  # noqa: PLC0415
+        from ldm.lora_formats import to_kohya  # noqa: PLC0415
 
         use_ema = ema and self.model_ema is not None
         adapters = lora_state_dict(self.net.model)
@@ -181,6 +183,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             adapters = {f"model.{k}": v for k, v in lora_state_dict(self.net.model).items()}
         meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True))}
         save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
+        kohya = to_kohya(adapters, self.config.model.params.unet_config.params)  # for the web UIs and diffusers
+        save_safetensors(kohya, Path(path).with_name("lora-kohya.safetensors"), {"ss_network_module": "networks.lora"})
         return str(save(_Stripped(self.net, strip_lora), path))
 
 

@@ -7,17 +7,21 @@ for v1 (1×1-conv proj_in, HF-layout text encoder) and v2 (linear proj_in, open_
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import pathlib
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from test_convert_diffusers import _tiny_model
 
 import ldm
-from ldm.checkpoint import CheckpointError, save_safetensors
+from ldm.checkpoint import META_CONFIG, CheckpointError, read_state_dict, save_safetensors
 from ldm.convert import export_diffusers
 from ldm.convert.diffusers_text import text_encoder_to_hf
 from ldm.convert.diffusers_unet import unet_ldm_to_diffusers
-from ldm.lora_import import merge_lora_file
-from test_convert_diffusers import _tiny_model
+from ldm.lora_formats import merge_lora_file
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev dependency")  # missing: the install broke
 pytest.importorskip("peft", reason="peft is a dev dependency (diffusers' LoRA loader)")
@@ -62,6 +66,14 @@ def _theirs(pipe, lora: dict, scale: float) -> tuple[dict, dict]:
     text = {k if k.startswith("text_model.") else "text_model." + k: v
             for k, v in pipe.text_encoder.state_dict().items()}  # transformers >= 5 drops "text_model."
     return dict(pipe.unet.state_dict()), text
+
+
+def _convert_script():
+    spec = importlib.util.spec_from_file_location(
+        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def _max_diff(ours: dict, theirs: dict) -> float:
@@ -159,15 +171,7 @@ def test_our_lora_file_takes_a_strength(tmp_path) -> None:
 
 
 def test_convert_merge_bakes_a_lora_into_a_checkpoint(tmp_path) -> None:
-    import importlib.util
-    import pathlib
-
-    from ldm.checkpoint import read_state_dict
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _convert_script()
     torch.manual_seed(0)
     base = ldm.load(config="configs/tiny/txt2img.yaml")
     ckpt = ldm.save(base, tmp_path / "tiny.safetensors")
@@ -180,3 +184,29 @@ def test_convert_merge_bakes_a_lora_into_a_checkpoint(tmp_path) -> None:
     assert set(merged) == set(ref) and "ldm_config" in " ".join(meta)
     assert all(merged[k].dtype == torch.float16 and torch.equal(merged[k], ref[k].half()) for k in ref)
     assert script.main(["merge", str(ckpt), str(tmp_path / "none.safetensors")]) == 1  # nothing to merge
+
+
+def test_our_lora_exported_for_other_tools_gives_the_same_weights_in_diffusers(tmp_path) -> None:
+    from ldm.lora import add_lora, lora_state_dict, merge_lora
+    from ldm.lora_formats import to_kohya
+
+    model = _tiny_model("v1")
+    export_diffusers(model, tmp_path / "sd")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    add_lora(model.model, rank=2, alpha=4.0)  # α/r = 2
+    with torch.no_grad():
+        for n, p in model.model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    ours = {"model." + k: v for k, v in lora_state_dict(model.model).items()}
+    kohya = to_kohya(ours, model.config.model.params.unet_config.params)
+    assert len(kohya) == 3 * sum(k.endswith("lora_A") for k in ours)
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    merge_lora(model.model)  # our own merge: W + 2·BA
+    their_unet, _ = _theirs(pipe, kohya, 1.0)
+    assert _max_diff(_ours_in_diffusers_names(model)[0], their_unet) < 1e-6
+    file = tmp_path / "lora.safetensors"  # as LoRA fine-tuning writes it: the config in the metadata
+    save_safetensors(ours, file, {META_CONFIG: json.dumps(OmegaConf.to_container(model.config, resolve=True))})
+    assert _convert_script().main(["lora-to-kohya", str(file), str(tmp_path / "k.safetensors")]) == 0
+    written, _ = read_state_dict(tmp_path / "k.safetensors")
+    assert set(written) == set(kohya) and all(torch.equal(written[k], kohya[k]) for k in kohya)

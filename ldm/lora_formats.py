@@ -175,3 +175,27 @@ def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1
     n_unet, n_text = len(deltas["unet"]), len(deltas["text"])
     log.info("merged a LoRA at strength %g: %d U-Net and %d text-encoder weights", scale, n_unet, n_text)
     return n_unet + n_text
+
+
+# ------------------------------------------------------------------------------------------------------- export
+def to_kohya(sd: Mapping[str, torch.Tensor], unet_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Our adapter file (``model.diffusion_model.<module>.lora_A``/``lora_B``/``lora_scale``) in kohya-ss's layout
+    (``lora_unet_<diffusers module>.lora_down.weight``/``lora_up.weight``/``alpha``), which the web UIs, ComfyUI and
+    diffusers' ``load_lora_weights`` read. α = scale · r, so that α / r is our scale."""
+    from ldm.convert.diffusers_unet import unet_keymap  # noqa: PLC0415
+
+    km = unet_keymap(unet_params)
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in sd if k.endswith(".lora_A")):
+        module = key[: -len(".lora_A")]
+        if not module.startswith(UNET_PREFIX):
+            raise ValueError(f"to_kohya: {key!r} is not a U-Net adapter ({UNET_PREFIX}…)")
+        (theirs,) = km.forward({module[len(UNET_PREFIX):] + ".weight": sd[key]}, "LoRA module")
+        name = "lora_unet_" + theirs[: -len(".weight")].replace(".", "_")
+        down, up = sd[key], sd[module + ".lora_B"]
+        scale = float(sd.get(module + ".lora_scale", torch.tensor(1.0)))
+        out.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+                    f"{name}.alpha": torch.tensor(scale * down.shape[0], dtype=torch.float32)})
+    if not out:
+        raise ValueError("to_kohya: no adapters (keys ending in .lora_A) in the file")
+    return out
