@@ -125,6 +125,19 @@ def test_schedule_mismatch_is_refused(tiny, tmp_path):
         ldm.load(tmp_path / "cos.ckpt", TINY)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_schedule_buffers_are_accepted(tiny, tmp_path, dtype):
+    """Files converted to fp16/bf16 whole (buffers included) round ᾱ by up to 2.4e-4 / 2e-3: still the schedule."""
+    sd = dict(tiny.state_dict())
+    sd.update({k: v.to(dtype) for k, v in ldm_schedule_buffers(make_betas("linear")).items()})
+    torch.save(sd, tmp_path / "half.ckpt")
+    ldm.load(tmp_path / "half.ckpt", TINY)
+    sd.update({k: v.to(dtype) for k, v in ldm_schedule_buffers(make_betas("cosine")).items()})
+    torch.save(sd, tmp_path / "cos.ckpt")
+    with pytest.raises(CheckpointError, match="alphas_cumprod"):
+        ldm.load(tmp_path / "cos.ckpt", TINY)
+
+
 def test_original_yaml_params_that_we_do_not_know_fail_by_name(tmp_path):
     cfg = load_config(TINY)
     cfg.model.params.use_fancy_thing = True
