@@ -167,6 +167,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
     own = model.state_dict()
+    weights = _fit_one_by_one(weights, own, where)
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if bad:
         k = bad[0]
@@ -184,6 +185,21 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
                               " (wrong config? pass the matching YAML, or strict=False to load anyway)")
     for p in problems:
         log.warning("%s: %s", where, p)
+
+
+def _fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> dict:
+    """A 1×1 convolution saved as a Linear weight (C_out, C_in) or the reverse (C_out, C_in, 1, 1), as files
+    converted back from diffusers hold the autoencoder's attention and the U-Net's proj_in/proj_out: the same
+    numbers, reshaped to the model's layout."""
+    out, n = dict(weights), 0
+    for k, v in weights.items():
+        t = own.get(k)
+        if t is not None and t.shape != v.shape and t.numel() == v.numel() and {t.ndim, v.ndim} == {2, 4} \
+                and t.shape[:2] == v.shape[:2]:
+            out[k], n = v.reshape(t.shape), n + 1
+    if n:
+        log.info("%s: %d 1x1-convolution/linear weight(s) reshaped to the model's layout", where, n)
+    return out
 
 
 def _check_schedule(model: torch.nn.Module, extra: dict[str, torch.Tensor], where: str) -> None:

@@ -125,6 +125,20 @@ def test_schedule_mismatch_is_refused(tiny, tmp_path):
         ldm.load(tmp_path / "cos.ckpt", TINY)
 
 
+def test_linear_and_one_by_one_conv_weights_are_interchangeable(tiny, tmp_path):
+    """Files converted back from diffusers may hold the autoencoder's attention q/k/v/proj_out as Linear weights."""
+    sd = dict(tiny.state_dict())
+    k = next(k for k, v in sd.items() if k.startswith("first_stage_model.") and v.ndim == 4 and v.shape[2:] == (1, 1))
+    sd[k] = sd[k][:, :, 0, 0]  # (C_out, C_in)
+    torch.save(sd, tmp_path / "flat.ckpt")
+    back = ldm.load(tmp_path / "flat.ckpt", TINY)
+    assert torch.equal(back.state_dict()[k], tiny.state_dict()[k])
+    sd[k] = sd[k][:1]  # a real shape mismatch is still an error
+    torch.save(sd, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="other shapes"):
+        ldm.load(tmp_path / "bad.ckpt", TINY)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_schedule_buffers_are_accepted(tiny, tmp_path, dtype):
     """Files converted to fp16/bf16 whole (buffers included) round ᾱ by up to 2.4e-4 / 2e-3: still the schedule."""
