@@ -125,10 +125,13 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> token-level context (B, 77, D) in the U-Net's dtype."""
+    def encode_text(self, prompts: list[str], long: bool = False) -> torch.Tensor:
+        """Prompts -> token-level context (B, 77, D) in the U-Net's dtype; ``long``: prompts past 75 tokens in
+        chunks, (B, k·77, D) (:mod:`ldm.conditioning.chunks`), where a text encoder offers it."""
+        if long and not hasattr(self.cond_stage_model, "encode_long"):
+            raise ValueError(f"long prompts: {type(self.cond_stage_model).__name__} cannot encode them in chunks")
         with torch.no_grad():
-            c = self.cond_stage_model(list(prompts))
+            c = (self.cond_stage_model.encode_long if long else self.cond_stage_model)(list(prompts))
         return c.to(device=self.device, dtype=self.dtype)
 
     def denoiser(self) -> nn.Module:

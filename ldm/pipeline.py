@@ -96,10 +96,10 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
     return get_sigmas(model.alphas_cumprod, a.steps, kind)
 
 
-def _conditioning(model: Any, prompts: list[str], negative: list[str]) -> tuple[dict, dict]:
+def _conditioning(model: Any, prompts: list[str], negative: list[str], long: bool = False) -> tuple[dict, dict]:
     """Both branches' contexts from one text-encoder call (half the launches of two; each prompt is encoded on its
     own: no padding mask or cross-prompt attention couples the batch)."""
-    cu = model.encode_text(prompts + negative)  # (2B, 77, D)
+    cu = model.encode_text(prompts + negative, long=True) if long else model.encode_text(prompts + negative)
     c, u = cu.split(len(prompts))  # (B, 77, D) each
     return {"context": c}, {"context": u}
 
@@ -110,7 +110,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
              seed: int | None = None, height: int | None = None, width: int | None = None,
              latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None,
              strength: float = 0.8,
-             mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True) -> Any:
+             mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True,
+             long_prompts: bool = False) -> Any:
     """Generate images.
 
     Args:
@@ -127,6 +128,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
             is the fraction of the schedule that is re-noised.
         mask: inpainting mask (PIL or (B, 1, H, W) tensor; 1/white = repaint).
         output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
+        long_prompts: encode prompts past 75 tokens in chunks of 75 (the web UIs' way, contexts concatenated)
+            instead of truncating them (the original scripts' and diffusers' way, the default).
         sigmas: σ schedule: "auto", "discrete", "karras", "exponential", "ddim", "leading" or "trailing" (see
             :func:`ldm.diffusion.schedules.get_sigmas`; "leading" is what diffusers' Euler/Heun/LMS schedulers use
             with SD's scheduler config).
@@ -161,7 +164,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
     noise = noise.to(dev, torch.float32)
     sig = _sigmas(model, a).to(dev)
-    cond, uncond = _conditioning(model, prompts, negative)
+    cond, uncond = _conditioning(model, prompts, negative, long_prompts)
     x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
     z0, masked_with = None, None
     if init_image is not None:

@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts past 75 tokens in chunks (the web UIs' way) instead of truncating them")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
@@ -194,7 +196,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         imgs = model.generate(chunk, negative_prompts=a.negative_prompt, sampler=a.sampler, steps=a.steps,
                               guidance=a.guidance, guidance_rescale=a.guidance_rescale, seed=a.seed + start,
                               height=a.height, width=a.width, eta=a.eta, init_image=init, strength=a.strength,
-                              mask=mask, sigmas=a.sigmas)
+                              mask=mask, sigmas=a.sigmas, long_prompts=a.long_prompts)
         for i, (p, im) in enumerate(zip(chunk, imgs)):
             seed = a.seed + start + i
             info = PngImagePlugin.PngInfo()

@@ -209,6 +209,20 @@ class OpenCLIPTextEncoder(nn.Module):
         x = emb(tokens.clamp(max=V - 1))  # (B, L, W)
         return torch.where((tokens >= V)[..., None], extra[(tokens - V).clamp(min=0)].to(x.dtype), x)
 
+    def tokenize_long(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts of any length -> ids (B, k, max_length) in k chunks (:mod:`ldm.conditioning.chunks`)."""
+        from ldm.conditioning.chunks import chunk_ids, chunk_rows  # noqa: PLC0415
+
+        tok, n = bpe_tokenizer(), self.max_length
+        comma = tok.encode(",")[0]
+        chunks = [chunk_ids(self._encode_text(p), n - 2, comma) for p in prompts]
+        return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
+
+    def encode_long(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts of any length -> context (B, k·max_length, width): each chunk encoded on its own, concatenated."""
+        ids = self.tokenize_long(list(prompts))  # (B, k, L)
+        return torch.cat([self.encode_tokens(ids[:, j]) for j in range(ids.shape[1])], dim=1)  # (B, k·L, W)
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> hidden states of ``self.layer`` after ln_final, (B, L, width), causal mask."""
         return self.encode_ids(upload(tokens, self.model.token_embedding.weight.device))

@@ -1,0 +1,36 @@
+"""Prompts longer than one text-encoder window, as the SD web UIs take them: the token ids are cut into chunks of at
+most 75 (77 with the start and end tokens), each chunk is encoded on its own, and the contexts are concatenated
+along the sequence, (B, k·77, D); cross-attention takes any context length. A cut falls after the last comma within
+the final 20 tokens of a chunk when there is one, so that a phrase is not split. Rows of a batch with fewer chunks are
+filled with the encoding of an empty chunk, so that a prompt and its negative prompt get the same length.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def chunk_ids(ids: list[int], size: int, comma: int, backtrack: int = 20) -> list[list[int]]:
+    """``ids`` cut into chunks of at most ``size``, preferring a cut after a comma in a chunk's last ``backtrack``
+    tokens. An empty prompt is one empty chunk."""
+    chunks: list[list[int]] = []
+    rest = list(ids)
+    while len(rest) > size:
+        window = rest[:size]
+        commas = [i for i in range(size - 1, max(size - 1 - backtrack, -1), -1) if window[i] == comma]
+        cut = commas[0] + 1 if commas else size
+        chunks.append(rest[:cut])
+        rest = rest[cut:]
+    chunks.append(rest)
+    return chunks
+
+
+def chunk_rows(chunks: list[list[list[int]]], length: int, sot: int, eot: int, pad: int) -> torch.Tensor:
+    """Per prompt, its chunks of ids → (B, k, length): sot, ids, eot, then ``pad``; k the most chunks of any
+    prompt, the others filled with empty chunks (sot, eot, pad…)."""
+    k = max(len(c) for c in chunks)
+    out = torch.full((len(chunks), k, length), pad, dtype=torch.long)
+    for i, prompt in enumerate(chunks):
+        for j in range(k):
+            row = [sot, *(prompt[j] if j < len(prompt) else []), eot]
+            out[i, j, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
