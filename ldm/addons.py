@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 from omegaconf import open_dict
 
 from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.loading import fit_one_by_one
 
 log = logging.getLogger(__name__)
 VAE_PREFIX = "first_stage_model."
@@ -24,10 +26,10 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
     from ldm.lora import LoRALinear, load_lora, merge_lora  # noqa: PLC0415
     from ldm.lora_formats import is_ldm_lora, merge_lora_file  # noqa: PLC0415
 
-    sd, _ = read_state_dict(path)
+    sd, meta = read_state_dict(path)
     if not is_ldm_lora(sd):
         try:
-            merge_lora_file(model, sd, scale)
+            merge_lora_file(model, sd, scale, meta)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: {e}") from None
         return
@@ -35,7 +37,10 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
     if bad:
         raise CheckpointError(f"{path}: not a LoRA file of this project (unexpected key {bad[0]!r})")
     ours = {k[len("model."):]: v for k, v in sd.items()}
-    load_lora(model.model, ours)
+    try:
+        load_lora(model.model, ours)
+    except (KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: does not fit this model's U-Net ({e})") from None
     for name in {k.rsplit(".", 1)[0] for k in ours if k.endswith("lora_A")}:
         m = model.model.get_submodule(name)
         if isinstance(m, LoRALinear):
@@ -47,9 +52,12 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
 def attach_loras(model: Any, lora: Any, scale: Any, merge: bool) -> None:
     """One file or a list of them, with one strength for all or one each; two or more are merged in turn."""
     paths = [lora] if isinstance(lora, (str, Path)) else list(lora)
-    scales = [float(scale)] * len(paths) if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    many = isinstance(scale, (list, tuple))
+    scales = [float(s) for s in scale] if many else [float(scale)] * len(paths)
     if len(scales) != len(paths):
         raise ValueError(f"lora_scale has {len(scales)} value(s) for {len(paths)} LoRA file(s)")
+    if not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"lora_scale must be finite, got {scales}")
     for p, s in zip(paths, scales):
         attach_lora(model, p, merge or len(paths) > 1, s)
 
@@ -71,6 +79,7 @@ def load_vae(model: Any, path: str | Path) -> None:
         except KeyError as e:
             raise CheckpointError(f"{path}: {e}") from None
     own = vae.state_dict()
+    sd = fit_one_by_one(sd, own, str(path))
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if missing or unexpected or bad:
@@ -83,13 +92,18 @@ def load_vae(model: Any, path: str | Path) -> None:
 
 def set_clip_skip(model: Any, clip_skip: int) -> None:
     """Condition on the text encoder's last (1) or penultimate (2) layer, then its final LayerNorm (the web UIs'
-    "CLIP skip"); the config records it, so that a saved model keeps it."""
+    "CLIP skip", counted from the encoder's real last layer: SD 1.x conditions on 1, SD 2.x on 2); the config
+    records it, so that a saved model keeps it."""
     layers = {1: "last", 2: "penultimate"}
     if clip_skip not in layers:
         raise ValueError(f"clip_skip must be 1 (last layer) or 2 (penultimate), got {clip_skip!r}")
     enc = model.cond_stage_model
     if not hasattr(enc, "layer"):
         raise ValueError(f"clip_skip: the text encoder {type(enc).__name__} has no selectable layer")
+    last = enc.model.transformer.resblocks[-1]
+    if clip_skip == 1 and not any(bool(p.any()) for p in last.parameters()):
+        raise ValueError("clip_skip=1: this text encoder's last layer is not in its weights (zeros: a diffusers folder "
+                         "holds only the layers the model conditions on); the model uses the penultimate layer")
     enc.layer = layers[clip_skip]
     cs = model.config.model.params.cond_stage_config
     with open_dict(cs):
@@ -100,11 +114,13 @@ def set_clip_skip(model: Any, clip_skip: int) -> None:
 
 
 def load_embeddings(model: Any, embeddings: Any) -> None:
-    """Textual-inversion files: a path (named after its stem), a list of paths, or {name: path}."""
+    """Textual-inversion files: a path, a list of paths or (name, path) pairs, or {name: path}; a file without a
+    given name is named by :func:`ldm.conditioning.embeddings.read_embedding`."""
     from ldm.conditioning.embeddings import read_embedding  # noqa: PLC0415
 
-    items = (list(embeddings.items()) if isinstance(embeddings, dict)
-             else [(None, p) for p in ([embeddings] if isinstance(embeddings, (str, Path)) else embeddings)])
+    entries = [embeddings] if isinstance(embeddings, (str, Path)) else embeddings
+    items = (list(entries.items()) if isinstance(entries, dict)
+             else [e if isinstance(e, tuple) else (None, e) for e in entries])
     enc = model.cond_stage_model
     if not hasattr(enc, "add_embedding"):
         raise ValueError(f"embeddings: the text encoder {type(enc).__name__} takes no textual-inversion vectors")
@@ -113,5 +129,5 @@ def load_embeddings(model: Any, embeddings: Any) -> None:
         try:
             enc.add_embedding(name, vectors)
         except ValueError as e:
-            raise CheckpointError(f"{path}: {e} (an embedding for another text encoder?)") from None
+            raise CheckpointError(f"{path}: {e}") from None
         log.info("embedding %r: %d vector(s) from %s", name, vectors.shape[0], path)

@@ -130,6 +130,8 @@ def _load_model(checkpoint: str | Path | None, config: str | Path | DictConfig |
             raise FileNotFoundError(f"{checkpoint} is a folder without model_index.json (not a diffusers pipeline)")
         from ldm.convert import import_diffusers  # noqa: PLC0415
 
+        if use_ema:
+            raise ValueError(f"use_ema: {checkpoint} is a diffusers folder, which holds one set of U-Net weights")
         return import_diffusers(checkpoint, strict=strict)
     sd, meta = read_state_dict(checkpoint) if checkpoint is not None else ({}, {})
     if isinstance(config, DictConfig):
@@ -167,7 +169,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
     own = model.state_dict()
-    weights = _fit_one_by_one(weights, own, where)
+    weights = fit_one_by_one(weights, own, where)
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if bad:
         k = bad[0]
@@ -187,7 +189,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
         log.warning("%s: %s", where, p)
 
 
-def _fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> dict:
+def fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> dict:
     """A 1×1 convolution saved as a Linear weight (C_out, C_in) or the reverse (C_out, C_in, 1, 1), as files
     converted back from diffusers hold the autoencoder's attention and the U-Net's proj_in/proj_out: the same
     numbers, reshaped to the model's layout."""

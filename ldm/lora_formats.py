@@ -12,7 +12,9 @@ user's strength; α defaults to r. For a convolution, A is (r, C_in, k, k) and B
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -23,8 +25,10 @@ log = logging.getLogger(__name__)
 
 # (down, up) suffixes of the formats we read, longest first
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".lora.down.weight", ".lora.up.weight"))
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # diffusers' attention-processor LoRA
+          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".lora.down.weight", ".lora.up.weight"),
+          ("_lora.down.weight", "_lora.up.weight"))  # the last: diffusers' attention processors, "…processor.to_q_lora"
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+PEFT_METADATA = "lora_adapter_metadata"  # diffusers >= 0.34 writes peft's LoraConfig there, keys "unet.lora_alpha" …
 _UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lora_mid", "oft_blocks", "diff_b")  # LyCORIS LoHa/LoKr/Tucker/OFT, biases
 
 
@@ -89,13 +93,34 @@ def _module_name(written: str, kohya: Mapping[str, tuple[str, str]]) -> tuple[st
         if written.startswith(prefix):
             name = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""),
                                   written[len(prefix):])
+            if part == "text" and not name.startswith("text_model."):  # transformers >= 5 names, no "text_model."
+                name = "text_model." + name
             return part, name
     return None
 
 
-def parse_lora(sd: Mapping[str, torch.Tensor], modules: Mapping[str, set[str]]) -> list[Adapter]:
+def peft_alpha(meta: Mapping[str, str], part: str, module: str, rank: int) -> float | None:
+    """α of a diffusers/peft adapter from the file's ``lora_adapter_metadata`` (peft's ``lora_alpha``, its
+    ``alpha_pattern`` by module-name suffix, ``use_rslora``: scale α/√r, returned as the α with that α/r), or None."""
+    if PEFT_METADATA not in meta:
+        return None
+    cfg = json.loads(meta[PEFT_METADATA])
+    prefix = "unet." if part == "unet" else "text_encoder."
+    alpha = cfg.get(prefix + "lora_alpha")
+    for pattern, a in (cfg.get(prefix + "alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            alpha = a
+            break
+    if alpha is None:
+        return None
+    return float(alpha) * (math.sqrt(rank) if cfg.get(prefix + "use_rslora") else 1.0)
+
+
+def parse_lora(sd: Mapping[str, torch.Tensor], modules: Mapping[str, set[str]],
+               meta: Mapping[str, str] | None = None) -> list[Adapter]:
     """The adapters of a kohya or diffusers LoRA file. ``modules``: {"unet": diffusers module names, "text": HF
-    ``CLIPTextModel`` module names} of the model it is for (kohya's names are these with "." → "_")."""
+    ``CLIPTextModel`` module names} of the model it is for (kohya's names are these with "." → "_"); ``meta``: the
+    file's safetensors metadata (peft's α, when the file has no ``.alpha`` keys)."""
     kohya = {f"lora_{tag}_{m.replace('.', '_')}": (part, m)
              for part, tag in (("unet", "unet"), ("text", "te")) for m in modules[part]}
     out, unmatched = [], []
@@ -104,7 +129,10 @@ def parse_lora(sd: Mapping[str, torch.Tensor], modules: Mapping[str, set[str]]) 
         if hit is None or hit[1] not in modules[hit[0]]:
             unmatched.append(written)
             continue
-        out.append(Adapter(hit[0], hit[1], d["down"], d["up"], d.get("alpha")))
+        alpha = d.get("alpha")
+        if alpha is None and not written.startswith("lora_"):
+            alpha = peft_alpha(meta or {}, hit[0], hit[1], d["down"].shape[0])
+        out.append(Adapter(hit[0], hit[1], d["down"], d["up"], alpha))
     if unmatched:
         raise ValueError(f"LoRA file: {len(unmatched)} module(s) not in this model, e.g. {unmatched[:3]} (a LoRA for "
                          "another architecture, e.g. SDXL or SD 2.x on SD 1.x?)")
@@ -148,7 +176,8 @@ def _merge_text(model: Any, hf_deltas: Mapping[str, torch.Tensor], hf: Mapping[s
     enc.load_state_dict(new)
 
 
-def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1.0) -> int:
+def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1.0,
+                    meta: Mapping[str, str] | None = None) -> int:
     """Merge a kohya or diffusers LoRA state dict into ``model``'s U-Net and text encoder with strength ``scale``.
 
     Returns the number of adapted weights. Raises ValueError naming the keys that fit no module of the model.
@@ -158,7 +187,7 @@ def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1
     unet_w, text_w = _unet_weights(model), _text_weights(model)
     modules = {"unet": {k[:-len(".weight")] for k in unet_w if k.endswith(".weight")},
                "text": {k[:-len(".weight")] for k in text_w if k.endswith(".weight")}}
-    adapters = parse_lora(sd, modules)
+    adapters = parse_lora(sd, modules, meta)
     deltas: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text": {}}
     for a in adapters:
         key = a.module + ".weight"

@@ -183,6 +183,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
                     x = noise * torch.sqrt(sig[0] ** 2 + 1)
             else:
                 masked_with = m
+                if a.strength == 1.0:  # the region to repaint from pure noise (diffusers too); the known region
+                    x = m * noise * torch.sqrt(sig[0] ** 2 + 1) + (1 - m) * x  # stays on z0 + σ·ε (MaskedDenoiser)
     guided: nn.Module = model.guided_denoiser()  # D_cfg over the model's D(x, σ)
     if masked_with is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
         guided = MaskedDenoiser(guided, z0, masked_with)

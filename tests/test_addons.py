@@ -82,3 +82,27 @@ def test_options_apply_to_a_diffusers_folder_too(two, tmp_path) -> None:
     model = ldm.load(tmp_path / "sd", vae=_vae_files(b, d)["ldm"], clip_skip=2)
     assert model.cond_stage_model.layer == "penultimate"
     assert torch.equal(model.first_stage_model.decoder.conv_out.weight, b.first_stage_model.decoder.conv_out.weight)
+
+
+def test_a_vae_file_with_linear_attention_weights_loads(two, tmp_path) -> None:
+    """Autoencoder files converted back from diffusers may hold the attention's 1×1 convolutions as Linear weights."""
+    a, b, ckpt, _ = two
+    flat = {k: (v[:, :, 0, 0] if v.ndim == 4 and v.shape[2:] == (1, 1) else v)
+            for k, v in b.first_stage_model.state_dict().items()}
+    assert any(v.ndim == 2 for v in flat.values())
+    save_safetensors(flat, tmp_path / "flat-vae.safetensors")
+    model = ldm.load(ckpt, vae=tmp_path / "flat-vae.safetensors")
+    ref = b.first_stage_model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.first_stage_model.state_dict().items())
+
+
+def test_clip_skip_refuses_a_layer_a_diffusers_folder_does_not_hold(tmp_path) -> None:
+    from test_convert_diffusers import _tiny_model
+
+    v2 = _tiny_model("v2")  # conditions on the penultimate layer: the folder holds all layers but the last
+    export_diffusers(v2, tmp_path / "sd")
+    assert ldm.load(tmp_path / "sd", clip_skip=2).cond_stage_model.layer == "penultimate"
+    with pytest.raises(ValueError, match="clip_skip=1: this text encoder's last layer is not in its weights"):
+        ldm.load(tmp_path / "sd", clip_skip=1)
+    with pytest.raises(ValueError, match="use_ema: .* is a diffusers folder"):
+        ldm.load(tmp_path / "sd", use_ema=True)

@@ -61,7 +61,10 @@ def test_formats_names_and_errors(tmp_path) -> None:
     save_file({"emb_params": f["cat"]}, tmp_path / "EasyNeg.safetensors")
     assert read_embedding(tmp_path / "EasyNeg.safetensors")[0] == "EasyNeg"
     assert read_embedding(f["learned"], name="other")[0] == "other"
+    assert read_embedding(f["learned"])[0] == "<style>"  # diffusers' file names its own token
     assert split_prompt("a <c> and <cat>", ["<c>", "<cat>"]) == ["a ", "<c>", " and ", "<cat>"]
+    # a word-like name: case-insensitive, never inside a longer word
+    assert split_prompt("Cat, cats, concatenate, CAT.", ["cat"]) == ["Cat", ", cats, concatenate, ", "CAT", "."]
     save_file({"clip_l": f["cat"], "clip_g": f["cat"].clone()}, tmp_path / "xl.safetensors")
     with pytest.raises(CheckpointError, match="xl.safetensors: an SDXL embedding"):
         read_embedding(tmp_path / "xl.safetensors")
@@ -70,6 +73,13 @@ def test_formats_names_and_errors(tmp_path) -> None:
     save_file({"emb_params": torch.zeros(2, 48)}, tmp_path / "wide.safetensors")
     with pytest.raises(CheckpointError, match=r"wide.safetensors: .*do not fit width 64"):
         ldm.load(ckpt, embeddings=tmp_path / "wide.safetensors")
+    save_file({"emb_params": torch.zeros(2, 64)}, tmp_path / "neg.safetensors")
+    (tmp_path / "b").mkdir()
+    save_file({"emb_params": torch.ones(1, 64)}, tmp_path / "b" / "NEG.safetensors")
+    with pytest.raises(CheckpointError, match="'NEG': a textual-inversion embedding of that name is already loaded"):
+        ldm.load(ckpt, embeddings=[tmp_path / "neg.safetensors", tmp_path / "b" / "NEG.safetensors"])
+    model = ldm.load(ckpt, embeddings=[tmp_path / "neg.safetensors", ("other", tmp_path / "b" / "NEG.safetensors")])
+    assert set(model.cond_stage_model.embeddings) == {"neg", "other"}
 
 
 def test_a_long_prompt_quotes_the_embedding_name_where_it_cut(tmp_path, caplog) -> None:

@@ -18,6 +18,11 @@ def test_chunks_cut_after_a_late_comma_else_at_the_size() -> None:
     assert chunk_ids([1, C, 3, 4, 5, 6, 7], 5, C, backtrack=3) == [[1, C, 3, 4, 5], [6, 7]]  # comma too early
     ids = list(range(100, 260))
     assert sum(chunk_ids(ids, 75, C), []) == ids  # nothing lost or repeated
+    V = 1000  # ids ≥ V: an embedding's vectors, kept in one chunk when they fit
+    assert chunk_ids([1, 2, 3, V, V + 1, V + 2, 4], 5, C, vocab=V) == [[1, 2, 3], [V, V + 1, V + 2, 4]]
+    assert chunk_ids([1, V, V + 1, V + 2, V + 3, V + 4, V + 5], 5, C, vocab=V) == [[1], [V, V + 1, V + 2, V + 3, V + 4],
+                                                                                 [V + 5]]
+    assert chunk_ids([V + i for i in range(7)], 5, C, vocab=V) == [[V + i for i in range(5)], [V + 5, V + 6]]
 
 
 def test_rows_fill_short_prompts_with_empty_chunks() -> None:

@@ -99,6 +99,8 @@ def test_kohya_lora_merges_as_diffusers_does(version, tmp_path) -> None:
 
 
 def test_diffusers_peft_lora_file_merges_as_diffusers_does(tmp_path) -> None:
+    """A peft adapter with α ≠ r (α in the file's metadata, as diffusers >= 0.34 writes it), loaded from the file as
+    diffusers loads it; and the attention-processor names of older diffusers files, for the same matrices."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -106,21 +108,33 @@ def test_diffusers_peft_lora_file_merges_as_diffusers_does(tmp_path) -> None:
     export_diffusers(model, tmp_path / "sd")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
     donor = copy.deepcopy(pipe.unet)  # trains nothing: a LoRA with random B, as after some steps
-    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cfg = LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian",
+                     target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    donor.add_adapter(cfg)
     with torch.no_grad():
         for n, p in donor.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", get_peft_model_state_dict(donor))
+    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", get_peft_model_state_dict(donor),
+                                                         unet_lora_adapter_metadata=cfg.to_dict())
     file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
-    from safetensors.torch import load_file
-
-    lora = load_file(file)
+    lora, meta = read_state_dict(file)
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in lora)
-    their_unet, _ = _theirs(pipe, lora, 0.5)
-    assert merge_lora_file(model, lora, 0.5) == len(lora) // 2
-    assert _max_diff(_ours_in_diffusers_names(model)[0], their_unet) < 1e-7
+    pipe.load_lora_weights(str(file))
+    pipe.fuse_lora(lora_scale=0.5)
+    pipe.unload_lora_weights()
+    base = copy.deepcopy(model)
+    assert merge_lora_file(model, lora, 0.5, meta) == len(lora) // 2
+    assert _max_diff(_ours_in_diffusers_names(model)[0], dict(pipe.unet.state_dict())) < 1e-7
+
+    def processor_name(k: str) -> str:  # "….attn1.to_q.lora_A.weight" → "….attn1.processor.to_q_lora.down.weight"
+        module, _, ab = k.rpartition(".lora_")
+        head, _, proj = module.replace(".to_out.0", ".to_out").rpartition(".")
+        return f"{head}.processor.{proj}_lora.{'down' if ab.startswith('A') else 'up'}.weight"
+
+    old = {processor_name(k): v for k, v in lora.items()}
+    assert merge_lora_file(base, old, 0.5 * 16 / 4) == len(lora) // 2  # no α in that format: α/r given as strength
+    assert _max_diff(_ours_in_diffusers_names(base)[0], _ours_in_diffusers_names(model)[0]) < 1e-6
 
 
 def test_load_takes_several_files_with_their_strengths_and_names_a_bad_one(tmp_path) -> None:
@@ -149,6 +163,13 @@ def test_load_takes_several_files_with_their_strengths_and_names_a_bad_one(tmp_p
         ldm.load(ckpt, lora=tmp_path / "loha.safetensors")
     with pytest.raises(ValueError, match="lora_scale has 2 value"):
         ldm.load(ckpt, lora=tmp_path / "a.safetensors", lora_scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="lora_scale must be finite"):
+        ldm.load(ckpt, lora=tmp_path / "a.safetensors", lora_scale=float("nan"))
+    ours = {"model.diffusion_model.output_blocks.9.1.transformer_blocks.0.attn1.to_q.lora_A": torch.zeros(2, 8),
+            "model.diffusion_model.output_blocks.9.1.transformer_blocks.0.attn1.to_q.lora_B": torch.zeros(8, 2)}
+    save_safetensors(ours, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="other.safetensors: does not fit this model's U-Net"):
+        ldm.load(ckpt, lora=tmp_path / "other.safetensors")
 
 
 def test_our_lora_file_takes_a_strength(tmp_path) -> None:

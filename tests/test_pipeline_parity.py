@@ -196,23 +196,27 @@ def test_nine_channel_inpainting_matches(tmp_path, deterministic_vae_encode, str
 @pytest.mark.parametrize("sampler,sigmas,scheduler", [("ddim", "auto", "DDIMScheduler"),
                                                       ("euler", "leading", "EulerDiscreteScheduler"),
                                                       ("dpmpp_2m", "trailing", "DPMSolverMultistepScheduler")])
-def test_four_channel_inpainting_matches_below_full_strength(exported, deterministic_vae_encode, sampler, sigmas,
-                                                             scheduler) -> None:
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_four_channel_inpainting_matches(exported, deterministic_vae_encode, sampler, sigmas, scheduler,
+                                         strength) -> None:
     """diffusers re-noises the known region after every step (x ← m·x + (1−m)·add_noise(z0, ε, t_next)); we
     replace the known region of the denoised estimate (D' = m·D + (1−m)·z0). For a deterministic sampler that
-    starts at z0 + σ0·ε the two are the same: the known region stays at z0 + σ·ε."""
+    starts at z0 + σ0·ε the two are the same: the known region stays at z0 + σ·ε. At strength 1 both start the
+    region to repaint from pure noise; diffusers starts the known region there too (the first step's input), we at
+    z0 + σ0·ε: measured ≤ 1.2e-4 relative (7.6e-3 before the region to repaint started from pure noise), bound
+    5e-4."""
     model, pipe = exported
     inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
     inpaint.set_progress_bar_config(disable=True)
     options = {"timestep_spacing": "trailing"} if sigmas == "trailing" else {}
     inpaint.scheduler = getattr(diffusers, scheduler).from_config(pipe.folder_scheduler_config, **options)
     init, mask = _images(4), _mask()
-    theirs = inpaint(PROMPTS, image=init, mask_image=mask, strength=0.7, num_inference_steps=STEPS,
+    theirs = inpaint(PROMPTS, image=init, mask_image=mask, strength=strength, num_inference_steps=STEPS,
                      guidance_scale=7.5, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(6),
                      output_type="latent").images
     ours = generate(model, PROMPTS, sampler=sampler, sigmas=sigmas, steps=STEPS, guidance=7.5, init_image=init,
-                    mask=mask, strength=0.7, latents=_noise(2, seed=6), output="latent", progress=False)
-    assert _diff(theirs, ours) < 1e-4
+                    mask=mask, strength=strength, latents=_noise(2, seed=6), output="latent", progress=False)
+    assert _diff(theirs, ours) < (1e-4 if strength < 1 else 5e-4)
 
 
 def test_a_depth_conditioned_unet_is_refused_by_name() -> None:

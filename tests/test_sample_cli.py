@@ -55,7 +55,7 @@ def test_lora_and_embedding_files_reach_the_loader(ckpt, tmp_path, monkeypatch):
     assert main(["--checkpoint", str(ckpt), "--prompt", "x, bad", "--steps", "1", "--dtype", "fp32", "--out",
                  str(tmp_path / "o"), "--lora", str(lora), "--lora-scale", "0.8", "--embedding", f"bad={emb}"]) == 0
     assert seen[0]["lora"] == [str(lora)] and seen[0]["lora_scale"] == 0.8
-    assert seen[0]["embeddings"] == {"bad": str(emb)}
+    assert seen[0]["embeddings"] == [("bad", str(emb))]
     assert "LoRA: style.safetensors:0.8" in Image.open(tmp_path / "o" / "00000-0.png").text["parameters"]
 
 
@@ -65,7 +65,8 @@ def test_lora_and_embedding_files_reach_the_loader(ckpt, tmp_path, monkeypatch):
     (["--compile", "--cuda-graph"], "give --compile or --cuda-graph"),
     (["--lora", "missing.safetensors"], "missing.safetensors"), (["--lora-scale", "0.5"], "--lora-scale"),
     (["--vae", "nope.safetensors"], "nope.safetensors"), (["--clip-skip", "3"], "--clip-skip"),
-    (["--embedding", "neg=absent.pt"], "absent.pt"),
+    (["--embedding", "neg=absent.pt"], "absent.pt"), (["--guidance-rescale", "1.5"], "--guidance-rescale"),
+    (["--eta", "-1"], "--eta must be >= 0"), (["--strength", "0"], "--strength must be in (0, 1]"),
 ])
 def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, monkeypatch, args, msg):
     monkeypatch.setattr(ldm, "load", lambda *a, **k: pytest.fail("model loaded before the arguments were checked"))

@@ -129,7 +129,7 @@ def test_ddim_sigmas_match_diffusers(steps: int) -> None:
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("steps", [7, 10, 30, 50, 999])  # at 1000 diffusers asks for t = 1000, past the table
+@pytest.mark.parametrize("steps", [7, 10, 30, 48, 50, 96, 999])  # 48, 96: ties at .5; 1000: diffusers asks t = 1000
 def test_spaced_sigmas_match_diffusers_euler(spacing: str, steps: int) -> None:
     """diffusers' Euler/Heun/LMS σ with SD's config: the table's σ at its "leading"/"trailing" timesteps, then 0."""
     from ldm.diffusion.schedules import spaced_timesteps

@@ -76,39 +76,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _check_files(a: argparse.Namespace) -> None:
+    for name in ("checkpoint", "init_image", "mask", "prompts_file", "vae"):
+        v = getattr(a, name)
+        if v and not Path(v).is_file():
+            raise ValueError(f"--{name.replace('_', '-')}: file {v!r} not found")
+    for flag, files in (("--lora", a.lora), ("--embedding", [f for _, f in embedding_args(a.embedding)])):
+        for f in files:
+            if not Path(f).is_file():
+                raise ValueError(f"{flag}: file {f!r} not found")
+    if len(a.lora_scale) not in (0, 1, len(a.lora)) or (a.lora_scale and not a.lora):
+        raise ValueError(f"--lora-scale: {len(a.lora_scale)} value(s) for {len(a.lora)} --lora file(s)")
+    if a.mask and not a.init_image:
+        raise ValueError("--mask needs --init-image")
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    if a.steps <= 0:
+        raise ValueError(f"--steps must be positive, got {a.steps}")
+    if a.n <= 0 or a.batch_size <= 0:
+        raise ValueError("--n and --batch-size must be positive")
+    if a.clip_skip not in (None, 1, 2):
+        raise ValueError(f"--clip-skip must be 1 or 2, got {a.clip_skip}")
+    for name in ("guidance", "guidance_rescale", "eta", "strength"):
+        if getattr(a, name) is not None and not math.isfinite(getattr(a, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
+    if not all(math.isfinite(s) for s in a.lora_scale):
+        raise ValueError("--lora-scale must be a finite number")
+    ranges = (("guidance_rescale", 0 <= a.guidance_rescale <= 1, "in [0, 1]"),
+              ("eta", a.eta is None or a.eta >= 0, ">= 0"), ("strength", 0 < a.strength <= 1, "in (0, 1]"))
+    for name, ok, what in ranges:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(a, name)}")
+    for name in ("height", "width"):
+        v = getattr(a, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
+
+
 def check_args(a: argparse.Namespace) -> list[str]:
     """Validate everything cheap before a model loads; returns the prompt list."""
     if not a.checkpoint and not a.config:
         raise ValueError("give --checkpoint and/or --config")
     if a.compile and a.cuda_graph:
         raise ValueError("--cuda-graph replays the eager U-Net instead of compiling it: give --compile or --cuda-graph")
-    if a.clip_skip not in (None, 1, 2):
-        raise ValueError(f"--clip-skip must be 1 or 2, got {a.clip_skip}")
-    for name in ("checkpoint", "config", "init_image", "mask", "prompts_file", "vae"):
-        v = getattr(a, name)
-        if v and name != "config" and not Path(v).is_file():
-            raise ValueError(f"--{name.replace('_', '-')}: file {v!r} not found")
-    for f in a.lora:
-        if not Path(f).is_file():
-            raise ValueError(f"--lora: file {f!r} not found")
-    for name, f in embedding_args(a.embedding).items():
-        if not Path(f).is_file():
-            raise ValueError(f"--embedding: file {f!r} not found")
-    if len(a.lora_scale) not in (0, 1, len(a.lora)) or (a.lora_scale and not a.lora):
-        raise ValueError(f"--lora-scale: {len(a.lora_scale)} value(s) for {len(a.lora)} --lora file(s)")
-    if a.mask and not a.init_image:
-        raise ValueError("--mask needs --init-image")
-    if a.steps <= 0:
-        raise ValueError(f"--steps must be positive, got {a.steps}")
-    if a.n <= 0 or a.batch_size <= 0:
-        raise ValueError("--n and --batch-size must be positive")
-    for name in ("guidance", "guidance_rescale", "eta", "strength"):
-        if getattr(a, name) is not None and not math.isfinite(getattr(a, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
-    for name in ("height", "width"):
-        v = getattr(a, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
+    _check_files(a)
+    _check_numbers(a)
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [ln.strip() for ln in Path(a.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -127,14 +140,12 @@ def file_hash(path: str | None) -> str:
     return h.hexdigest()[:10]
 
 
-def embedding_args(values: list[str]) -> dict[str, str]:
-    """``--embedding`` values → {name: file}: "NAME=FILE", or a file named after its stem."""
-    out = {}
+def embedding_args(values: list[str]) -> list[tuple[str | None, str]]:
+    """``--embedding`` values → (name, file): "NAME=FILE", or a file named as ``ldm.load`` names it (None)."""
+    out: list[tuple[str | None, str]] = []
     for v in values:
         name, eq, f = v.partition("=")
-        if not eq or Path(v).is_file():
-            name, f = Path(v).stem, v
-        out[name] = f
+        out.append((None, v) if not eq or Path(v).is_file() else (name, f))
     return out
 
 

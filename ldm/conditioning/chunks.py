@@ -9,15 +9,20 @@ from __future__ import annotations
 import torch
 
 
-def chunk_ids(ids: list[int], size: int, comma: int, backtrack: int = 20) -> list[list[int]]:
+def chunk_ids(ids: list[int], size: int, comma: int, backtrack: int = 20, vocab: int | None = None) -> list[list[int]]:
     """``ids`` cut into chunks of at most ``size``, preferring a cut after a comma in a chunk's last ``backtrack``
-    tokens. An empty prompt is one empty chunk."""
+    tokens, and never inside a textual-inversion embedding (consecutive ids ≥ ``vocab``) that fits in a chunk. An
+    empty prompt is one empty chunk."""
     chunks: list[list[int]] = []
     rest = list(ids)
     while len(rest) > size:
         window = rest[:size]
         commas = [i for i in range(size - 1, max(size - 1 - backtrack, -1), -1) if window[i] == comma]
         cut = commas[0] + 1 if commas else size
+        start = cut
+        while vocab is not None and start > 0 and rest[start - 1] >= vocab and rest[start] == rest[start - 1] + 1:
+            start -= 1  # back to the embedding's first vector
+        cut = start if start > 0 else cut  # an embedding longer than a chunk is cut where it must be
         chunks.append(rest[:cut])
         rest = rest[cut:]
     chunks.append(rest)

@@ -2,8 +2,10 @@
 
 Files: the web UIs' ``.pt`` (``{"string_to_param": {"*": (n, D)}, "name": …}``) and ``.safetensors``
 (``{"emb_params": (n, D)}``), and diffusers' ``learned_embeds`` (``{"<token>": (D,) or (n, D)}``). The name used in
-prompts is the file's stem (the web UIs' rule) unless one is given. In a prompt, each occurrence of the name (as a
-substring, as diffusers' added tokens match) becomes its n vectors; the rest of the text is tokenized as usual.
+prompts is the one given, else diffusers' token, else the file's stem (the web UIs' rule). In a prompt, each
+occurrence of the name becomes its n vectors (case-insensitive, as CLIP lowercases text; a name that begins or ends
+with a letter or digit matches only where no letter or digit adjoins it, so "cat" does not fire inside "cats"); the
+rest of the text is tokenized as usual.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def _vectors(obj: Mapping[str, Any], path: Path) -> tuple[torch.Tensor, str | No
         params = list(obj["string_to_param"].values())
         if len(params) != 1:
             raise CheckpointError(f"{path}: expected one entry in string_to_param, got {len(params)}")
-        return params[0].detach(), obj.get("name") if isinstance(obj.get("name"), str) else None
+        return params[0].detach(), None  # its "name" field is not the trigger: the web UIs use the file's stem
     if "emb_params" in obj:
         return obj["emb_params"], None
     if any(k in obj for k in SDXL_KEYS):
@@ -48,7 +50,7 @@ def read_embedding(path: str | Path, name: str | None = None) -> tuple[str, torc
     v = v.float().reshape(-1, v.shape[-1]) if v.ndim in (1, 2) else v
     if v.ndim != 2 or v.shape[0] == 0:
         raise CheckpointError(f"{path}: embedding vectors must be (n, D), got {tuple(v.shape)}")
-    name = name or (own if own and own.startswith("<") else path.stem)
+    name = name or own or path.stem  # given, diffusers' token, or the stem
     if not name.strip():
         raise ValueError(f"{path}: empty embedding name")
     return name, v
@@ -58,5 +60,6 @@ def split_prompt(text: str, names: list[str]) -> list[str]:
     """The prompt cut around every occurrence of the names (longest first): ["a photo of ", "<cat>", " toy"]."""
     if not names:
         return [text]
-    pattern = "(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")"
-    return [p for p in re.split(pattern, text) if p]
+    alternatives = [(r"(?<!\w)" if n[:1].isalnum() else "") + re.escape(n) + (r"(?!\w)" if n[-1:].isalnum() else "")
+                    for n in sorted(names, key=len, reverse=True)]
+    return [p for p in re.split("(" + "|".join(alternatives) + ")", text, flags=re.IGNORECASE) if p]

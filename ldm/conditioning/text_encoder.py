@@ -168,7 +168,10 @@ class OpenCLIPTextEncoder(nn.Module):
         """Make ``name`` in a prompt stand for ``vectors`` (n, width): ids past the vocabulary, looked up in a
         buffer beside the token embedding (not saved with the model)."""
         if vectors.ndim != 2 or vectors.shape[1] != self.width:
-            raise ValueError(f"embedding {name!r}: vectors {tuple(vectors.shape)} do not fit width {self.width}")
+            raise ValueError(f"embedding {name!r}: vectors {tuple(vectors.shape)} do not fit width {self.width} (an "
+                             "embedding for another text encoder?)")
+        if name.lower() in {k.lower() for k in getattr(self, "embeddings", {})}:
+            raise ValueError(f"embedding {name!r}: a textual-inversion embedding of that name is already loaded")
         emb = self.model.token_embedding.weight
         extra = getattr(self, "extra_vectors", emb.new_zeros(0, self.width))
         start = emb.shape[0] + extra.shape[0]  # ids V, V+1, … in the order added
@@ -178,10 +181,11 @@ class OpenCLIPTextEncoder(nn.Module):
     def _encode_text(self, text: str) -> list[int]:
         from ldm.conditioning.embeddings import split_prompt  # noqa: PLC0415
 
-        named = getattr(self, "embeddings", {})
+        named = {k.lower(): v for k, v in getattr(self, "embeddings", {}).items()}
         ids: list[int] = []
         for piece in split_prompt(text, list(named)):
-            ids += list(range(named[piece][0], sum(named[piece]))) if piece in named else bpe_tokenizer().encode(piece)
+            hit = named.get(piece.lower())
+            ids += list(range(hit[0], hit[0] + hit[1])) if hit else bpe_tokenizer().encode(piece)
         return ids
 
     def _decode(self, ids: list[int]) -> str:
@@ -215,7 +219,8 @@ class OpenCLIPTextEncoder(nn.Module):
 
         tok, n = bpe_tokenizer(), self.max_length
         comma = tok.encode(",")[0]
-        chunks = [chunk_ids(self._encode_text(p), n - 2, comma) for p in prompts]
+        V = self.model.token_embedding.weight.shape[0]
+        chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V) for p in prompts]
         return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
 
     def encode_long(self, prompts: list[str]) -> torch.Tensor:

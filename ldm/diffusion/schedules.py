@@ -211,8 +211,9 @@ def spaced_timesteps(num_train: int, steps: int, spacing: str) -> torch.Tensor:
         raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
     if spacing == "leading":
         return ddim_timesteps(num_train, steps, offset=1)
-    if spacing == "trailing":
-        return (num_train - torch.arange(steps, dtype=torch.float64) * (num_train / steps)).round().long() - 1
+    if spacing == "trailing":  # diffusers' own arithmetic (np.arange with a float step), so that ties round alike;
+        t = np.round(np.arange(num_train, 0, -num_train / steps))[:steps]  # [:S]: arange can overshoot by one
+        return torch.from_numpy(t.astype(np.int64)) - 1
     raise ValueError(f"unknown timestep spacing {spacing!r}; choose leading or trailing")
 
 
