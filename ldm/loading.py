@@ -92,8 +92,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
             original layout, with or without ``first_stage_model.``, or diffusers' ``AutoencoderKL`` keys).
         clip_skip: 1 conditions on the text encoder's last layer, 2 on the penultimate (the web UIs' "CLIP skip";
             default: the config's).
-        embeddings: textual-inversion files (a path, a list, or {name: path}); a file's name in a prompt stands
-            for its vectors (the name is the file's stem unless given).
+        embeddings: textual-inversion files (a path, a list of paths or (name, path) pairs, or {name: path}); a
+            file's name in a prompt stands for its vectors (given, else diffusers' "<token>", else the file's stem).
         fast: on a CUDA device, the safe part of the fast path: channels_last weights (cuDNN's fast convolution
             layout); compile and fused projections with :func:`ldm.fast.optimize`.
     Returns:

@@ -28,6 +28,8 @@ _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.
           (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), (".lora.down.weight", ".lora.up.weight"),
           ("_lora.down.weight", "_lora.up.weight"))  # the last: diffusers' attention processors, "…processor.to_q_lora"
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+_OLD_TEXT = re.compile(r"self_attn\.(to_q|to_k|to_v|to_out)$")  # diffusers' old text-encoder LoRA (q/k/v/out_proj)
+_OLD_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers >= 0.34 writes peft's LoraConfig there, keys "unet.lora_alpha" …
 _UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lora_mid", "oft_blocks", "diff_b")  # LyCORIS LoHa/LoKr/Tucker/OFT, biases
 
@@ -93,8 +95,10 @@ def _module_name(written: str, kohya: Mapping[str, tuple[str, str]]) -> tuple[st
         if written.startswith(prefix):
             name = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""),
                                   written[len(prefix):])
-            if part == "text" and not name.startswith("text_model."):  # transformers >= 5 names, no "text_model."
-                name = "text_model." + name
+            if part == "text":
+                if not name.startswith("text_model."):  # transformers >= 5 names, no "text_model."
+                    name = "text_model." + name
+                name = _OLD_TEXT.sub(lambda m: "self_attn." + _OLD_TEXT_NAMES[m.group(1)], name)
             return part, name
     return None
 

@@ -46,6 +46,8 @@ class GenerateArgs:
         for name in ("guidance", "guidance_rescale", "eta", "strength"):
             if getattr(self, name) is not None and not math.isfinite(float(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if self.eta is not None and self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         if not 0.0 < self.strength <= 1.0:
@@ -129,7 +131,9 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         mask: inpainting mask (PIL or (B, 1, H, W) tensor; 1/white = repaint).
         output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
         long_prompts: encode prompts past 75 tokens in chunks of 75 (the web UIs' way, contexts concatenated)
-            instead of truncating them (the original scripts' and diffusers' way, the default).
+            instead of truncating them (the original scripts' and diffusers' way, the default). The batch's rows
+            share the chunk count (:mod:`ldm.conditioning.chunks`): with prompts of different lengths an image can
+            change with its batch.
         sigmas: σ schedule: "auto", "discrete", "karras", "exponential", "ddim", "leading" or "trailing" (see
             :func:`ldm.diffusion.schedules.get_sigmas`; "leading" is what diffusers' Euler/Heun/LMS schedulers use
             with SD's scheduler config).
@@ -163,7 +167,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     if noise.shape[0] != B:
         raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
     noise = noise.to(dev, torch.float32)
-    sig = _sigmas(model, a).to(dev)
+    sig_cpu = _sigmas(model, a)  # (steps+1,) on the CPU: its last value is read without a device sync
+    sig = sig_cpu.to(dev)
     cond, uncond = _conditioning(model, prompts, negative, long_prompts)
     x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
     z0, masked_with = None, None
@@ -191,7 +196,8 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)
     gens = [torch.Generator().manual_seed(base + 10_000 + i) for i in range(B)]
     z = sample(a.sampler, guided, x, sig, extra_args=extra, eta=a.eta, generators=gens, disable=not progress)
-    z = z / torch.sqrt(sig[-1] ** 2 + 1)  # a schedule that ends above σ = 0 (DDIM's σ(ᾱ_0)): back to VP, as decoded
+    if sig_cpu[-1] > 0:  # a schedule that ends above σ = 0 (DDIM's σ(ᾱ_0)): back to VP scale, as decoded
+        z = z / math.sqrt(float(sig_cpu[-1]) ** 2 + 1)
     if isinstance(guided, MaskedDenoiser):
         z = guided.mask * z + (1 - guided.mask) * guided.z0
     if a.output == "latent":

@@ -61,7 +61,7 @@ def merge(args: argparse.Namespace) -> None:
     _check_suffix(args.out, ".safetensors")
     if not args.lora and not args.vae:
         raise ValueError("merge: give --lora and/or --vae")
-    if args.lora_scale and len(args.lora_scale) not in (1, len(args.lora)):
+    if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         raise ValueError(f"merge: {len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s)")
     scale = args.lora_scale if len(args.lora_scale) > 1 else (args.lora_scale or [1.0])[0]
     model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema, lora=args.lora or None,

@@ -65,6 +65,9 @@ def test_formats_names_and_errors(tmp_path) -> None:
     assert split_prompt("a <c> and <cat>", ["<c>", "<cat>"]) == ["a ", "<c>", " and ", "<cat>"]
     # a word-like name: case-insensitive, never inside a longer word
     assert split_prompt("Cat, cats, concatenate, CAT.", ["cat"]) == ["Cat", ", cats, concatenate, ", "CAT", "."]
+    assert split_prompt("very_neg, _neg", ["_neg"]) == ["very_neg, ", "_neg"]  # "_" is a word character too
+    save_file({"*": f["cat"]}, tmp_path / "star.safetensors")  # a single-tensor file whose key is no "<token>"
+    assert read_embedding(tmp_path / "star.safetensors")[0] == "star"
     save_file({"clip_l": f["cat"], "clip_g": f["cat"].clone()}, tmp_path / "xl.safetensors")
     with pytest.raises(CheckpointError, match="xl.safetensors: an SDXL embedding"):
         read_embedding(tmp_path / "xl.safetensors")

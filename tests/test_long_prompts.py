@@ -23,6 +23,9 @@ def test_chunks_cut_after_a_late_comma_else_at_the_size() -> None:
     assert chunk_ids([1, V, V + 1, V + 2, V + 3, V + 4, V + 5], 5, C, vocab=V) == [[1], [V, V + 1, V + 2, V + 3, V + 4],
                                                                                  [V + 5]]
     assert chunk_ids([V + i for i in range(7)], 5, C, vocab=V) == [[V + i for i in range(5)], [V + 5, V + 6]]
+    # two embeddings side by side (ids V..V+2 and V+3..V+5): consecutive ids, but each kept whole
+    assert chunk_ids([V + i for i in range(6)], 5, C, vocab=V, starts=frozenset({V, V + 3})) == [
+        [V, V + 1, V + 2], [V + 3, V + 4, V + 5]]
 
 
 def test_rows_fill_short_prompts_with_empty_chunks() -> None:
@@ -69,3 +72,8 @@ def test_generate_uses_the_whole_prompt_only_when_asked(tiny) -> None:
     assert torch.isfinite(whole).all() and not torch.allclose(cut, whole)
     short = tiny.generate(["a red cat"], **kw)
     torch.testing.assert_close(tiny.generate(["a red cat"], long_prompts=True, **kw), short)
+
+
+def test_long_prompts_check_the_prompt_type(tiny) -> None:
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a str"):
+        tiny.encode_text(["a", None], long=True)

@@ -133,8 +133,17 @@ def test_diffusers_peft_lora_file_merges_as_diffusers_does(tmp_path) -> None:
         return f"{head}.processor.{proj}_lora.{'down' if ab.startswith('A') else 'up'}.weight"
 
     old = {processor_name(k): v for k, v in lora.items()}
-    assert merge_lora_file(base, old, 0.5 * 16 / 4) == len(lora) // 2  # no α in that format: α/r given as strength
+    text = {k: v.clone() for k, v in _ours_in_diffusers_names(base)[1].items()}  # old names: self_attn.to_q_lora…
+    g = torch.Generator().manual_seed(7)
+    for proj in ("to_q", "to_out"):
+        down, up = _pair(tuple(text["text_model.encoder.layers.0.self_attn.q_proj.weight"].shape), 2, g)
+        old[f"text_encoder.text_model.encoder.layers.0.self_attn.{proj}_lora.down.weight"] = down
+        old[f"text_encoder.text_model.encoder.layers.0.self_attn.{proj}_lora.up.weight"] = up
+    assert merge_lora_file(base, old, 0.5 * 16 / 4) == len(lora) // 2 + 2  # no α in that format: α/r as strength
     assert _max_diff(_ours_in_diffusers_names(base)[0], _ours_in_diffusers_names(model)[0]) < 1e-6
+    changed = [k for k, v in _ours_in_diffusers_names(base)[1].items() if not torch.equal(v, text[k])]
+    assert sorted(changed) == ["text_model.encoder.layers.0.self_attn.out_proj.weight",
+                               "text_model.encoder.layers.0.self_attn.q_proj.weight"]
 
 
 def test_load_takes_several_files_with_their_strengths_and_names_a_bad_one(tmp_path) -> None:

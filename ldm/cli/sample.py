@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--long-prompts", action="store_true",
-                   help="encode prompts past 75 tokens in chunks (the web UIs' way) instead of truncating them")
+                   help="encode prompts past 75 tokens in chunks (the web UIs' way) instead of truncating them; "
+                        "a batch's prompts share the chunk count, so an image can change with its batch")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
@@ -56,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", metavar="FILE", help="a separate autoencoder file (e.g. vae-ft-mse-840000-ema-pruned)")
     p.add_argument("--clip-skip", type=int, metavar="N", help="1: the text encoder's last layer, 2: the penultimate")
     p.add_argument("--embedding", action="append", default=[], metavar="[NAME=]FILE",
-                   help="a textual-inversion file; its name (the file's stem unless given) in a prompt stands for its "
-                        "vectors; repeatable")
+                   help="a textual-inversion file; its name (given, else diffusers' <token>, else the file's stem) "
+                        "in a prompt stands for its vectors; repeatable")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a LoRA file (ours, kohya-ss or diffusers); repeatable")
     p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",

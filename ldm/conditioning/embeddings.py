@@ -2,9 +2,9 @@
 
 Files: the web UIs' ``.pt`` (``{"string_to_param": {"*": (n, D)}, "name": …}``) and ``.safetensors``
 (``{"emb_params": (n, D)}``), and diffusers' ``learned_embeds`` (``{"<token>": (D,) or (n, D)}``). The name used in
-prompts is the one given, else diffusers' token, else the file's stem (the web UIs' rule). In a prompt, each
+prompts is the one given, else diffusers' "<token>", else the file's stem (the web UIs' rule). In a prompt, each
 occurrence of the name becomes its n vectors (case-insensitive, as CLIP lowercases text; a name that begins or ends
-with a letter or digit matches only where no letter or digit adjoins it, so "cat" does not fire inside "cats"); the
+with a letter, digit or "_" matches only where none of those adjoins it, so "cat" does not fire inside "cats"); the
 rest of the text is tokenized as usual.
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ def read_embedding(path: str | Path, name: str | None = None) -> tuple[str, torc
     v = v.float().reshape(-1, v.shape[-1]) if v.ndim in (1, 2) else v
     if v.ndim != 2 or v.shape[0] == 0:
         raise CheckpointError(f"{path}: embedding vectors must be (n, D), got {tuple(v.shape)}")
-    name = name or own or path.stem  # given, diffusers' token, or the stem
+    token = own if own and own.startswith("<") and own.endswith(">") else None  # diffusers' "<token>" keys
+    name = name or token or path.stem  # given, diffusers' token, or the stem
     if not name.strip():
         raise ValueError(f"{path}: empty embedding name")
     return name, v
@@ -60,6 +61,7 @@ def split_prompt(text: str, names: list[str]) -> list[str]:
     """The prompt cut around every occurrence of the names (longest first): ["a photo of ", "<cat>", " toy"]."""
     if not names:
         return [text]
-    alternatives = [(r"(?<!\w)" if n[:1].isalnum() else "") + re.escape(n) + (r"(?!\w)" if n[-1:].isalnum() else "")
+    word = re.compile(r"\w")
+    alternatives = [(r"(?<!\w)" if word.match(n[:1]) else "") + re.escape(n) + (r"(?!\w)" if word.match(n[-1:]) else "")
                     for n in sorted(names, key=len, reverse=True)]
     return [p for p in re.split("(" + "|".join(alternatives) + ")", text, flags=re.IGNORECASE) if p]

@@ -218,9 +218,12 @@ class OpenCLIPTextEncoder(nn.Module):
         from ldm.conditioning.chunks import chunk_ids, chunk_rows  # noqa: PLC0415
 
         tok, n = bpe_tokenizer(), self.max_length
-        comma = tok.encode(",")[0]
-        V = self.model.token_embedding.weight.shape[0]
-        chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V) for p in prompts]
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
+        comma, V = tok.encode(",")[0], self.model.token_embedding.weight.shape[0]
+        starts = frozenset(s for s, _ in getattr(self, "embeddings", {}).values())
+        chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V, starts=starts) for p in prompts]
         return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
 
     def encode_long(self, prompts: list[str]) -> torch.Tensor:
