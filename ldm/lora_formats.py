@@ -30,6 +30,7 @@ _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 _OLD_TEXT = re.compile(r"self_attn\.(to_q|to_k|to_v|to_out)$")  # diffusers' old text-encoder LoRA (q/k/v/out_proj)
 _OLD_TEXT_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+KOHYA_METADATA = {"ss_network_module": "networks.lora"}  # what kohya-ss writes: the web UIs read it as plain LoRA
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers >= 0.34 writes peft's LoraConfig there, keys "unet.lora_alpha" …
 _UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lora_mid", "oft_blocks", "diff_b")  # LyCORIS LoHa/LoKr/Tucker/OFT, biases
 

@@ -101,6 +101,7 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
 def _conditioning(model: Any, prompts: list[str], negative: list[str], long: bool = False) -> tuple[dict, dict]:
     """Both branches' contexts from one text-encoder call (half the launches of two; each prompt is encoded on its
     own: no padding mask or cross-prompt attention couples the batch)."""
+    # (``long`` passed only when set: encode_text(prompts) is the interface other text encoders' models offer)
     cu = model.encode_text(prompts + negative, long=True) if long else model.encode_text(prompts + negative)
     c, u = cu.split(len(prompts))  # (B, 77, D) each
     return {"context": c}, {"context": u}
@@ -170,7 +171,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     sig_cpu = _sigmas(model, a)  # (steps+1,) on the CPU: its last value is read without a device sync
     sig = sig_cpu.to(dev)
     cond, uncond = _conditioning(model, prompts, negative, long_prompts)
-    x = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
+    x = pure = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
     z0, masked_with = None, None
     if init_image is not None:
         img = to_image_tensor(init_image, B, H, W).to(dev, dt)  # (B, 3, H, W)
@@ -185,11 +186,11 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
                 concat = torch.cat([m, masked], dim=1)
                 cond["concat"], uncond["concat"] = concat, concat
                 if a.strength == 1.0:  # as trained and as the original scripts and diffusers sample: from pure noise
-                    x = noise * torch.sqrt(sig[0] ** 2 + 1)
+                    x = pure
             else:
                 masked_with = m
                 if a.strength == 1.0:  # the region to repaint from pure noise (diffusers too); the known region
-                    x = m * noise * torch.sqrt(sig[0] ** 2 + 1) + (1 - m) * x  # stays on z0 + σ·ε (MaskedDenoiser)
+                    x = m * pure + (1 - m) * x  # stays on z0 + σ·ε (MaskedDenoiser)
     guided: nn.Module = model.guided_denoiser()  # D_cfg over the model's D(x, σ)
     if masked_with is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
         guided = MaskedDenoiser(guided, z0, masked_with)

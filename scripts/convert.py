@@ -63,7 +63,7 @@ def merge(args: argparse.Namespace) -> None:
         raise ValueError("merge: give --lora and/or --vae")
     if args.lora_scale and (not args.lora or len(args.lora_scale) not in (1, len(args.lora))):
         raise ValueError(f"merge: {len(args.lora_scale)} --lora-scale value(s) for {len(args.lora)} --lora file(s)")
-    scale = args.lora_scale if len(args.lora_scale) > 1 else (args.lora_scale or [1.0])[0]
+    scale = args.lora_scale[0] if len(args.lora_scale) == 1 else args.lora_scale or 1.0  # one for all, or each
     model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema, lora=args.lora or None,
                      merge_lora=True, lora_scale=scale, vae=args.vae,
                      dtype=torch.float16 if args.fp16 else None)
@@ -72,24 +72,22 @@ def merge(args: argparse.Namespace) -> None:
 
 
 def lora_to_kohya(args: argparse.Namespace) -> None:
-    import json  # noqa: PLC0415
-
     from omegaconf import OmegaConf  # noqa: PLC0415
 
-    from ldm.checkpoint import META_CONFIG, read_state_dict, save_safetensors  # noqa: PLC0415
+    from ldm.checkpoint import config_from_metadata, read_state_dict, save_safetensors  # noqa: PLC0415
     from ldm.config import load_config  # noqa: PLC0415
-    from ldm.lora_formats import to_kohya  # noqa: PLC0415
+    from ldm.lora_formats import KOHYA_METADATA, to_kohya  # noqa: PLC0415
 
     _check_suffix(args.out, ".safetensors")
     sd, meta = read_state_dict(args.lora)
+    own = config_from_metadata(meta)
     if args.config:
         cfg = load_config(args.config)
-    elif META_CONFIG in meta:
-        cfg = OmegaConf.create(json.loads(meta[META_CONFIG]))
+    elif own is not None:
+        cfg = OmegaConf.create(own)
     else:
         raise ValueError(f"{args.lora} carries no config: give --config (the YAML the LoRA was trained with)")
-    save_safetensors(to_kohya(sd, cfg.model.params.unet_config.params), args.out,
-                     {"ss_network_module": "networks.lora"})
+    save_safetensors(to_kohya(sd, cfg.model.params.unet_config.params), args.out, KOHYA_METADATA)
     log.info("wrote %s (kohya-ss layout: the web UIs, ComfyUI, diffusers' load_lora_weights)", args.out)
 
 

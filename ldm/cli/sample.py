@@ -189,9 +189,9 @@ def run(argv: list[str] | None = None) -> list[Path]:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
-    scale = a.lora_scale if len(a.lora_scale) > 1 else (a.lora_scale or [1.0])[0]
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema, lora=a.lora or None,
-                     lora_scale=scale, vae=a.vae, clip_skip=a.clip_skip,
+                     lora_scale=a.lora_scale[0] if len(a.lora_scale) == 1 else a.lora_scale or 1.0, vae=a.vae,
+                     clip_skip=a.clip_skip,
                      embeddings=embedding_args(a.embedding) or None)
     if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415

@@ -39,6 +39,14 @@ _TINY_VISION = {"layers": 1, "width": 8, "head_width": 8, "patch_size": 8, "imag
 _OPTIONAL = ("text_projection", "logit_scale", "logit_bias")
 
 
+def _checked(prompts: list[str]) -> list[str]:
+    """The prompts, each a str (a TypeError names the first that is not)."""
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
+    return prompts
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer() -> SimpleTokenizer:
     """open_clip's CLIP BPE tokenizer from its bundled vocabulary (parsed once per process)."""
@@ -120,6 +128,7 @@ class OpenCLIPTextEncoder(nn.Module):
         self.layer, self.layout, self.pad_token, self.max_length = layer, layout, pad_token, max_length
         self.with_visual, self.frozen = with_visual, freeze
         self.num_layers = len(self.model.transformer.resblocks)
+        self.embeddings: dict[str, tuple[int, int]] = {}  # textual inversion: name -> (first id, n), add_embedding
         if layout == "hf":  # CLIPTextModel has neither (see hf_clip's docstring)
             self.model.text_projection = None
             del self.model.logit_scale
@@ -151,9 +160,7 @@ class OpenCLIPTextEncoder(nn.Module):
             prompts = [prompts]
         tok, n = bpe_tokenizer(), self.max_length
         out = torch.full((len(prompts), n), self.pad_token, dtype=torch.long)
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
+        for i, text in enumerate(_checked(prompts)):
             ids = self._encode_text(text)
             if len(ids) > n - 2:
                 log.warning("The following part of your input was truncated because CLIP can only handle sequences "
@@ -170,18 +177,18 @@ class OpenCLIPTextEncoder(nn.Module):
         if vectors.ndim != 2 or vectors.shape[1] != self.width:
             raise ValueError(f"embedding {name!r}: vectors {tuple(vectors.shape)} do not fit width {self.width} (an "
                              "embedding for another text encoder?)")
-        if name.lower() in {k.lower() for k in getattr(self, "embeddings", {})}:
+        if name.lower() in {k.lower() for k in self.embeddings}:
             raise ValueError(f"embedding {name!r}: a textual-inversion embedding of that name is already loaded")
         emb = self.model.token_embedding.weight
         extra = getattr(self, "extra_vectors", emb.new_zeros(0, self.width))
         start = emb.shape[0] + extra.shape[0]  # ids V, V+1, … in the order added
         self.register_buffer("extra_vectors", torch.cat([extra, vectors.to(emb)]), persistent=False)
-        self.embeddings = {**getattr(self, "embeddings", {}), name: (start, vectors.shape[0])}
+        self.embeddings[name] = (start, vectors.shape[0])
 
     def _encode_text(self, text: str) -> list[int]:
         from ldm.conditioning.embeddings import split_prompt  # noqa: PLC0415
 
-        named = {k.lower(): v for k, v in getattr(self, "embeddings", {}).items()}
+        named = {k.lower(): v for k, v in self.embeddings.items()}
         ids: list[int] = []
         for piece in split_prompt(text, list(named)):
             hit = named.get(piece.lower())
@@ -190,8 +197,8 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def _decode(self, ids: list[int]) -> str:
         """Ids back to text; an embedding's ids (or the part of them that is there) become its name once."""
-        names = {i: k for k, (s, n) in getattr(self, "embeddings", {}).items() for i in range(s, s + n)}
-        V, out, run, prev = self.model.token_embedding.weight.shape[0], [], [], None
+        names = {i: k for k, (s, n) in self.embeddings.items() for i in range(s, s + n)}
+        V, out, run, prev = self.model.vocab_size, [], [], None
         for i in [*ids, None]:
             if i is not None and i < V:
                 run.append(i)
@@ -218,11 +225,9 @@ class OpenCLIPTextEncoder(nn.Module):
         from ldm.conditioning.chunks import chunk_ids, chunk_rows  # noqa: PLC0415
 
         tok, n = bpe_tokenizer(), self.max_length
-        for i, text in enumerate(prompts):
-            if not isinstance(text, str):
-                raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
-        comma, V = tok.encode(",")[0], self.model.token_embedding.weight.shape[0]
-        starts = frozenset(s for s, _ in getattr(self, "embeddings", {}).values())
+        prompts = _checked(prompts)
+        comma, V = tok.encode(",")[0], self.model.vocab_size
+        starts = frozenset(s for s, _ in self.embeddings.values())
         chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V, starts=starts) for p in prompts]
         return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
 

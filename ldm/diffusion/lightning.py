@@ -173,7 +173,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.checkpoint import META_CONFIG, save_safetensors  # noqa: PLC0415
         from ldm.loading import save  # noqa: PLC0415
         from ldm.lora import lora_state_dict, strip_lora  # noqa: PLC0415
-        from ldm.lora_formats import to_kohya  # noqa: PLC0415
+        from ldm.lora_formats import KOHYA_METADATA, to_kohya  # noqa: PLC0415
 
         use_ema = ema and self.model_ema is not None
         adapters = lora_state_dict(self.net.model)
@@ -184,7 +184,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         meta = {META_CONFIG: json.dumps(OmegaConf.to_container(self.config, resolve=True))}
         save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
         kohya = to_kohya(adapters, self.config.model.params.unet_config.params)  # for the web UIs and diffusers
-        save_safetensors(kohya, Path(path).with_name("lora-kohya.safetensors"), {"ss_network_module": "networks.lora"})
+        save_safetensors(kohya, Path(path).with_name("lora-kohya.safetensors"), KOHYA_METADATA)
         return str(save(_Stripped(self.net, strip_lora), path))
 
 
