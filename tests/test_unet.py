@@ -132,6 +132,34 @@ def test_equality_is_sensitive():
     assert diff.max().item() > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("hw", [(13, 16), (17, 11), (9, 9)])
+def test_latent_sides_not_divisible_by_the_downsampling_equal_diffusers(variant, hw):
+    """Latent sides that 2^(levels − 1) does not divide (SD at 520×512 px: 65×64): each upsampling is resized to
+    its skip's size, as diffusers' ``upsample_size`` does, instead of failing in the skip concatenation."""
+    params, extra = VARIANTS[variant]
+    ours = build(params)
+    ref, _ = to_diffusers(ours, params, **extra)
+    inp = inputs(params)
+    inp["x"] = torch.randn(2, 4, *hw, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = ours(**inp)
+        expected = ref(inp["x"], inp["timesteps"], encoder_hidden_states=inp["context"]).sample
+    assert out.shape == (2, 4, *hw)
+    scale = expected.abs().max().item()
+    assert scale > 0.1 and (out - expected).abs().max().item() <= 1e-4 * scale
+
+
+def test_odd_sides_with_resampling_resblocks():
+    """``resblock_updown`` U-Nets resample inside the ResBlock; the resized upsampling reaches it too."""
+    params = {**TINY_V1, "resblock_updown": True}
+    model = build(params)
+    inp = inputs(params)
+    inp["x"] = torch.randn(2, 4, 13, 10)
+    with torch.no_grad():
+        assert model(**inp).shape == (2, 4, 13, 10)
+
+
 # -- full size, meta device ------------------------------------------------------------------------------------
 def sd_unet_params(version: int):
     """The ``unet_config.params`` node of the original SD inference YAML (values are omegaconf ListConfigs)."""

@@ -91,12 +91,17 @@ class TimestepEmbedSequential(nn.Sequential):
     projections when the U-Net computed them."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                hoisted: Hoisted | None = None) -> torch.Tensor:
+                hoisted: Hoisted | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``size``: the (H, W) an upsampling layer of this block produces, when it is not 2× its input (a latent
+        side not divisible by the U-Net's total downsampling, e.g. 65 = 520 px / 8 for SD)."""
         for layer in self:
             if isinstance(layer, TimestepBlock):
-                x = layer(x, emb) if hoisted is None else layer(x, emb, hoisted.emb_for(layer))
+                emb_out = None if hoisted is None else hoisted.emb_for(layer)
+                x = layer(x, emb, emb_out) if size is None else layer(x, emb, emb_out, size=size)
             elif isinstance(layer, ContextBlock):
                 x = layer(x, context) if hoisted is None else layer(x, context, hoisted)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -115,8 +120,13 @@ class Upsample(nn.Module):
         elif self.out_channels != channels:
             raise ValueError(f"Upsample without a conv cannot change channels ({channels} -> {self.out_channels})")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, C, H, W) → (B, C_out, 2H, 2W), or (B, C_out, *size) when ``size`` is given (diffusers'
+        ``upsample_size``: the skip's size below an odd side)."""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")  # (B, C, *size)
         return self.conv(x) if self.use_conv else x
 
 
@@ -180,16 +190,19 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = nn.Conv2d(channels, c_out, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None = None,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, C, H, W), emb: (B, emb_channels) -> (B, C_out, H', W'). ``emb_out``: emb_layers(emb), (B, C_out
-        or 2·C_out), when the U-Net computed it with the other blocks' (:class:`Hoisted`)."""
-        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, emb, emb_out)
+        or 2·C_out), when the U-Net computed it with the other blocks' (:class:`Hoisted`). ``size``: (H', W') of
+        an ``up`` block when it is not (2H, 2W)."""
+        return run_maybe_checkpointed(self.use_checkpoint, self, self._forward, x, emb, emb_out, size)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None,
+                 size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.updown:
             h = self.in_layers[:-1](x)  # (B, C, H, W)
-            h = self.in_layers[-1](self.h_upd(h))  # (B, C_out, H', W')
-            skip = self.skip_connection(self.x_upd(x))  # (B, C_out, H', W')
+            h = self.in_layers[-1](self._resample(self.h_upd, h, size))  # (B, C_out, H', W')
+            skip = self.skip_connection(self._resample(self.x_upd, x, size))  # (B, C_out, H', W')
         else:
             h = self.in_layers(x)  # (B, C_out, H, W)
             skip = self.skip_connection(x)  # (B, C_out, H, W)
@@ -205,3 +218,7 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(film(h, emb_out))  # (B, C_out, H', W')
         return skip + h
+
+    @staticmethod
+    def _resample(m: nn.Module, x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        return m(x, size) if isinstance(m, Upsample) else m(x)

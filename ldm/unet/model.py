@@ -118,6 +118,7 @@ class UNetModel(nn.Module):
         channel_mult = args["channel_mult"]
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.channel_mult = model_channels, channel_mult
+        self.downsampling = 2 ** (len(channel_mult) - 1)  # latent sides divisible by it need no resized upsampling
         self.attention_resolutions = args["attention_resolutions"]
         self.num_res_blocks = (args["num_res_blocks"] if isinstance(args["num_res_blocks"], list)
                                else [num_res_blocks] * len(channel_mult))
@@ -330,7 +331,8 @@ class UNetModel(nn.Module):
         """ε_θ(x, t, c).
 
         Args:
-            x: (B, in_channels, H, W), H and W divisible by 2^(len(channel_mult) − 1).
+            x: (B, in_channels, H, W), any H and W; when not divisible by :attr:`downsampling`
+                (2^(len(channel_mult) − 1)) each upsampling is resized to its skip's size, as diffusers does.
             timesteps: (B,) float or integer timesteps, or a scalar for the whole batch.
             context: (B, L, context_dim) cross-attention tokens; (G·B, L, context_dim) with ``repeat=G``.
             y: (B,) class ids (int ``num_classes``), (B, adm_in_channels) ("sequential"), or (B, 1) ("continuous").
@@ -355,9 +357,11 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, hoisted)  # (B, C_l, H_l, W_l)
             skips.append(h)
         h = self.middle_block(h, emb, context, hoisted)  # (B, C_bottom, H_bottom, W_bottom)
+        odd = any(s % self.downsampling for s in x.shape[-2:])  # then each upsampling matches its skip's size
         for block in self.output_blocks:  # a skip from before the first context reader holds B items of G·B
-            h = block(torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1), emb, context,
-                      hoisted)  # (B, C_l, H_l, W_l)
+            h = torch.cat([h, repeat_batch(skips.pop(), h.shape[0])], dim=1)
+            size = tuple(skips[-1].shape[-2:]) if odd and skips else None
+            h = block(h, emb, context, hoisted) if size is None else block(h, emb, context, hoisted, size=size)
         return self.out(h).to(x.dtype)  # (B, out_channels, H, W)
 
     def _check_repeat(self, batch: int, context: torch.Tensor | None, repeat: int) -> None:
