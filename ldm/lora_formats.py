@@ -146,34 +146,42 @@ def parse_lora(sd: Mapping[str, torch.Tensor], modules: Mapping[str, set[str]],
 
 # ------------------------------------------------------------------------------------------------------- merging
 UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model."
 
 
-def _unet_weights(model: Any) -> dict[str, torch.Tensor]:
-    """Our U-Net's weights in diffusers' names (views, no copies)."""
+def _part(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of the model's state dict ``sd`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unet_weights(model: Any, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our U-Net's weights (from the model's state dict ``sd``) in diffusers' names (views, no copies)."""
     from ldm.convert.diffusers_unet import unet_ldm_to_diffusers  # noqa: PLC0415
     from ldm.lora import strip_lora  # noqa: PLC0415
 
-    sd = strip_lora({k[len(UNET_PREFIX):]: v for k, v in model.state_dict().items() if k.startswith(UNET_PREFIX)})
-    return unet_ldm_to_diffusers(sd, model.config.model.params.unet_config.params)
+    return unet_ldm_to_diffusers(strip_lora(_part(sd, UNET_PREFIX)), model.config.model.params.unet_config.params)
 
 
-def _text_weights(model: Any) -> dict[str, torch.Tensor]:
-    """Our text encoder's weights in ``CLIPTextModel``'s names, every layer; {} for a non-CLIP encoder."""
+def _text_weights(model: Any, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our text encoder's weights (from the model's state dict ``sd``) in ``CLIPTextModel``'s names, every layer;
+    {} for a non-CLIP encoder."""
     from ldm.convert.diffusers_text import text_encoder_to_hf  # noqa: PLC0415
 
     enc = model.cond_stage_model
     if not hasattr(enc, "layout"):
         return {}
-    return text_encoder_to_hf(enc.state_dict(), enc.layout, enc.num_layers, "last")
+    return text_encoder_to_hf(_part(sd, TEXT_PREFIX), enc.layout, enc.num_layers, "last")
 
 
-def _merge_text(model: Any, hf_deltas: Mapping[str, torch.Tensor], hf: Mapping[str, torch.Tensor]) -> None:
-    """Add ΔW given in HF names to our text encoder: the deltas (zeros elsewhere, as stride-0 views) take the same
-    conversion as the weights (linear: renames, and open_clip's q ‖ k ‖ v concatenation), then load strictly."""
+def _merge_text(model: Any, sd: Mapping[str, torch.Tensor], hf_deltas: Mapping[str, torch.Tensor],
+                hf: Mapping[str, torch.Tensor]) -> None:
+    """Add ΔW given in HF names to our text encoder (its weights from the model's state dict ``sd``): the deltas
+    (zeros elsewhere, as stride-0 views) take the same conversion as the weights (linear: renames, and open_clip's
+    q ‖ k ‖ v concatenation), then load strictly."""
     from ldm.convert.diffusers_text import text_encoder_from_hf  # noqa: PLC0415
 
     enc = model.cond_stage_model
-    ours = enc.state_dict()
+    ours = _part(sd, TEXT_PREFIX)
     full = {k: hf_deltas[k] if k in hf_deltas else torch.zeros(()).expand(v.shape) for k, v in hf.items()}
     back = text_encoder_from_hf(full, ours, enc.layout, "last")
     new = {k: (v.float() + back[k].to(v.device)).to(v.dtype) if k in back and bool(back[k].any()) else v
@@ -189,7 +197,8 @@ def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1
     """
     from ldm.convert.diffusers_unet import unet_diffusers_to_ldm  # noqa: PLC0415
 
-    unet_w, text_w = _unet_weights(model), _text_weights(model)
+    own = model.state_dict()  # taken once: the U-Net and the text encoder each read their part of it
+    unet_w, text_w = _unet_weights(model, own), _text_weights(model, own)
     modules = {"unet": {k[:-len(".weight")] for k in unet_w if k.endswith(".weight")},
                "text": {k[:-len(".weight")] for k in text_w if k.endswith(".weight")}}
     adapters = parse_lora(sd, modules, meta)
@@ -205,7 +214,7 @@ def merge_lora_file(model: Any, sd: Mapping[str, torch.Tensor], scale: float = 1
             p = params[k]
             p.copy_((p.float() + dw.to(p.device)).to(p.dtype))  # summed in fp32, then the model's dtype
         if deltas["text"]:
-            _merge_text(model, deltas["text"], text_w)
+            _merge_text(model, own, deltas["text"], text_w)
     n_unet, n_text = len(deltas["unet"]), len(deltas["text"])
     log.info("merged a LoRA at strength %g: %d U-Net and %d text-encoder weights", scale, n_unet, n_text)
     return n_unet + n_text

@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -96,39 +97,42 @@ def _check_suffix(path: str, suffix: str) -> None:
         raise SystemExit(f"error: output {path!r} must end in {suffix}")
 
 
+CONFIG_HELP = "YAML (default: the file's own, a sidecar .yaml, or detected)"
+
+
+def _command(sub: Any, name: str, fn: Callable[[argparse.Namespace], None], summary: str, src: str,
+             src_help: str | None = None, out: str = "out", out_help: str = "OUT.safetensors",
+             config_help: str | None = None) -> argparse.ArgumentParser:
+    """Sub-command ``name`` running ``fn``: positional ``src`` and ``out``, then ``--config`` where ``config_help``."""
+    c = sub.add_parser(name, help=summary)
+    c.add_argument(src, help=src_help)
+    c.add_argument(out, help=out_help)
+    if config_help is not None:
+        c.add_argument("--config", default=None, help=config_help)
+    c.set_defaults(fn=fn)
+    return c
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("to-diffusers", help="our/original SD checkpoint -> diffusers pipeline folder")
-    a.add_argument("checkpoint", help=".ckpt or .safetensors (original SD v1/v2 or ours)")
-    a.add_argument("out_dir", help="folder to write")
-    a.add_argument("--config", default=None, help="YAML (default: the file's own, a sidecar .yaml, or detected)")
+    a = _command(sub, "to-diffusers", to_diffusers, "our/original SD checkpoint -> diffusers pipeline folder",
+                 "checkpoint", ".ckpt or .safetensors (original SD v1/v2 or ours)", "out_dir", "folder to write",
+                 CONFIG_HELP)
     a.add_argument("--ema", action="store_true", help="export the EMA weights of the U-Net")
-    a.set_defaults(fn=to_diffusers)
-    b = sub.add_parser("from-diffusers", help="diffusers pipeline folder -> our safetensors (original SD layout)")
-    b.add_argument("folder")
-    b.add_argument("out", help="OUT.safetensors")
+    b = _command(sub, "from-diffusers", from_diffusers,
+                 "diffusers pipeline folder -> our safetensors (original SD layout)", "folder")
     b.add_argument("--variant", default=None, help='weights variant, e.g. "fp16"')
-    b.set_defaults(fn=from_diffusers)
-    c = sub.add_parser("to-safetensors", help=".ckpt/.pt -> .safetensors, tensors unchanged")
-    c.add_argument("checkpoint")
-    c.add_argument("out", help="OUT.safetensors")
-    c.set_defaults(fn=to_safetensors)
-    m = sub.add_parser("merge", help="bake LoRA files and/or an autoencoder into a checkpoint")
-    m.add_argument("checkpoint")
-    m.add_argument("out", help="OUT.safetensors")
-    m.add_argument("--config", default=None, help="YAML (default: the file's own, a sidecar .yaml, or detected)")
+    _command(sub, "to-safetensors", to_safetensors, ".ckpt/.pt -> .safetensors, tensors unchanged", "checkpoint")
+    m = _command(sub, "merge", merge, "bake LoRA files and/or an autoencoder into a checkpoint", "checkpoint",
+                 config_help=CONFIG_HELP)
     m.add_argument("--lora", action="append", default=[], help="a LoRA file (ours, kohya-ss, diffusers); repeatable")
     m.add_argument("--lora-scale", action="append", type=float, default=[], help="one for all or one per --lora")
     m.add_argument("--vae", default=None, help="an autoencoder file to replace the checkpoint's")
     m.add_argument("--ema", action="store_true", help="start from the EMA weights of the U-Net")
     m.add_argument("--fp16", action="store_true", help="write float16 weights")
-    m.set_defaults(fn=merge)
-    k = sub.add_parser("lora-to-kohya", help="our lora.safetensors -> kohya-ss layout for other tools")
-    k.add_argument("lora")
-    k.add_argument("out", help="OUT.safetensors")
-    k.add_argument("--config", default=None, help="YAML (default: the config in the file's metadata)")
-    k.set_defaults(fn=lora_to_kohya)
+    _command(sub, "lora-to-kohya", lora_to_kohya, "our lora.safetensors -> kohya-ss layout for other tools", "lora",
+             config_help="YAML (default: the config in the file's metadata)")
     return p
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert an image folder with captions into webdataset shards.
 
-    python scripts/make_shards.py SRC_FOLDER OUT_DIR --size 256 --resize center-crop|pad|none
+    python scripts/make_shards.py SRC_FOLDER OUT_DIR --size 256 --resize center-crop|pad|bucket|none
         [--max-count 1000] [--max-size 1000000000] [--split train] [--format png|jpg|webp]
 
 SRC_FOLDER holds images with a ``.txt`` caption beside each, or a ``metadata.jsonl`` (``file_name``, ``text``).
@@ -22,7 +22,7 @@ from pathlib import Path
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder
 from ldm.data.tario import ShardWriter, shard_pattern
-from ldm.data.transforms import RESIZE_POLICIES, fit
+from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, RESIZE_POLICIES, ImageTransform, fit
 from ldm.data.validate import SkipStats
 
 
@@ -31,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("src", help="image folder (captions in .txt files or metadata.jsonl)")
     p.add_argument("out", help="output directory")
     p.add_argument("--size", type=int, default=None, help="output side in pixels (needed unless --resize none)")
-    p.add_argument("--resize", choices=RESIZE_POLICIES, default="center-crop")
+    p.add_argument("--resize", choices=RESIZE_POLICIES, default="center-crop",
+                   help="bucket: each image to its nearest aspect-ratio bucket of about size² pixels")
+    p.add_argument("--bucket-step", type=int, default=BUCKET_STEP, help="bucket sides' multiple, pixels")
+    p.add_argument("--bucket-max-ratio", type=float, default=BUCKET_MAX_RATIO, help="largest bucket aspect ratio")
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     p.add_argument("--max-size", type=int, default=10 ** 9, help="bytes per shard at most")
     p.add_argument("--split", default="train", help="split name: shards are OUT/<split>-NNNNNN.tar")
@@ -43,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resize != "none" and args.size is None:
         p.error("--size is required unless --resize none")
+    try:
+        ImageTransform(args.size, args.resize, bucket_step=args.bucket_step, bucket_max_ratio=args.bucket_max_ratio)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -58,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    decoder = SampleDecoder(lambda im, rng: fit(im, args.size, args.resize), args.caption_policy, args.min_size)
+    buckets = dict(bucket_step=args.bucket_step, bucket_max_ratio=args.bucket_max_ratio)
+    decoder = SampleDecoder(lambda im, rng: fit(im, args.size, args.resize, **buckets), args.caption_policy,
+                            args.min_size)
     source = FolderSource(args.src, decoder)
     stats = SkipStats()
     out = Path(args.out)
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     args.quality),
                          "txt": s["caption"]})
     manifest = {"format": "ldm-shards/1", "kind": "images", "source": str(Path(args.src).resolve()),
-                "size": args.size, "resize": args.resize, "stats": stats.as_dict(),
+                "size": args.size, "resize": args.resize, **(buckets if args.resize == "bucket" else {}),
+                "stats": stats.as_dict(),
                 "splits": {args.split: {"shards": [Path(p).name for p in w.shards], "count": sum(w.counts)}}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
+from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, step_generator, use_fused
 from ldm.training.stage import ResumableStage
@@ -76,6 +77,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         self.loss = instantiate(t.get("loss") or DEFAULT_LOSS, "train.loss")
         if not isinstance(self.loss, LPIPSWithDiscriminator):
             raise ConfigError("train.loss.target must be LPIPSWithDiscriminator")
+        check_buckets(config, "autoencoder", self.autoencoder.downsample_factor)
         self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))
         self.batches_seen = 0  # data position: batches consumed, saved in checkpoints for exact resume
 

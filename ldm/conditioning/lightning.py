@@ -24,6 +24,7 @@ from ldm.conditioning.contrastive import (
 )
 from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
+from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import effective_lr, use_fused
 from ldm.training.stage import ResumableStage
@@ -67,6 +68,7 @@ class CLIPModule(ResumableStage, L.LightningModule):
             raise ConfigError("train.stage=clip: model must be OpenCLIPTextEncoder with with_visual: true")
         if self.encoder.frozen:
             raise ConfigError("train.stage=clip: model.params.freeze must be false (nothing would train)")
+        check_buckets(config, "clip", None)
         self.guard = StepGuard(int(config.train.get("max_consecutive_nonfinite", 10)))
         self.batches_seen = 0  # data position: batches consumed, saved in checkpoints for exact resume
 

@@ -8,6 +8,11 @@ quota cycles over them again (reshuffled); a slot with more data stops early. Ra
 at the end of an epoch, and every sample is seen about once. With fewer units than slots, every slot reads all units
 and keeps every ``slots``-th sample instead (still disjoint).
 
+Samples of different shapes (aspect-ratio buckets, ``resize: none``, a bucketed latent cache) are batched by shape:
+each logical worker keeps one pending list per shape and emits a batch when a list reaches ``batch_size``
+(:func:`batches_by_shape`). With one shape this is plain consecutive batching; with several, the batch count per
+epoch and the resume rule stay as they are, and at most (shapes − 1)·(batch_size − 1) samples wait in a worker.
+
 Batches are built inside the workers (the DataLoader runs with ``batch_size=None``): logical worker ``w`` makes batches
 ``k ≡ w (mod W)``, which the DataLoader's round-robin returns in order ``0, 1, 2, …``. Resuming after ``n`` batches
 rotates the logical workers by ``n`` and drops the batches ``k < n`` (the samples are still read and decoded to keep
@@ -27,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, ShardSource, collate, has_manifest, manifest_split
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
 from ldm.data.validate import SkipStats
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,35 @@ def assign_units(units: Sequence, rank: int, world_size: int, worker: int, num_w
     if len(order) >= slots:
         return order[slot::slots], 1, 0
     return order, slots, slot
+
+
+def shape_of(sample: dict) -> tuple[int, ...]:
+    """The shape that decides a sample's batch: its ``image`` (3, H, W) or ``latent`` (C, h, w)."""
+    x = sample.get("image", sample.get("latent"))
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+
+
+MAX_PENDING_SHAPES = 256  # more shapes than this waiting for a batch: the data is not bucketed (resize: none)
+
+
+def batches_by_shape(samples: Iterator[dict], batch_size: int, *, partial: bool = False,
+                     max_shapes: int = MAX_PENDING_SHAPES) -> Iterator[list[dict]]:
+    """Lists of ``batch_size`` samples of one shape each (:func:`shape_of`), in the order they fill up. With
+    ``partial`` the lists still pending when ``samples`` ends follow, in the order of their first sample.
+    More than ``max_shapes`` shapes waiting at once raises (each would hold its samples in memory)."""
+    pending: dict[tuple[int, ...], list[dict]] = {}
+    for sample in samples:
+        key = shape_of(sample)
+        if key not in pending and len(pending) >= max_shapes:
+            raise ValueError(f"more than {max_shapes} sample shapes wait for a batch of {batch_size} (the latest "
+                             f"{sample.get('key', '?')!r}: {key}): images of many sizes cannot be batched as they "
+                             "are; use data.resize=bucket (aspect-ratio buckets) or center-crop")
+        group = pending.setdefault(key, [])
+        group.append(sample)
+        if len(group) == batch_size:
+            yield pending.pop(key)
+    if partial:
+        yield from (group for group in pending.values() if group)
 
 
 class EqualBatchesIterable(IterableDataset):
@@ -113,9 +147,9 @@ class EqualBatchesIterable(IterableDataset):
     def _epoch_batches(self, epoch: int, worker: int, num_workers: int, first: int) -> Iterator[dict]:
         """Batches ``k ≡ worker (mod num_workers)``, ``k ≥ first``, of ``epoch``: logical worker ``worker``'s share.
         Batches before ``first`` are still drawn (and dropped) so the sample stream stays identical."""
-        stream = self._samples(worker, num_workers, epoch)
+        batches = batches_by_shape(self._samples(worker, num_workers, epoch), self.batch_size)
         for k in range(worker, self.num_batches, num_workers):
-            batch = [next(stream) for _ in range(self.batch_size)]
+            batch = next(batches)  # the stream is endless: some shape always fills up
             if k >= first:
                 yield collate(batch)
 
@@ -240,11 +274,15 @@ def make_dataloader(spec, batch_size: int, *, num_workers: int = 0, rank: int | 
                     split: str | None = None, size: int | None = None, resize: str = "center-crop",
                     flip: bool = False, caption_policy: str = "skip", min_size: int = 8,
                     num_samples: int | None = None, shuffle_buffer: int = 512, allow_pipe: bool = False,
-                    pin_memory: bool = False) -> ResumableLoader:
-    """The training data loader: any spec (see :func:`resolve_source`) → batches ``{"image": (B, 3, S, S),
-    "caption": [str], "key": [str]}`` (latent caches: ``"latent"`` (B, C, h, w), optional ``"context"``)."""
+                    pin_memory: bool = False, bucket_step: int = BUCKET_STEP,
+                    bucket_max_ratio: float = BUCKET_MAX_RATIO) -> ResumableLoader:
+    """The training data loader: any spec (see :func:`resolve_source`) → batches ``{"image": (B, 3, H, W),
+    "caption": [str], "key": [str]}`` (latent caches: ``"latent"`` (B, C, h, w), optional ``"context"``).
+    H = W = ``size``, except with ``resize="bucket"`` (each batch one of :func:`ldm.data.transforms.aspect_buckets`
+    ``(size, bucket_step, bucket_max_ratio)``) or ``"none"`` (each batch one size)."""
     rank, world_size = dist_info(rank, world_size)
-    decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size)
+    transform = ImageTransform(size, resize, flip, bucket_step=bucket_step, bucket_max_ratio=bucket_max_ratio)
+    decoder = SampleDecoder(transform, caption_policy, min_size)
     source = resolve_source(spec, split=split, decoder=decoder, allow_pipe=allow_pipe, num_samples=num_samples)
     if source.num_samples is None:
         raise ValueError(f"data spec {spec!r} has no known sample count: pass num_samples= or use a directory "

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ldm.data.shards import SampleDecoder, decode_stream
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
 from ldm.data.validate import IMAGE_EXTENSIONS, Skip, SkipStats, check_member_name
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,10 @@ class FolderDataset(Dataset):
     ``stats``); use :func:`ldm.data.distributed.make_dataloader` for training, which drops them."""
 
     def __init__(self, root: str | os.PathLike, *, size: int | None = None, resize: str = "center-crop",
-                 flip: bool = False, caption_policy: str = "skip", min_size: int = 8):
-        decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size)
+                 flip: bool = False, caption_policy: str = "skip", min_size: int = 8, bucket_step: int = BUCKET_STEP,
+                 bucket_max_ratio: float = BUCKET_MAX_RATIO):
+        transform = ImageTransform(size, resize, flip, bucket_step=bucket_step, bucket_max_ratio=bucket_max_ratio)
+        decoder = SampleDecoder(transform, caption_policy, min_size)
         self.source = FolderSource(root, decoder)
         self.stats = SkipStats()
 
@@ -111,5 +113,7 @@ class FolderDataset(Dataset):
         return next(iter(self.source.iter_unit((index,), self.stats)), None)
 
     def __iter__(self) -> Iterator[dict]:
+        """Every kept sample in file order; skips counted in ``stats`` and reported at the end."""
         for unit in self.source.units:
             yield from self.source.iter_unit(unit, self.stats)
+        self.stats.report(f"image folder {self.source.root}")

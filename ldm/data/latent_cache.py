@@ -41,7 +41,9 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
                        max_size: int = 1 << 30, device: torch.device | str | None = None,
                        extra: dict | None = None) -> dict:
     """Encode every batch of ``loader`` (``{"image": (B, 3, H, W), "caption": [str], "key": [str]}``) and write
-    shards ``out_dir/{split}-%06d.tar`` plus ``out_dir/manifest.json``. Returns the manifest.
+    shards ``out_dir/{split}-%06d.tar`` plus ``out_dir/manifest.json``. Returns the manifest: ``latent_shape``
+    (C, h, w) when every latent has one shape (else null) and ``latent_shapes`` ({"4x64x48": samples, …}: batches
+    may differ in shape with aspect-ratio buckets; the training loader batches a cache by shape).
 
     ``text_fn(captions) → (B, L, D)`` adds ``context.npy``. ``dtype`` is the storage dtype ("float16"/"float32").
     ``extra`` (e.g. the autoencoder's scale/shift and hash) is stored in the manifest.
@@ -49,21 +51,24 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype)
-    latent_shape = context_shape = None
+    context_shape = None
+    shapes: dict[str, int] = {}  # "4x64x48" → samples (several with aspect-ratio buckets)
     with ShardWriter(shard_pattern(out, split), max_count=max_count, max_size=max_size) as writer:
         for batch in loader:
             images = batch["image"] if device is None else batch["image"].to(device)
             z = encode_fn(images)  # (B, C, h, w)
             c = text_fn(list(batch["caption"])) if text_fn is not None else None  # (B, L, D)
-            latent_shape = list(z.shape[1:])
+            name = "x".join(map(str, z.shape[1:]))
+            shapes[name] = shapes.get(name, 0) + z.shape[0]
             context_shape = list(c.shape[1:]) if c is not None else None
             for i, key in enumerate(batch["key"]):
                 sample = {"__key__": key, "latent.npy": _npy(z[i], np_dtype), "txt": batch["caption"][i]}
                 if c is not None:
                     sample["context.npy"] = _npy(c[i], np_dtype)
                 writer.write(sample)
-    manifest = {"format": "ldm-shards/1", "kind": "latents", "dtype": dtype, "latent_shape": latent_shape,
-                "context_shape": context_shape, "extra": extra or {},
+    single = [int(n) for n in next(iter(shapes)).split("x")] if len(shapes) == 1 else None
+    manifest = {"format": "ldm-shards/1", "kind": "latents", "dtype": dtype, "latent_shape": single,
+                "latent_shapes": shapes, "context_shape": context_shape, "extra": extra or {},
                 "splits": {split: {"shards": [Path(s).name for s in writer.shards], "count": sum(writer.counts)}}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     log.info("latent cache %s: %d samples in %d shards", out, sum(writer.counts), len(writer.shards))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.tario import expand_shards, iter_raw_samples
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
 from ldm.data.validate import IMAGE_EXTENSIONS, Skip, SkipStats, decode_caption, decode_image, decode_json
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,10 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, spec: str | os.PathLike | Sequence, *, size: int | None = None, resize: str = "center-crop",
                  flip: bool = False, caption_policy: str = "skip", min_size: int = 8,
-                 max_pixels: int = 8192 * 8192, allow_pipe: bool = False, seed: int = 0, split: str | None = None):
-        decoder = SampleDecoder(ImageTransform(size, resize, flip), caption_policy, min_size, max_pixels)
+                 max_pixels: int = 8192 * 8192, allow_pipe: bool = False, seed: int = 0, split: str | None = None,
+                 bucket_step: int = BUCKET_STEP, bucket_max_ratio: float = BUCKET_MAX_RATIO):
+        transform = ImageTransform(size, resize, flip, bucket_step=bucket_step, bucket_max_ratio=bucket_max_ratio)
+        decoder = SampleDecoder(transform, caption_policy, min_size, max_pixels)
         if has_manifest(spec):
             spec = manifest_split(spec, split)[1]
         self.source = ShardSource(spec, decoder, allow_pipe=allow_pipe)

@@ -1,4 +1,5 @@
-"""Image transforms on PIL images: resize (shorter side), center crop, pad to square, random flip, → [-1, 1].
+"""Image transforms on PIL images: resize (shorter side), center crop, pad to square, aspect-ratio buckets, random
+flip, → [-1, 1].
 
 Random flips are off by default: emoji and any image with text or handedness (a pointing hand, a clock) change
 meaning when mirrored, so flipping is the user's decision (``flip=True``).
@@ -6,13 +7,16 @@ meaning when mirrored, so flipping is the user's decision (``flip=True``).
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 
 import numpy as np
 import torch
 from PIL import Image
 
-RESIZE_POLICIES = ("center-crop", "pad", "none")
+RESIZE_POLICIES = ("center-crop", "pad", "none", "bucket")
+BUCKET_STEP, BUCKET_MAX_RATIO = 64, 2.0  # bucket sides: multiples of 64 px (8 latents); aspect ≤ 2:1
 
 
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
@@ -67,59 +71,89 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
 
 
-def fit(im: Image.Image, size: int | None, policy: str = "center-crop") -> Image.Image:
+def fit(im: Image.Image, size: int | None, policy: str = "center-crop", *, bucket_step: int = BUCKET_STEP,
+        bucket_max_ratio: float = BUCKET_MAX_RATIO) -> Image.Image:
     """Bring an image to ``size``×``size``: ``center-crop`` (shorter side → size, crop), ``pad`` (longer side →
-    size, pad white) or ``none`` (leave as is; batching then needs equal sizes)."""
+    size, pad white), ``bucket`` (to the :func:`aspect_buckets` shape of about size² pixels nearest its aspect ratio)
+    or ``none`` (leave as is; the loader then batches equal sizes together)."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
     if policy == "none" or size is None:
         return im
     if policy == "pad":
         return pad_to_square(resize_longer(im, size))
+    if policy == "bucket":
+        return fit_bucket(im, nearest_bucket(im.width, im.height, aspect_buckets(size, bucket_step, bucket_max_ratio)))
     return center_crop(resize_shorter(im, size), size)
 
 
 class ImageTransform:
-    """PIL RGB image → (3, size, size) tensor in [-1, 1], with an optional horizontal flip (p = 0.5)."""
+    """PIL RGB image → (3, H, W) tensor in [-1, 1] (H = W = ``size`` except with ``resize="bucket"`` or
+    ``"none"``), with an optional horizontal flip (p = 0.5)."""
 
-    def __init__(self, size: int | None, resize: str = "center-crop", flip: bool = False):
+    def __init__(self, size: int | None, resize: str = "center-crop", flip: bool = False, *,
+                 bucket_step: int = BUCKET_STEP, bucket_max_ratio: float = BUCKET_MAX_RATIO):
         if resize not in RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {resize!r}")
+        if resize == "bucket":
+            if size is None:
+                raise ValueError("resize='bucket' needs size (the side of the square bucket; the others keep its area)")
+            aspect_buckets(size, bucket_step, bucket_max_ratio)  # validates the bucket arguments early
         self.size, self.resize, self.flip = size, resize, flip
+        self.bucket_step, self.bucket_max_ratio = bucket_step, bucket_max_ratio
 
     def __call__(self, im: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        im = fit(im, self.size, self.resize)
+        im = fit(im, self.size, self.resize, bucket_step=self.bucket_step, bucket_max_ratio=self.bucket_max_ratio)
         if self.flip and (rng or random).random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(im)  # (3, size, size)
+        return to_tensor(im)  # (3, H, W)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, resize={self.resize!r}, flip={self.flip})"
+        extra = (f", bucket_step={self.bucket_step}, bucket_max_ratio={self.bucket_max_ratio}"
+                 if self.resize == "bucket" else "")
+        return f"ImageTransform(size={self.size}, resize={self.resize!r}, flip={self.flip}{extra})"
 
 
-def aspect_buckets(base: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(w, h) buckets with about ``base``² pixels, sides multiples of ``step``, aspect ≤ ``max_ratio``
-    (NovelAI's aspect-ratio bucketing)."""
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 512.0 is refused, not served 512's set
+def aspect_buckets(base: int, step: int = BUCKET_STEP,
+                   max_ratio: float = BUCKET_MAX_RATIO) -> tuple[tuple[int, int], ...]:
+    """Aspect-ratio buckets (NovelAI's, as kohya-ss trains SD with): for each short side ``w`` (a multiple of
+    ``step`` from about ``base/√max_ratio`` up to ``base``) the long side ``h``, the largest multiple of ``step`` with
+    w·h ≤ base² and h/w ≤ ``max_ratio``; both orientations, sorted. Square ``base``×``base`` is one of them when
+    ``step`` divides ``base``; no bucket has more than base² pixels, and no short side is below base/√max_ratio
+    rounded down to ``step``.
+
+    ``base=512``: (320, 640), (384, 640), (448, 576), (512, 512), (576, 448), (640, 384), (640, 320)."""
+    if not isinstance(base, int) or not isinstance(step, int) or base <= 0 or step <= 0:
+        raise ValueError(f"aspect buckets need positive int base and step, got base={base!r}, step={step!r}")
+    if step > base:
+        raise ValueError(f"bucket step {step} is larger than the bucket side {base}")
+    if not math.isfinite(max_ratio) or max_ratio < 1:
+        raise ValueError(f"bucket max_ratio must be a finite number ≥ 1, got {max_ratio!r}")
     out = set()
-    w = step
-    while w <= base * max_ratio:
-        h = (base * base // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_ratio:
-            out.add((w, h))
-        w += step
-    return sorted(out)
+    shortest = max(step, int(base / math.sqrt(max_ratio)) // step * step)
+    for w in range(shortest, base + 1, step):
+        h = min(base * base // w // step * step, int(w * max_ratio) // step * step)  # the long side
+        if h >= w:
+            out.update({(w, h), (h, w)})
+    return tuple(sorted(out))
 
 
-def nearest_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose log aspect ratio is closest to the image's."""
-    r = np.log(w / h)
-    return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - r))
+def nearest_bucket(w: int, h: int, buckets: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose log aspect ratio is closest to the image's (ties: the first in ``buckets``' order)."""
+    r = math.log(w / h)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - r))
 
 
 def fit_bucket(im: Image.Image, bucket: tuple[int, int]) -> Image.Image:
-    """Resize to cover the bucket, then center-crop to exactly (w, h)."""
+    """Resize (aspect kept) to cover the (w, h) bucket, then center-crop to exactly (w, h): bicubic up,
+    box-filtered (area) down, as :func:`resize_shorter`."""
     bw, bh = bucket
+    if im.size == (bw, bh):
+        return im
     s = max(bw / im.width, bh / im.height)
-    im = im.resize((max(bw, round(im.width * s)), max(bh, round(im.height * s))), Image.BICUBIC)
-    left, top = (im.width - bw) // 2, (im.height - bh) // 2
+    new = (max(bw, round(im.width * s)), max(bh, round(im.height * s)))
+    if new != im.size:
+        im = im.resize(new, Image.BICUBIC if s > 1 else Image.BOX)
+    left, top = int(round((im.width - bw) / 2.0)), int(round((im.height - bh) / 2.0))  # torchvision's offsets
     return im.crop((left, top, left + bw, top + bh))

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.autotune import guard_conv_templates
 from ldm.ema import EMA
+from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.optim import build_optimizer, step_generator
 from ldm.training.stage import ResumableStage
@@ -40,6 +41,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
         self.net.config = config
         load_components(self.net, t.get("components") or {})
+        check_buckets(config, "diffusion", self.net.first_stage_model.downsample_factor)
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
         if t.get("gradient_checkpointing") is not None:  # overrides the U-Net config's use_checkpoint

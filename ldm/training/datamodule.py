@@ -14,12 +14,14 @@ from typing import Any, Iterator
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
 from ldm.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
 DATA_KEYS = {"train", "split", "size", "batch_size", "num_workers", "flip", "resize", "caption_policy",
-             "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed", "pin_memory"}
+             "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed", "pin_memory", "bucket_step",
+             "bucket_max_ratio"}
 PIN_MEMORY = ("auto", True, False)  # auto: pinned host batches when the trainer runs on a CUDA device
 
 
@@ -56,6 +58,10 @@ class DataModule(L.LightningDataModule):
         if self.d.get("pin_memory", "auto") not in PIN_MEMORY:
             raise ConfigError(f"data.pin_memory: expected auto, true or false, got {self.d['pin_memory']!r}")
         self.seed = int(d.get("seed", cfg.train.get("seed", 0)))
+        try:  # resize policy, size and buckets checked before any data is read
+            ImageTransform(self.d.get("size"), self.d.get("resize", "center-crop"), **bucket_args(self.d))
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
 
     def pin_memory(self) -> bool:
         """Whether the loader pins its batches: ``data.pin_memory``, or with ``auto`` (the default) whether the
@@ -77,7 +83,8 @@ class DataModule(L.LightningDataModule):
                                flip=bool(d.get("flip", False)),
                                caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
                                num_samples=d.get("num_samples"), shuffle_buffer=int(d.get("shuffle_buffer", 512)),
-                               allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory())
+                               allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory(),
+                               **bucket_args(d))
 
     def _rank(self) -> tuple[int, int]:
         tr = self.trainer
@@ -94,6 +101,31 @@ class DataModule(L.LightningDataModule):
         """A fresh pass over the data (rank-disjoint) for measuring latent statistics."""
         rank, world = self._rank()
         return iter(self._loader(10_000, rank, world))
+
+
+def bucket_args(d: dict) -> dict[str, Any]:
+    """``data.bucket_step`` / ``data.bucket_max_ratio`` (used with ``data.resize: bucket``) as loader arguments."""
+    step, ratio = d.get("bucket_step", BUCKET_STEP), d.get("bucket_max_ratio", BUCKET_MAX_RATIO)
+    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+        raise ConfigError(f"data.bucket_step: expected a positive int (pixels), got {step!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise ConfigError(f"data.bucket_max_ratio: expected a number ≥ 1, got {ratio!r}")
+    return {"bucket_step": step, "bucket_max_ratio": float(ratio)}
+
+
+def check_buckets(cfg: DictConfig, stage: str, factor: int | None) -> None:
+    """``data.resize: bucket`` for a stage: every bucket side a multiple of the autoencoder's ``factor`` (so a
+    reconstruction or latent has the image's exact size); ``factor=None``: the stage takes one image size only."""
+    d = cfg.get("data") or {}
+    if d.get("resize") != "bucket":
+        return
+    if factor is None:
+        raise ConfigError(f"train.stage={stage}: data.resize=bucket gives batches of several image shapes, and this "
+                          "stage's image tower takes one size: use center-crop or pad")
+    step = d.get("bucket_step", BUCKET_STEP)
+    if step % factor:
+        raise ConfigError(f"data.bucket_step={step} is not a multiple of the autoencoder's downsampling factor "
+                          f"{factor}: bucket sides would not map to whole latents")
 
 
 def build_datamodule(cfg: DictConfig) -> DataModule:
