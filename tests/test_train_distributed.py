@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from ldm.checkpoint import read_state_dict
@@ -22,8 +23,10 @@ def run(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def test_two_rank_ddp_run_trains_and_exports_once(tmp_path):
-    r = run(tmp_path, "trainer.max_steps=3")
+@pytest.mark.parametrize("extra", [(), ("trainer.accumulate_grad_batches=2",)], ids=["plain", "accumulating"])
+def test_two_rank_ddp_run_trains_and_exports_once(tmp_path, extra):
+    """Also with gradient accumulation: the first batch of each window backpropagates under DDP's no_sync."""
+    r = run(tmp_path, "trainer.max_steps=3", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     sd, meta = read_state_dict(tmp_path / "model.safetensors")
     assert "ldm_config" in meta and all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())

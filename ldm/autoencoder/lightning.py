@@ -29,7 +29,7 @@ from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
-from ldm.training.optim import effective_lr, step_generator, use_fused
+from ldm.training.optim import accumulate_batches, effective_lr, step_generator, use_fused
 from ldm.training.stage import ResumableStage
 from ldm.training.step_log import log_step
 
@@ -78,6 +78,9 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         if not isinstance(self.loss, LPIPSWithDiscriminator):
             raise ConfigError("train.loss.target must be LPIPSWithDiscriminator")
         check_buckets(config, "autoencoder", self.autoencoder.downsample_factor)
+        if accumulate_batches(config) > 1:  # the generator's backward writes into D's gradients, zeroed before D's
+            raise ConfigError("train.stage=autoencoder: trainer.accumulate_grad_batches is not supported (two "
+                              "optimizers share the discriminator's gradients); raise data.batch_size instead")
         self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))
         self.batches_seen = 0  # data position: batches consumed, saved in checkpoints for exact resume
 

@@ -15,10 +15,17 @@ Two ways to skip:
   ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row take effect.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
   not taken at all (nor is its schedule or EMA step).
+
+Gradient accumulation (``trainer.accumulate_grad_batches: k``, done here because every stage optimizes manually,
+which Lightning's own accumulation refuses): each batch's backward adds ∇(loss/k); the gradients are all-reduced
+across ranks only on the window's last batch (DDP ``no_sync`` before it); the step, its clipping and the finiteness
+check act on the sum, and a non-finite loss anywhere in the window skips the whole step. Windows are counted in
+batches (``module.batches_seen``), so they line up with the checkpoints, which are written after a step.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -123,21 +130,55 @@ def min_over_ranks(module: Any, flags: torch.Tensor) -> torch.Tensor:
     return trainer.strategy.reduce(flags, reduce_op="min")
 
 
+def accumulation(module: Any) -> tuple[int, bool]:
+    """``(k, last)``: ``trainer.accumulate_grad_batches`` of the module's config (1 for a module without one) and
+    whether the current batch (``module.batches_seen``, counted from 1) closes its window of k."""
+    from ldm.training.optim import accumulate_batches  # noqa: PLC0415 - optim imports nothing from here
+
+    cfg = getattr(module, "config", None)
+    k = accumulate_batches(cfg) if cfg is not None else 1
+    return k, k == 1 or module.batches_seen % k == 0
+
+
+def _grad_sync(module: Any, sync: bool) -> Any:
+    """DDP's ``no_sync`` for the batches of a window before its last (their gradients are only added up)."""
+    strategy = module.trainer.strategy
+    return nullcontext() if sync or not hasattr(strategy, "block_backward_sync") else strategy.block_backward_sync()
+
+
+def _window_loss_ok(module: Any, optimizer: Any, loss: torch.Tensor, last: bool) -> torch.Tensor:
+    """Whether every loss of the accumulation window so far is finite (a device tensor), per optimizer."""
+    ok = torch.isfinite(loss.detach()).all()
+    pending: dict[int, torch.Tensor] = vars(module).setdefault("_window_loss_ok", {})
+    key = id(torch_optimizer(optimizer))
+    if key in pending:
+        ok = ok & pending.pop(key)
+    if not last:
+        pending[key] = ok
+    return ok
+
+
 def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
                  clip: float | None = None, check_grads: bool = True) -> bool:
     """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
-    schedule and EMA: False for a step skipped on the host; always True when skips stay on the device.
+    schedule and EMA: False for a step skipped on the host and for a batch that only accumulates gradients (see
+    the module docstring); always True for a step when skips stay on the device.
 
-    ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed in every case.
+    ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed after every step, taken or skipped.
     """
-    module.manual_backward(loss)
+    k, last = accumulation(module)
+    with _grad_sync(module, last):
+        module.manual_backward(loss / k if k > 1 else loss)
+    loss_ok = _window_loss_ok(module, optimizer, loss, last)
+    if not last:
+        return False
     scaler = getattr(module.trainer.precision_plugin, "scaler", None)
     if scaler is not None:
         check_grads = False  # fp16: the AMP grad scaler skips overflowing steps itself and lowers its scale
     grads = [p.grad for p in params if p.grad is not None]
     norm = grad_norm(grads) if check_grads or (clip and scaler is None) else None  # also what clipping needs
     grads_ok = torch.isfinite(norm) if check_grads else torch.ones((), dtype=torch.bool, device=loss.device)
-    flags = torch.stack([torch.isfinite(loss.detach()).all(), grads_ok.to(loss.device)]).float()  # (2,) on device
+    flags = torch.stack([loss_ok, grads_ok.to(loss.device)]).float()  # (2,) on device
     flags = min_over_ranks(module, flags)  # ranks decide together
     if skips_on_device(optimizer, scaler):
         return _step_on_device(module, optimizer, flags.min() > 0.5, grads, clip, norm)

@@ -27,11 +27,20 @@ def effective_lr(module: Any, t: DictConfig) -> float:
         raise ValueError(f"train.lr_scale must be 'none' or 'linear', got {rule!r}")
     tr = module.trainer
     cfg = module.config
-    total = int(cfg.data.batch_size) * tr.num_devices * tr.num_nodes * tr.accumulate_grad_batches
+    total = int(cfg.data.batch_size) * tr.num_devices * tr.num_nodes * accumulate_batches(cfg)
     scaled = lr * total / float(t.get("lr_base_batch", 1))
     log.info("lr %.3g = %.3g × global batch %d / %s (train.lr_scale=linear)", scaled, lr, total,
              t.get("lr_base_batch", 1))
     return scaled
+
+
+def accumulate_batches(cfg: DictConfig) -> int:
+    """``trainer.accumulate_grad_batches`` (default 1): batches whose gradients add up to one optimizer step.
+    Applied by :func:`ldm.training.guard.guarded_step`, not by Lightning (the stages optimize manually)."""
+    k = (cfg.get("trainer") or {}).get("accumulate_grad_batches", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches must be a positive int, got {k!r}")
+    return k
 
 
 def use_fused(module: Any, params: list[torch.nn.Parameter], t: DictConfig | None = None) -> bool:
@@ -63,10 +72,13 @@ def build_optimizer(module: Any, params: list[torch.nn.Parameter], t: DictConfig
 
 
 def step_generator(module: Any, seed: int) -> torch.Generator:
-    """A generator on the module's device seeded by (seed, global step, rank): noise and timesteps differ per rank
-    and per step, and a resumed run draws exactly what the uninterrupted run would have."""
+    """A generator on the module's device seeded by (seed, global step, rank, batch within the accumulation
+    window): noise and timesteps differ per rank, step and accumulated batch, and a resumed run draws exactly what
+    the uninterrupted run would have. Without accumulation the batch term is 0."""
     rank = module.global_rank if module.trainer is not None else 0
     step = module.global_step
+    k = accumulate_batches(module.config) if getattr(module, "config", None) is not None else 1
+    micro = (int(getattr(module, "batches_seen", 1)) - 1) % k  # 0 … k−1 (batches_seen counts the current batch)
     g = torch.Generator(device=module.device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + micro * 15_485_863) % (2**63 - 1))
     return g

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.registry import ConfigError
+from ldm.training.optim import accumulate_batches
 from ldm.training.callbacks import ExportOnEnd, SampleGrid, Snapshots
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 
@@ -95,6 +96,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
     tc.setdefault("log_every_n_steps", 10)
+    tc.pop("accumulate_grad_batches", None)  # applied by the stages' guarded_step (manual optimization)
+    try:
+        accumulate_batches(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     strategy = tc.get("strategy", "auto")
     if strategy == "ddp" and cfg.train.get("stage") == "autoencoder":
         strategy = "ddp_find_unused_parameters_true"  # the generator step leaves the discriminator without grads
