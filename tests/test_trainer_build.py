@@ -31,3 +31,24 @@ def test_progress_bar_redraws_every_ten_steps_by_default_and_as_configured(tmp_p
 def test_bad_progress_interval_is_named(tmp_path, bad):
     with pytest.raises(ConfigError, match="logging.progress_every_n_steps"):
         build_trainer(config(logging={"progress_every_n_steps": bad}), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    (["trainer.max_steps=-1", "trainer.max_epochs=1"], 15),  # 240 fixture samples / batch 16
+    (["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.accumulate_grad_batches=4"], 8),  # ⌈30 / 4⌉
+    (["trainer.max_steps=3", "trainer.max_epochs=1"], 3),  # whichever limit comes first
+])
+def test_max_epochs_ends_the_endless_stream(tmp_path, overrides, steps):
+    """The stages read one endless stream of epochs, so trainer.max_epochs alone used to train forever."""
+    from ldm.cli.train import run
+
+    trainer = run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "data.batch_size=16",
+                   "train.checkpoint.every_n_steps=100", *overrides])
+    assert trainer.global_step == steps
+
+
+def test_a_run_without_any_limit_is_refused(tmp_path):
+    from ldm.cli.train import run
+
+    with pytest.raises(ConfigError, match="set trainer.max_steps or trainer.max_epochs"):
+        run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "trainer.max_steps=-1"])

@@ -58,7 +58,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
 
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
     from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
-    from ldm.training.trainer import build_trainer  # noqa: PLC0415
+    from ldm.training.trainer import build_trainer, epochs_as_steps  # noqa: PLC0415
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -70,6 +70,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
     dm = build_datamodule(cfg)
+    epochs_as_steps(trainer, cfg, dm.batches_per_epoch(trainer.num_devices * trainer.num_nodes))
     ckpt = resolve_resume(args.resume, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)

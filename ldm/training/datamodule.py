@@ -86,6 +86,10 @@ class DataModule(L.LightningDataModule):
                                allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory(),
                                **bucket_args(d))
 
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Batches each of ``world_size`` ranks reads per epoch (the same on every rank)."""
+        return len(self._loader(0, 0, world_size))
+
     def _rank(self) -> tuple[int, int]:
         tr = self.trainer
         return (tr.global_rank, tr.world_size) if tr is not None else (0, 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,25 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
         callbacks.append(progress_bar(cfg))
     return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
                      callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
+
+
+def epochs_as_steps(trainer: L.Trainer, cfg: DictConfig, batches_per_epoch: int) -> None:
+    """``trainer.max_epochs`` as optimizer steps: the stages read one endless stream of epochs (exact resume, workers
+    that stay up), which Lightning's epoch counter never sees end, so E epochs of ``batches_per_epoch`` batches (the
+    same on every rank) become ⌈E · batches / accumulate_grad_batches⌉ steps, or ``trainer.max_steps`` when that
+    comes first. Neither limit (nor ``fast_dev_run``) is refused."""
+    tc = cfg.get("trainer") or {}
+    epochs = tc.get("max_epochs")
+    if epochs in (None, -1):
+        if tc.get("max_steps", -1) in (-1, None) and not tc.get("fast_dev_run"):
+            raise ConfigError("trainer: set trainer.max_steps or trainer.max_epochs (the training data is an "
+                              "endless stream of epochs, so without either the run would never end)")
+        return
+    steps = math.ceil(int(epochs) * batches_per_epoch / accumulate_batches(cfg))
+    given = trainer.max_steps
+    trainer.fit_loop.epoch_loop.max_steps = steps if given in (-1, None) else min(given, steps)
+    log.info("trainer.max_epochs=%s: %d batches per epoch per rank -> max_steps %d", epochs, batches_per_epoch,
+             trainer.max_steps)
 
 
 def progress_bar(cfg: DictConfig) -> Any:
