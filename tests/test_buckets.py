@@ -221,3 +221,21 @@ def test_make_shards_pre_buckets(tmp_path):
                           str(tmp_path / "x"), "--size", "32", "--resize", "bucket", "--bucket-step", "64"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "bucket step 64 is larger than the bucket side 32" in bad.stderr
+
+
+def test_compiled_training_keeps_a_graph_per_bucket(tmp_path):
+    """train.compile with buckets: one static-shape graph per bucket, within a cache raised to hold them all."""
+    import torch._dynamo.config as dynamo_config
+
+    make_folder(tmp_path / "folder", per_size=4)
+    limit = dynamo_config.cache_size_limit
+    try:
+        dynamo_config.cache_size_limit = 2
+        trainer = run(["--config", TINY, "--run-dir", str(tmp_path / "run"), f"data.train={tmp_path / 'folder'}",
+                       "data.num_samples=null", "data.resize=bucket", "data.bucket_step=8", "data.batch_size=2",
+                       "data.shuffle_buffer=1", "train.compile=aot_eager", "trainer.max_steps=4"])
+        assert trainer.global_step == 4
+        assert dynamo_config.cache_size_limit == len(aspect_buckets(32, 8)) + 2
+    finally:
+        dynamo_config.cache_size_limit = limit
+        torch._dynamo.reset()

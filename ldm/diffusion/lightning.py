@@ -146,7 +146,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.diffusion.latent_stats import maybe_measure_scale  # noqa: PLC0415
 
         maybe_measure_scale(self)
-        compile_unet(self.net.unet, self.config.train)
+        compile_unet(self.net.unet, self.config.train, shapes=len(data_buckets(self.config)) + 2)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -190,12 +190,25 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         return str(save(_Stripped(self.net, strip_lora), path))
 
 
-def compile_unet(unet: torch.nn.Module, t: DictConfig) -> None:
+def data_buckets(config: DictConfig) -> tuple[tuple[int, int], ...]:
+    """The aspect-ratio buckets the training data comes in (none unless ``data.resize: bucket``)."""
+    from ldm.data.transforms import aspect_buckets  # noqa: PLC0415
+    from ldm.training.datamodule import bucket_args  # noqa: PLC0415
+
+    d = config.get("data") or {}
+    if d.get("resize") != "bucket":
+        return ()
+    args = bucket_args(d)
+    return aspect_buckets(int(d.size), args["bucket_step"], args["bucket_max_ratio"])
+
+
+def compile_unet(unet: torch.nn.Module, t: DictConfig, shapes: int = 0) -> None:
     """``train.compile``: true (inductor) or a torch.compile backend name; ``train.compile_mode``: its mode.
 
     The U-Net's forward is compiled in place (the module, its parameter names and checkpoints stay as they are), for
     static shapes: a new batch or latent size (the sampling callback, a resolution change) compiles once more and the
-    run goes on; ``torch._dynamo.config.cache_size_limit`` bounds how many shapes are kept.
+    run goes on; ``torch._dynamo.config.cache_size_limit`` bounds how many shapes are kept, raised to ``shapes``
+    (aspect-ratio buckets: one graph each, compiled the first time a bucket comes up).
     """
     choice = t.get("compile", False)
     if not choice:
@@ -205,6 +218,12 @@ def compile_unet(unet: torch.nn.Module, t: DictConfig) -> None:
         return
     if backend == "inductor":
         guard_conv_templates(t.get("compile_mode"), None)  # torch builds whose autotuner can pick wrong convolutions
+    import torch._dynamo.config as dynamo_config  # noqa: PLC0415
+
+    if shapes > dynamo_config.cache_size_limit:
+        log.info("train.compile: torch._dynamo cache_size_limit %d -> %d (one graph per bucket)",
+                 dynamo_config.cache_size_limit, shapes)
+        dynamo_config.cache_size_limit = shapes
     unet.forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
     log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
              backend, t.get("compile_mode"))
