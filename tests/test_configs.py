@@ -35,6 +35,9 @@ def overrides(cfg_path: str) -> list[str]:
         latent = max(32 // f, d)
         generic = [f"data.size={latent * f}" if o.startswith("data.size=") else o for o in generic]
         extra += [f"model.params.image_size={latent}", "train.init_checkpoint=null", "train.scale_batches=1"]
+    if cfg.train.get("val_every_n_steps"):  # validation at the end of the step, on the fixture
+        extra += ["data.val=tests/fixtures/emoji/emoji32-000000.tar", "data.val_num_samples=240",
+                  "train.val_batches=1"]
     if cfg_path in FULL_SIZE:  # fp32 weights, gradients and AdamW moments of a 0.9 B U-Net fit in 23 GB, an EMA copy not
         extra.append("train.ema_decay=null")
     return generic + extra

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import read_state_dict
+from ldm.training.logs import logged
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny/txt2img.yaml",
@@ -23,11 +24,19 @@ def run(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("extra", [(), ("trainer.accumulate_grad_batches=2",)], ids=["plain", "accumulating"])
+VALIDATING = ("train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
+              "data.val_num_samples=240", "train.val_batches=2", "trainer.log_every_n_steps=1")
+
+
+@pytest.mark.parametrize("extra", [(), ("trainer.accumulate_grad_batches=2", *VALIDATING)],
+                         ids=["plain", "accumulating-validating"])
 def test_two_rank_ddp_run_trains_and_exports_once(tmp_path, extra):
-    """Also with gradient accumulation: the first batch of each window backpropagates under DDP's no_sync."""
+    """Also with gradient accumulation (the first batch of each window backpropagates under DDP's no_sync) and
+    validation (each rank its own batches, the sums all-reduced: 2 ranks × 2 batches × 4 samples)."""
     r = run(tmp_path, "trainer.max_steps=3", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
+    if extra:
+        assert sorted(logged(tmp_path, "val/loss")) == [2, 3] and "validation on 16 samples" in r.stderr
     sd, meta = read_state_dict(tmp_path / "model.safetensors")
     assert "ldm_config" in meta and all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     assert len(list((tmp_path / "checkpoints").glob("*.ckpt"))) >= 1

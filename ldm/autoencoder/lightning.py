@@ -128,6 +128,21 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         self._maybe_save_reconstructions(x, x_rec)
         return g_loss.detach()
 
+    @torch.no_grad()
+    def validation_metrics(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per image (B,): L1 and PSNR (dB, images in [-1, 1]) of the reconstruction from the posterior mode, and
+        the KL term (``ldm.training.validation``)."""
+        ae = self.autoencoder
+        was_training = ae.training
+        ae.eval()
+        x = batch["image"].to(self.device).float()  # (B, 3, H, W)
+        posterior = ae.encode(x.to(next(ae.parameters()).dtype))
+        x_rec = ae.decode(posterior.mode()).float().clamp(-1, 1)  # (B, 3, H, W)
+        ae.train(was_training)
+        mse = (x - x_rec).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        return {"l1": (x - x_rec).abs().mean(dim=(1, 2, 3)), "psnr": 10 * torch.log10(4.0 / mse),
+                "kl": posterior.kl().float()}
+
     def _log_step(self, logs: dict[str, torch.Tensor]) -> None:
         values = {"train/loss": logs["train/total_loss"]}
         values.update({k: v.float() for k, v in logs.items() if k != "train/total_loss"})

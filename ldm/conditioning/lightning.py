@@ -109,6 +109,17 @@ class CLIPModule(ResumableStage, L.LightningModule):
         return loss.detach()
 
 
+    @torch.no_grad()
+    def validation_metrics(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per sample (B,): the symmetric contrastive loss and image→text top-1 accuracy against the other samples
+        of its batch (so they depend on the batch size; ``ldm.training.validation``)."""
+        img, txt = self.features(batch)  # (B, E) each
+        logits = self.logit_scale.float().exp() * img @ txt.T  # (B, B): image i against caption j
+        labels = torch.arange(len(logits), device=logits.device)
+        loss = 0.5 * (F.cross_entropy(logits, labels, reduction="none") +
+                      F.cross_entropy(logits.T, labels, reduction="none"))
+        return {"loss": loss, "acc_i2t": (logits.argmax(dim=1) == labels).float()}
+
     def export(self, path: str) -> str:
         """Write the encoder (both towers, keys ``model.*``) as safetensors with the resolved config.
 

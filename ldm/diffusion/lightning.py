@@ -67,13 +67,14 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             x = batch["image"].to(self.device, next(vae.parameters()).dtype)
             return vae.encode_latents(x, sample=True, generator=gen).float()  # (B, C, h, w)
 
-    def _context(self, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    def _context(self, batch: dict[str, Any], gen: torch.Generator, dropout: bool = True) -> torch.Tensor:
         """Token states (B, 77, D) of the captions (or the cached ones); with probability ``train.caption_dropout``
-        a row is replaced by the empty-prompt embedding, the unconditional branch of classifier-free guidance."""
+        (when ``dropout``) a row is replaced by the empty-prompt embedding, the unconditional branch of
+        classifier-free guidance."""
         with torch.no_grad():
             c = batch["context"] if "context" in batch else self.net.cond_stage_model(list(batch["caption"]))
         c = c.to(self.device)
-        p = float(self.config.train.get("caption_dropout", 0.0))
+        p = float(self.config.train.get("caption_dropout", 0.0)) if dropout else 0.0
         if p > 0:
             drop = torch.rand(c.shape[0], generator=gen, device=gen.device) < p  # (B,)
             c = torch.where(drop.to(c.device)[:, None, None], self._empty_context().to(c.dtype), c)
@@ -92,8 +93,6 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         return build_optimizer(self, params, self.config.train)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
-
         t = self.config.train
         self.batches_seen += 1
         fail = t.get("debug_fail")  # fault injection for the distributed-failure tests: {rank: R, step: S}
@@ -104,11 +103,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         gen = step_generator(self, int(t.get("seed", 0)))
         z = self._latents(batch, gen)
         c = self._context(batch, gen)
-        per_sample = diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod,
-                                    self.net.parameterization, generator=gen,
-                                    min_snr_gamma=t.get("min_snr_gamma"),
-                                    offset_noise=float(t.get("offset_noise", 0.0)))
-        loss = per_sample.mean()
+        loss = self._loss(z, c, gen).mean()
         params = [p for p in self.net.model.parameters() if p.requires_grad]
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
@@ -117,6 +112,32 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
                 self.model_ema.update(self.net.model)
         self._log_step(loss, z.shape[0])
         return loss.detach()
+
+    def _loss(self, z: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The per-sample training loss (B,) of latents z (B, C, h, w) under context c (B, 77, D)."""
+        from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
+
+        t = self.config.train
+        return diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod, self.net.parameterization,
+                              generator=gen, min_snr_gamma=t.get("min_snr_gamma"),
+                              offset_noise=float(t.get("offset_noise", 0.0)))
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The training loss (B,) without caption dropout, of the weights and, when kept, of the EMA weights on the
+        same noise and timesteps (``ldm.training.validation``)."""
+        model = self.net.model
+        was_training = model.training
+        model.eval()
+        z, c = self._latents(batch, gen), self._context(batch, gen, dropout=False)
+        state = gen.get_state()
+        out = {"loss": self._loss(z, c, gen)}
+        if self.model_ema is not None:
+            gen.set_state(state)
+            with self.model_ema.swapped_into(model):
+                out["loss_ema"] = self._loss(z, c, gen)
+        model.train(was_training)
+        return out
 
     def _log_step(self, loss: torch.Tensor, batch: int) -> None:
         now = time.perf_counter()

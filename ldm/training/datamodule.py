@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 DATA_KEYS = {"train", "split", "size", "batch_size", "num_workers", "flip", "resize", "caption_policy",
              "shuffle_buffer", "num_samples", "allow_pipe", "min_size", "seed", "pin_memory", "bucket_step",
-             "bucket_max_ratio"}
+             "bucket_max_ratio", "val", "val_split", "val_num_samples"}
 PIN_MEMORY = ("auto", True, False)  # auto: pinned host batches when the trainer runs on a CUDA device
 
 
@@ -58,6 +58,10 @@ class DataModule(L.LightningDataModule):
         if self.d.get("pin_memory", "auto") not in PIN_MEMORY:
             raise ConfigError(f"data.pin_memory: expected auto, true or false, got {self.d['pin_memory']!r}")
         self.seed = int(d.get("seed", cfg.train.get("seed", 0)))
+        if cfg.train.get("val_every_n_steps") and not (self.d.get("val") or self.d.get("val_split")):
+            raise ConfigError("train.val_every_n_steps needs validation data: data.val (a shard folder, pattern or "
+                              "image folder) and/or data.val_split (a split of data.train's manifest)")
+        self._val: Any = None  # the validation loader, built on first use
         try:  # resize policy, size and buckets checked before any data is read
             ImageTransform(self.d.get("size"), self.d.get("resize", "center-crop"), **bucket_args(self.d))
         except ValueError as e:
@@ -73,18 +77,31 @@ class DataModule(L.LightningDataModule):
         tr = self.trainer
         return tr is not None and tr.strategy.root_device.type == "cuda"
 
-    def _loader(self, epoch: int, rank: int, world: int) -> Any:
+    def _loader(self, epoch: int, rank: int, world: int, val: bool = False) -> Any:
         from ldm.data import make_dataloader  # noqa: PLC0415
 
         d = self.d
-        return make_dataloader(d["train"], int(d["batch_size"]), num_workers=int(d.get("num_workers", 0)),
-                               rank=rank, world_size=world, seed=self.seed, epoch=epoch, split=d.get("split"),
+        spec, split, count = ((d.get("val") or d["train"], d.get("val_split"), d.get("val_num_samples")) if val else
+                              (d["train"], d.get("split"), d.get("num_samples")))
+        return make_dataloader(spec, int(d["batch_size"]), num_workers=0 if val else int(d.get("num_workers", 0)),
+                               rank=rank, world_size=world, seed=self.seed, epoch=epoch, split=split,
                                size=d.get("size"), resize=d.get("resize", "center-crop"),
-                               flip=bool(d.get("flip", False)),
+                               flip=bool(d.get("flip", False)) and not val,
                                caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
-                               num_samples=d.get("num_samples"), shuffle_buffer=int(d.get("shuffle_buffer", 512)),
+                               num_samples=count, shuffle_buffer=int(d.get("shuffle_buffer", 512)),
                                allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory(),
                                **bucket_args(d))
+
+    def val_batches(self, rank: int, world: int, limit: int) -> Iterator[dict]:
+        """The first ``limit`` validation batches of this rank (fewer when the set is smaller): the same batches at
+        every call (epoch 0 of a fixed-seed loader; no flips), disjoint across ranks, as many on every rank."""
+        if self._val is None:
+            self._val = self._loader(0, rank, world, val=True)
+        self._val.set_epoch(0)
+        for i, batch in enumerate(self._val):
+            if i >= limit:
+                break
+            yield batch
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each of ``world_size`` ranks reads per epoch (the same on every rank)."""

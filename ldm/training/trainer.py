@@ -14,6 +14,7 @@ from ldm.registry import ConfigError
 from ldm.training.optim import accumulate_batches
 from ldm.training.callbacks import ExportOnEnd, SampleGrid, Snapshots
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.validation import build_validation
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
                               guidance=float(sc.get("guidance", 5.0))))
     if cfg.train.get("snapshot_every_min"):
         cbs.append(Snapshots(run_dir / "snapshots", float(cfg.train.snapshot_every_min)))
+    val = build_validation(cfg)
+    if val is not None:
+        cbs.append(val)
     cbs.append(ExportOnEnd(run_dir / "model.safetensors"))
     return cbs
 
