@@ -74,13 +74,18 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
         return sd, meta
+    return pickled_tensors(path)[0], {}
+
+
+def pickled_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping]:
+    """A pickled checkpoint's top-level tensors (of its ``state_dict`` when nested, as Lightning saves) and the
+    mapping they came from (its other entries: nested dicts, numbers, ...)."""
     obj = load_pickle(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    return sd, {}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, obj
 
 
 def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,34 @@ def _as_list(x: Any, n: int) -> list:
     return items
 
 
+def open_image(path: str | os.PathLike, name: str = "image") -> Image.Image:
+    """The image in file ``path``, decoded now (a missing file or one PIL cannot read fails here, naming it)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: file {os.fspath(path)!r} not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is OSError
+        raise ValueError(f"{name}: {os.fspath(path)!r} is not an image PIL can read ({e})") from None
+
+
+def _pil_images(x: Any, n: int, name: str) -> list[Image.Image]:
+    """PIL images (one or ``n``) from PIL images or image file paths; a TypeError names ``name`` for anything else."""
+    out = []
+    for item in _as_list(x, n):
+        if isinstance(item, (str, os.PathLike)):
+            item = open_image(item, name)
+        if not isinstance(item, Image.Image):
+            raise TypeError(f"{name} must be a PIL image, an image file path (str or os.PathLike), a list of those, "
+                            f"or a tensor; got {type(item).__name__}")
+        out.append(item)
+    return out
+
+
 def to_image_tensor(image: Any, n: int, height: int, width: int) -> torch.Tensor:
-    """PIL image(s) or a (B, 3, H, W) tensor in [-1, 1] -> (n, 3, height, width) float tensor in [-1, 1]."""
+    """PIL image(s), image file path(s) or a (B, 3, H, W) tensor in [-1, 1] -> (n, 3, height, width) float tensor
+    in [-1, 1]."""
     if isinstance(image, torch.Tensor):
         t = image if image.dim() == 4 else image[None]
         if t.shape[1] != 3:
@@ -29,19 +56,20 @@ def to_image_tensor(image: Any, n: int, height: int, width: int) -> torch.Tensor
         t = t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t
         return torch.nn.functional.interpolate(t.float(), size=(height, width), mode="bicubic", antialias=True)
     arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
-            for im in _as_list(image, n)]
+            for im in _pil_images(image, n, "init_image")]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def to_mask_tensor(mask: Any, n: int, height: int, width: int) -> torch.Tensor:
-    """PIL mask(s) (white = repaint) or a (B, 1, H, W) tensor -> (n, 1, height, width) in {0, 1}."""
+    """PIL mask(s) (white = repaint), image file path(s) or a (B, 1, H, W) tensor -> (n, 1, height, width) in
+    {0, 1}."""
     if isinstance(mask, torch.Tensor):
         m = mask if mask.dim() == 4 else mask[None]
         m = m.expand(n, -1, -1, -1) if m.shape[0] == 1 else m
         m = torch.nn.functional.interpolate(m.float(), size=(height, width), mode="nearest")
     else:
         arrs = [np.asarray(im.convert("L").resize((width, height), Image.Resampling.NEAREST), dtype=np.float32) / 255.0
-                for im in _as_list(mask, n)]
+                for im in _pil_images(mask, n, "mask")]
         m = torch.from_numpy(np.stack(arrs))[:, None]
     return (m > 0.5).float()
 

@@ -24,11 +24,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 log = logging.getLogger("convert")
 
 
+def _check_text_to_image(checkpoint: str, config: str | None) -> None:
+    """Refuse, before loading, a checkpoint or config of ours that holds an autoencoder or a text encoder."""
+    from ldm.cli.sample import check_model_kind, describe_target, model_target  # noqa: PLC0415
+    from ldm.config import load_config  # noqa: PLC0415
+
+    check_model_kind(checkpoint, "checkpoint")
+    if config is not None and (t := model_target(load_config(config))) not in (None, "LatentDiffusion"):
+        raise ValueError(f"--config {config}: describes {describe_target(t)}, not a text-to-image model")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """``out_dir`` is a folder or can become one (no file on its path)."""
+    for p in (Path(out_dir), *Path(out_dir).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"output folder {out_dir!r}: {str(p)!r} is an existing file, not a folder")
+            return
+
+
 def to_diffusers(args: argparse.Namespace) -> None:
     import ldm  # noqa: PLC0415
     from ldm.convert import export_diffusers  # noqa: PLC0415
 
+    _check_out_dir(args.out_dir)
+    _check_text_to_image(args.checkpoint, args.config)
     model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema)
+    if not hasattr(model, "unet"):
+        raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, not a text-to-image model")
     out = export_diffusers(model, args.out_dir)
     log.info("wrote %s (load with diffusers.StableDiffusionPipeline.from_pretrained)", out)
 
@@ -43,13 +66,45 @@ def from_diffusers(args: argparse.Namespace) -> None:
     log.info("wrote %s (load with ldm.load)", args.out)
 
 
+def _nested_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the tensors inside nested dicts/lists of ``obj`` (the ones a flat file cannot hold)."""
+    import torch  # noqa: PLC0415
+
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out: list[str] = []
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            if prefix:  # top-level tensors are written
+                out.append(f"{prefix}{k}")
+        else:
+            out += _nested_tensors(v, f"{prefix}{k}.")
+    return out
+
+
 def to_safetensors(args: argparse.Namespace) -> None:
-    from ldm.checkpoint import read_state_dict, save_safetensors  # noqa: PLC0415
+    """Top-level tensors only (after Lightning's ``state_dict``): a file whose tensors are all nested (an SD web UI
+    textual-inversion .pt, an optimizer state) is refused rather than written empty or under invented dotted names
+    that no loader reads."""
+    from ldm.checkpoint import pickled_tensors, save_safetensors  # noqa: PLC0415
 
     _check_suffix(args.out, ".safetensors")
-    if Path(args.checkpoint).suffix == ".safetensors":
+    path = Path(args.checkpoint)
+    if path.suffix == ".safetensors":
         raise SystemExit(f"error: {args.checkpoint} is already a safetensors file")
-    sd, _ = read_state_dict(args.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
+    sd, obj = pickled_tensors(path)
+    nested = _nested_tensors({k: v for k, v in obj.items() if k not in sd})
+    if not sd:
+        if "string_to_param" in obj:
+            raise ValueError(f"{path}: an SD web UI textual-inversion file (its vectors are nested under "
+                             "string_to_param): nothing to convert, it loads as it is (--embedding FILE, "
+                             "ldm.load(embeddings=...)); nothing written")
+        what = f"its {len(nested)} tensor(s) are nested, e.g. {nested[:3]}" if nested else "it holds no tensors"
+        raise ValueError(f"{path}: no top-level tensors to write ({what}); nothing written")
+    if nested:
+        log.warning("%s: %d nested tensor(s) not written (only top-level tensors are), e.g. %s", path, len(nested),
+                    nested[:3])
     save_safetensors(sd, args.out, {"format": "pt"})
     log.info("wrote %d tensors to %s", len(sd), args.out)
 
@@ -81,6 +136,10 @@ def lora_to_kohya(args: argparse.Namespace) -> None:
 
     _check_suffix(args.out, ".safetensors")
     sd, meta = read_state_dict(args.lora)
+    kohya = [k for k in sd if k.startswith(("lora_unet_", "lora_te_"))]
+    if kohya:
+        raise ValueError(f"{args.lora} is already in kohya-ss's layout ({len(kohya)} lora_unet_*/lora_te_* key(s), "
+                         f"e.g. {kohya[0]!r}): nothing to convert")
     own = config_from_metadata(meta)
     if args.config:
         cfg = load_config(args.config)
@@ -141,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, KeyError, ValueError, NotImplementedError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, NotImplementedError, RuntimeError) as e:
         log.error("%s", e)
-        return 1
+        return 2
     return 0
 
 

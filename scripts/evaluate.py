@@ -177,30 +177,84 @@ def evaluate_snapshots(index: Path, clip, reals: dict, samplers: list[tuple[str,
     return curve
 
 
+def sampler_list(text: str) -> list[tuple[str, int]]:
+    """``--samplers``: "name:steps,…" → [(name, steps), …]; argparse reports a bad entry with the accepted form."""
+    from ldm.diffusion.samplers import SAMPLERS
+
+    out = []
+    for item in text.split(","):
+        name, colon, steps = item.strip().partition(":")
+        if not colon:
+            raise argparse.ArgumentTypeError(f"{item!r} has no step count: expected name:steps,… e.g. dpmpp_2m:20")
+        if name not in SAMPLERS:
+            raise argparse.ArgumentTypeError(f"{item!r}: unknown sampler {name!r} "
+                                             f"(one of {', '.join(sorted(SAMPLERS))})")
+        if not steps.strip().isdigit() or int(steps) <= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: steps must be a positive integer (name:steps, e.g. {name}:20)")
+        out.append((name, int(steps)))
+    return out
+
+
+def split_list(text: str) -> list[str]:
+    """``--splits``: "a,b,…" → [a, b, …], each named once."""
+    splits = [s.strip() for s in text.split(",")]
+    if not all(splits):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated split names, e.g. heldout,train")
+    dup = sorted({s for s in splits if splits.count(s) > 1})
+    if dup:
+        raise argparse.ArgumentTypeError(f"{text!r}: split(s) {dup} named twice")
+    return splits
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Bad arguments fail before minutes of sampling, naming the argument."""
+    from ldm.cli.sample import check_device, check_model_kind
+    from ldm.data.shards import has_manifest, read_manifest
+
     if a.n < 4:
         p.error(f"--n {a.n}: at least 4 images per split (the real-vs-real floors split them in halves)")
+    if a.batch_size <= 0:
+        p.error(f"--batch-size {a.batch_size}: must be positive")
     if a.snapshots and not Path(a.snapshots).is_file():
         p.error(f"--snapshots: {a.snapshots} not found (train with train.snapshot_every_min=N)")
-    if a.snapshots and "heldout" not in a.splits.split(","):
+    if a.snapshots and "heldout" not in a.splits:
         p.error("--snapshots scores the held-out split: add heldout to --splits")
     for flag, path in (("--model", a.model), ("--clip", a.clip), ("--inception-weights", a.inception_weights)):
         if path and not Path(path).is_file():
             p.error(f"{flag}: {path} not found")
+    if not Path(a.data).exists() and not any(c in a.data for c in "{:"):  # a path, not a shard pattern or URL
+        p.error(f"--data: {a.data} not found")
+    if has_manifest(a.data):
+        try:
+            have = sorted(read_manifest(Path(a.data)).get("splits", {}))
+        except (OSError, ValueError) as e:
+            p.error(f"--data: {e}")
+        unknown = [s for s in a.splits if s not in have]
+        if unknown:
+            p.error(f"--splits: {', '.join(unknown)} not in {Path(a.data) / 'manifest.json'} (has {', '.join(have)})")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        p.error(f"--out: {a.out} exists and is not a folder")
+    try:
+        a.device = check_device(a.device)
+        check_model_kind(a.model, "--model")
+        check_model_kind(a.clip, "--clip", want="OpenCLIPTextEncoder",
+                         what="a CLIP export (the contrastive image/text model of configs/*/clip.yaml)")
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ldm
-    from ldm.loading import load_component
+    from ldm.checkpoint import CheckpointError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--clip", required=True, help="the CLIP export used as the feature space (trained on train)")
     p.add_argument("--data", default="data/emoji64")
-    p.add_argument("--splits", default="heldout,style_transfer_eval,train")
+    p.add_argument("--splits", type=split_list, default="heldout,style_transfer_eval,train",
+                   help="comma-separated splits of --data's manifest.json")
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--samplers", default="dpmpp_2m:20", help="name:steps,… (first one for the split metrics)")
+    p.add_argument("--samplers", type=sampler_list, default="dpmpp_2m:20",
+                   help="name:steps,… (first one for the split metrics)")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--snapshots", default=None,
@@ -212,14 +266,29 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     check_args(p, a)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return run(a)
+    except (ValueError, OSError, NotImplementedError, CheckpointError) as e:
+        log.error("%s", str(e).strip().replace("\n", " "))
+        return 2
+
+
+def run(a: argparse.Namespace) -> int:
+    import ldm
+    from ldm.loading import load_component
+
+    dev = a.device
+    model = ldm.load(a.model, use_ema=True, device=dev)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"--model {a.model}: holds a {type(model).__name__}, not a text-to-image model")
+    clip = load_component(a.clip, device=dev)
+    if not callable(getattr(clip, "encode_image", None)):
+        raise ValueError(f"--clip {a.clip}: holds a {type(clip).__name__} without an image encoder, not a CLIP export")
+    size = int(model.config.model.params.image_size) * model.vae.downsample_factor
+    samplers = a.samplers
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = ldm.load(a.model, use_ema=True, device=dev)
-    clip = load_component(a.clip, device=dev)
-    size = int(model.config.model.params.image_size) * model.vae.downsample_factor
-    samplers = [(s.split(":")[0], int(s.split(":")[1])) for s in a.samplers.split(",")]
-    reals = {split: real_split(a.data, split, a.n, size) for split in a.splits.split(",")}
+    reals = {split: real_split(a.data, split, a.n, size) for split in a.splits}
     a.inception = None
     res: dict = {"model": a.model, "clip": a.clip, "n_requested": a.n, "guidance": a.guidance,
                  "n_by_split": {split: len(r["caption"]) for split, r in reals.items()}}

@@ -325,7 +325,7 @@ def test_convert_script(tmp_path) -> None:
                         "--config", str(cfg_path)]) == 0
     assert script.main(["from-diffusers", str(tmp_path / "d"), str(tmp_path / "back.safetensors")]) == 0
     _assert_same(read_state_dict(tmp_path / "back.safetensors")[0], sd)
-    assert script.main(["from-diffusers", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 1
+    assert script.main(["from-diffusers", str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 2
 
 
 @pytest.mark.parametrize("yaml", ["sd/v1-inference.yaml", "sd/v2-inference-v.yaml"])

@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("ldm.sample")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -115,6 +116,121 @@ def _check_numbers(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be a positive multiple of 8, got {v}")
 
 
+SAMPLING_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(spec: str | None, flag: str = "--device") -> str:
+    """``spec`` checked (a torch device this machine has), or the default: cuda if available, else cpu."""
+    import torch  # noqa: PLC0415
+
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag} {spec}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type not in SAMPLING_DEVICES:
+        raise ValueError(f"{flag} {spec}: not a device to run a model on (cpu, cuda, cuda:N, mps, xpu)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {spec}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        if backend is None or not backend.is_available():
+            raise ValueError(f"{flag} {spec}: no {dev.type} device is available")
+    return spec
+
+
+TEXT_ENCODERS = ("OpenCLIPTextEncoder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "HFTextEncoder")
+
+
+def model_target(cfg: Any) -> str | None:
+    """The short class name a config's ``model.target`` names (original SD class paths mapped to ours), or None."""
+    from ldm.registry import LDM_ALIASES  # noqa: PLC0415
+
+    try:
+        target = str(cfg["model"]["target"])
+    except (KeyError, TypeError):
+        return None
+    return LDM_ALIASES.get(target, target).rsplit(".", 1)[-1]
+
+
+def describe_target(target: str) -> str:
+    """"an autoencoder (AutoencoderKL)" and the like, for messages."""
+    if target == "AutoencoderKL":
+        return "an autoencoder (AutoencoderKL)"
+    if target in TEXT_ENCODERS:
+        return f"a text encoder / CLIP model ({target})"
+    if target == "LatentDiffusion":
+        return "a text-to-image model (LatentDiffusion)"
+    return f"a {target}"
+
+
+def file_target(path: str | Path) -> str | None:
+    """The model class a checkpoint of ours says it holds (read from its safetensors header alone, no weights
+    loaded); None for a file that does not say (foreign files, pickles, unreadable headers: the loader reports
+    those)."""
+    from ldm.checkpoint import config_from_metadata  # noqa: PLC0415
+
+    if Path(path).is_dir():
+        return "LatentDiffusion" if (Path(path) / "model_index.json").is_file() else None
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return model_target(config_from_metadata(meta))
+    except Exception:  # noqa: BLE001 (a corrupt header: ldm.load names the file and the problem)
+        return None
+
+
+def check_model_kind(path: str | Path, flag: str, want: str = "LatentDiffusion", what: str | None = None) -> None:
+    """Refuse (ValueError) a file of ours whose embedded config builds another class than ``want``."""
+    target = file_target(path)
+    if target is not None and target != want:
+        raise ValueError(f"{flag} {path}: the file holds {describe_target(target)}, not "
+                         f"{what or describe_target(want)}")
+
+
+def _check_models(a: argparse.Namespace) -> None:
+    """--checkpoint, --config and --vae hold what they should (headers and YAML only: no weights loaded)."""
+    if a.config:
+        from ldm.config import load_config  # noqa: PLC0415
+
+        target = model_target(load_config(a.config))
+        if target is not None and target != "LatentDiffusion":
+            raise ValueError(f"--config {a.config}: describes {describe_target(target)}, not a text-to-image model "
+                             "(LatentDiffusion)")
+    if a.checkpoint:
+        check_model_kind(a.checkpoint, "--checkpoint")
+    if a.vae:
+        check_model_kind(a.vae, "--vae", "AutoencoderKL")
+
+
+def _check_out(a: argparse.Namespace) -> None:
+    """--out is a folder or can become one (no existing file on its path)."""
+    for p in (Path(a.out), *Path(a.out).parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "exists and is not a folder" if p == Path(a.out) else f"cannot be made: {str(p)!r} is a file"
+                raise ValueError(f"--out {a.out}: {what}")
+            break
+
+
+def load_images(a: argparse.Namespace) -> tuple[Any, Any]:
+    """--init-image and --mask, decoded now (before the model loads), each failure naming its file."""
+    from ldm.pipeline_io import open_image  # noqa: PLC0415
+
+    init = open_image(a.init_image, "--init-image") if a.init_image else None
+    mask = open_image(a.mask, "--mask") if a.mask else None
+    return init, mask
+
+
 def check_args(a: argparse.Namespace) -> list[str]:
     """Validate everything cheap before a model loads; returns the prompt list."""
     if not a.checkpoint and not a.config:
@@ -123,6 +239,9 @@ def check_args(a: argparse.Namespace) -> list[str]:
         raise ValueError("--cuda-graph replays the eager U-Net instead of compiling it: give --compile or --cuda-graph")
     _check_files(a)
     _check_numbers(a)
+    _check_out(a)
+    a.device = check_device(a.device)
+    _check_models(a)
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [ln.strip() for ln in Path(a.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -179,27 +298,37 @@ def parameters_text(prompt: str, negative: str | None, a: argparse.Namespace, se
 
 def run(argv: list[str] | None = None) -> list[Path]:
     import torch  # noqa: PLC0415
-    from PIL import Image, PngImagePlugin  # noqa: PLC0415
+    from PIL import PngImagePlugin  # noqa: PLC0415
 
     import ldm  # noqa: PLC0415
     from ldm.grid import make_grid  # noqa: PLC0415
 
     a = parse_args(argv)
     prompts = check_args(a)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    init, mask = load_images(a)
+    device = a.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
     model = ldm.load(a.checkpoint, a.config, device=device, dtype=dtype, use_ema=a.ema, lora=a.lora or None,
                      lora_scale=a.lora_scale[0] if len(a.lora_scale) == 1 else a.lora_scale or 1.0, vae=a.vae,
                      clip_skip=a.clip_skip,
                      embeddings=embedding_args(a.embedding) or None)
+    if not callable(getattr(model, "generate", None)):
+        raise ValueError(f"--checkpoint {a.checkpoint or a.config}: {describe_target(type(model).__name__)} was "
+                         "loaded, not a text-to-image model")
     if a.compile or a.cuda_graph:
         from ldm.fast import optimize  # noqa: PLC0415
 
+        if torch.device(device).type != "cuda":
+            # as with --compile, the flag is accepted and only its CUDA-graph part does not apply off a GPU
+            if a.cuda_graph:
+                log.warning("--cuda-graph: CUDA graphs need a GPU; on %s the U-Net runs eager (the flag has no "
+                            "effect here)", device)
+            elif a.compile in ("reduce-overhead", "max-autotune"):
+                log.warning("--compile %s: on %s the model is compiled without CUDA graphs (they need a GPU)",
+                            a.compile, device)
         fast = dict(mode=a.compile) if a.compile else dict(compile=False, unet_graph=True)
         optimize(model, **fast)
-    init = Image.open(a.init_image) if a.init_image else None
-    mask = Image.open(a.mask) if a.mask else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     mhash, paths, images = file_hash(a.checkpoint), [], []
@@ -224,10 +353,14 @@ def run(argv: list[str] | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ldm.attention import AttentionBackendError  # noqa: PLC0415
+    from ldm.checkpoint import CheckpointError  # noqa: PLC0415
+
     try:
         run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
+    except (ValueError, OSError, CheckpointError, AttentionBackendError, NotImplementedError) as e:
+        # bad input named in one line (ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors)
+        log.error("%s", str(e).strip().replace("\n", " "))
         return 2
     return 0
 

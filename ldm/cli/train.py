@@ -49,6 +49,9 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return str(last) if last.is_file() else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint {resume!r} not found")
+    if Path(resume).suffix != ".ckpt":
+        raise ValueError(f"--resume {resume}: expected a training checkpoint (checkpoints/*.ckpt of a run); to start a "
+                         "new run from an exported model, use train.init_checkpoint (diffusion) or train.components")
     return resume
 
 
@@ -58,32 +61,44 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
 
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
     from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
+    from ldm.training.keys import check_run_config  # noqa: PLC0415
     from ldm.training.trainer import build_trainer, epochs_as_steps  # noqa: PLC0415
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / find_config(args.config).stem)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_config(cfg)  # every section's keys and values, then the data, before a model is built
+    dm = build_datamodule(cfg)
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
     trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
-    dm = build_datamodule(cfg)
     epochs_as_steps(trainer, cfg, dm.batches_per_epoch(trainer.num_devices * trainer.num_nodes))
     ckpt = resolve_resume(args.resume, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except KeyError as e:  # Lightning reads its own keys first: a foreign .ckpt fails there
+        if ckpt and "pytorch-lightning_version" in str(e):
+            raise ValueError(f"--resume {ckpt}: not a training checkpoint of ldm-train (an original SD .ckpt or "
+                             "another program's?); to start from its weights use train.init_checkpoint") from None
+        raise
     return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: PLC0415
+
+    from ldm.checkpoint import CheckpointError  # noqa: PLC0415
+
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        log.error("%s", e)
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError, MisconfigurationException) as e:
+        log.error("%s", e)  # the messages name the key, file or argument; a traceback would bury them
         return 2
     return 0
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, ShardSource, collate, has_manifest, manifest_split
+from ldm.data.tario import expand_shards
 from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
 from ldm.data.validate import SkipStats
 
@@ -139,7 +140,8 @@ class EqualBatchesIterable(IterableDataset):
                     if len(buf) >= self.shuffle_buffer:
                         yield buf.pop(rng.randrange(len(buf)))
             if kept == 0:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: units {list(units)[:4]} yielded no samples")
+                raise RuntimeError(no_samples_message(f"rank {self.rank} worker {worker}: units {list(units)[:4]}",
+                                                      self.source, self.stats))
             while buf:
                 yield buf.pop(rng.randrange(len(buf)))
             log.debug("rank %d worker %d finished pass %d over %d units", self.rank, worker, n_pass, len(units))
@@ -184,23 +186,97 @@ class EndlessBatches(EqualBatchesIterable):
             self.stats.report(f"rank {self.rank} worker {phys} after epoch {e}")
 
 
+#: How errors name the arguments of :func:`resolve_source` / :func:`make_dataloader`; callers that build them from
+#: a config pass the config keys instead (``{"spec": "data.val", "split": "data.val_split", …}``).
+ARG_NAMES = {"spec": "spec", "split": "split", "num_samples": "num_samples", "min_size": "min_size",
+             "caption_policy": "caption_policy"}
+
+#: Skip reasons that a loader setting causes, → the setting (an :data:`ARG_NAMES` key) and what to change.
+SKIP_SETTINGS = {"too_small": ("min_size", "lower it or use larger images"),
+                 "missing_caption": ("caption_policy", "'empty' keeps uncaptioned images"),
+                 "empty_caption": ("caption_policy", "'empty' keeps images with empty captions")}
+
+
+def no_samples_message(where: str, source, stats: SkipStats) -> str:
+    """Why a pass over some units kept nothing: the skip counts by reason and the settings that cause them."""
+    names = {**ARG_NAMES, **getattr(source, "arg_names", {})}
+    decoder = getattr(source, "decoder", None)
+    hints = []
+    for reason in sorted(stats.skipped):
+        setting = SKIP_SETTINGS.get(reason)
+        if setting is not None and decoder is not None and hasattr(decoder, setting[0]):
+            hint = f"{names[setting[0]]}={getattr(decoder, setting[0])!r}: {setting[1]}"
+            if hint not in hints:
+                hints.append(hint)
+    skipped = dict(sorted(stats.skipped.items())) or "nothing (the units hold no samples)"
+    return (f"{where} yielded no usable samples: skipped {skipped}"
+            + (f" ({'; '.join(hints)})" if hints else ""))
+
+
+def _show(spec) -> str:
+    """A spec as errors quote it (paths as plain strings)."""
+    return repr(os.fspath(spec) if isinstance(spec, os.PathLike) else spec)
+
+
+def check_spec_exists(spec, name: str = "spec", allow_pipe: bool = False) -> None:
+    """Raise ``FileNotFoundError`` naming ``name`` when a path of ``spec`` (or a shard a pattern expands to) does
+    not exist; pipe: URLs are not checked (they are commands)."""
+    if isinstance(spec, (list, tuple)):
+        for s in spec:
+            check_spec_exists(s, name, allow_pipe)
+        return
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a path, shard pattern or list of them, got {type(spec).__name__} {spec!r}")
+    text = os.fspath(spec)
+    if not text:
+        raise ValueError(f"{name}: empty data spec")
+    if has_manifest(text) or os.path.isdir(text):
+        return
+    urls = [u for part in text.split("::") for u in
+            ([part] if part.startswith("pipe:") or os.path.isdir(part) else expand_shards(part, allow_pipe=True))]
+    missing = [u for u in urls if not u.startswith("pipe:") and not os.path.exists(u.removeprefix("file:"))]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(urls)} shards)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{name}: {missing[0]!r} not found{more}")
+
+
 def resolve_source(spec, *, split: str | None = None, decoder: SampleDecoder | None = None,
-                   allow_pipe: bool = False, num_samples: int | None = None):
+                   allow_pipe: bool = False, num_samples: int | None = None, arg_names: dict | None = None):
     """A data spec → a source: a directory with ``manifest.json`` (image shards or a latent cache; ``split``
-    selects the split, default ``train``), a directory of ``*.tar``, an image folder, or shard paths/patterns."""
+    selects the split, default ``train``), a directory of ``*.tar``, an image folder, or shard paths/patterns.
+
+    Only a directory with ``manifest.json`` has splits: any other spec is one set of samples, so a ``split``
+    other than None or ``"train"`` (the default's name) raises. ``num_samples`` overrides the known count; for an
+    image folder it keeps the first ``num_samples`` files in sorted order. Missing paths raise
+    ``FileNotFoundError``. Errors name the arguments by ``arg_names`` (see :data:`ARG_NAMES`)."""
+    names = {**ARG_NAMES, **(arg_names or {})}
+    if split is not None and not (isinstance(split, str) and split):
+        raise ValueError(f"{names['split']}: expected a split name (a string) or null, got {split!r}")
+    check_spec_exists(spec, names["spec"], allow_pipe)
     if has_manifest(spec):
-        man, shards, count = manifest_split(spec, split)
+        try:
+            man, shards, count = manifest_split(spec, split)
+        except KeyError as e:
+            raise ValueError(f"{names['split']}: {e.args[0]}") from None
         count = num_samples if num_samples is not None else count
         if man.get("kind") == "latents":
             from ldm.data.latent_cache import LatentSource  # noqa: PLC0415 - avoids an import cycle
-            return LatentSource(shards, num_samples=count)
-        return ShardSource(shards, decoder, num_samples=count)
-    if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
-        root = Path(spec)
-        if any(root.glob("*.tar")):
-            return ShardSource(root, decoder, num_samples=num_samples)
-        return FolderSource(root, decoder)
-    return ShardSource(spec, decoder, allow_pipe=allow_pipe, num_samples=num_samples)
+            source = LatentSource(shards, num_samples=count)
+        else:
+            source = ShardSource(shards, decoder, num_samples=count)
+    elif split not in (None, "train"):
+        raise ValueError(f"{names['split']}={split!r}: {names['spec']}={_show(spec)} has no manifest.json, so it has "
+                         "no splits; splits need a directory with manifest.json (scripts/make_shards.py writes one)")
+    elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir() and any(Path(spec).glob("*.tar")):
+        source = ShardSource(spec, decoder, num_samples=num_samples)
+    elif isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
+        source = FolderSource(spec, decoder)
+        if num_samples is not None:
+            source.limit(num_samples, names["num_samples"])
+    else:
+        source = ShardSource(spec, decoder, allow_pipe=allow_pipe, num_samples=num_samples)
+    source.arg_names = names
+    return source
 
 
 class ResumableLoader:
@@ -275,18 +351,30 @@ def make_dataloader(spec, batch_size: int, *, num_workers: int = 0, rank: int | 
                     flip: bool = False, caption_policy: str = "skip", min_size: int = 8,
                     num_samples: int | None = None, shuffle_buffer: int = 512, allow_pipe: bool = False,
                     pin_memory: bool = False, bucket_step: int = BUCKET_STEP,
-                    bucket_max_ratio: float = BUCKET_MAX_RATIO) -> ResumableLoader:
+                    bucket_max_ratio: float = BUCKET_MAX_RATIO, arg_names: dict | None = None) -> ResumableLoader:
     """The training data loader: any spec (see :func:`resolve_source`) → batches ``{"image": (B, 3, H, W),
     "caption": [str], "key": [str]}`` (latent caches: ``"latent"`` (B, C, h, w), optional ``"context"``).
     H = W = ``size``, except with ``resize="bucket"`` (each batch one of :func:`ldm.data.transforms.aspect_buckets`
-    ``(size, bucket_step, bucket_max_ratio)``) or ``"none"`` (each batch one size)."""
+    ``(size, bucket_step, bucket_max_ratio)``) or ``"none"`` (each batch one size).
+
+    ``arg_names`` maps argument names to what errors call them (config keys, see :data:`ARG_NAMES`)."""
+    names = {**ARG_NAMES, **(arg_names or {})}
     rank, world_size = dist_info(rank, world_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     transform = ImageTransform(size, resize, flip, bucket_step=bucket_step, bucket_max_ratio=bucket_max_ratio)
     decoder = SampleDecoder(transform, caption_policy, min_size)
-    source = resolve_source(spec, split=split, decoder=decoder, allow_pipe=allow_pipe, num_samples=num_samples)
-    if source.num_samples is None:
-        raise ValueError(f"data spec {spec!r} has no known sample count: pass num_samples= or use a directory "
-                         "with manifest.json (scripts/make_shards.py writes one)")
+    source = resolve_source(spec, split=split, decoder=decoder, allow_pipe=allow_pipe, num_samples=num_samples,
+                            arg_names=names)
+    check_known_count(source, spec, names)
     return ResumableLoader(source, batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
                            seed=seed, epoch=epoch, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
                            pin_memory=pin_memory)
+
+
+def check_known_count(source, spec, arg_names: dict | None = None) -> None:
+    """Raise when ``source`` has no sample count (shards without a manifest need ``num_samples``)."""
+    names = {**ARG_NAMES, **(arg_names or {})}
+    if source.num_samples is None:
+        raise ValueError(f"{names['spec']}={_show(spec)} has no known sample count: set {names['num_samples']} or use "
+                         "a directory with manifest.json (scripts/make_shards.py writes one)")

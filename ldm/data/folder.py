@@ -57,16 +57,34 @@ def list_folder(root: str | os.PathLike) -> list[tuple[str, str | None, bool]]:
 
 
 class FolderSource:
-    """A folder split into units of ``chunk`` files, so ranks and workers read disjoint parts like shards."""
+    """A folder split into units of ``chunk`` files, so ranks and workers read disjoint parts like shards.
 
-    def __init__(self, root: str | os.PathLike, decoder: SampleDecoder | None = None, chunk: int = 256):
+    ``num_samples`` keeps only the first ``num_samples`` files in sorted order (:func:`list_folder`'s order); a
+    larger value than the folder holds raises (it would promise samples that are not there)."""
+
+    def __init__(self, root: str | os.PathLike, decoder: SampleDecoder | None = None, chunk: int = 256, *,
+                 num_samples: int | None = None):
         self.root = Path(root)
         self.entries = list_folder(root)
-        self.decoder = decoder or SampleDecoder()
-        self.units = [tuple(range(i, min(i + chunk, len(self.entries)))) for i in range(0, len(self.entries), chunk)]
+        self.decoder, self.chunk = decoder or SampleDecoder(), chunk
+        self.units: list[tuple[int, ...]] = []
         self.num_samples = len(self.entries)
+        if num_samples is not None:
+            self.limit(num_samples)
+        self.units = [tuple(range(i, min(i + chunk, len(self.entries)))) for i in range(0, len(self.entries), chunk)]
         if not self.entries:
             log.warning("image folder %s holds no images", root)
+
+    def limit(self, num_samples: int, name: str = "num_samples") -> None:
+        """Keep the first ``num_samples`` files (sorted order); ``name`` is what errors call the setting."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"{name}: expected a positive int, got {num_samples!r}")
+        if num_samples > len(self.entries):
+            raise ValueError(f"{name}={num_samples}: image folder {str(self.root)!r} holds only {len(self.entries)} "
+                             "images")
+        self.entries = self.entries[:num_samples]
+        self.num_samples = num_samples
+        self.units = [tuple(range(i, min(i + self.chunk, num_samples))) for i in range(0, num_samples, self.chunk)]
 
     def _raw(self, index: int, stats: SkipStats) -> dict | None:
         name, caption, has_meta = self.entries[index]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.data.shards import decode_stream
+from ldm.data.shards import decode_stream, existing_manifest
 from ldm.data.tario import ShardWriter, expand_shards, iter_raw_samples, shard_pattern
 from ldm.data.validate import Skip, SkipStats, decode_caption, decode_npy
 
@@ -47,10 +47,19 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
 
     ``text_fn(captions) → (B, L, D)`` adds ``context.npy``. ``dtype`` is the storage dtype ("float16"/"float32").
     ``extra`` (e.g. the autoencoder's scale/shift and hash) is stored in the manifest.
+
+    Writing a split into a directory that already holds a cache adds it to that manifest (the other splits are
+    kept; ``latent_shapes`` sums over the splits); the existing cache must have the same ``kind``, ``dtype``,
+    ``extra`` and ``context_shape``, else ValueError names the differing field (checked before encoding, where
+    known then). The split's shards from an earlier run are replaced.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not split or "/" in split or "\\" in split:
+        raise ValueError(f"split: expected a plain name (it prefixes the shard files), got {split!r}")
     np_dtype = np.dtype(dtype)
+    head = {"format": "ldm-shards/1", "kind": "latents", "dtype": dtype, "extra": extra or {}}
+    _merge_manifest(out, {**head, "splits": {split: {}}}, split, check_only=True)
+    out.mkdir(parents=True, exist_ok=True)
     context_shape = None
     shapes: dict[str, int] = {}  # "4x64x48" → samples (several with aspect-ratio buckets)
     with ShardWriter(shard_pattern(out, split), max_count=max_count, max_size=max_size) as writer:
@@ -66,13 +75,42 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
                 if c is not None:
                     sample["context.npy"] = _npy(c[i], np_dtype)
                 writer.write(sample)
-    single = [int(n) for n in next(iter(shapes)).split("x")] if len(shapes) == 1 else None
-    manifest = {"format": "ldm-shards/1", "kind": "latents", "dtype": dtype, "latent_shape": single,
-                "latent_shapes": shapes, "context_shape": context_shape, "extra": extra or {},
-                "splits": {split: {"shards": [Path(s).name for s in writer.shards], "count": sum(writer.counts)}}}
+    if not writer.shards:
+        raise ValueError(f"latent cache {out} split {split!r}: the loader yielded no batches, nothing to cache")
+    names = [Path(s).name for s in writer.shards]
+    for stale in out.glob(f"{split}-*.tar"):  # an earlier run's extra shards of this split
+        if stale.name not in names:
+            stale.unlink()
+    entry = {"shards": names, "count": sum(writer.counts), "latent_shapes": shapes}
+    manifest = _merge_manifest(out, {**head, "latent_shape": _single(shapes), "latent_shapes": shapes,
+                                     "context_shape": context_shape, "splits": {split: entry}}, split)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     log.info("latent cache %s: %d samples in %d shards", out, sum(writer.counts), len(writer.shards))
     return manifest
+
+
+def _single(shapes: dict[str, int]) -> list[int] | None:
+    return [int(n) for n in next(iter(shapes)).split("x")] if len(shapes) == 1 else None
+
+
+def _merge_manifest(out: Path, new: dict, split: str, *, check_only: bool = False) -> dict:
+    """``new`` (one split) merged into an existing ``out/manifest.json``; a differing shared field raises."""
+    old = existing_manifest(out, new, ("format", "kind", "dtype", "extra") + (() if check_only else ("context_shape",)))
+    if old is None:
+        return new
+    splits = {**old["splits"], split: new["splits"][split]}
+    if check_only:
+        return {**old, "splits": splits}
+    shapes: dict[str, int] = {}
+    for name, entry in splits.items():
+        # splits written before per-split shapes were recorded: the old top-level shapes stand for them
+        per = entry.get("latent_shapes") if name == split or "latent_shapes" in entry else None
+        for shape, n in (per or {}).items():
+            shapes[shape] = shapes.get(shape, 0) + int(n)
+    if any("latent_shapes" not in e for e in splits.values()):
+        for shape, n in (old.get("latent_shapes") or {}).items():
+            shapes[shape] = shapes.get(shape, 0) + int(n)
+    return {**old, **new, "splits": splits, "latent_shapes": shapes, "latent_shape": _single(shapes)}
 
 
 def decode_latent_sample(raw: dict, stats: SkipStats, rng: random.Random | None = None) -> dict:

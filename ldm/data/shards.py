@@ -82,6 +82,26 @@ def manifest_split(root: str | os.PathLike, split: str | None = None) -> tuple[d
     return man, [str(root / s) for s in entry["shards"]], int(entry["count"])
 
 
+def existing_manifest(out: str | os.PathLike, new: dict, shared: Sequence[str]) -> dict | None:
+    """The ``manifest.json`` already in ``out`` (None when there is none), checked against ``new`` before a split
+    is added to it: the ``shared`` fields must be equal (the readers treat every split of a directory alike).
+    Raises ValueError naming the file and the field."""
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"existing {path} is unreadable ({e}); move it away or use another output directory") from None
+    if not isinstance(old, dict) or not isinstance(old.get("splits"), dict):
+        raise ValueError(f"existing {path} has no 'splits' mapping; move it away or use another output directory")
+    for k in shared:
+        if old.get(k) != new.get(k):
+            raise ValueError(f"existing {path} has {k}={old.get(k)!r}, this run {k}={new.get(k)!r}: every split of "
+                             "one directory must match; use another output directory")
+    return old
+
+
 def has_manifest(spec) -> bool:
     """Whether ``spec`` is a directory holding ``manifest.json``."""
     return isinstance(spec, (str, os.PathLike)) and (Path(spec) / "manifest.json").is_file()

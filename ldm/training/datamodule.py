@@ -14,8 +14,11 @@ from typing import Any, Iterator
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.data.shards import has_manifest
 from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, ImageTransform
+from ldm.data.validate import CAPTION_POLICIES
 from ldm.registry import ConfigError
+from ldm.training.keys import boolean, number
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ class DataModule(L.LightningDataModule):
         self.d = OmegaConf.to_container(d, resolve=True)
         if self.d.get("pin_memory", "auto") not in PIN_MEMORY:
             raise ConfigError(f"data.pin_memory: expected auto, true or false, got {self.d['pin_memory']!r}")
-        self.seed = int(d.get("seed", cfg.train.get("seed", 0)))
+        check_data_values(self.d)
+        self.seed = int(self.d["seed"]) if self.d.get("seed") is not None else int(cfg.train.get("seed", 0))
         if cfg.train.get("val_every_n_steps") and not (self.d.get("val") or self.d.get("val_split")):
             raise ConfigError("train.val_every_n_steps needs validation data: data.val (a shard folder, pattern or "
                               "image folder) and/or data.val_split (a split of data.train's manifest)")
@@ -66,6 +70,43 @@ class DataModule(L.LightningDataModule):
             ImageTransform(self.d.get("size"), self.d.get("resize", "center-crop"), **bucket_args(self.d))
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
+        self.check_sources()
+
+    def _spec(self, val: bool) -> tuple[Any, str | None, int | None, dict[str, str]]:
+        """(spec, split, num_samples, the config keys errors name) of the training or the validation data.
+
+        ``data.val_split`` picks a split of ``data.val`` when that is a directory with ``manifest.json``, else (no
+        ``data.val``) a split of ``data.train``'s manifest. A ``data.val`` without a manifest is one set of samples:
+        ``data.val_split`` (typically inherited from a config made for a manifest directory) is then not used, and a
+        warning says so at start-up (:meth:`check_sources`)."""
+        d = self.d
+        if not val:
+            return d["train"], d.get("split"), d.get("num_samples"), {
+                "spec": "data.train", "split": "data.split", "num_samples": "data.num_samples"}
+        names = {"spec": "data.val" if d.get("val") else "data.train", "split": "data.val_split",
+                 "num_samples": "data.val_num_samples"}
+        spec, split = d.get("val") or d["train"], d.get("val_split")
+        if d.get("val") and split is not None and not has_manifest(spec):
+            split = None
+        return spec, split, d.get("val_num_samples"), names
+
+    def check_sources(self) -> None:
+        """At start-up, before any data is read: the training data (and the validation data when configured)
+        exist, have the split asked for, and have a known sample count. Errors name the config key."""
+        from ldm.data.distributed import check_known_count, resolve_source  # noqa: PLC0415
+
+        d = self.d
+        if d.get("val") and d.get("val_split") is not None and not has_manifest(d["val"]):
+            log.warning("data.val_split=%r is not used: data.val=%r has no manifest.json, so all of it is the "
+                        "validation set", d["val_split"], d["val"])
+        for val in (False, True) if (d.get("val") or d.get("val_split") is not None) else (False,):
+            spec, split, count, names = self._spec(val)
+            try:
+                source = resolve_source(spec, split=split, num_samples=count, allow_pipe=bool(d.get("allow_pipe")),
+                                        arg_names={**names, **ARG_NAMES})
+                check_known_count(source, spec, {**names, **ARG_NAMES})
+            except (ValueError, TypeError, OSError) as e:
+                raise ConfigError(str(e)) from None
 
     def pin_memory(self) -> bool:
         """Whether the loader pins its batches: ``data.pin_memory``, or with ``auto`` (the default) whether the
@@ -81,8 +122,7 @@ class DataModule(L.LightningDataModule):
         from ldm.data import make_dataloader  # noqa: PLC0415
 
         d = self.d
-        spec, split, count = ((d.get("val") or d["train"], d.get("val_split"), d.get("val_num_samples")) if val else
-                              (d["train"], d.get("split"), d.get("num_samples")))
+        spec, split, count, names = self._spec(val)
         return make_dataloader(spec, int(d["batch_size"]), num_workers=0 if val else int(d.get("num_workers", 0)),
                                rank=rank, world_size=world, seed=self.seed, epoch=epoch, split=split,
                                size=d.get("size"), resize=d.get("resize", "center-crop"),
@@ -90,7 +130,7 @@ class DataModule(L.LightningDataModule):
                                caption_policy=d.get("caption_policy", "skip"), min_size=int(d.get("min_size", 8)),
                                num_samples=count, shuffle_buffer=int(d.get("shuffle_buffer", 512)),
                                allow_pipe=bool(d.get("allow_pipe", False)), pin_memory=self.pin_memory(),
-                               **bucket_args(d))
+                               arg_names={**names, **ARG_NAMES}, **bucket_args(d))
 
     def val_batches(self, rank: int, world: int, limit: int) -> Iterator[dict]:
         """The first ``limit`` validation batches of this rank (fewer when the set is smaller): the same batches at
@@ -122,6 +162,41 @@ class DataModule(L.LightningDataModule):
         """A fresh pass over the data (rank-disjoint) for measuring latent statistics."""
         rank, world = self._rank()
         return iter(self._loader(10_000, rank, world))
+
+
+def _spec_value(v: Any) -> str | None:
+    ok = (isinstance(v, str) and v) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) and x for x in v))
+    return None if ok else "a path, shard pattern or list of them"
+
+
+def _split_value(v: Any) -> str | None:
+    return None if v is None or (isinstance(v, str) and v) else "a split name or null"
+
+
+#: data keys → their check (see :mod:`ldm.training.keys`); resize, buckets and pin_memory are checked separately
+DATA_CHECKS = {
+    "train": _spec_value, "val": lambda v: None if v is None else _spec_value(v),
+    "split": _split_value, "val_split": _split_value,
+    "batch_size": number(1, integer=True), "num_samples": number(1, integer=True, null=True),
+    "val_num_samples": number(1, integer=True, null=True), "size": number(1, integer=True, null=True),
+    "num_workers": number(0, integer=True), "shuffle_buffer": number(1, integer=True),
+    "min_size": number(0, integer=True),
+    "seed": number(0, integer=True, null=True), "flip": boolean(), "allow_pipe": boolean(),
+    "caption_policy": lambda v: None if v in CAPTION_POLICIES else f"one of {', '.join(CAPTION_POLICIES)}",
+}
+#: names the data loaders' errors use for the data keys that are not spec/split/count (see ARG_NAMES)
+ARG_NAMES = {"min_size": "data.min_size", "caption_policy": "data.caption_policy"}
+
+
+def check_data_values(d: dict) -> None:
+    """Types and ranges of the ``data`` keys, before anything is built; a ConfigError names the key."""
+    if d.get("batch_size") is None:
+        raise ConfigError("data.batch_size: missing (expected a positive int)")
+    for key, check in DATA_CHECKS.items():
+        if key in d:
+            want = check(d[key])
+            if want:
+                raise ConfigError(f"data.{key}: expected {want}, got {d[key]!r}")
 
 
 def bucket_args(d: dict) -> dict[str, Any]:

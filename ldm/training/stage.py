@@ -22,5 +22,12 @@ class ResumableStage:
         self.guard.flush(self.global_step)  # skips still counted on the device (fused optimizers) are reported
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = OmegaConf.create(checkpoint.get("ldm_config") or "{}")
+        ours, theirs = self.config.train.get("stage", "diffusion"), (saved.get("train") or {}).get("stage")
+        if "step_guard" not in checkpoint or theirs != ours:
+            from ldm.registry import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(f"--resume: the checkpoint is not one of a train.stage={ours} run (its stage: "
+                              f"{theirs or 'unknown, not written by ldm-train'})")
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])

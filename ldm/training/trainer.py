@@ -14,6 +14,7 @@ from ldm.registry import ConfigError
 from ldm.training.optim import accumulate_batches
 from ldm.training.callbacks import ExportOnEnd, SampleGrid, Snapshots
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.keys import check_run_config, sample_prompts, wandb_on
 from ldm.training.validation import build_validation
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,18 @@ log = logging.getLogger(__name__)
 SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "access_token", "auth_token", "hf_token",
                "key"}
 TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
-                "log_every_n_steps", "accumulate_grad_batches", "limit_train_batches", "limit_val_batches",
-                "fast_dev_run", "enable_progress_bar", "deterministic", "benchmark", "val_check_interval",
-                "num_sanity_val_steps", "enable_model_summary", "detect_anomaly", "sync_batchnorm",
-                "use_distributed_sampler", "max_time"}
+                "log_every_n_steps", "accumulate_grad_batches", "fast_dev_run", "enable_progress_bar", "deterministic",
+                "benchmark", "enable_model_summary", "detect_anomaly", "sync_batchnorm", "use_distributed_sampler",
+                "max_time"}
+# Lightning options that have no effect here, and what to use instead
+NOT_HERE = {
+    "limit_train_batches": "the data is one endless, exactly resumable stream (each Lightning epoch would restart it): "
+                           "use trainer.max_steps or trainer.max_epochs",
+    "limit_val_batches": "there is no Lightning validation loop: use train.val_batches",
+    "val_check_interval": "there is no Lightning validation loop: use train.val_every_n_steps",
+    "num_sanity_val_steps": "there is no Lightning validation loop (train.val_every_n_steps validates)",
+    "gradient_clip_val": "the stages optimize manually: use train.grad_clip",
+}
 
 
 def check_no_secrets(cfg: DictConfig) -> None:
@@ -49,11 +58,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     if lc.get("tensorboard", True):
         loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
     wb = lc.get("wandb")
-    if wb:
+    if wandb_on(lc):
         from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415
 
         loggers.append(WandbLogger(project=wb.get("project", "ldm"), name=wb.get("name"), save_dir=str(run_dir),
-                                   offline=wb.get("mode", "offline") == "offline", log_model=False))
+                                   offline=wb.get("mode", "offline") == "offline", log_model=False,
+                                   entity=wb.get("entity"), tags=wb.get("tags")))
     return loggers
 
 
@@ -63,12 +73,15 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(ck.get("every_n_steps", 500)), save_top_k=int(ck.get("keep_last", 3)),
                         monitor="step", mode="max", save_last=True),
-        LearningRateMonitor(logging_interval="step"),
     ]
+    lc = cfg.get("logging") or {}
+    if lc.get("csv", True) or lc.get("tensorboard", True) or wandb_on(lc):
+        cbs.append(LearningRateMonitor(logging_interval="step"))  # it refuses a Trainer without loggers
     sc = cfg.get("sample") or {}
     if sc.get("every_n_steps") and cfg.train.get("stage", "diffusion") == "diffusion":
-        cbs.append(SampleGrid(run_dir / "samples", list(sc.prompts), int(sc.every_n_steps), seed=int(sc.get("seed", 0)),
-                              steps=int(sc.get("steps", 20)), sampler=sc.get("sampler", "dpmpp_2m"),
+        cbs.append(SampleGrid(run_dir / "samples", sample_prompts(sc), int(sc.every_n_steps),
+                              seed=int(sc.get("seed", 0)), steps=int(sc.get("steps", 20)),
+                              sampler=sc.get("sampler", "dpmpp_2m"),
                               guidance=float(sc.get("guidance", 5.0))))
     if cfg.train.get("snapshot_every_min"):
         cbs.append(Snapshots(run_dir / "snapshots", float(cfg.train.snapshot_every_min)))
@@ -97,6 +110,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     run_dir = Path(run_dir)
     check_no_secrets(cfg)
     tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
+    check_run_config(cfg)
+    for key in sorted(set(tc) & set(NOT_HERE)):
+        raise ConfigError(f"trainer.{key} is not supported: {NOT_HERE[key]}")
     unknown = set(tc) - TRAINER_KEYS
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")

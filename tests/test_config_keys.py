@@ -1,0 +1,82 @@
+"""The train, sample, logging and trainer sections are checked before anything is built: a misspelt key, a key the
+stage never reads, or a value of the wrong type names the key instead of being ignored or failing deep inside."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.cli.train import main, run
+from ldm.registry import ConfigError
+
+TINY = "configs/tiny/txt2img.yaml"
+
+
+def train(tmp_path, *overrides, config=TINY):
+    return run(["--config", config, "--run-dir", str(tmp_path), "trainer.max_steps=1", *overrides])
+
+
+@pytest.mark.parametrize("config, override, match", [
+    (TINY, "train.ema_decya=0.5", r"train.ema_decya: unknown key; allowed: .*ema_decay"),
+    ("configs/tiny/clip.yaml", "train.init_checkpoint=x.safetensors", "not read by the clip stage"),
+    ("configs/tiny/autoencoder.yaml", "train.ema_decay=0.9", "not read by the autoencoder stage"),
+    ("configs/tiny/clip.yaml", "train.lora.rank=4", "train.lora is not read by the clip stage"),
+    (TINY, "train.lr=abc", r"train.lr: expected a number > 0, got 'abc'"),
+    (TINY, "train.lr=0", "train.lr: expected a number > 0"),
+    (TINY, "train.lora=4", "train.lora: expected a mapping"),
+    (TINY, "train.lora.rank=-1", "rank to be an int ≥ 0"),
+    (TINY, "train.betas=0.9", "train.betas: expected two numbers in"),
+    (TINY, "train.caption_dropout=2", r"train.caption_dropout: expected a number ≥ 0 and ≤ 1"),
+    (TINY, "train.grad_clip=-1", "train.grad_clip"),
+    (TINY, "train.warmup_steps=1.5", "train.warmup_steps: expected an int"),
+    (TINY, "train.compile=foo", "train.compile: expected true, false or a torch.compile backend"),
+    (TINY, "train.stage=unet", "train.stage: expected one of"),
+    (TINY, "sample.bogus=1", "sample.bogus: unknown key"),
+    (TINY, "logging.bogus=1", "logging.bogus: unknown key"),
+    (TINY, "logging.wandb=true", "logging.wandb: expected a mapping"),
+    (TINY, "logging.wandb.mode=onlin", "mode to be one of 'offline', 'online', 'disabled'"),
+    (TINY, "trainer.limit_train_batches=2", "trainer.limit_train_batches is not supported: the data is one endless"),
+    (TINY, "trainer.val_check_interval=5", "use train.val_every_n_steps"),
+])
+def test_bad_keys_and_values_are_named(tmp_path, config, override, match):
+    with pytest.raises(ConfigError, match=match):
+        train(tmp_path, override, config=config)
+
+
+def test_sample_prompts_as_one_string_is_one_prompt(tmp_path):
+    from ldm.training.callbacks import SampleGrid
+
+    trainer = train(tmp_path, "sample.every_n_steps=1", "sample.prompts=red apple", "sample.steps=1")
+    grid = next(c for c in trainer.callbacks if isinstance(c, SampleGrid))
+    assert grid.prompts == ["red apple"]
+    with pytest.raises(ConfigError, match="sample.prompts: expected a list of prompts"):
+        train(tmp_path / "b", "sample.every_n_steps=1", "sample.prompts=[]")
+    with pytest.raises(ConfigError, match="sample.every_n_steps is set but sample.prompts is empty"):
+        train(tmp_path / "c", "sample.every_n_steps=1", "sample.prompts=null")
+
+
+def test_no_loggers_and_disabled_wandb(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    trainer = train(tmp_path, "logging.csv=false", "logging.tensorboard=false", "logging.wandb.mode=disabled")
+    assert trainer.global_step == 1 and not trainer.loggers
+    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+
+
+def test_resume_from_the_wrong_file_is_named(tmp_path, caplog):
+    ae = tmp_path / "ae"
+    run(["--config", "configs/tiny/autoencoder.yaml", "--run-dir", str(ae), "trainer.max_steps=1",
+         "train.checkpoint.every_n_steps=1"])
+    code = main(["--config", TINY, "--run-dir", str(tmp_path / "d"), "trainer.max_steps=2",
+                 "--resume", str(ae / "checkpoints" / "last.ckpt")])
+    assert code == 2 and "not one of a train.stage=diffusion run (its stage: autoencoder)" in caplog.text
+    code = main(["--config", TINY, "--run-dir", str(tmp_path / "d"), "--resume", str(ae / "model.safetensors")])
+    assert code == 2 and "expected a training checkpoint" in caplog.text
+    foreign = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": {"model.x": torch.zeros(1)}}, foreign)
+    code = main(["--config", TINY, "--run-dir", str(tmp_path / "e"), "trainer.max_steps=1", "--resume", str(foreign)])
+    assert code == 2 and "not a training checkpoint of ldm-train" in caplog.text
+
+
+def test_library_errors_end_the_cli_with_one_line(tmp_path, caplog):
+    code = main(["--config", TINY, "--run-dir", str(tmp_path), "trainer.max_steps=1", "trainer.devices=0"])
+    assert code == 2 and "devices" in caplog.text
