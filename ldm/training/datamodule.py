@@ -173,7 +173,7 @@ def _split_value(v: Any) -> str | None:
     return None if v is None or (isinstance(v, str) and v) else "a split name or null"
 
 
-#: data keys → their check (see :mod:`ldm.training.keys`); resize, buckets and pin_memory are checked separately
+#: data keys → their check (see :mod:`ldm.training.keys`); resize and pin_memory are checked separately
 DATA_CHECKS = {
     "train": _spec_value, "val": lambda v: None if v is None else _spec_value(v),
     "split": _split_value, "val_split": _split_value,
@@ -183,6 +183,7 @@ DATA_CHECKS = {
     "min_size": number(0, integer=True),
     "seed": number(0, integer=True, null=True), "flip": boolean(), "allow_pipe": boolean(),
     "caption_policy": lambda v: None if v in CAPTION_POLICIES else f"one of {', '.join(CAPTION_POLICIES)}",
+    "bucket_step": number(1, integer=True), "bucket_max_ratio": number(1),
 }
 #: names the data loaders' errors use for the data keys that are not spec/split/count (see ARG_NAMES)
 ARG_NAMES = {"min_size": "data.min_size", "caption_policy": "data.caption_policy"}
@@ -200,13 +201,10 @@ def check_data_values(d: dict) -> None:
 
 
 def bucket_args(d: dict) -> dict[str, Any]:
-    """``data.bucket_step`` / ``data.bucket_max_ratio`` (used with ``data.resize: bucket``) as loader arguments."""
-    step, ratio = d.get("bucket_step", BUCKET_STEP), d.get("bucket_max_ratio", BUCKET_MAX_RATIO)
-    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
-        raise ConfigError(f"data.bucket_step: expected a positive int (pixels), got {step!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
-        raise ConfigError(f"data.bucket_max_ratio: expected a number ≥ 1, got {ratio!r}")
-    return {"bucket_step": step, "bucket_max_ratio": float(ratio)}
+    """``data.bucket_step`` / ``data.bucket_max_ratio`` (used with ``data.resize: bucket``; checked with the other
+    data keys by :func:`check_data_values`) as loader arguments."""
+    return {"bucket_step": d.get("bucket_step", BUCKET_STEP),
+            "bucket_max_ratio": float(d.get("bucket_max_ratio", BUCKET_MAX_RATIO))}
 
 
 def check_buckets(cfg: DictConfig, stage: str, factor: int | None) -> None:
