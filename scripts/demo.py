@@ -5,8 +5,9 @@
 2. trains the autoencoder, our own CLIP text encoder and the text-to-image U-Net, each from its YAML config;
 3. samples a grid for held-out prompts (concepts never seen in training) and training prompts.
 
-The sizes are the emoji configs scaled down for a 2-core CPU (``--size 32``); on a GPU use ``--size 64 --scale 1``
-for the configs as written. Everything lands in ``--out`` (default runs/demo).
+The sizes are the emoji configs scaled down for a 2-core CPU (``--size 32``, 64 U-Net channels, batch 32); the configs'
+own sizes on a GPU: ``--size 64 --unet-channels 128 --batch 128 --accelerator gpu`` (scripts/emoji_gpu_recipe.sh trains
+them for a budget of GPU minutes instead of steps). Everything lands in ``--out`` (default runs/demo).
 """
 from __future__ import annotations
 

@@ -52,3 +52,19 @@ def test_a_run_without_any_limit_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="set trainer.max_steps or trainer.max_epochs"):
         run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "trainer.max_steps=-1"])
+
+
+def test_step_checkpoints_save_without_lightnings_manual_optimization_warning(tmp_path):
+    """Every save under manual optimization made Lightning warn that the state is the one after the optimizer step,
+    which is the state a resume continues from; the checkpoints are written, the warning is not."""
+    import warnings
+
+    from ldm.cli.train import run
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "data.batch_size=4",
+             "trainer.max_steps=2", "train.checkpoint.every_n_steps=1"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == ["step00000001.ckpt",
+                                                                                   "step00000002.ckpt"]
+    assert not [w for w in seen if "manual optimization" in str(w.message)]

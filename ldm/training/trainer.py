@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,21 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` without its warning, at every save under manual optimization, that the state
+    is saved after the optimizer step: that is the state a resumed run continues from (``global_step`` already counts
+    the step), so the warning would only teach users to ignore warnings."""
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(*args, **kwargs)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     ck = (cfg.train.get("checkpoint") or {})
     cbs: list[Any] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
+        StepCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                         every_n_train_steps=int(ck.get("every_n_steps", 500)), save_top_k=int(ck.get("keep_last", 3)),
                         monitor="step", mode="max", save_last=True),
     ]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks of a lent call (docs/BENCHMARKS.md): the GPU tests, `make demo`'s job at the configs' own 64 px sizes
+# on the card, and a U-Net stage with the training options added since the last GPU run (compile, gradient
+# accumulation, validation, checkpoint and resume). Results under OUT (default runs/gpu-check):
+#   scripts/plans/gpu-check.sh [OUT] [DATA]       DATA: a built emoji dataset (prepare_data.py emoji --size 64)
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${1:-runs/gpu-check}; DATA=${2:-data/emoji64}; WORK=${WORK:-/tmp/gpu-check}
+ACCEL=${ACCEL:-gpu}; STEPS=${STEPS:-250 400 1100}; N=${N:-100}  # ACCEL=cpu STEPS="3 3 3" N=4: a dry run
+mkdir -p "$OUT" "$WORK"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+[ "$ACCEL" = gpu ] && $PY -m pytest -m gpu -o addopts="" -p no:cacheprovider -q tests/test_cuda_graph.py tests/test_norm.py 2>&1 \
+  | tail -8 | tee "$OUT/gpu-tests.txt"
+[ -d "$DATA" ] && { rm -rf "$WORK/demo/emoji64"; mkdir -p "$WORK/demo"; cp -r "$DATA" "$WORK/demo/emoji64"; }
+t0=$(date +%s)
+$PY scripts/demo.py --out "$WORK/demo" --size 64 --unet-channels 128 --batch 128 --accelerator "$ACCEL" --steps $STEPS > "$WORK/demo.log" 2>&1
+echo "demo rc=$? in $(( $(date +%s) - t0 )) s" | tee "$OUT/demo.txt"
+grep -h -E 'val/|done in|demo finished|Error|error' "$WORK/demo.log" | tail -20 >> "$OUT/demo.txt"
+cp "$WORK/demo/grid.png" "$OUT/demo-grid.png" 2>/dev/null
+u=(--config configs/emoji/unet.yaml --run-dir "$WORK/unet" data.train="$WORK/demo/emoji64"
+   train.components.first_stage_model="$WORK/demo/autoencoder/model.safetensors"
+   train.components.cond_stage_model="$WORK/demo/clip/model.safetensors" trainer.enable_progress_bar=false
+   train.compile=true trainer.accumulate_grad_batches=2 train.val_every_n_steps=$N train.checkpoint.every_n_steps=$N trainer.accelerator=$ACCEL
+   sample.every_n_steps=0 trainer.log_every_n_steps=50)
+t0=$(date +%s)
+$PY scripts/train.py "${u[@]}" trainer.max_steps=$((2 * N)) > "$WORK/unet1.log" 2>&1
+echo "unet (compile, accumulation 2, validation) $((2 * N)) steps rc=$? in $(( $(date +%s) - t0 )) s" | tee "$OUT/train.txt"
+$PY scripts/train.py "${u[@]}" --resume auto trainer.max_steps=$((3 * N)) > "$WORK/unet2.log" 2>&1
+echo "resumed to $((3 * N)) steps rc=$?" | tee -a "$OUT/train.txt"
+grep -h -E 'val/|it/s|img/s|step|Error|error' "$WORK/unet1.log" "$WORK/unet2.log" | tail -25 >> "$OUT/train.txt"
+find "$WORK/unet" -name '*.csv' | head -3 | while read -r f; do echo "== $f"; tail -4 "$f"; done >> "$OUT/train.txt"
