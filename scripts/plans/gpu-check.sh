@@ -29,3 +29,13 @@ $PY scripts/train.py "${u[@]}" --resume auto trainer.max_steps=$((3 * N)) > "$WO
 echo "resumed to $((3 * N)) steps rc=$?" | tee -a "$OUT/train.txt"
 grep -h -E 'val/|it/s|img/s|step|Error|error' "$WORK/unet1.log" "$WORK/unet2.log" | tail -25 >> "$OUT/train.txt"
 find "$WORK/unet" -name '*.csv' | head -3 | while read -r f; do echo "== $f"; tail -4 "$f"; done >> "$OUT/train.txt"
+# sampling on the card with the demo's U-Net: txt2img on the fast path (compiled, CUDA graph), img2img, inpainting
+M="$WORK/demo/unet/model.safetensors"; S=(--checkpoint "$M" --ema --n 4 --device "$([ "$ACCEL" = gpu ] && echo cuda || echo cpu)")
+$PY -c "from PIL import Image, ImageDraw; im = Image.new('RGB', (64, 64), 'white'); ImageDraw.Draw(im).ellipse((8, 8, 56, 56), 'red'); im.save('$WORK/init.png'); m = Image.new('L', (64, 64), 0); ImageDraw.Draw(m).rectangle((32, 0, 63, 63), 255); m.save('$WORK/mask.png')"
+for job in "txt2img|--prompt|red apple, flat emoji|--compile|--cuda-graph" "img2img|--prompt|red apple, flat emoji|--init-image|$WORK/init.png|--strength|0.6" \
+           "inpaint|--prompt|green circle, flat emoji|--init-image|$WORK/init.png|--mask|$WORK/mask.png"; do
+  IFS='|' read -r -a a <<< "$job"; t0=$(date +%s.%N)
+  $PY scripts/sample.py "${S[@]}" "${a[@]:1}" --out "$WORK/${a[0]}" > "$WORK/${a[0]}.log" 2>&1
+  echo "${a[0]} rc=$? in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s, $(ls "$WORK/${a[0]}" 2>/dev/null | wc -l) files" | tee -a "$OUT/sample.txt"
+  grep -v "it/s" "$WORK/${a[0]}.log" | tail -3 >> "$OUT/sample.txt"
+done
