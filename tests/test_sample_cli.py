@@ -82,7 +82,7 @@ def test_unknown_sampler_is_rejected(ckpt, capsys):
 
 @pytest.mark.parametrize("flag,kw", [(["--compile"], {"mode": "reduce-overhead"}),
                                      (["--compile", "max-autotune"], {"mode": "max-autotune"}),
-                                     (["--cuda-graph"], {"compile": False, "unet_graph": True}), ([], None)])
+                                     (["--cuda-graph"], None), ([], None)])
 def test_compile_flag_takes_the_fast_path_with_its_mode(ckpt, tmp_path, monkeypatch, flag, kw):
     import ldm.fast
 
@@ -90,6 +90,19 @@ def test_compile_flag_takes_the_fast_path_with_its_mode(ckpt, tmp_path, monkeypa
     monkeypatch.setattr(ldm.fast, "optimize", lambda model, **k: calls.append(k) or model)
     rc = main(["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--out", str(tmp_path), *flag])
     assert rc == 0 and calls == ([kw] if kw else [])
+
+
+@pytest.mark.parametrize("flags,device,kw", [
+    ([], "cuda", {"compile": False, "unet_graph": True}),  # the default on a GPU: the eager U-Net graphed
+    (["--no-cuda-graph"], "cuda", None),
+    (["--cuda-graph"], "cuda", {"compile": False, "unet_graph": True}),
+    (["--compile"], "cuda", {"mode": "reduce-overhead"}),
+    ([], "cpu", None), (["--cuda-graph"], "cpu", None),  # no CUDA graphs off a GPU (a warning says so)
+    (["--compile"], "cpu", {"mode": "reduce-overhead"})])
+def test_fast_path_defaults_to_cuda_graphs_on_a_gpu(flags, device, kw):
+    from ldm.cli.sample import fast_path, parse_args
+
+    assert fast_path(parse_args(["--checkpoint", "m.ckpt", "--prompt", "x", *flags]), device) == kw
 
 
 def test_compiled_sampling_writes_the_images_eager_sampling_writes(ckpt, tmp_path):

@@ -92,7 +92,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     for key in ("train/loss", "train/disc_loss", "train/logvar"):
         la, lb = logged(a, key), logged(b, key)
-        assert la and all(lb[s] == la[s] for s in la if s in lb) and {2, 3} <= set(lb), key
+        assert la and lb == la, key  # metrics.csv keeps the first part's rows (Lightning's writer deleted them)
 
 
 @pytest.mark.slow

@@ -68,3 +68,19 @@ def test_step_checkpoints_save_without_lightnings_manual_optimization_warning(tm
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == ["step00000001.ckpt",
                                                                                    "step00000002.ckpt"]
     assert not [w for w in seen if "manual optimization" in str(w.message)]
+
+
+def test_the_csv_log_keeps_an_earlier_part_and_replaces_steps_logged_after_its_checkpoint(tmp_path):
+    from ldm.training.logs import logged, resumable_csv_logger
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},0.{s}\n" for s in range(6)))
+    logger = resumable_csv_logger(tmp_path)  # a run resumed from its step-3 checkpoint; steps 3-5 were logged after it
+    logger.log_metrics({"train/loss": 0.75, "val/loss": 0.5}, step=3)
+    logger.save()
+    assert logged(tmp_path, "train/loss") == {0: "0.0", 1: "0.1", 2: "0.2", 3: "0.75"}
+    assert logged(tmp_path, "val/loss") == {3: "0.5"}  # a new key widens the header; the old rows stay
+    logger.log_metrics({"train/loss": 0.25}, step=4)
+    logger.save()
+    assert logged(tmp_path, "train/loss") == {0: "0.0", 1: "0.1", 2: "0.2", 3: "0.75", 4: "0.25"}
+    assert not (tmp_path / "logs" / "metrics.csv.tmp").exists()

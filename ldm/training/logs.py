@@ -1,8 +1,10 @@
-"""Reading a run's CSV log (``<run_dir>/logs/metrics.csv``), e.g. to plot a loss curve or compare two runs."""
+"""A run's CSV log (``<run_dir>/logs/metrics.csv``): written across resumes, read to plot or compare runs."""
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
+from typing import Any
 
 
 def logged(run_dir: str | Path, key: str) -> dict[int, str]:
@@ -13,3 +15,57 @@ def logged(run_dir: str | Path, key: str) -> dict[int, str]:
             if row.get(key):
                 out[int(row["step"])] = row[key]
     return out
+
+
+
+def resumable_csv_logger(run_dir: str | Path) -> Any:
+    """Lightning's ``CSVLogger`` writing ``<run_dir>/logs/metrics.csv`` that keeps an earlier part of the run.
+
+    Lightning's writer deletes an existing ``metrics.csv`` when it starts, so ``--resume`` would lose every metric
+    logged before the checkpoint. This one keeps the file: the first rows the new process saves replace the old rows
+    from their first step on (steps an interrupted run logged after its last checkpoint, which the resumed run logs
+    again; a new run from step 0 replaces them all), and the earlier rows stay, under the old header (Lightning's
+    writer widens it when new keys come)."""
+    from lightning.pytorch.loggers import CSVLogger  # noqa: PLC0415
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter  # noqa: PLC0415
+
+    class KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+            self.kept = read_rows(Path(self.metrics_file_path))
+
+        def save(self) -> None:
+            if self.metrics and self.kept is not None:
+                header, rows = self.kept
+                first = min(int(m["step"]) for m in self.metrics)
+                write_rows(Path(self.metrics_file_path), header, [r for r in rows if int(float(r["step"])) < first])
+                self.metrics_keys, self.kept = list(header), None
+            super().save()
+
+    class KeepingCSVLogger(CSVLogger):
+        @property
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = KeepingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return KeepingCSVLogger(run_dir, name="logs", version="")
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]] | None:
+    """(header, rows) of a CSV file; None where there is no file."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_rows(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    """Replace ``path`` with ``header`` and ``rows``, through a temporary file (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

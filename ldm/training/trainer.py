@@ -50,12 +50,14 @@ def check_no_secrets(cfg: DictConfig) -> None:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: PLC0415
+    from lightning.pytorch.loggers import TensorBoardLogger  # noqa: PLC0415
+
+    from ldm.training.logs import resumable_csv_logger  # noqa: PLC0415
 
     lc = cfg.get("logging") or {}
     loggers: list[Any] = []
     if lc.get("csv", True):
-        loggers.append(CSVLogger(run_dir, name="logs", version=""))
+        loggers.append(resumable_csv_logger(run_dir))
     if lc.get("tensorboard", True):
         loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
     wb = lc.get("wandb")
