@@ -54,20 +54,40 @@ def test_a_run_without_any_limit_is_refused(tmp_path):
         run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "trainer.max_steps=-1"])
 
 
-def test_step_checkpoints_save_without_lightnings_manual_optimization_warning(tmp_path):
+def test_lightning_does_not_warn_of_what_training_does_by_design(tmp_path, caplog):
     """Every save under manual optimization made Lightning warn that the state is the one after the optimizer step,
-    which is the state a resume continues from; the checkpoints are written, the warning is not."""
+    which is the state a resume continues from; the checkpoints are written, the warning is not. Its count of
+    modules in eval mode (the frozen autoencoder and text encoder) becomes one INFO line that names them."""
+    import logging
     import warnings
 
     from ldm.cli.train import run
 
+    caplog.set_level(logging.INFO, logger="ldm.training.callbacks")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "data.batch_size=4",
              "trainer.max_steps=2", "train.checkpoint.every_n_steps=1"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*.ckpt")) == ["step00000001.ckpt",
                                                                                    "step00000002.ckpt"]
-    assert not [w for w in seen if "manual optimization" in str(w.message)]
+    assert not [w for w in seen if "manual optimization" in str(w.message) or "in eval mode" in str(w.message)]
+    info = [r.getMessage() for r in caplog.records if "in eval mode while training" in r.getMessage()]
+    assert len(info) == 1 and "net.first_stage_model (" in info[0] and "net.cond_stage_model (" in info[0]
+    assert "net.model" not in info[0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "ldm.training.callbacks"]
+
+
+def test_a_trainable_module_in_eval_mode_is_named_in_a_warning(caplog):
+    import torch
+
+    from ldm.training.callbacks import report_eval_modules
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Linear(2, 2)))
+    net[1].eval()  # the dropout and the linear layer; the linear one is trained
+    assert report_eval_modules(net) == ["1.1"]
+    assert "1.1 is in eval mode but has trainable parameters" in caplog.text
+    net[1][1].requires_grad_(False)
+    assert report_eval_modules(net) == []
 
 
 def test_the_csv_log_keeps_an_earlier_part_and_replaces_steps_logged_after_its_checkpoint(tmp_path):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
+import warnings
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -116,3 +118,41 @@ class Snapshots(L.Callback):
         with open(self.out_dir / "index.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("snapshot at step %d after %.0f s: %s", step, elapsed, path)
+
+
+# Lightning's warning at the start of training for any module in eval mode; ldm's are the frozen components
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+
+
+@contextmanager
+def frozen_modules_quiet() -> Iterator[None]:
+    """Around ``trainer.fit``: without Lightning's count of modules in eval mode, which :class:`EvalModeReport` replaces
+    with one that tells frozen components from trainable ones."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        yield
+
+
+class EvalModeReport(L.Callback):
+    """At the start of training: the top-level components in eval mode, at INFO (the frozen first stage and text
+    encoder of the U-Net stage, the autoencoder stage's LPIPS), and a warning naming any module in eval mode that
+    has trainable parameters (dropout and normalization would act as at inference on weights being trained)."""
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.is_global_zero:
+            report_eval_modules(module)
+
+
+def report_eval_modules(module: torch.nn.Module) -> list[str]:
+    """Log the components in eval mode of a module about to train; returns the eval-mode modules with trainable
+    parameters of their own (each named in a warning)."""
+    evals = [(n, m) for n, m in module.named_modules() if n and not m.training]
+    if not evals:
+        return []
+    per_part = Counter(n.split(".")[0] if not n.startswith("net.") else ".".join(n.split(".")[:2]) for n, _ in evals)
+    log.info("in eval mode while training (frozen): %s", ", ".join(f"{p} ({k} modules)" for p, k in per_part.items()))
+    bad = [n for n, m in evals if any(p.requires_grad for p in m.parameters(recurse=False))]
+    for n in bad:
+        log.warning("%s is in eval mode but has trainable parameters: it trains as at inference (dropout off, "
+                    "normalization statistics frozen)", n)
+    return bad

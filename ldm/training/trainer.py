@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.registry import ConfigError
 from ldm.training.optim import accumulate_batches
-from ldm.training.callbacks import ExportOnEnd, SampleGrid, Snapshots
+from ldm.training.callbacks import EvalModeReport, ExportOnEnd, SampleGrid, Snapshots
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
 from ldm.training.validation import build_validation
@@ -103,6 +103,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     if val is not None:
         cbs.append(val)
     cbs.append(ExportOnEnd(run_dir / "model.safetensors"))
+    cbs.append(EvalModeReport())
     return cbs
 
 
