@@ -60,7 +60,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     import lightning as L  # noqa: PLC0415
 
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
-    from ldm.training.callbacks import frozen_modules_quiet  # noqa: PLC0415
+    from ldm.training.callbacks import expected_warnings_quiet  # noqa: PLC0415
     from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
     from ldm.training.keys import check_run_config  # noqa: PLC0415
     from ldm.training.trainer import build_trainer, epochs_as_steps  # noqa: PLC0415
@@ -81,7 +81,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     if ckpt:
         log.info("resuming from %s", ckpt)
     try:
-        with frozen_modules_quiet():  # EvalModeReport says which are in eval mode, and why
+        with expected_warnings_quiet(resuming=bool(ckpt)):  # EvalModeReport says which modules are in eval mode
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     except KeyError as e:  # Lightning reads its own keys first: a foreign .ckpt fails there
         if ckpt and "pytorch-lightning_version" in str(e):

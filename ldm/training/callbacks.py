@@ -124,12 +124,19 @@ class Snapshots(L.Callback):
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
+# Lightning's warning when the checkpoint folder holds files: a resumed run's own
+NOT_EMPTY_WARNING = r"Checkpoint directory .* exists and is not empty"
+
+
 @contextmanager
-def frozen_modules_quiet() -> Iterator[None]:
+def expected_warnings_quiet(resuming: bool) -> Iterator[None]:
     """Around ``trainer.fit``: without Lightning's count of modules in eval mode, which :class:`EvalModeReport` replaces
-    with one that tells frozen components from trainable ones."""
+    with one that tells frozen components from trainable ones, and, when ``resuming``, without its warning that the
+    checkpoint folder is not empty (a new run into a folder of checkpoints is still warned about)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+        if resuming:
+            warnings.filterwarnings("ignore", message=NOT_EMPTY_WARNING)
         yield
 
 
