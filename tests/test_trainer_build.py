@@ -104,3 +104,23 @@ def test_the_csv_log_keeps_an_earlier_part_and_replaces_steps_logged_after_its_c
     logger.save()
     assert logged(tmp_path, "train/loss") == {0: "0.0", 1: "0.1", 2: "0.2", 3: "0.75", 4: "0.25"}
     assert not (tmp_path / "logs" / "metrics.csv.tmp").exists()
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
+    """W&B: a new id per new run, saved in the run folder; a resumed process continues that run (resume="allow")."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ldm.training.trainer import build_loggers
+
+    cfg = config(logging={"csv": False, "tensorboard": False, "wandb": {"project": "p", "mode": "offline"}})
+
+    def wandb_id(resuming):
+        (logger,) = build_loggers(cfg, tmp_path, resuming)
+        assert isinstance(logger, WandbLogger) and logger._wandb_init["resume"] == "allow"
+        return logger.version
+
+    first = wandb_id(False)
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first
+    assert wandb_id(True) == first  # --resume: the same run
+    second = wandb_id(False)  # a new run in the same folder: a new W&B run
+    assert second != first and wandb_id(True) == second

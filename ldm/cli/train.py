@@ -72,12 +72,12 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     check_run_config(cfg)  # every section's keys and values, then the data, before a model is built
     dm = build_datamodule(cfg)
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
-    trainer = build_trainer(cfg, run_dir, callbacks)
+    ckpt = resolve_resume(args.resume, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, resuming=bool(ckpt))
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
     epochs_as_steps(trainer, cfg, dm.batches_per_epoch(trainer.num_devices * trainer.num_nodes))
-    ckpt = resolve_resume(args.resume, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,21 @@ def check_no_secrets(cfg: DictConfig) -> None:
     walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of ``run_dir``: the one saved in ``run_dir/wandb_run_id`` when resuming (so the resumed process
+    logs into the same W&B run), else a new one, saved there by rank 0."""
+    from lightning.pytorch.utilities import rank_zero_only  # noqa: PLC0415
+
+    path = run_dir / "wandb_run_id"
+    if resuming and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if rank_zero_only.rank == 0:  # the logger lives on rank 0; the other ranks' ids are never used
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> list[Any]:
     from lightning.pytorch.loggers import TensorBoardLogger  # noqa: PLC0415
 
     from ldm.training.logs import resumable_csv_logger  # noqa: PLC0415
@@ -66,7 +81,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
 
         loggers.append(WandbLogger(project=wb.get("project", "ldm"), name=wb.get("name"), save_dir=str(run_dir),
                                    offline=wb.get("mode", "offline") == "offline", log_model=False,
-                                   entity=wb.get("entity"), tags=wb.get("tags")))
+                                   entity=wb.get("entity"), tags=wb.get("tags"),
+                                   id=wandb_run_id(run_dir, resuming), resume="allow"))
     return loggers
 
 
@@ -119,9 +135,11 @@ def build_strategy(name: Any, timeout_s: float) -> Any:
     return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"))
 
 
-def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None,
+                  resuming: bool = False) -> L.Trainer:
     """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named); ``callbacks`` are
-    added to the ones the config asks for (benchmarks, tests)."""
+    added to the ones the config asks for (benchmarks, tests); ``resuming``: the run continues from a checkpoint
+    (its W&B run continues too)."""
     run_dir = Path(run_dir)
     check_no_secrets(cfg)
     tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
@@ -144,7 +162,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     if tc.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg))
-    return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir),
+    return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming),
                      callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
 
 
