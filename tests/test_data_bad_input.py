@@ -152,3 +152,29 @@ def test_max_pixels_and_min_size_are_header_checks():
         decode_image(huge_header_png(3000), max_pixels=1000 * 1000, stats=stats)
     im = decode_image(png(Image.new("LA", (8, 8), (0, 0))), min_size=8, stats=stats)
     assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 255, 255) and stats.converted["alpha"] == 1
+
+
+def test_an_endless_reader_reports_an_epoch_only_when_its_counts_differ_from_the_epoch_before(caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="ldm.data.validate")
+    stats = SkipStats()
+
+    def epoch(n, kept=10, bad=0, alpha=0):
+        stats.kept += kept
+        stats.skipped.update({"broken": bad} if bad else {})
+        stats.converted.update({"alpha": alpha} if alpha else {})
+        caplog.clear()
+        stats.report_epoch(f"epoch {n}")
+        return [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+
+    assert epoch(0, bad=2) == [("WARNING", "epoch 0: kept 10, skipped {'broken': 2}, converted {}")]
+    assert epoch(1, bad=2) == []  # the same two bad samples again: at debug level only
+    assert "as the epoch before" in caplog.text
+    assert epoch(2, bad=3, alpha=1) == [("WARNING", "epoch 2: kept 30, skipped {'broken': 7}, converted {'alpha': 1}")]
+    assert epoch(3, bad=3, alpha=1) == []
+    clean = SkipStats()
+    caplog.clear()
+    clean.kept = 5
+    clean.report_epoch("clean")  # the first epoch is always reported
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.INFO] == ["INFO"]

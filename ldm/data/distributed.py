@@ -183,7 +183,7 @@ class EndlessBatches(EqualBatchesIterable):
             e, first = self.epoch + i, (self.start_batch if i == 0 else 0)
             worker = (self.start_batch + phys - i * n) % num_workers
             yield from self._epoch_batches(e, worker, num_workers, first)
-            self.stats.report(f"rank {self.rank} worker {phys} after epoch {e}")
+            self.stats.report_epoch(f"rank {self.rank} worker {phys} after epoch {e}")
 
 
 #: How errors name the arguments of :func:`resolve_source` / :func:`make_dataloader`; callers that build them from

@@ -61,6 +61,9 @@ class SkipStats:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
+    # (skipped, converted) at the last report_epoch, and what that epoch skipped and converted
+    _last: tuple | None = field(default=None, repr=False, compare=False)
+    _last_delta: tuple | None = field(default=None, repr=False, compare=False)
 
     def skip(self, reason: str, where: str = "") -> None:
         """Count one skip and log it at debug level (the summary is logged by :meth:`report`)."""
@@ -82,6 +85,22 @@ class SkipStats:
         level = logging.WARNING if self.skipped else logging.INFO
         log.log(level, "%s: kept %d, skipped %s, converted %s", name, self.kept,
                 dict(sorted(self.skipped.items())), dict(sorted(self.converted.items())))
+
+
+    def report_epoch(self, name: str) -> None:
+        """:meth:`report` after an epoch of an endless reader when the epoch skipped or converted other counts than
+        the epoch before (the first epoch always); at debug level otherwise, so that the same totals are not
+        repeated every epoch."""
+        now = (Counter(self.skipped), Counter(self.converted))
+        before = self._last or (Counter(), Counter())
+        delta = tuple(sorted((a - b).items()) for a, b in zip(now, before))  # this epoch's skips, conversions
+        self._last = now
+        if delta == self._last_delta:
+            log.debug("%s: kept %d, skipped %s, converted %s (as the epoch before)", name, self.kept,
+                      dict(self.skipped), dict(self.converted))
+            return
+        self._last_delta = delta
+        self.report(name)
 
 
 def check_member_name(name: str) -> None:
