@@ -26,7 +26,7 @@ SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "acce
 TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
                 "log_every_n_steps", "accumulate_grad_batches", "fast_dev_run", "enable_progress_bar", "deterministic",
                 "benchmark", "enable_model_summary", "detect_anomaly", "sync_batchnorm", "use_distributed_sampler",
-                "max_time"}
+                "max_time", "profiler"}
 # Lightning options that have no effect here, and what to use instead
 NOT_HERE = {
     "limit_train_batches": "the data is one endless, exactly resumable stream (each Lightning epoch would restart it): "
