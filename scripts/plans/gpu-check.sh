@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of a lent call (docs/BENCHMARKS.md): the GPU tests, `make demo`'s job at the configs' own 64 px sizes
 # on the card, and a U-Net stage with the training options added since the last GPU run (compile, gradient
-# accumulation, validation, checkpoint and resume). Results under OUT (default runs/gpu-check):
+# accumulation, validation, checkpoint and resume; its host time per hook from trainer.profiler=simple), then
+# sampling. Results under OUT (default runs/gpu-check):
 #   scripts/plans/gpu-check.sh [OUT] [DATA]       DATA: a built emoji dataset (prepare_data.py emoji --size 64)
 set -uo pipefail
 PY=${PYTHON:-python3}
@@ -25,11 +26,13 @@ u=(--config configs/emoji/unet.yaml --run-dir "$WORK/unet" data.train="$WORK/dem
    train.compile=true trainer.accumulate_grad_batches=2 train.val_every_n_steps=$N train.checkpoint.every_n_steps=$N trainer.accelerator=$ACCEL
    sample.every_n_steps=0 trainer.log_every_n_steps=50)
 part train && { t0=$(date +%s)
-$PY scripts/train.py "${u[@]}" trainer.max_steps=$((2 * N)) > "$WORK/unet1.log" 2>&1
+$PY scripts/train.py "${u[@]}" trainer.max_steps=$((2 * N)) trainer.profiler=simple > "$WORK/unet1.log" 2>&1
 echo "unet (compile, accumulation 2, validation) $((2 * N)) steps rc=$? in $(( $(date +%s) - t0 )) s" | tee "$OUT/train.txt"
 $PY scripts/train.py "${u[@]}" --resume auto trainer.max_steps=$((3 * N)) > "$WORK/unet2.log" 2>&1
 echo "resumed to $((3 * N)) steps rc=$?" | tee -a "$OUT/train.txt"
 grep -h -E 'val/|it/s|img/s|step|Error|error' "$WORK/unet1.log" "$WORK/unet2.log" | tail -25 >> "$OUT/train.txt"
+grep -m 12 -E 'run_training_(epoch|batch)|training_step|dataloader_next|optimizer_step|on_train_batch_end' "$WORK/unet1.log" \
+  | sed -E 's/ +/ /g' >> "$OUT/train.txt"  # Lightning's simple profiler: host time per hook
 find "$WORK/unet" -name '*.csv' | head -3 | while read -r f; do echo "== $f"; tail -4 "$f"; done >> "$OUT/train.txt"; }
 part sample || exit 0
 # sampling on the card with the demo's U-Net: txt2img compiled (reduce-overhead) and eager replayed from CUDA graphs,
