@@ -196,6 +196,25 @@ def test_truncation_warning_quotes_cut_text(caplog):
     assert "truncated" not in caplog.text
 
 
+def test_repeated_prompts_are_tokenized_once_and_a_new_embedding_name_is_seen(monkeypatch, caplog):
+    import ldm.conditioning.text_encoder as te
+
+    enc = _tiny("open_clip")
+    first = enc.tokenize(PROMPTS)
+    calls = []
+    real = te.OpenCLIPTextEncoder._encode_text
+    monkeypatch.setattr(te.OpenCLIPTextEncoder, "_encode_text", lambda self, t: calls.append(t) or real(self, t))
+    with caplog.at_level(logging.WARNING, logger="ldm.conditioning.text_encoder"):
+        again = enc.tokenize(PROMPTS + ["a new prompt"])
+    assert torch.equal(again[: len(PROMPTS)], first) and calls == ["a new prompt"]  # the others from the cache
+    assert "truncated" in caplog.text  # the cut text is still reported, cached or not
+    before = enc.tokenize(["a photo of mytoken"])
+    enc.add_embedding("mytoken", torch.zeros(2, TINY["width"]))
+    after = enc.tokenize(["a photo of mytoken"])  # the name now stands for the embedding's two ids
+    assert not torch.equal(before, after) and after[0, 4:6].tolist() == [49408, 49409]
+    assert torch.equal(enc.tokenize([]), torch.zeros(0, 77, dtype=torch.long))
+
+
 def test_frozen_state():
     enc = _tiny("open_clip")
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
