@@ -29,7 +29,7 @@ from ldm.conditioning.hf_clip import hf_to_open_clip, is_hf_text_key, open_clip_
 
 log = logging.getLogger(__name__)
 
-IDS_CACHE_SIZE = 1 << 16  # prompts whose BPE ids a text encoder keeps (about 30 MB of Python ints at 20 ids each)
+IDS_CACHE_SIZE = 1 << 16  # prompts whose BPE ids a text encoder keeps (~60 MB of Python objects at 20 ids each)
 
 
 class IdsCache:
