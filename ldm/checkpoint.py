@@ -152,13 +152,15 @@ def split_ignored(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place. The file
+    gets the permissions a plain ``open(path, "w")`` would give it (``mkstemp``'s are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # after write: a writer may replace the file (safetensors does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -171,6 +173,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path,

@@ -5,6 +5,7 @@
 # first checkpoint and resumes it (--resume auto), as a pre-empted cluster job would be. The U-Net exports a snapshot
 # every SNAPSHOT_MIN minutes (default: a tenth of its budget); the evaluation scores each one on the held-out prompts,
 # which gives the curve of the metric against GPU minutes (eval/curve.json), then the final model with every sampler.
+# The U-Net trains on latents and token states encoded once after the first two stages (LATENTS=0: on the images).
 set -euo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-runs/emoji}; AE=${2:-2}; CLIP=${3:-2}; UNET=${4:-5}; DEV=${DEVICES:-1}; DATA=${DATA:-data/emoji64}
@@ -18,10 +19,16 @@ $PY scripts/train.py --config configs/emoji/autoencoder.yaml --run-dir "$OUT/ae"
   trainer.max_time=$(hms "$AE")
 $PY scripts/train.py --config configs/emoji/clip.yaml --run-dir "$OUT/clip" "${common[@]}" \
   trainer.max_time=$(hms "$CLIP")
-unet=(--config configs/emoji/unet.yaml --run-dir "$OUT/unet" --resume auto "${common[@]}"
-      train.components.first_stage_model="$OUT/ae/model.safetensors"
-      train.components.cond_stage_model="$OUT/clip/model.safetensors" train.snapshot_every_min="$SNAP"
-      trainer.max_time=$(hms "$UNET"))
+components=(train.components.first_stage_model="$OUT/ae/model.safetensors"
+            train.components.cond_stage_model="$OUT/clip/model.safetensors")
+unet_data=()
+if [ "${LATENTS:-1}" = 1 ]; then
+  $PY scripts/cache_latents.py --config configs/emoji/unet.yaml --data "$DATA" --out "$OUT/latents" \
+    --split train,heldout --context --overwrite --batch-size 256 "${components[@]}"
+  unet_data=(data.train="$OUT/latents")
+fi
+unet=(--config configs/emoji/unet.yaml --run-dir "$OUT/unet" --resume auto "${common[@]}" "${unet_data[@]}"
+      "${components[@]}" train.snapshot_every_min="$SNAP" trainer.max_time=$(hms "$UNET"))
 if [ "${KILL_AND_RESUME:-0}" = 1 ]; then
   setsid $PY scripts/train.py "${unet[@]}" train.checkpoint.every_n_steps=500 > "$OUT/unet_killed.log" 2>&1 &
   pid=$!

@@ -55,6 +55,20 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_write_gives_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o027)
+    try:
+        path = save_safetensors({"x": torch.zeros(2)}, tmp_path / "m.safetensors")
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o640  # not mkstemp's 0o600
+
+
 def test_missing_and_bad_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         read_state_dict(tmp_path / "nope.ckpt")

@@ -10,22 +10,29 @@ autoencoder's ``encode_latents``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import random
+import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ldm.data.shards import decode_stream, existing_manifest
+from ldm.checkpoint import atomic_write
+from ldm.data.shards import decode_stream, existing_manifest, has_manifest, read_manifest
 from ldm.data.tario import ShardWriter, expand_shards, iter_raw_samples, shard_pattern
 from ldm.data.validate import Skip, SkipStats, decode_caption, decode_npy
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # how often a long encoding logs its count
 
 
 def _npy(x: torch.Tensor, dtype: np.dtype) -> bytes:
@@ -46,47 +53,129 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
     may differ in shape with aspect-ratio buckets; the training loader batches a cache by shape).
 
     ``text_fn(captions) → (B, L, D)`` adds ``context.npy``. ``dtype`` is the storage dtype ("float16"/"float32").
-    ``extra`` (e.g. the autoencoder's scale/shift and hash) is stored in the manifest.
+    ``extra`` (e.g. the autoencoder's scale/shift and the encoders' :func:`fingerprint`) is stored in the manifest.
 
     Writing a split into a directory that already holds a cache adds it to that manifest (the other splits are
     kept; ``latent_shapes`` sums over the splits); the existing cache must have the same ``kind``, ``dtype``,
     ``extra`` and ``context_shape``, else ValueError names the differing field (checked before encoding, where
-    known then). The split's shards from an earlier run are replaced.
+    known then). The split's shards are written aside (``out_dir/.{split}-new``) and replace an earlier run's only
+    when every batch is encoded, the manifest last: an interrupted run leaves the previous cache as it was.
     """
     out = Path(out_dir)
     if not split or "/" in split or "\\" in split:
         raise ValueError(f"split: expected a plain name (it prefixes the shard files), got {split!r}")
-    np_dtype = np.dtype(dtype)
     head = {"format": "ldm-shards/1", "kind": "latents", "dtype": dtype, "extra": extra or {}}
     _merge_manifest(out, {**head, "splits": {split: {}}}, split, check_only=True)
-    out.mkdir(parents=True, exist_ok=True)
-    context_shape = None
-    shapes: dict[str, int] = {}  # "4x64x48" → samples (several with aspect-ratio buckets)
-    with ShardWriter(shard_pattern(out, split), max_count=max_count, max_size=max_size) as writer:
-        for batch in loader:
-            images = batch["image"] if device is None else batch["image"].to(device)
-            z = encode_fn(images)  # (B, C, h, w)
-            c = text_fn(list(batch["caption"])) if text_fn is not None else None  # (B, L, D)
-            name = "x".join(map(str, z.shape[1:]))
-            shapes[name] = shapes.get(name, 0) + z.shape[0]
-            context_shape = list(c.shape[1:]) if c is not None else None
-            for i, key in enumerate(batch["key"]):
-                sample = {"__key__": key, "latent.npy": _npy(z[i], np_dtype), "txt": batch["caption"][i]}
-                if c is not None:
-                    sample["context.npy"] = _npy(c[i], np_dtype)
-                writer.write(sample)
-    if not writer.shards:
-        raise ValueError(f"latent cache {out} split {split!r}: the loader yielded no batches, nothing to cache")
-    names = [Path(s).name for s in writer.shards]
-    for stale in out.glob(f"{split}-*.tar"):  # an earlier run's extra shards of this split
-        if stale.name not in names:
-            stale.unlink()
+    aside = out / f".{split}-new"
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        with ShardWriter(shard_pattern(aside, split), max_count=max_count, max_size=max_size) as writer:
+            shapes, context_shape = _encode_into(writer, loader, encode_fn, text_fn, np.dtype(dtype), device)
+        if not writer.shards:
+            raise ValueError(f"latent cache {out} split {split!r}: the loader yielded no batches, nothing to cache")
+        names = _move_split(aside, out, split)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
     entry = {"shards": names, "count": sum(writer.counts), "latent_shapes": shapes}
     manifest = _merge_manifest(out, {**head, "latent_shape": _single(shapes), "latent_shapes": shapes,
                                      "context_shape": context_shape, "splits": {split: entry}}, split)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    log.info("latent cache %s: %d samples in %d shards", out, sum(writer.counts), len(writer.shards))
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    log.info("latent cache %s: %d samples of split %s in %d shards", out, entry["count"], split, len(names))
     return manifest
+
+
+def _encode_into(writer: ShardWriter, loader: Iterable[dict], encode_fn: Callable, text_fn: Callable | None,
+                 np_dtype: np.dtype, device: torch.device | str | None) -> tuple[dict[str, int], list[int] | None]:
+    """Encode the loader's batches into ``writer``: (samples per latent shape "CxHxW", the context's (L, D))."""
+    shapes: dict[str, int] = {}
+    context_shape = None
+    next_report = time.monotonic() + PROGRESS_EVERY_S
+    for batch in loader:
+        if time.monotonic() >= next_report:
+            log.info("latent cache: %d samples encoded", sum(shapes.values()))
+            next_report += PROGRESS_EVERY_S
+        images = batch["image"] if device is None else batch["image"].to(device)
+        z = encode_fn(images)  # (B, C, h, w)
+        c = text_fn(list(batch["caption"])) if text_fn is not None else None  # (B, L, D)
+        name = "x".join(map(str, z.shape[1:]))
+        shapes[name] = shapes.get(name, 0) + z.shape[0]
+        context_shape = list(c.shape[1:]) if c is not None else None
+        for i, key in enumerate(batch["key"]):
+            sample = {"__key__": key, "latent.npy": _npy(z[i], np_dtype), "txt": batch["caption"][i]}
+            if c is not None:
+                sample["context.npy"] = _npy(c[i], np_dtype)
+            writer.write(sample)
+    return shapes, context_shape
+
+
+def _move_split(aside: Path, out: Path, split: str) -> list[str]:
+    """Replace ``out``'s shards of ``split`` by those written in ``aside``; their file names."""
+    for old in out.glob(f"{split}-*.tar"):
+        old.unlink()
+    names = []
+    for shard in sorted(aside.glob(f"{split}-*.tar")):
+        shard.replace(out / shard.name)
+        names.append(shard.name)
+    return names
+
+
+def fingerprint(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
+    """A short hash of ``module``'s parameters (names, shapes and values rounded to float16, so a float16 file
+    loaded in float32 for training and in float16 for caching agrees), leaving out names starting with ``skip``."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        if name.startswith(skip):
+            continue
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+        h.update(p.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# What decides a cached latent: the autoencoder's encoder half (its decoder may be fine-tuned after caching)
+DECODER_PARTS = ("decoder.", "post_quant_conv.")
+
+
+def encoder_fingerprints(model: Any, context: bool) -> dict[str, str]:
+    """Fingerprints of what a latent cache depends on: the autoencoder's encoder and, when the text encoder's token
+    states are cached too (``context``), the text encoder. ``model``: a :class:`ldm.model.LatentDiffusion`."""
+    out = {"first_stage_model": fingerprint(model.first_stage_model, DECODER_PARTS)}
+    if context:
+        out["cond_stage_model"] = fingerprint(model.cond_stage_model)
+    return out
+
+
+def check_cache_encoders(path: str | os.PathLike, model: Any, key: str = "data.train") -> None:
+    """Raise ValueError when the latent cache at ``path`` was encoded by another autoencoder (or, with cached
+    token states, another text encoder) than ``model``'s, naming the file, the component and ``key``. A cache
+    written before fingerprints were recorded is trusted, with a log line saying it could not be checked."""
+    man_path = Path(path) / "manifest.json"
+    recorded = (read_manifest(path).get("extra") or {}).get("encoders")
+    if not recorded:
+        log.info("%s: latent cache %s records no encoder fingerprints; not checked against this model", key, path)
+        return
+    ours = encoder_fingerprints(model, "cond_stage_model" in recorded)
+    for name, theirs in recorded.items():
+        if ours[name] != theirs:
+            raise ValueError(f"{key}: the latent cache {man_path} was encoded by a {name} with fingerprint {theirs}, "
+                             f"this model's is {ours[name]}: re-encode it (scripts/cache_latents.py, --overwrite) "
+                             f"with this run's {name}")
+    log.info("%s: latent cache %s matches this model's %s", key, path, " and ".join(recorded))
+
+
+def is_up_to_date(out_dir: str | os.PathLike, split: str, extra: dict) -> bool:
+    """Whether ``out_dir`` already holds ``split`` encoded with the same ``extra`` (encoders, source, size) and
+    every shard its manifest lists."""
+    out = Path(out_dir)
+    if not has_manifest(out):
+        return False
+    try:
+        man = read_manifest(out)
+    except (OSError, ValueError):
+        return False
+    entry = (man.get("splits") or {}).get(split)
+    return bool(man.get("kind") == "latents" and man.get("extra") == extra and entry and entry.get("count")
+                and all((out / name).is_file() for name in entry.get("shards", [])))
 
 
 def _single(shapes: dict[str, int]) -> list[int] | None:

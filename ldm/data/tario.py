@@ -127,7 +127,10 @@ def iter_raw_samples(url: str, stats: SkipStats, allow_pipe: bool = False) -> It
 
 class ShardWriter:
     """Write samples ``{"__key__": str, ext: bytes|str}`` into ``pattern % index`` tars, rolling over at
-    ``max_count`` samples or ``max_size`` bytes. Members get mtime 0 and sorted extensions (reproducible)."""
+    ``max_count`` samples or ``max_size`` bytes. Members get mtime 0 and sorted extensions (reproducible).
+
+    Each shard is written as ``<name>.partial`` and renamed when finished, so a reader (or a later run) never sees a
+    half-written shard: leaving the ``with`` block through an exception deletes the unfinished one."""
 
     def __init__(self, pattern: str, max_count: int = 10000, max_size: int = 1 << 30, start: int = 0):
         if "%" not in pattern:
@@ -142,7 +145,7 @@ class ShardWriter:
         path = self.pattern % self.index
         self.index += 1
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(partial_path(path), "w", format=tarfile.USTAR_FORMAT)
         self.shards.append(path)
         self.counts.append(0)
         self._count = self._size = 0
@@ -165,16 +168,34 @@ class ShardWriter:
         self.counts[-1] += 1
 
     def close(self) -> None:
-        """Finish the current shard."""
+        """Finish the current shard: its ``.partial`` file becomes ``pattern % index``."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            os.replace(partial_path(self.shards[-1]), self.shards[-1])
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (its ``.partial`` file); the finished ones stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+            Path(partial_path(self.shards[-1])).unlink(missing_ok=True)
+            self.shards.pop()
+            self.counts.pop()
 
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+def partial_path(path: str) -> str:
+    """Where :class:`ShardWriter` writes the shard ``path`` until it is finished."""
+    return f"{path}.partial"
 
 
 def shard_pattern(out_dir: str | os.PathLike, prefix: str) -> str:

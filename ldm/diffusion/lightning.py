@@ -41,6 +41,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
         self.net.config = config
         load_components(self.net, t.get("components") or {})
+        check_latent_caches(config, self.net)
         check_buckets(config, "diffusion", self.net.first_stage_model.downsample_factor)
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
@@ -248,6 +249,19 @@ def compile_unet(unet: torch.nn.Module, t: DictConfig, shapes: int = 0) -> None:
     unet.forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
     log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
              backend, t.get("compile_mode"))
+
+
+def check_latent_caches(config: DictConfig, net: torch.nn.Module) -> None:
+    """``data.train`` and ``data.val`` that are latent caches were encoded by ``net``'s autoencoder (and text
+    encoder, when they hold token states): :func:`ldm.data.latent_cache.check_cache_encoders`."""
+    from ldm.data.latent_cache import check_cache_encoders  # noqa: PLC0415
+    from ldm.data.shards import has_manifest, read_manifest  # noqa: PLC0415
+
+    d = config.get("data") or {}
+    for key in ("train", "val"):
+        spec = d.get(key)
+        if isinstance(spec, str) and has_manifest(spec) and read_manifest(spec).get("kind") == "latents":
+            check_cache_encoders(spec, net, f"data.{key}")
 
 
 def load_components(net: torch.nn.Module, components: Any) -> None:
