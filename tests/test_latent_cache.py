@@ -88,7 +88,8 @@ def stage_exports(tmp_path_factory) -> dict[str, Path]:
 def _cache(files, out: Path, ae: Path, *extra: str) -> int:
     return cache_main(["--config", TINY, "--data", str(files["data"]), "--out", str(out), "--split", "train,heldout",
                        "--context", "--batch-size", "64", "--device", "cpu", *extra,
-                       f"train.components.first_stage_model={ae}", f"train.components.cond_stage_model={files['text']}"])
+                       f"train.components.first_stage_model={ae}",
+                       f"train.components.cond_stage_model={files['text']}"])
 
 
 def test_cache_from_the_config_and_stage_exports(stage_exports, tmp_path, caplog):
@@ -119,6 +120,15 @@ def test_config_without_an_autoencoder_export_is_refused(stage_exports, tmp_path
     err = capsys.readouterr().err
     assert e.value.code == 2 and "train.components.first_stage_model=PATH" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_image_dataset_as_out_is_refused(stage_exports, capsys):
+    data = stage_exports["data"]
+    before = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        _cache(stage_exports, data, stage_exports["ae"], "--overwrite")
+    assert e.value.code == 2 and "holds a dataset of kind 'images', not a latent cache" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == before
 
 
 def test_training_refuses_a_cache_of_another_autoencoder(stage_exports, tmp_path):

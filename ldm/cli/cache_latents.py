@@ -104,6 +104,9 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--out: {a.out} exists and is not a folder")
     check_data(p, a)
     try:
+        kind = out_kind(Path(a.out))
+        if kind not in (None, "latents"):
+            raise ValueError(f"--out {a.out}: holds a dataset of kind {kind!r}, not a latent cache; use another folder")
         a.device = check_device(a.device)
         a.cfg = check_config(a)
         if a.model is not None:
@@ -134,6 +137,19 @@ def check_data(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--data: {e}")
         if missing:
             p.error(f"--data: {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def out_kind(out: Path) -> str | None:
+    """The ``kind`` of the dataset whose manifest is in ``out`` (None when there is none); an unreadable manifest
+    is a ValueError naming it."""
+    from ldm.data.shards import has_manifest, read_manifest  # noqa: PLC0415
+
+    if not has_manifest(out):
+        return None
+    try:
+        return str(read_manifest(out).get("kind"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out {out}: unreadable manifest.json ({e}); move it away or use another folder") from None
 
 
 def check_config(a: argparse.Namespace) -> Any:
@@ -214,8 +230,6 @@ def prepare_out(out: Path, extra: dict, overwrite: bool) -> None:
     if not has_manifest(out):
         return
     man = read_manifest(out)
-    if man.get("kind") != "latents":
-        raise ValueError(f"--out {out}: holds a {man.get('kind')!r} dataset, not a latent cache; use another folder")
     if man.get("extra") == extra:
         return
     changed = sorted(k for k in set(extra) | set(man.get("extra") or {}) if extra.get(k) != man["extra"].get(k))
