@@ -141,3 +141,15 @@ def test_training_refuses_a_cache_of_another_autoencoder(stage_exports, tmp_path
     trainer = run([*common, "--run-dir", str(tmp_path / "same"), f"train.components.first_stage_model={files['ae']}",
                    "data.val_split=heldout", "train.val_every_n_steps=1", "train.val_batches=1"])
     assert trainer.global_step == 1
+
+
+def test_a_cache_without_recorded_encoders_is_replaced_only_with_overwrite(stage_exports, tmp_path, caplog):
+    out = tmp_path / "old"
+    write_latent_cache(_batches(1), lambda x: x[:, :, ::2, ::2], out, split="train")
+    man = json.loads((out / "manifest.json").read_text())
+    del man["extra"]  # as an older writer or a hand-made manifest may leave it
+    (out / "manifest.json").write_text(json.dumps(man))
+    assert _cache(stage_exports, out, stage_exports["ae"]) == 2
+    assert "differs in" in caplog.text and "encoders" in caplog.text and "--overwrite" in caplog.text
+    assert _cache(stage_exports, out, stage_exports["ae"], "--overwrite") == 0
+    assert "encoders" in json.loads((out / "manifest.json").read_text())["extra"]

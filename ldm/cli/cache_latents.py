@@ -230,9 +230,10 @@ def prepare_out(out: Path, extra: dict, overwrite: bool) -> None:
     if not has_manifest(out):
         return
     man = read_manifest(out)
-    if man.get("extra") == extra:
+    old = man.get("extra") or {}
+    if old == extra:
         return
-    changed = sorted(k for k in set(extra) | set(man.get("extra") or {}) if extra.get(k) != man["extra"].get(k))
+    changed = sorted(k for k in set(extra) | set(old) if extra.get(k) != old.get(k))
     if not overwrite:
         raise ValueError(f"--out {out}: holds a latent cache of other encoders or data (differs in {', '.join(changed)}"
                          "); pass --overwrite to replace it, or use another folder")
