@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, existing_manifest
-from ldm.data.tario import ShardWriter, shard_pattern
+from ldm.data.tario import ShardWriter, move_split_shards, shard_pattern
 from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, RESIZE_POLICIES, ImageTransform, fit
 from ldm.data.validate import SkipStats
 
@@ -144,12 +144,9 @@ def main(argv: list[str] | None = None) -> int:
               f" {len(source.entries)} images listed; see --min-size, --caption-policy): nothing written",
               file=sys.stderr)
         return 1
-    for old in out.glob(f"{args.split}-*.tar"):  # a previous run's shards would be picked up by directory readers
-        old.unlink()
-    for shard in w.shards:
-        Path(shard).replace(out / Path(shard).name)
+    names = move_split_shards(tmp, out, args.split)
     shutil.rmtree(tmp)
-    entry = {"shards": [Path(p).name for p in w.shards], "count": sum(w.counts), "source": head["source"],
+    entry = {"shards": names, "count": sum(w.counts), "source": head["source"],
              "stats": stats.as_dict()}
     manifest = merge_manifest(out, {**head, "stats": stats.as_dict(), "splits": {args.split: entry}}, args.split)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

@@ -27,7 +27,7 @@ import torch
 
 from ldm.checkpoint import atomic_write
 from ldm.data.shards import decode_stream, existing_manifest, has_manifest, read_manifest
-from ldm.data.tario import ShardWriter, expand_shards, iter_raw_samples, shard_pattern
+from ldm.data.tario import ShardWriter, expand_shards, iter_raw_samples, move_split_shards, shard_pattern
 from ldm.data.validate import Skip, SkipStats, decode_caption, decode_npy
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def write_latent_cache(loader: Iterable[dict], encode_fn: Callable[[torch.Tensor
             shapes, context_shape = _encode_into(writer, loader, encode_fn, text_fn, np.dtype(dtype), device)
         if not writer.shards:
             raise ValueError(f"latent cache {out} split {split!r}: the loader yielded no batches, nothing to cache")
-        names = _move_split(aside, out, split)
+        names = move_split_shards(aside, out, split)
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     entry = {"shards": names, "count": sum(writer.counts), "latent_shapes": shapes}
@@ -107,17 +107,6 @@ def _encode_into(writer: ShardWriter, loader: Iterable[dict], encode_fn: Callabl
                 sample["context.npy"] = _npy(c[i], np_dtype)
             writer.write(sample)
     return shapes, context_shape
-
-
-def _move_split(aside: Path, out: Path, split: str) -> list[str]:
-    """Replace ``out``'s shards of ``split`` by those written in ``aside``; their file names."""
-    for old in out.glob(f"{split}-*.tar"):
-        old.unlink()
-    names = []
-    for shard in sorted(aside.glob(f"{split}-*.tar")):
-        shard.replace(out / shard.name)
-        names.append(shard.name)
-    return names
 
 
 def fingerprint(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:

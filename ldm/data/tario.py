@@ -201,3 +201,16 @@ def partial_path(path: str) -> str:
 def shard_pattern(out_dir: str | os.PathLike, prefix: str) -> str:
     """``out_dir/prefix-%06d.tar``."""
     return os.path.join(os.fspath(out_dir), f"{prefix}-%06d.tar")
+
+
+def move_split_shards(aside: str | os.PathLike, out: str | os.PathLike, split: str) -> list[str]:
+    """Replace ``out``'s shards of ``split`` (``split-*.tar``, which directory readers would pick up) by those
+    written in ``aside``; their file names, in order."""
+    aside, out = Path(aside), Path(out)
+    for old in out.glob(f"{split}-*.tar"):
+        old.unlink()
+    names = []
+    for shard in sorted(aside.glob(f"{split}-*.tar")):
+        shard.replace(out / shard.name)
+        names.append(shard.name)
+    return names
