@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -128,16 +128,24 @@ EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of trainin
 NOT_EMPTY_WARNING = r"Checkpoint directory .* exists and is not empty"
 
 
+# Lightning's warning at every checkpoint under manual optimization that the state is saved after the optimizer step
+MANUAL_OPTIMIZATION_WARNING = "Using ModelCheckpoint with manual optimization"
+
+
 @contextmanager
-def expected_warnings_quiet(resuming: bool) -> Iterator[None]:
+def warnings_ignored(*patterns: str) -> Iterator[None]:
+    """Warnings whose message matches any of ``patterns`` (regular expressions) are dropped inside the block."""
+    with warnings.catch_warnings():
+        for pattern in patterns:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
+def expected_warnings_quiet(resuming: bool) -> ContextManager[None]:
     """Around ``trainer.fit``: without Lightning's count of modules in eval mode, which :class:`EvalModeReport` replaces
     with one that tells frozen components from trainable ones, and, when ``resuming``, without its warning that the
     checkpoint folder is not empty (a new run into a folder of checkpoints is still warned about)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
-        if resuming:
-            warnings.filterwarnings("ignore", message=NOT_EMPTY_WARNING)
-        yield
+    return warnings_ignored(EVAL_MODE_WARNING, *([NOT_EMPTY_WARNING] if resuming else []))
 
 
 class EvalModeReport(L.Callback):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.registry import ConfigError
 from ldm.training.optim import accumulate_batches
-from ldm.training.callbacks import EvalModeReport, ExportOnEnd, SampleGrid, Snapshots
+from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport, ExportOnEnd, SampleGrid, Snapshots,
+                                    warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
 from ldm.training.validation import build_validation
@@ -92,8 +92,7 @@ class StepCheckpoint(ModelCheckpoint):
     the step), so the warning would only teach users to ignore warnings."""
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        with warnings_ignored(MANUAL_OPTIMIZATION_WARNING):
             super().on_train_batch_end(*args, **kwargs)
 
 
