@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker its share of the cores: with every worker running torch's full thread pool,
+    ``-n 2`` on 2 cores ran 5x slower (OpenMP threads spinning against each other: tests/test_trainer_build.py and
+    tests/test_sampler_matrix.py took 399 s against 74 s with one thread each). OMP_NUM_THREADS set by the user wins;
+    subprocesses that tests start inherit the setting."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="module")
