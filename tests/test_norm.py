@@ -213,7 +213,7 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
         ldm.norm.NHWC_INFERENCE = True
 
 
-# The default method (ldm.norm.NHWC_STATS, "partial") in the default suite; the other two in make test-slow (~60 s each).
+# The default method (ldm.norm.NHWC_STATS, "partial") here; the other two in make test-slow (~60 s each).
 @pytest.mark.parametrize("stats", [pytest.param("welford", marks=pytest.mark.slow),
                                    pytest.param("shifted", marks=pytest.mark.slow), "partial"])
 def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
