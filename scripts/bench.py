@@ -481,10 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    describe_run("scripts/bench.py", argv, a.label)
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> set[str]:
+    """The checks that need no model or GPU (p.error names the argument); returns the --only items. Sets a.unet_calls
+    to a tuple."""
     only = set(a.only.split(","))
     unknown = only - {"ceiling", "attention", "attention_train", "unet", "vae", "pipeline", "train", "profile",
                       "unet_profile", "layers"}
@@ -498,6 +497,14 @@ def main(argv=None) -> int:
         p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
         parse_shapes(shapes or "")  # checked before minutes of model building
+    return only
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    describe_run("scripts/bench.py", argv, a.label)
+    only = check_args(p, a)
     if a.train_attn is not None:
         from ldm.attention import check_backend
 

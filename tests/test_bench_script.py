@@ -533,3 +533,29 @@ def test_a_plan_runs_within_its_budget_cuts_a_run_at_its_limit_and_says_what_it_
     skipped = bench_plan.run_plan(runs, tmp_path / "late", total_s=10, min_s=30, script=script)  # too little budget
     assert [d["status"] for d in skipped] == ["skipped", "skipped"]
     assert "quick: skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "scripts" / "plans").glob("*.txt")), ids=lambda p: p.name)
+def test_every_plan_line_is_a_valid_bench_command(plan):
+    """A plan runs on a lent GPU whose minutes are counted: a misspelt argument there costs a call, so each line's
+    arguments go through bench.py's parser and its model-free checks here, and the limits fit one 10-minute call."""
+    import bench
+    from bench_plan import read_plan
+
+    lines = read_plan(plan)
+    assert lines, f"{plan.name}: no plan lines"
+    assert sum(limit for _, limit, _ in lines) <= 600, f"{plan.name}: limits over one 600 s call"
+    for label, _, args in lines:
+        p = bench.build_parser()
+        try:
+            bench.check_args(p, p.parse_args(args))
+        except SystemExit as e:
+            raise AssertionError(f"{plan.name}, line {label!r}: bench.py refuses {args}") from e
+
+
+def test_the_plan_check_catches_a_misspelt_item():
+    import bench
+
+    p = bench.build_parser()
+    with pytest.raises(SystemExit):
+        bench.check_args(p, p.parse_args(["--only", "unet_profiel"]))
