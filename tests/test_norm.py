@@ -213,9 +213,9 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
         ldm.norm.NHWC_INFERENCE = True
 
 
-# The default method (ldm.norm.NHWC_STATS, "partial") here; the other two in make test-slow (~60 s each).
-@pytest.mark.parametrize("stats", [pytest.param("welford", marks=pytest.mark.slow),
-                                   pytest.param("shifted", marks=pytest.mark.slow), "partial"])
+# The default method (ldm.norm.NHWC_STATS) here; the others in make test-slow (~60 s each on 2 cores).
+@pytest.mark.parametrize("stats", [s if s == norm_module.NHWC_STATS else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in norm_module.STATS_METHODS])
 def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
     import ldm.norm
 
