@@ -54,3 +54,17 @@ def test_validation_needs_data(tmp_path):
 def test_bad_validation_settings_are_named():
     with pytest.raises(ValueError, match="val_every_n_steps and train.val_batches must be positive"):
         Validation(0)
+
+
+def test_a_resumed_run_does_not_validate_its_first_step_again(tmp_path, caplog):
+    """With accumulation, the resumed run's first batch ends at the checkpoint's step: validated before the save, it
+    is not validated again (the step is in the checkpoint's callback state)."""
+    common = ["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "trainer.accumulate_grad_batches=2",
+              "train.val_every_n_steps=2", "train.checkpoint.every_n_steps=2", *VAL]
+    run(common + ["trainer.max_steps=2"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ldm.training.validation"):
+        run(common + ["trainer.max_steps=4", "--resume", "auto"])
+    steps = [r.getMessage().split(":")[0] for r in caplog.records if "validation on" in r.getMessage()]
+    assert steps == ["step 4"]
+    assert sorted(logged(tmp_path, "val/loss")) == [2, 4]

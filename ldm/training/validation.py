@@ -38,6 +38,14 @@ class Validation(L.Callback):
             return
         self.validate(trainer, module, step)
 
+    def state_dict(self) -> dict[str, int]:
+        """The step last validated, saved in checkpoints: a run resumed at a step that was already validated does not
+        validate (and log) it again when its first batch ends."""
+        return {"last": self._last}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last = int(state_dict.get("last", -1))
+
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         if trainer.global_step != self._last:
             self.validate(trainer, module, trainer.global_step)
