@@ -17,7 +17,12 @@ layout when the input is a buffer not yet written (a concatenation), and inducto
 channels_last strides with inductor's stride-order prim (:func:`force_channels_last`): a no-op when the input
 already has them, the layout of the write when it has none yet, a copy only if another consumer fixed NCHW first.
 Training graphs keep
-``native_group_norm``, whose backward kernel is faster than the elementwise ops' (fifth 11-29 session).
+``native_group_norm`` by default (:data:`NHWC_TRAINING`): its backward kernel was faster than a ``var_mean`` GroupNorm's
+(fifth 11-29 session). On CUDA, though, inductor's fused kernels of its backward write the input's gradient NCHW
+(third 11-29 session, from the output code), and ``convolution_backward`` converts it for cuDNN: 54 copies, 16.9 ms
+of a 456 ms SD-1.5 step at 512 px on an H100 (2026-12-05, fifth session). Differentiating :func:`group_norm_nhwc`
+instead derives every gradient on the NHWC view, with no ``native_group_norm_backward`` left to lower (an A/B not yet
+run on a GPU: ``scripts/bench.py --candidate gn-nhwc-train``).
 
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
 add a copy. The numbers are the same either way (only strides differ); parameters and state-dict keys are those of
@@ -39,6 +44,9 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # Compiled inference graphs normalize a channels_last input with :func:`group_norm_nhwc` (False: native_group_norm,
 # as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
 NHWC_INFERENCE = True
+# Compiled training graphs (grad enabled) normalize a channels_last input with :func:`group_norm_nhwc` too, so that
+# the backward's gradients keep channels_last strides (False, the default: native_group_norm; the module docstring).
+NHWC_TRAINING = False
 # How group_norm_nhwc computes μ and σ²: "partial" (the default), "shifted" or "welford".
 # - "shifted": sums of x - K and (x - K)² in one loop, K one value of the group hoisted out of it, so no cancellation
 #   unless the group's spread is far below its distance from K. Inductor gives each (sample, group) one reduction
@@ -108,7 +116,7 @@ def force_channels_last(x: torch.Tensor) -> torch.Tensor:
     requirement on x's buffer (``ExternKernel.require_stride_order``), so a buffer not yet written is written NHWC
     rather than copied. Eager, ``contiguous`` does the same (a copy only if x lacks those strides); compiled, it would
     be dropped, as the traced strides of an unwritten concatenation are channels_last already."""
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() or x.requires_grad:  # the prim has no autograd formula
         return x.contiguous(memory_format=torch.channels_last)
     from torch._inductor import inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
 
@@ -149,6 +157,6 @@ class GroupNorm(nn.GroupNorm):
         """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""
         if not (torch.compiler.is_compiling() and is_channels_last(x)):
             return super().forward(x)
-        if NHWC_INFERENCE and not torch.is_grad_enabled():
+        if NHWC_TRAINING if torch.is_grad_enabled() else NHWC_INFERENCE:
             return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.stats)
         return super().forward(x).contiguous(memory_format=torch.channels_last)

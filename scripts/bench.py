@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_candidates import (  # noqa: E402
     CANDIDATES,
-    CANDIDATES_ON,
     INDUCTOR_SET,
     OURS_OPTIONS,
     OURS_SET,
     apply_candidate,
+    candidate_suffixes,
     set_inductor_option,
     set_ours_option,
 )
@@ -266,7 +266,8 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        tag = ("compiled" if compiled else "eager") + ("_cl" if channels_last else "") + variant_suffix(net, name)
+        layout = "_cl" if channels_last else ""
+        tag = ("compiled" if compiled else "eager") + layout + variant_suffix(net, name, compiled)
         if compiled:
             t0 = time.time()
             step()
@@ -288,21 +289,24 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def variant_suffix(net: torch.nn.Module, name: str) -> str:
+def variant_suffix(net: torch.nn.Module, name: str, compiled: bool = False) -> str:
     """What a training row ran with beyond layout and compile: our attention backend (ours only), then
-    :func:`settings_suffix`."""
+    :func:`settings_suffix` (``compiled``: with the training candidates)."""
     parts = [f"_{net.attn_backend}"] if name == "ldm" and net.attn_backend != "sdpa" else []
-    return "".join(parts) + settings_suffix(name)
+    return "".join(parts) + settings_suffix(name, compiled_training=compiled)
 
 
-def settings_suffix(name: str = "ldm", compiled_inference: bool = False) -> str:
+def settings_suffix(name: str = "ldm", compiled_inference: bool = False, compiled_training: bool = False) -> str:
     """The run's settings, as a variant suffix: cudnn.benchmark, ``--inductor`` settings (process-wide), then on our
-    compiled inference rows only ``--ours-inductor`` settings and ``--candidate`` patches."""
+    compiled inference rows only ``--ours-inductor`` settings and the inference ``--candidate`` patches, on our
+    compiled training rows the training candidates."""
     parts = ["_cudnnbench"] if torch.backends.cudnn.benchmark else []
     parts += [f"_{k}={v}" for k, v in INDUCTOR_SET.items()]
     if name == "ldm" and compiled_inference:
         parts += [f"_ours-{k}={v}" for k, v in OURS_SET.items()]
-        parts += [CANDIDATES[c][0] for c in CANDIDATES_ON]
+        parts += candidate_suffixes("inference")
+    if name == "ldm" and compiled_training:
+        parts += candidate_suffixes("training")
     return "".join(parts)
 
 
@@ -442,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an inductor setting for our compiled inference graphs alone (diffusers runs without it, "
                         "in the same process), e.g. combo_kernels=True; repeatable")
     p.add_argument("--candidate", action="append", default=[], choices=sorted(CANDIDATES),
-                   help="a change under test for our compiled inference graphs (scripts/bench_candidates.py); "
+                   help="a change under test for our compiled inference graphs, or training graphs "
+                        "(gn-nhwc-train; scripts/bench_candidates.py); "
                         "repeatable")
     p.add_argument("--attn-train-batches", default="64", type=parse_ints,
                    help="batches of the attention_train rows, e.g. 32,64")

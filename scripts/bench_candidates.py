@@ -218,10 +218,11 @@ def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[]
     return patch
 
 
-# name -> (row-variant suffix, patch returning its undo). All act on our compiled inference graphs alone, so only the
-# rows of those graphs carry the suffix. Measured and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from
-# var_mean for training graphs, fifth 11-29 session), gn-chunked (partial sums over 64 runs of rows, channel by
-# channel, then per group: 1.047x against diffusers where the default of then gave 1.079x, 12-04). gn-native: our
+# name -> (row-variant suffix, patch returning its undo). Each acts on our compiled inference graphs alone (those of
+# TRAINING_CANDIDATES on our compiled training graphs), so only the rows of those graphs carry the suffix. Measured
+# and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from var_mean for training graphs, fifth 11-29
+# session), gn-chunked (partial sums over 64 runs of rows, channel by channel, then per group: 1.047x against
+# diffusers where the default of then gave 1.079x, 12-04). gn-native: our
 # inference graphs normalize with native_group_norm (as training graphs and diffusers do) instead of
 # ldm.norm.group_norm_nhwc. group_norm_nhwc's statistics (ldm.norm.NHWC_STATS; the default sums four parts of the
 # rows per group): gn-welford, Welford's loop; gn-shifted, the shifted sums in one reduction per group (the default
@@ -238,4 +239,15 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "gn-partial8": ("_gnpartial8", _module_setting("ldm.norm", NHWC_STATS="partial", STATS_PARTS=8)),
     "vae-shifted": ("_vaeshifted", _module_setting("ldm.autoencoder.model", NORM_STATS="shifted")),
     "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
+    "gn-nhwc-train": ("_gnnhwctrain", _module_setting("ldm.norm", NHWC_TRAINING=True)),
 }
+# Candidates that act on our compiled training graphs (the others act on the compiled inference graphs): gn-nhwc-train,
+# our training graphs normalize with ldm.norm.group_norm_nhwc, so that no gradient comes out of the norms' backward in
+# NCHW (the 54 copies in convolution_backward of the H100's 512 px step, docs/BENCHMARKS.md, 12-05 fifth session).
+TRAINING_CANDIDATES = frozenset({"gn-nhwc-train"})
+
+
+def candidate_suffixes(graphs: str) -> list[str]:
+    """The row-variant suffixes of the candidates on in this run that act on ``graphs``: "inference" or "training"
+    (our compiled graphs of that kind)."""
+    return [CANDIDATES[c][0] for c in CANDIDATES_ON if (c in TRAINING_CANDIDATES) == (graphs == "training")]

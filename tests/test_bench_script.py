@@ -186,17 +186,21 @@ def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
     import bench_candidates as cand
     import torch._inductor.config as inductor_config
 
-    was, undo = inductor_config.coordinate_descent_tuning, None
+    was, undo, undo_train = inductor_config.coordinate_descent_tuning, None, None
     try:
         cand.set_inductor_option("coordinate_descent_tuning=True")
         assert inductor_config.coordinate_descent_tuning is True
         undo = cand.apply_candidate("mm-tune")
+        undo_train = cand.apply_candidate("gn-nhwc-train")
         cand.set_ours_option("combo_kernels=True")
         assert cand.OURS_OPTIONS["combo_kernels"] is True and inductor_config.combo_kernels is not True
         net = type("Net", (), {"attn_backend": "sdpa"})()
         # the candidate tunes our compiled inference graphs alone: training and eager rows do not carry it
         assert bench.variant_suffix(net, "ldm").endswith("_coordinate_descent_tuning=True")
         assert bench.variant_suffix(net, "diffusers").endswith("_coordinate_descent_tuning=True")
+        # the training candidate: our compiled training rows alone
+        assert bench.variant_suffix(net, "ldm", compiled=True).endswith("_coordinate_descent_tuning=True_gnnhwctrain")
+        assert bench.variant_suffix(net, "diffusers", compiled=True).endswith("_coordinate_descent_tuning=True")
         assert bench.inference_tag("compiled", "reduce-overhead").endswith(
             "_coordinate_descent_tuning=True_ours-combo_kernels=True_mmtune")
         assert bench.inference_tag("eager", "reduce-overhead").endswith("_coordinate_descent_tuning=True")
@@ -206,8 +210,9 @@ def test_inductor_options_and_candidates_name_themselves_in_the_row_variant():
         cand.CANDIDATES_ON.clear()
         cand.OURS_SET.clear()
         cand.OURS_OPTIONS.pop("combo_kernels", None)
-        if undo is not None:
-            undo()
+        for u in (undo, undo_train):
+            if u is not None:
+                u()
     assert cand.OURS_OPTIONS == {}
 
 

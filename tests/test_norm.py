@@ -10,7 +10,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import ldm.norm as norm_module
-from ldm.norm import GroupNorm, group_stats
+from ldm.norm import GroupNorm, group_norm_nhwc, group_stats
 from ldm.unet.blocks import ResBlock
 from ldm.unet.model import UNetModel
 
@@ -211,6 +211,54 @@ def test_compiled_inference_normalizes_in_channels_last_and_training_keeps_nativ
             assert "group_norm" in graph_targets(norm, x.detach())
     finally:
         ldm.norm.NHWC_INFERENCE = True
+
+
+def test_nhwc_training_norm_is_group_norm_with_channels_last_gradients(monkeypatch):
+    """``NHWC_TRAINING`` (bench.py's ``--candidate gn-nhwc-train``): the training graph normalizes with
+    group_norm_nhwc, no native_group_norm left; its gradients are nn.GroupNorm's, the input's in channels_last."""
+    import ldm.norm
+
+    monkeypatch.setattr(ldm.norm, "NHWC_TRAINING", True)
+    norm = GroupNorm(8, 32)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 32, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    targets = graph_targets(norm, x)
+    assert "group_norm" not in targets and "sum" in targets, targets
+    g = torch.randn(2, 32, 4, 4).to(memory_format=torch.channels_last)
+    y = group_norm_nhwc(x, 8, norm.weight, norm.bias, norm.eps)  # eager: the same ops the graph differentiates
+    dx, dw = torch.autograd.grad(y, [x, norm.weight], g)
+    ref_dx, ref_dw = torch.autograd.grad(nn.GroupNorm.forward(norm, x), [x, norm.weight], g)
+    torch.testing.assert_close(y, nn.GroupNorm.forward(norm, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-5)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow  # a compiled training graph of the tiny U-Net: ~2 min on 2 cores
+def test_compiled_training_with_nhwc_norms_matches_eager(monkeypatch):
+    """With ``NHWC_TRAINING`` the compiled U-Net's loss and gradients are eager's (inductor on the CPU)."""
+    import ldm.norm
+
+    monkeypatch.setattr(ldm.norm, "NHWC_TRAINING", True)
+    torch.manual_seed(0)
+    unet = UNetModel(**TINY).to(memory_format=torch.channels_last)
+    args = (torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last), torch.tensor([10, 500]),
+            torch.randn(2, 5, 16))
+
+    def loss_and_grads(fn):
+        unet.zero_grad(set_to_none=True)
+        loss = fn(*args).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+    ref_loss, ref = loss_and_grads(unet)
+    torch._dynamo.reset()
+    loss, grads = loss_and_grads(torch.compile(unet, fullgraph=True))
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # The default method (ldm.norm.NHWC_STATS) here; the others in make test-slow (~60 s each on 2 cores).
