@@ -116,7 +116,7 @@ def force_channels_last(x: torch.Tensor) -> torch.Tensor:
     requirement on x's buffer (``ExternKernel.require_stride_order``), so a buffer not yet written is written NHWC
     rather than copied. Eager, ``contiguous`` does the same (a copy only if x lacks those strides); compiled, it would
     be dropped, as the traced strides of an unwritten concatenation are channels_last already."""
-    if not torch.compiler.is_compiling() or x.requires_grad:  # the prim has no autograd formula
+    if not torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):  # the prim: no autograd
         return x.contiguous(memory_format=torch.channels_last)
     from torch._inductor import inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
 
