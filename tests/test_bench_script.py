@@ -564,3 +564,25 @@ def test_the_plan_check_catches_a_misspelt_item():
     p = bench.build_parser()
     with pytest.raises(SystemExit):
         bench.check_args(p, p.parse_args(["--only", "unet_profiel"]))
+
+
+def test_block_train_bench_refuses_an_unknown_variant_by_name(capsys):
+    import bench_block_train
+
+    with pytest.raises(SystemExit) as e:
+        bench_block_train.main(["--cpu", "--variants", "default,fast"])
+    assert e.value.code == 2 and "--variants: unknown ['fast']" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two compiles of two ResBlocks' training step on the CPU: ~1 min
+def test_block_train_bench_times_both_norm_variants_on_the_cpu(tmp_path):
+    import bench_block_train
+
+    import ldm.norm
+
+    out = tmp_path / "block.jsonl"
+    assert bench_block_train.main(["--cpu", "--batch", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    steps = {r["variant"]: r["median_s"] for r in rows if r["what"] == "block_train_step"}
+    assert sorted(steps) == ["default", "nhwc"] and all(s > 0 for s in steps.values())
+    assert ldm.norm.NHWC_TRAINING is False  # restored

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""The compiled training step of two SD-1.5 ResBlocks at the first level, with and without ``gn-nhwc-train``:
+where the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three.
+
+    python scripts/bench_block_train.py                       # GPU: 320 channels, 64x64, batch 16, bf16 autocast
+    python scripts/bench_block_train.py --batch 64 --out block.jsonl
+    python scripts/bench_block_train.py --cpu                 # tiny shapes on the CPU (a smoke run)
+
+Each variant (``default``: ``native_group_norm`` in training graphs; ``nhwc``: ``ldm.norm.NHWC_TRAINING``, the
+norms differentiated through ``group_norm_nhwc``) compiles a fresh copy of the same blocks (same weights, channels_last)
+and reports the first step (the compile), the step's median time, and on a GPU its kernels by category and the
+copy-like operators with the ones that called them (``convolution_backward``'s are the copies in question).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import describe_run, emit, summary, timed  # noqa: E402
+from bench_profile import profile_step  # noqa: E402
+
+import ldm.norm  # noqa: E402
+from ldm.unet.blocks import ResBlock  # noqa: E402
+
+VARIANTS = {"default": False, "nhwc": True}  # name -> ldm.norm.NHWC_TRAINING
+
+
+class Blocks(nn.Module):
+    """Two ResBlocks in a row, as a U-Net level has them: x (B, C, H, W), emb (B, E) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, emb_channels: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(channels, emb_channels, out_channels=channels) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, emb)
+        return x
+
+
+def run_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
+    ldm.norm.NHWC_TRAINING = VARIANTS[name]
+    net = copy.deepcopy(model)
+    fwd = torch.compile(net, dynamic=False)
+    dev = x.device
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=dtype):
+            y = fwd(x, emb)
+        y.float().square().mean().backward()
+        net.zero_grad(set_to_none=True)
+
+    torch._dynamo.reset()
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    emit(out, what="block_train_first_step_s", variant=name, value=time.time() - t0)
+    emit(out, what="block_train_step", variant=name, **timed(step, 3, 10))
+    if dev.type == "cuda":
+        copies: list = []
+        total, cats, top = profile_step(step, 5, ops=copies)
+        emit(out, what="block_train_profile", variant=name, total_ms_per_step=total, by_category_ms=cats,
+             kernels=top[:8], copy_ops=copies)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--variants", default="default,nhwc", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        p.error(f"--variants: unknown {unknown or a.variants!r}; choose from {', '.join(VARIANTS)}")
+    if not a.cpu and not torch.cuda.is_available():
+        p.error("no CUDA device: pass --cpu for the tiny smoke run")
+    describe_run("scripts/bench_block_train.py", argv)
+    dev = torch.device("cpu" if a.cpu else "cuda")
+    c, e, side = (32, 64, 8) if a.cpu else (320, 1280, 64)  # SD-1.5's first level: 320 channels at 64x64 latents
+    torch.manual_seed(0)
+    model = Blocks(c, e).to(dev, memory_format=torch.channels_last)
+    x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+    emb = torch.randn(a.batch, e, device=dev)
+    was = ldm.norm.NHWC_TRAINING
+    try:
+        for name in names:
+            run_variant(name, model, x, emb, a.out, torch.bfloat16)
+    finally:
+        ldm.norm.NHWC_TRAINING = was
+    summary()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
