@@ -21,8 +21,10 @@ Training graphs keep
 (fifth 11-29 session). On CUDA, though, inductor's fused kernels of its backward write the input's gradient NCHW
 (third 11-29 session, from the output code), and ``convolution_backward`` converts it for cuDNN: 54 copies, 16.9 ms
 of a 456 ms SD-1.5 step at 512 px on an H100 (2026-12-05, fifth session). Differentiating :func:`group_norm_nhwc`
-instead derives every gradient on the NHWC view, with no ``native_group_norm_backward`` left to lower (an A/B not yet
-run on a GPU: ``scripts/bench.py --candidate gn-nhwc-train``).
+instead derives every gradient on the NHWC view, with no ``native_group_norm_backward`` left to lower: the copies go,
+but its backward's reductions are slower than the copies they save (``scripts/bench_block_train.py``, two first-level
+ResBlocks at batch 64 on an H100: 24.9 against 20.6 ms per step, Triton 12.8 against 7.4 ms). So :data:`NHWC_TRAINING`
+stays off; ``scripts/bench.py --candidate gn-nhwc-train`` measures it again.
 
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
 add a copy. The numbers are the same either way (only strides differ); parameters and state-dict keys are those of
@@ -45,7 +47,8 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # as training graphs do; scripts/bench.py's ``--candidate gn-native`` measures the difference).
 NHWC_INFERENCE = True
 # Compiled training graphs (grad enabled) normalize a channels_last input with :func:`group_norm_nhwc` too, so that
-# the backward's gradients keep channels_last strides (False, the default: native_group_norm; the module docstring).
+# the backward's gradients keep channels_last strides (False, the default: native_group_norm, faster in the step; the
+# module docstring).
 NHWC_TRAINING = False
 # How group_norm_nhwc computes μ and σ²: "partial" (the default), "shifted" or "welford".
 # - "shifted": sums of x - K and (x - K)² in one loop, K one value of the group hoisted out of it, so no cancellation

@@ -243,7 +243,9 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
 }
 # Candidates that act on our compiled training graphs (the others act on the compiled inference graphs): gn-nhwc-train,
 # our training graphs normalize with ldm.norm.group_norm_nhwc, so that no gradient comes out of the norms' backward in
-# NCHW (the 54 copies in convolution_backward of the H100's 512 px step, docs/BENCHMARKS.md, 12-05 fifth session).
+# NCHW (the 54 copies in convolution_backward of the H100's 512 px step). It removes them, and its backward
+# reductions cost more than they did: 24.9 against 20.6 ms for two ResBlocks' step (scripts/bench_block_train.py on
+# an H100, docs/BENCHMARKS.md, 12-05 fifth session); kept to measure again on another torch.
 TRAINING_CANDIDATES = frozenset({"gn-nhwc-train"})
 
 
