@@ -45,6 +45,30 @@ class Blocks(nn.Module):
         return x
 
 
+def conv_backward_layouts(dev: torch.device) -> dict[str, bool]:
+    """Whether ``convolution_backward`` gives a channels_last input's gradient in channels_last on ``dev``, run for
+    real and traced with fake tensors (the strides a compiled backward records), for a channels_last and an NCHW
+    gradient. A traced NCHW against a real channels_last is pytorch/pytorch#171622, the suspected source of the
+    copies (docs/BENCHMARKS.md, 12-05 fifth session)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def layouts(make) -> dict[str, bool]:
+        x = make(2, 64, 8, 8).to(memory_format=torch.channels_last)
+        w = make(64, 64, 3, 3).to(memory_format=torch.channels_last)
+        found = {}
+        grads = {"grad_cl": make(2, 64, 8, 8).to(memory_format=torch.channels_last), "grad_nchw": make(2, 64, 8, 8)}
+        for name, g in grads.items():
+            gi = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, True, False])[0]
+            found[name] = gi.is_contiguous(memory_format=torch.channels_last)
+        return found
+
+    real = layouts(lambda *shape: torch.randn(*shape, device=dev))
+    with FakeTensorMode():
+        fake = layouts(lambda *shape: torch.empty(*shape, device=dev))
+    return {f"real_{k}": v for k, v in real.items()} | {f"traced_{k}": v for k, v in fake.items()}
+
+
 def run_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
     ldm.norm.NHWC_TRAINING = VARIANTS[name]
     net = copy.deepcopy(model)
@@ -90,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Blocks(c, e).to(dev, memory_format=torch.channels_last)
     x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
     emb = torch.randn(a.batch, e, device=dev)
+    emit(a.out, what="conv_backward_grad_input_channels_last", **conv_backward_layouts(dev))
     was = ldm.norm.NHWC_TRAINING
     try:
         for name in names:

@@ -584,5 +584,7 @@ def test_block_train_bench_times_both_norm_variants_on_the_cpu(tmp_path):
     assert bench_block_train.main(["--cpu", "--batch", "2", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     steps = {r["variant"]: r["median_s"] for r in rows if r["what"] == "block_train_step"}
+    layouts = next(r for r in rows if r["what"] == "conv_backward_grad_input_channels_last")
+    assert layouts["real_grad_cl"] is True and layouts["traced_grad_cl"] is True  # the CPU's torch: no #171622
     assert sorted(steps) == ["default", "nhwc"] and all(s > 0 for s in steps.values())
     assert ldm.norm.NHWC_TRAINING is False  # restored
