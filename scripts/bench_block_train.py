@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""The compiled training step of two SD-1.5 ResBlocks at the first level, with and without ``gn-nhwc-train``:
-where the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three.
+"""The compiled training step of two SD-1.5 ResBlocks at the first level, with the layout changes under test: where
+the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three.
 
     python scripts/bench_block_train.py                       # GPU: 320 channels, 64x64, batch 16, bf16 autocast
-    python scripts/bench_block_train.py --batch 64 --out block.jsonl
+    python scripts/bench_block_train.py --batch 64 --variants default,convlayout --out block.jsonl
     python scripts/bench_block_train.py --cpu                 # tiny shapes on the CPU (a smoke run)
 
-Each variant (``default``: ``native_group_norm`` in training graphs; ``nhwc``: ``ldm.norm.NHWC_TRAINING``, the
-norms differentiated through ``group_norm_nhwc``) compiles a fresh copy of the same blocks (same weights, channels_last)
-and reports the first step (the compile), the step's median time, and on a GPU its kernels by category and the
-copy-like operators with the ones that called them (``convolution_backward``'s are the copies in question).
+Each variant (:data:`VARIANTS`: ``default``, ``nhwc``, ``convlayout``) compiles a fresh copy of the same blocks
+(same weights, channels_last, no compile cache) and reports the first step (the compile), the step's median time,
+and on a GPU its kernels by category and the copy-like operators with the ones that called them
+(``convolution_backward``'s are the copies in question). The first row checks the traced layout itself.
 """
 from __future__ import annotations
 
@@ -18,18 +18,29 @@ import copy
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_candidates import conv_backward_traced_layout  # noqa: E402
 from bench_common import describe_run, emit, summary, timed  # noqa: E402
 from bench_profile import profile_step  # noqa: E402
 
 import ldm.norm  # noqa: E402
 from ldm.unet.blocks import ResBlock  # noqa: E402
 
-VARIANTS = {"default": False, "nhwc": True}  # name -> ldm.norm.NHWC_TRAINING
+def _nhwc_training() -> Callable[[], None]:
+    ldm.norm.NHWC_TRAINING = True
+    return lambda: setattr(ldm.norm, "NHWC_TRAINING", False)
+
+
+# name -> setup returning its undo: default (native_group_norm in training graphs), nhwc (ldm.norm.NHWC_TRAINING, the
+# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), convlayout (convolution_backward's
+# gradients traced in cuDNN's layout: bench.py's conv-bwd-layout)
+VARIANTS: dict[str, Callable[[], Callable[[], None]]] = {
+    "default": lambda: (lambda: None), "nhwc": _nhwc_training, "convlayout": conv_backward_traced_layout}
 
 
 class Blocks(nn.Module):
@@ -70,7 +81,14 @@ def conv_backward_layouts(dev: torch.device) -> dict[str, bool]:
 
 
 def run_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
-    ldm.norm.NHWC_TRAINING = VARIANTS[name]
+    undo = VARIANTS[name]()
+    try:
+        time_variant(name, model, x, emb, out, dtype)
+    finally:
+        undo()
+
+
+def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
     net = copy.deepcopy(model)
     fwd = torch.compile(net, dynamic=False)
     dev = x.device
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--variants", default="default,nhwc", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="default,nhwc,convlayout", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -115,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
     emb = torch.randn(a.batch, e, device=dev)
     emit(a.out, what="conv_backward_grad_input_channels_last", **conv_backward_layouts(dev))
-    was = ldm.norm.NHWC_TRAINING
+    # Each variant compiles from scratch: AOT autograd's cache keys on the graph before tracing, so a variant that
+    # changes only how the backward is traced (convlayout) would get the previous variant's compiled backward.
+    caches = torch._functorch.config.enable_autograd_cache, torch._inductor.config.fx_graph_cache
+    torch._functorch.config.enable_autograd_cache = torch._inductor.config.fx_graph_cache = False
     try:
         for name in names:
             run_variant(name, model, x, emb, a.out, torch.bfloat16)
     finally:
-        ldm.norm.NHWC_TRAINING = was
+        torch._functorch.config.enable_autograd_cache, torch._inductor.config.fx_graph_cache = caches
     summary()
     return 0
 

@@ -586,5 +586,47 @@ def test_block_train_bench_times_both_norm_variants_on_the_cpu(tmp_path):
     steps = {r["variant"]: r["median_s"] for r in rows if r["what"] == "block_train_step"}
     layouts = next(r for r in rows if r["what"] == "conv_backward_grad_input_channels_last")
     assert layouts["real_grad_cl"] is True and layouts["traced_grad_cl"] is True  # the CPU's torch: no #171622
-    assert sorted(steps) == ["default", "nhwc"] and all(s > 0 for s in steps.values())
+    assert sorted(steps) == ["convlayout", "default", "nhwc"] and all(s > 0 for s in steps.values())
     assert ldm.norm.NHWC_TRAINING is False  # restored
+
+
+def test_conv_bwd_layout_candidate_traces_cudnns_layout_where_torch_traced_nchw():
+    """conv-bwd-layout on fake CUDA tensors (no GPU needed): with torch's fake rule replaced by the old one of
+    pytorch/pytorch#171622 (NCHW gradients), the candidate gives channels_last input and weight gradients back, for a
+    channels_last input; an NCHW input and weight stay NCHW; the undo restores the rule it wrapped."""
+    import bench_candidates as cand
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.aten.convolution_backward.default
+    stock = fake_impls.op_implementations_dict[op]
+
+    def old_rule(fake_mode, func, *args, **kwargs):
+        grads = stock(fake_mode, func, *args, **kwargs)
+        with fake_mode:
+            return tuple(g.contiguous() if g is not None else g for g in grads)
+
+    def traced(fmt) -> tuple[bool, bool]:
+        with FakeTensorMode():
+            x = torch.empty(2, 16, 8, 8, device="cuda").to(memory_format=fmt)
+            w = torch.empty(16, 16, 3, 3, device="cuda").to(memory_format=fmt)
+            g = torch.empty(2, 16, 8, 8, device="cuda")
+            gi, gw, _ = op(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            cl = torch.channels_last
+            return gi.is_contiguous(memory_format=cl), gw.is_contiguous(memory_format=cl)
+
+    fake_impls.op_implementations_dict[op] = old_rule
+    FakeTensorMode.cache_clear()
+    try:
+        assert traced(torch.channels_last) == (False, False)  # the bug, simulated
+        undo = cand.apply_candidate("conv-bwd-layout")
+        try:
+            assert traced(torch.channels_last) == (True, True)
+            assert traced(torch.contiguous_format) == (False, False)
+        finally:
+            undo()
+            cand.CANDIDATES_ON.clear()
+        assert fake_impls.op_implementations_dict[op] is old_rule
+    finally:
+        fake_impls.op_implementations_dict[op] = stock
+        FakeTensorMode.cache_clear()
