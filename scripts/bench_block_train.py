@@ -24,23 +24,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_candidates import conv_backward_traced_layout  # noqa: E402
+from bench_candidates import CANDIDATES  # noqa: E402
 from bench_common import describe_run, emit, summary, timed  # noqa: E402
 from bench_profile import profile_step  # noqa: E402
 
-import ldm.norm  # noqa: E402
 from ldm.unet.blocks import ResBlock  # noqa: E402
-
-def _nhwc_training() -> Callable[[], None]:
-    ldm.norm.NHWC_TRAINING = True
-    return lambda: setattr(ldm.norm, "NHWC_TRAINING", False)
-
 
 # name -> setup returning its undo: default (native_group_norm in training graphs), nhwc (ldm.norm.NHWC_TRAINING, the
 # norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), convlayout (convolution_backward's
 # gradients traced in cuDNN's layout: bench.py's conv-bwd-layout)
 VARIANTS: dict[str, Callable[[], Callable[[], None]]] = {
-    "default": lambda: (lambda: None), "nhwc": _nhwc_training, "convlayout": conv_backward_traced_layout}
+    "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1],
+    "convlayout": CANDIDATES["conv-bwd-layout"][1]}
 
 
 class Blocks(nn.Module):

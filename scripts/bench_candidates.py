@@ -226,6 +226,9 @@ def conv_backward_traced_layout() -> Callable[[], None]:
     (docs/BENCHMARKS.md, 12-05 fifth session). Wraps torch's fake rule for the op; a no-op where it already agrees.
     Returns the undo."""
     from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ldm.norm import is_channels_last
 
     op = torch.ops.aten.convolution_backward.default
     stock = fake_impls.op_implementations_dict.get(op)
@@ -235,15 +238,12 @@ def conv_backward_traced_layout() -> Callable[[], None]:
 
     def traced_like_cudnn(fake_mode, func, *args, **kwargs):
         grads = stock(fake_mode, func, *args, **kwargs)
-        names = ("grad_output", "input", "weight")
-        grad_output, x, w = (args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names))
-        if x.device.type != "cuda" or x.dim() != 4 or not (_is_channels_last(x) or _is_channels_last(w)):
+        x, w = (args[i] if i < len(args) else kwargs[n] for i, n in ((1, "input"), (2, "weight")))
+        if x.device.type != "cuda" or x.dim() != 4 or not (is_channels_last(x) or is_channels_last(w)):
             return grads
         with fake_mode:
             return tuple(g.contiguous(memory_format=torch.channels_last) if g is not None and g.dim() == 4 else g
                          for g in grads)
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_impls.op_implementations_dict[op] = traced_like_cudnn
     FakeTensorMode.cache_clear()  # results of the stock rule are cached per op and argument metadata
@@ -253,10 +253,6 @@ def conv_backward_traced_layout() -> Callable[[], None]:
         FakeTensorMode.cache_clear()
 
     return undo
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 # name -> (row-variant suffix, patch returning its undo). Each acts on our compiled inference graphs alone (those of
