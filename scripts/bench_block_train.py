@@ -3,13 +3,16 @@
 the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three.
 
     python scripts/bench_block_train.py                       # GPU: 320 channels, 64x64, batch 16, bf16 autocast
-    python scripts/bench_block_train.py --batch 64 --variants default,convlayout --out block.jsonl
+    TORCH_LOGS=output_code python scripts/bench_block_train.py --batch 64 --variants default --out block.jsonl \
+        2> block-code.log                                     # and inductor's code of the forward and the backward
     python scripts/bench_block_train.py --cpu                 # tiny shapes on the CPU (a smoke run)
 
-Each variant (:data:`VARIANTS`: ``default``, ``nhwc``, ``convlayout``) compiles a fresh copy of the same blocks
-(same weights, channels_last, no compile cache) and reports the first step (the compile), the step's median time,
-and on a GPU its kernels by category and the copy-like operators with the ones that called them
-(``convolution_backward``'s are the copies in question). The first row checks the traced layout itself.
+Each variant (:data:`VARIANTS`: ``default``, ``nhwc``) compiles a fresh copy of the same blocks (same weights,
+channels_last, no compile cache) and reports the first step (the compile), the step's median time, each
+``convolution_backward`` with its arguments' strides as the compiled backward passes them (``converts``: cuDNN
+converts that call's incoming gradient, one of the copies in question), and on a GPU its kernels by category and the
+copy-like operators with the ones that called them. The first row checks the layout ``convolution_backward`` is
+traced with against the one it returns.
 """
 from __future__ import annotations
 
@@ -26,16 +29,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_candidates import CANDIDATES  # noqa: E402
 from bench_common import describe_run, emit, summary, timed  # noqa: E402
-from bench_profile import profile_step  # noqa: E402
+from bench_profile import conv_backward_layouts, profile_step  # noqa: E402
 
 from ldm.unet.blocks import ResBlock  # noqa: E402
 
 # name -> setup returning its undo: default (native_group_norm in training graphs), nhwc (ldm.norm.NHWC_TRAINING, the
-# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), convlayout (convolution_backward's
-# gradients traced in cuDNN's layout: bench.py's conv-bwd-layout)
+# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train)
 VARIANTS: dict[str, Callable[[], Callable[[], None]]] = {
-    "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1],
-    "convlayout": CANDIDATES["conv-bwd-layout"][1]}
+    "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1]}
 
 
 class Blocks(nn.Module):
@@ -51,11 +52,11 @@ class Blocks(nn.Module):
         return x
 
 
-def conv_backward_layouts(dev: torch.device) -> dict[str, bool]:
+def traced_grad_layouts(dev: torch.device) -> dict[str, bool]:
     """Whether ``convolution_backward`` gives a channels_last input's gradient in channels_last on ``dev``, run for
     real and traced with fake tensors (the strides a compiled backward records), for a channels_last and an NCHW
-    gradient. A traced NCHW against a real channels_last is pytorch/pytorch#171622, the suspected source of the
-    copies (docs/BENCHMARKS.md, 12-05 fifth session)."""
+    gradient. A traced NCHW against a real channels_last would be pytorch/pytorch#171622; torch 2.11's and 2.14's
+    fake rules both trace channels_last (fake CUDA tensors on the CPU, docs/BENCHMARKS.md, 12-05 sixth session)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def layouts(make) -> dict[str, bool]:
@@ -88,10 +89,13 @@ def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor
     fwd = torch.compile(net, dynamic=False)
     dev = x.device
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         with torch.autocast(dev.type, dtype=dtype):
             y = fwd(x, emb)
-        y.float().square().mean().backward()
+        return y.float().square().mean()
+
+    def step() -> None:
+        loss().backward()
         net.zero_grad(set_to_none=True)
 
     torch._dynamo.reset()
@@ -100,6 +104,10 @@ def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor
     torch.cuda.synchronize() if dev.type == "cuda" else None
     emit(out, what="block_train_first_step_s", variant=name, value=time.time() - t0)
     emit(out, what="block_train_step", variant=name, **timed(step, 3, 10))
+    layouts = conv_backward_layouts(loss)
+    net.zero_grad(set_to_none=True)
+    emit(out, what="block_train_conv_backward_layouts", variant=name, calls=layouts,
+         converting=sum(r["calls"] for r in layouts if r["converts"]))
     if dev.type == "cuda":
         copies: list = []
         total, cats, top = profile_step(step, 5, ops=copies)
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--variants", default="default,nhwc,convlayout", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="default,nhwc", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -127,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Blocks(c, e).to(dev, memory_format=torch.channels_last)
     x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
     emb = torch.randn(a.batch, e, device=dev)
-    emit(a.out, what="conv_backward_grad_input_channels_last", **conv_backward_layouts(dev))
-    # Each variant compiles from scratch: AOT autograd's cache keys on the graph before tracing, so a variant that
-    # changes only how the backward is traced (convlayout) would get the previous variant's compiled backward.
+    emit(a.out, what="conv_backward_grad_input_channels_last", **traced_grad_layouts(dev))
+    # Each variant compiles from scratch, so that the first step is the compile and the output code is logged.
     caches = torch._functorch.config.enable_autograd_cache, torch._inductor.config.fx_graph_cache
     torch._functorch.config.enable_autograd_cache = torch._inductor.config.fx_graph_cache = False
     try:

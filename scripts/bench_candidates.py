@@ -218,43 +218,6 @@ def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[]
     return patch
 
 
-def conv_backward_traced_layout() -> Callable[[], None]:
-    """Fake-tensor tracing (what a compiled backward records) gives ``convolution_backward``'s input and weight
-    gradients on CUDA the layout cuDNN returns them in: channels_last when the input or the weight is. Older torch
-    traced them NCHW (pytorch/pytorch#171622), so inductor wrote the kernels after them NCHW and the next
-    ``convolution_backward`` converted its gradient back: the suspected source of the training step's copies
-    (docs/BENCHMARKS.md, 12-05 fifth session). Wraps torch's fake rule for the op; a no-op where it already agrees.
-    Returns the undo."""
-    from torch._subclasses import fake_impls
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ldm.norm import is_channels_last
-
-    op = torch.ops.aten.convolution_backward.default
-    stock = fake_impls.op_implementations_dict.get(op)
-    if stock is None:
-        raise RuntimeError(f"conv-bwd-layout: torch {torch.__version__} has no fake rule for {op} in "
-                           "torch._subclasses.fake_impls.op_implementations_dict to wrap")
-
-    def traced_like_cudnn(fake_mode, func, *args, **kwargs):
-        grads = stock(fake_mode, func, *args, **kwargs)
-        x, w = (args[i] if i < len(args) else kwargs[n] for i, n in ((1, "input"), (2, "weight")))
-        if x.device.type != "cuda" or x.dim() != 4 or not (is_channels_last(x) or is_channels_last(w)):
-            return grads
-        with fake_mode:
-            return tuple(g.contiguous(memory_format=torch.channels_last) if g is not None and g.dim() == 4 else g
-                         for g in grads)
-
-    fake_impls.op_implementations_dict[op] = traced_like_cudnn
-    FakeTensorMode.cache_clear()  # results of the stock rule are cached per op and argument metadata
-
-    def undo() -> None:
-        fake_impls.op_implementations_dict[op] = stock
-        FakeTensorMode.cache_clear()
-
-    return undo
-
-
 # name -> (row-variant suffix, patch returning its undo). Each acts on our compiled inference graphs alone (those of
 # TRAINING_CANDIDATES on our compiled training graphs), so only the rows of those graphs carry the suffix. Measured
 # and set aside (docs/BENCHMARKS.md): gn-strided (a GroupNorm from var_mean for training graphs, fifth 11-29
@@ -277,16 +240,15 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "vae-shifted": ("_vaeshifted", _module_setting("ldm.autoencoder.model", NORM_STATS="shifted")),
     "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
     "gn-nhwc-train": ("_gnnhwctrain", _module_setting("ldm.norm", NHWC_TRAINING=True)),
-    "conv-bwd-layout": ("_convbwdlayout", conv_backward_traced_layout),
 }
 # Candidates that act on our compiled training graphs (the others act on the compiled inference graphs): gn-nhwc-train,
 # our training graphs normalize with ldm.norm.group_norm_nhwc, so that no gradient comes out of the norms' backward in
 # NCHW (the 54 copies in convolution_backward of the H100's 512 px step). It removes them, and its backward
 # reductions cost more than they did: 24.9 against 20.6 ms for two ResBlocks' step (scripts/bench_block_train.py on
-# an H100, docs/BENCHMARKS.md, 12-05 fifth session); kept to measure again on another torch. conv-bwd-layout:
-# convolution_backward's gradients traced in cuDNN's layout (conv_backward_traced_layout; process-wide, so diffusers'
-# compiled training rows get it too). Not yet run on a GPU.
-TRAINING_CANDIDATES = frozenset({"gn-nhwc-train", "conv-bwd-layout"})
+# an H100, docs/BENCHMARKS.md, 12-05 fifth session); kept to measure again on another torch. Removed: conv-bwd-layout
+# (torch's fake rule for convolution_backward wrapped to trace cuDNN's layout, for pytorch#171622): torch 2.11's rule
+# already traces it (12-05 sixth session, fake CUDA tensors on the CPU), so the wrapper changed nothing.
+TRAINING_CANDIDATES = frozenset({"gn-nhwc-train"})
 
 
 def candidate_suffixes(graphs: str) -> list[str]:

@@ -118,6 +118,38 @@ def copy_sources(events, steps: int) -> list[dict]:
              "gpu_ms_per_step": round(us / steps / 1000, 3)} for (op, shapes, via), (n, us) in ordered]
 
 
+def conv_backward_layouts(loss_fn) -> list[dict]:
+    """Each ``aten.convolution_backward`` that the backward of ``loss_fn()`` runs (a compiled backward calls it as an
+    extern kernel), with its arguments' shapes and strides as they arrive, grouped and counted. Only the backward
+    runs under the recording mode: a compiled forward run under a dispatch mode takes another path (on the CPU its
+    backward then passed NCHW gradients that the unrecorded step does not). ``converts``: cuDNN's backward first
+    converts the incoming gradient to the input's suggested memory format (``cudnn_convolution_backward``: the
+    ``_to_copy`` the profiles attribute to ``convolution_backward``), so a row with ``converts`` true is one of those
+    copies, and its strides say which side is NCHW. An empty list from a step with a backward means the mode did not
+    reach it."""
+    from torch._prims_common import suggest_memory_format
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.aten.convolution_backward.default
+    rows: dict[tuple, int] = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is op:
+                g, x, w = args[:3]
+                key = (tuple(g.shape), tuple(w.shape), g.stride(), x.stride(), w.stride(),
+                       suggest_memory_format(g) != suggest_memory_format(x))
+                rows[key] = rows.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    loss = loss_fn()
+    with Record():
+        loss.backward()
+    return [{"grad_output_shape": list(gs), "weight_shape": list(ws), "grad_output_stride": list(gst),
+             "input_stride": list(xst), "weight_stride": list(wst), "converts": conv, "calls": n}
+            for (gs, ws, gst, xst, wst, conv), n in rows.items()]
+
+
 def host_syncs(fn) -> dict[str, int]:
     """Synchronising CUDA calls made by one ``fn()`` (``torch.cuda.set_sync_debug_mode``), counted by source line."""
     torch.cuda.synchronize()
