@@ -78,3 +78,40 @@ def test_channels_last_training_matches_nchw_and_resumes_in_the_other_layout(tmp
     switched = _losses(part)
     after = sorted(cl)[-2:]  # the two steps taken after the resume (the resumed run's log holds only those)
     assert all(switched[k] == pytest.approx(cl[k], rel=1e-4) for k in after), (switched, cl)
+
+
+def _traced_backward(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.fx.GraphModule:
+    """The backward graph that torch.compile's AOT autograd traces for ``module(*inputs)`` (inductor's
+    decompositions, nothing compiled), run once so that it is traced."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: graphs.append(gm) or gm,
+                           decompositions=select_decomp_table())
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=backend, dynamic=False)(*inputs)
+    out.backward(torch.ones_like(out))
+    torch._dynamo.reset()
+    return graphs[-1]
+
+
+def test_traced_training_gradients_keep_channels_last_through_a_transformers_residual():
+    """A SpatialTransformer's residual (``film(h, x)`` with one group) must hand its input a channels_last gradient
+    in the traced backward: an NCHW one (the sum over a size-1 group dimension that the (G, B, ...) view made) reached
+    every convolution_backward upstream as a layout conversion. Here the conv before the transformer is the witness:
+    its convolution_backward must get the gradient in its input's layout."""
+    from ldm.norm import is_channels_last
+    from ldm.unet.attention import SpatialTransformer
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    model = torch.nn.Sequential(conv, SpatialTransformer(64, 4, 16)).to(memory_format=cl)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=cl).requires_grad_()
+    bw = _traced_backward(model, x)
+    calls = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    assert len(calls) == 3  # proj_out, proj_in, the conv in front
+    for n in calls:
+        grad_output, inp = (a.meta["val"] for a in n.args[:2])
+        assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
