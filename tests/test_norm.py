@@ -236,11 +236,13 @@ def test_nhwc_training_norm_is_group_norm_with_channels_last_gradients(monkeypat
 
 
 @pytest.mark.slow  # a compiled training graph of the tiny U-Net: ~2 min on 2 cores
-def test_compiled_training_with_nhwc_norms_matches_eager(monkeypatch):
-    """With ``NHWC_TRAINING`` the compiled U-Net's loss and gradients are eager's (inductor on the CPU)."""
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_compiled_training_matches_eager(nhwc, monkeypatch):
+    """The compiled U-Net's loss and gradients are eager's (inductor on the CPU), with the default training norms
+    and the layout-keeping upsampling backward (ldm.resample), and with ``NHWC_TRAINING``."""
     import ldm.norm
 
-    monkeypatch.setattr(ldm.norm, "NHWC_TRAINING", True)
+    monkeypatch.setattr(ldm.norm, "NHWC_TRAINING", nhwc)
     torch.manual_seed(0)
     unet = UNetModel(**TINY).to(memory_format=torch.channels_last)
     args = (torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last), torch.tensor([10, 500]),

@@ -115,3 +115,42 @@ def test_traced_training_gradients_keep_channels_last_through_a_transformers_res
     for n in calls:
         grad_output, inp = (a.meta["val"] for a in n.args[:2])
         assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
+
+
+def test_traced_training_gradients_keep_channels_last_through_an_upsampler():
+    """The U-Net's Upsample (nearest ×2, then its conv) must hand the conv in front of it a channels_last gradient in
+    the traced backward: inductor's decomposition of upsample_nearest2d's backward (an index_put onto a fresh NCHW
+    zero tensor) gave it NCHW, and the convolution_backward before it converted."""
+    from ldm.norm import is_channels_last
+    from ldm.unet.blocks import Upsample
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), Upsample(32, use_conv=True))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    bw = _traced_backward(model, x)
+    calls = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    assert len(calls) == 2
+    for n in calls:
+        grad_output, inp = (a.meta["val"] for a in n.args[:2])
+        assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_backward_equals_interpolates(layout):
+    """ldm.resample's ×2 backward (the sum of the four strided views) gives F.interpolate's gradient, in the
+    incoming gradient's layout, compiled and eager (eager is F.interpolate itself)."""
+    from ldm.resample import _Upsample2x, upsample_nearest
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    g = torch.randn(2, 8, 10, 14, dtype=torch.float64).to(memory_format=layout)
+    (want,) = torch.autograd.grad(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"), x, g)
+    (got,) = torch.autograd.grad(_Upsample2x.apply(x), x, g)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got.is_contiguous(memory_format=layout)
+    torch._dynamo.reset()
+    (compiled,) = torch.autograd.grad(torch.compile(upsample_nearest, backend="aot_eager")(x), x, g)
+    torch.testing.assert_close(compiled, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(upsample_nearest(x), torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    torch._dynamo.reset()

@@ -23,6 +23,7 @@ from torch import nn
 from ldm.attention import attention, check_backend
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.norm import GroupNorm
+from ldm.resample import upsample_nearest
 from ldm.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        x = upsample_nearest(x)  # (B, C, 2H, 2W)
         return self.conv(x) if hasattr(self, "conv") else x
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.norm import GroupNorm
+from ldm.resample import upsample_nearest
 
 # GroupNorm eps of the ResBlocks and the output head (the original GroupNorm32 uses torch's default).
 RESBLOCK_NORM_EPS = 1e-5
@@ -131,10 +131,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, C, H, W) → (B, C_out, 2H, 2W), or (B, C_out, *size) when ``size`` is given (diffusers'
         ``upsample_size``: the skip's size below an odd side)."""
-        if size is None:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")  # (B, C, 2H, 2W)
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="nearest")  # (B, C, *size)
+        x = upsample_nearest(x, size)  # (B, C, 2H, 2W) or (B, C, *size)
         return self.conv(x) if self.use_conv else x
 
 
