@@ -124,8 +124,9 @@ def conv_backward_layouts(loss_fn) -> list[dict]:
     runs under the recording mode: a compiled forward run under a dispatch mode takes another path (on the CPU its
     backward then passed NCHW gradients that the unrecorded step does not). ``converts``: cuDNN's backward first
     converts the incoming gradient to the input's suggested memory format (``cudnn_convolution_backward``: the
-    ``_to_copy`` the profiles attribute to ``convolution_backward``), so a row with ``converts`` true is one of those
-    copies, and its strides say which side is NCHW. An empty list from a step with a backward means the mode did not
+    ``_to_copy`` the profiles attribute to ``convolution_backward``, made only where the gradient is not laid out
+    that way already: a (B, C, 1, 1) map is both), so a row with ``converts`` true is one of those copies, and its
+    strides say which side is NCHW. An empty list from a step with a backward means the mode did not
     reach it."""
     from torch._prims_common import suggest_memory_format
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -137,8 +138,8 @@ def conv_backward_layouts(loss_fn) -> list[dict]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is op:
                 g, x, w = args[:3]
-                key = (tuple(g.shape), tuple(w.shape), g.stride(), x.stride(), w.stride(),
-                       suggest_memory_format(g) != suggest_memory_format(x))
+                converts = not g.is_contiguous(memory_format=suggest_memory_format(x))  # what .to() copies
+                key = (tuple(g.shape), tuple(w.shape), g.stride(), x.stride(), w.stride(), converts)
                 rows[key] = rows.get(key, 0) + 1
             return func(*args, **(kwargs or {}))
 

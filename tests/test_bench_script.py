@@ -615,3 +615,28 @@ def test_block_train_bench_times_both_norm_variants_on_the_cpu(tmp_path):
     assert ldm.norm.NHWC_TRAINING is False  # restored
 
 
+
+
+def test_layout_check_refuses_channels_the_norms_cannot_group(capsys):
+    import layout_check
+
+    with pytest.raises(SystemExit) as e:
+        layout_check.main(["--channels", "48"])
+    assert e.value.code == 2 and "--channels must be a multiple of 32" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the compiled training step of a 32-channel SD-shaped U-Net on the CPU: ~80 s on 2 cores
+def test_layout_check_counts_every_convolution_backward(tmp_path):
+    """Every convolution of the U-Net is differentiated once (conv_in, 2 per ResBlock, the skip 1x1s, proj_in and
+    proj_out, down- and upsampling convs, conv_out: 98 at SD-1.5's structure). At these small shapes the gradients
+    that still convert are channel slices of the skip concatenations' gradient (channels_last order, not dense: the
+    channel stride is 1 and the pixel stride the concatenation's width), none NCHW."""
+    import layout_check
+
+    out = tmp_path / "check.jsonl"
+    assert layout_check.main(["--channels", "32", "--latent", "8", "--fp32-norms", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["calls"] == 98 and row["converting"] == sum(c["calls"] for c in row["converting_calls"])
+    for c in row["converting_calls"]:
+        channels, stride = c["grad_output_shape"][1], c["grad_output_stride"]
+        assert stride[1] == 1 and stride[3] > channels, c
