@@ -50,9 +50,10 @@ def film(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None = None
 
     With one group (training, unguided sampling) it is the plain expression: the (1, B, ...) view would make a
     shift of h's shape (a transformer's residual x) broadcast over the group dimension, and its gradient a sum over
-    that size-1 dimension, which autograd traces as NCHW whatever x's layout; every convolution_backward downstream
-    then converts it (torch 2.11's inductor keeps the traced strides: 45 of a small SD-shaped U-Net's 98
-    convolution_backward calls took an NCHW gradient with it, 22 without; docs/BENCHMARKS.md, 12-05 sixth session)."""
+    that size-1 dimension, which autograd traces as NCHW whatever x's layout; the convolutions before it in the
+    network then each convert that gradient for cuDNN in their backward (torch 2.11's inductor keeps the traced
+    strides: 31 of a small SD-shaped U-Net's 98 convolution_backward calls converted with the view, 8 without;
+    docs/BENCHMARKS.md, 2026-12-05, sixth session)."""
     if h.shape[0] == shift.shape[0]:  # G = 1
         return h + shift if scale is None else h * (1 + scale) + shift
     g = h.unflatten(0, (-1, shift.shape[0]))  # (G, B, ...)
