@@ -16,9 +16,11 @@ About 6 minutes on a 2-core CPU (the compile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +32,10 @@ from bench_profile import conv_backward_layouts  # noqa: E402
 from ldm.unet.model import UNetModel  # noqa: E402
 
 
-def fp32_group_norm(device: str) -> None:
-    """Make F.group_norm run in fp32 under ``device``'s autocast, as CUDA autocast's fp32 policy does (CPU autocast
-    runs it in bf16), so that a CPU run traces CUDA's casts around the norms."""
+@contextlib.contextmanager
+def fp32_group_norm(device: str) -> Iterator[None]:
+    """Inside the block F.group_norm runs in fp32 under ``device``'s autocast, as CUDA autocast's fp32 policy does
+    (CPU autocast runs it in bf16), so that a CPU run traces CUDA's casts around the norms; restored after."""
     stock = F.group_norm
 
     def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -43,6 +46,10 @@ def fp32_group_norm(device: str) -> None:
             return stock(f32[0], num_groups, f32[1], f32[2], eps)
 
     F.group_norm = group_norm
+    try:
+        yield
+    finally:
+        F.group_norm = stock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,15 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--channels must be a multiple of 32 and --latent of 8, got {a.channels} and {a.latent}")
     describe_run("scripts/layout_check.py", argv)
     dev = torch.device(a.device)
-    if a.fp32_norms:
-        fp32_group_norm(dev.type)
+    with fp32_group_norm(dev.type) if a.fp32_norms else contextlib.nullcontext():
+        emit(a.out, what="layout_check_conv_backward", fp32_norms=a.fp32_norms, channels=a.channels,
+             latent=a.latent, batch=a.batch, **check(dev, a.channels, a.latent, a.batch))
+    return 0
+
+
+def check(dev: torch.device, channels: int, latent: int, batch: int) -> dict:
+    """The compiled step's convolution_backward calls: the first step's seconds, the count, the converting ones."""
     torch.manual_seed(0)
-    net = UNetModel(in_channels=4, out_channels=4, model_channels=a.channels, attention_resolutions=[4, 2, 1],
+    net = UNetModel(in_channels=4, out_channels=4, model_channels=channels, attention_resolutions=[4, 2, 1],
                     num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
                     context_dim=64).to(dev, memory_format=torch.channels_last)
-    x = torch.randn(a.batch, 4, a.latent, a.latent, device=dev).to(memory_format=torch.channels_last)
-    t = torch.randint(0, 1000, (a.batch,), device=dev)
-    ctx = torch.randn(a.batch, 77, 64, device=dev)
+    x = torch.randn(batch, 4, latent, latent, device=dev).to(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    ctx = torch.randn(batch, 77, 64, device=dev)
     fwd = torch.compile(net, dynamic=False)
 
     def loss() -> torch.Tensor:
@@ -77,12 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     loss().backward()
     net.zero_grad(set_to_none=True)
+    first_step_s = round(time.time() - t0, 1)
     rows = conv_backward_layouts(loss)
-    emit(a.out, what="layout_check_conv_backward", first_step_s=round(time.time() - t0, 1),
-         fp32_norms=a.fp32_norms, channels=a.channels, latent=a.latent, batch=a.batch,
-         calls=sum(r["calls"] for r in rows), converting=sum(r["calls"] for r in rows if r["converts"]),
-         converting_calls=[r for r in rows if r["converts"]])
-    return 0
+    return {"first_step_s": first_step_s, "calls": sum(r["calls"] for r in rows),
+            "converting": sum(r["calls"] for r in rows if r["converts"]),
+            "converting_calls": [r for r in rows if r["converts"]]}
 
 
 if __name__ == "__main__":

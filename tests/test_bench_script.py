@@ -615,8 +615,6 @@ def test_block_train_bench_times_both_norm_variants_on_the_cpu(tmp_path):
     assert ldm.norm.NHWC_TRAINING is False  # restored
 
 
-
-
 def test_layout_check_refuses_channels_the_norms_cannot_group(capsys):
     import layout_check
 

@@ -96,12 +96,22 @@ def _traced_backward(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.fx
     return graphs[-1]
 
 
+def _channels_last_conv_grads(bw: torch.fx.GraphModule) -> int:
+    """Asserts that each convolution_backward of ``bw`` takes a channels_last input and gradient; their count."""
+    from ldm.norm import is_channels_last
+
+    calls = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    for n in calls:
+        grad_output, inp = (a.meta["val"] for a in n.args[:2])
+        assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
+    return len(calls)
+
+
 def test_traced_training_gradients_keep_channels_last_through_a_transformers_residual():
     """A SpatialTransformer's residual (``film(h, x)`` with one group) must hand its input a channels_last gradient
     in the traced backward: an NCHW one (the sum over a size-1 group dimension that the (G, B, ...) view made) reached
     every convolution_backward upstream as a layout conversion. Here the conv before the transformer is the witness:
     its convolution_backward must get the gradient in its input's layout."""
-    from ldm.norm import is_channels_last
     from ldm.unet.attention import SpatialTransformer
 
     torch.manual_seed(0)
@@ -109,31 +119,20 @@ def test_traced_training_gradients_keep_channels_last_through_a_transformers_res
     conv = torch.nn.Conv2d(64, 64, 3, padding=1)
     model = torch.nn.Sequential(conv, SpatialTransformer(64, 4, 16)).to(memory_format=cl)
     x = torch.randn(2, 64, 8, 8).to(memory_format=cl).requires_grad_()
-    bw = _traced_backward(model, x)
-    calls = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
-    assert len(calls) == 3  # proj_out, proj_in, the conv in front
-    for n in calls:
-        grad_output, inp = (a.meta["val"] for a in n.args[:2])
-        assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
+    assert _channels_last_conv_grads(_traced_backward(model, x)) == 3  # proj_out, proj_in, the conv in front
 
 
 def test_traced_training_gradients_keep_channels_last_through_an_upsampler():
     """The U-Net's Upsample (nearest ×2, then its conv) must hand the conv in front of it a channels_last gradient in
     the traced backward: inductor's decomposition of upsample_nearest2d's backward (an index_put onto a fresh NCHW
     zero tensor) gave it NCHW, and the convolution_backward before it converted."""
-    from ldm.norm import is_channels_last
     from ldm.unet.blocks import Upsample
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), Upsample(32, use_conv=True))
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
-    bw = _traced_backward(model, x)
-    calls = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
-    assert len(calls) == 2
-    for n in calls:
-        grad_output, inp = (a.meta["val"] for a in n.args[:2])
-        assert is_channels_last(inp) and is_channels_last(grad_output), n.format_node()
+    assert _channels_last_conv_grads(_traced_backward(model, x)) == 2
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
