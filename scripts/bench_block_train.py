@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """The compiled training step of two SD-1.5 ResBlocks at the first level, with the layout changes under test: where
-the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three.
+the gradient copies inside ``convolution_backward`` come from, in a minute instead of the full U-Net's three. With
+``--block ff``, a first-level transformer's feed-forward (LayerNorm, GEGLU, Linear, residual) instead.
 
     python scripts/bench_block_train.py                       # GPU: 320 channels, 64x64, batch 16, bf16 autocast
     TORCH_LOGS=output_code python scripts/bench_block_train.py --batch 64 --variants default --out block.jsonl \
         2> block-code.log                                     # and inductor's code of the forward and the backward
     python scripts/bench_block_train.py --cpu                 # tiny shapes on the CPU (a smoke run)
+    python scripts/bench_block_train.py --block ff --batch 64 --variants default,geglu    # GEGLU's backward
 
-Each variant (:data:`VARIANTS`: ``default``, ``nhwc``) compiles a fresh copy of the same blocks (same weights,
-channels_last, no compile cache) and reports the first step (the compile), the step's median time, each
+Each variant (:data:`VARIANTS`: ``default``, ``nhwc``, ``geglu``) compiles a fresh copy of the same blocks (same
+weights, channels_last, no compile cache) and reports the first step (the compile), the step's median time, each
 ``convolution_backward`` with its arguments' strides as the compiled backward passes them (``converts``: cuDNN
 converts that call's incoming gradient, one of the copies in question), and on a GPU its kernels by category and the
 copy-like operators with the ones that called them. The first row checks the layout ``convolution_backward`` is
@@ -31,12 +33,15 @@ from bench_candidates import CANDIDATES  # noqa: E402
 from bench_common import describe_run, emit, summary, timed  # noqa: E402
 from bench_profile import conv_backward_layouts, profile_step  # noqa: E402
 
+from ldm.unet.attention import FeedForward  # noqa: E402
 from ldm.unet.blocks import ResBlock  # noqa: E402
 
 # name -> setup returning its undo: default (native_group_norm in training graphs), nhwc (ldm.norm.NHWC_TRAINING, the
-# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train)
+# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), geglu (GEGLU's projection as two matmuls
+# in training graphs: bench.py's geglu-split)
 VARIANTS: dict[str, Callable[[], Callable[[], None]]] = {
-    "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1]}
+    "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1],
+    "geglu": CANDIDATES["geglu-split"][1]}
 
 
 class Blocks(nn.Module):
@@ -50,6 +55,18 @@ class Blocks(nn.Module):
         for block in self.blocks:
             x = block(x, emb)
         return x
+
+
+class FeedForwardBlock(nn.Module):
+    """A transformer block's feed-forward with its pre-norm and residual: x (B, N, C) -> x + ff(norm(x)); the ``emb``
+    argument is unused (the same call as :class:`Blocks`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm, self.ff = nn.LayerNorm(channels), FeedForward(channels)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return x + self.ff(self.norm(x))
 
 
 def traced_grad_layouts(dev: torch.device) -> dict[str, bool]:
@@ -76,15 +93,17 @@ def traced_grad_layouts(dev: torch.device) -> dict[str, bool]:
     return {f"real_{k}": v for k, v in real.items()} | {f"traced_{k}": v for k, v in fake.items()}
 
 
-def run_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
+def run_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype,
+                block: str = "resblocks") -> None:
     undo = VARIANTS[name]()
     try:
-        time_variant(name, model, x, emb, out, dtype)
+        time_variant(name, model, x, emb, out, dtype, block)
     finally:
         undo()
 
 
-def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype) -> None:
+def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor, out, dtype: torch.dtype,
+                 block: str = "resblocks") -> None:
     net = copy.deepcopy(model)
     fwd = torch.compile(net, dynamic=False)
     dev = x.device
@@ -102,16 +121,16 @@ def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor
     t0 = time.time()
     step()
     torch.cuda.synchronize() if dev.type == "cuda" else None
-    emit(out, what="block_train_first_step_s", variant=name, value=time.time() - t0)
-    emit(out, what="block_train_step", variant=name, **timed(step, 3, 10))
+    emit(out, what="block_train_first_step_s", variant=name, block=block, value=time.time() - t0)
+    emit(out, what="block_train_step", variant=name, block=block, **timed(step, 3, 10))
     layouts = conv_backward_layouts(loss)
     net.zero_grad(set_to_none=True)
-    emit(out, what="block_train_conv_backward_layouts", variant=name, calls=layouts,
+    emit(out, what="block_train_conv_backward_layouts", variant=name, block=block, calls=layouts,
          converting=sum(r["calls"] for r in layouts if r["converts"]))
     if dev.type == "cuda":
         copies: list = []
         total, cats, top = profile_step(step, 5, ops=copies)
-        emit(out, what="block_train_profile", variant=name, total_ms_per_step=total, by_category_ms=cats,
+        emit(out, what="block_train_profile", variant=name, block=block, total_ms_per_step=total, by_category_ms=cats,
              kernels=top[:8], copy_ops=copies)
 
 
@@ -120,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--variants", default="default,nhwc", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--block", choices=("resblocks", "ff"), default="resblocks",
+                   help="two ResBlocks (default) or a transformer's feed-forward over the level's tokens")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -132,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cpu" if a.cpu else "cuda")
     c, e, side = (32, 64, 8) if a.cpu else (320, 1280, 64)  # SD-1.5's first level: 320 channels at 64x64 latents
     torch.manual_seed(0)
-    model = Blocks(c, e).to(dev, memory_format=torch.channels_last)
-    x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+    if a.block == "ff":
+        model = FeedForwardBlock(c).to(dev)
+        x = torch.randn(a.batch, side * side, c, device=dev).requires_grad_()  # (B, H·W, C): the level's tokens
+    else:
+        model = Blocks(c, e).to(dev, memory_format=torch.channels_last)
+        x = torch.randn(a.batch, c, side, side, device=dev).to(memory_format=torch.channels_last).requires_grad_()
     emb = torch.randn(a.batch, e, device=dev)
     emit(a.out, what="conv_backward_grad_input_channels_last", **traced_grad_layouts(dev))
     # Each variant compiles from scratch, so that the first step is the compile and the output code is logged.
@@ -141,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._functorch.config.enable_autograd_cache = torch._inductor.config.fx_graph_cache = False
     try:
         for name in names:
-            run_variant(name, model, x, emb, a.out, torch.bfloat16)
+            run_variant(name, model, x, emb, a.out, torch.bfloat16, a.block)
     finally:
         torch._functorch.config.enable_autograd_cache, torch._inductor.config.fx_graph_cache = caches
     summary()

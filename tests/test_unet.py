@@ -408,3 +408,42 @@ def test_bad_backend_and_bad_forward_inputs():
         model(inp["x"][:, :3], inp["timesteps"], inp["context"])
     with pytest.raises(ValueError, match="y must"):
         model(**inp, y=torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_split_projection_equals_one_matmul(monkeypatch, bias):
+    """GEGLU_SPLIT_GRAD (two matmuls over proj's row halves while gradients are on) gives chunk's output and the
+    same gradients for x, weight and bias; inference and a LoRA-wrapped proj keep the one call."""
+    import ldm.unet.attention as attn
+    from ldm.lora import LoRALinear
+
+    torch.manual_seed(0)
+    geglu = attn.GEGLU(12, 20).double()
+    if not bias:
+        geglu.proj.bias = None
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(attn, "GEGLU_SPLIT_GRAD", split)
+        calls = []
+        handle = geglu.proj.register_forward_hook(lambda *a: calls.append(1))
+        y = geglu(x)
+        handle.remove()
+        assert calls == ([] if split else [1])  # the split path does not call proj
+        grads = torch.autograd.grad(y.square().sum(), [x, *geglu.parameters()])
+        results.append((y, grads))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # inference: the one matmul
+        calls = []
+        geglu.proj.register_forward_hook(lambda *a: calls.append(1))
+        geglu(x)
+        assert calls == [1]
+    lora = attn.GEGLU(12, 20).double()
+    lora.proj = LoRALinear.wrap(lora.proj, rank=2, alpha=2.0)
+    torch.nn.init.normal_(lora.proj.lora_B)
+    y_split = lora(x)
+    monkeypatch.setattr(attn, "GEGLU_SPLIT_GRAD", False)
+    torch.testing.assert_close(y_split, lora(x), rtol=0, atol=0)  # the adapter's update is not bypassed

@@ -25,6 +25,11 @@ from ldm.unet.blocks import (
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
+# GEGLU's projection as two matmuls (the rows of ``proj`` for a and for g) while gradients are on: the gradient of
+# [a ‖ g] is then two tensors that one pointwise kernel writes, reading a, g and the incoming gradient once, instead
+# of chunk's backward, a concatenation that inductor writes as one masked kernel evaluating both halves' formulas for
+# every element. Under test (bench.py's candidate "geglu-split"); inference always runs the one matmul.
+GEGLU_SPLIT_GRAD = False
 
 
 class CrossAttention(nn.Module):
@@ -111,8 +116,19 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
+        if GEGLU_SPLIT_GRAD and torch.is_grad_enabled() and type(self.proj) is nn.Linear:  # a LoRA proj: one call
+            a, gate = split_linear(x, self.proj.weight, self.proj.bias)
+        else:
+            a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
         return a * F.gelu(gate)
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(x, weight, bias).chunk(2, -1)`` as two matmuls over the halves of ``weight``'s rows (views):
+    x (..., in), weight (2·out, in) -> two (..., out)."""
+    w_a, w_g = weight.chunk(2, dim=0)
+    b_a, b_g = bias.chunk(2) if bias is not None else (None, None)
+    return F.linear(x, w_a, b_a), F.linear(x, w_g, b_g)
 
 
 class FeedForward(nn.Module):
