@@ -131,7 +131,7 @@ def time_variant(name: str, model: nn.Module, x: torch.Tensor, emb: torch.Tensor
         copies: list = []
         total, cats, top = profile_step(step, 5, ops=copies)
         emit(out, what="block_train_profile", variant=name, block=block, total_ms_per_step=total, by_category_ms=cats,
-             kernels=top[:8], copy_ops=copies)
+             kernels=top[:20], copy_ops=copies)
 
 
 def main(argv: list[str] | None = None) -> int:
