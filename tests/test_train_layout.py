@@ -153,3 +153,19 @@ def test_upsample_backward_equals_interpolates(layout):
     torch.testing.assert_close(compiled, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(upsample_nearest(x), torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_traced_geglu_backward_concatenates_only_without_the_split(monkeypatch, split):
+    """chunk's backward is a concatenation of the two halves' gradients (inductor writes it as one masked kernel that
+    evaluates both halves' formulas for every element); with GEGLU_SPLIT_GRAD the traced backward has none at the
+    projection's width, the two gradients going to their own matmuls."""
+    import ldm.unet.attention as attn
+
+    monkeypatch.setattr(attn, "GEGLU_SPLIT_GRAD", split)
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    bw = _traced_backward(attn.GEGLU(8, 12), x)
+    cats = [n for n in bw.graph.nodes if n.target is torch.ops.aten.cat.default
+            and n.meta["val"].shape == (2, 16, 24)]  # not the parameters' small (24, 8) and (24,) gradients
+    assert len(cats) == (0 if split else 1), [n.format_node() for n in cats]
