@@ -7,9 +7,9 @@ the gradient copies inside ``convolution_backward`` come from, in a minute inste
     TORCH_LOGS=output_code python scripts/bench_block_train.py --batch 64 --variants default --out block.jsonl \
         2> block-code.log                                     # and inductor's code of the forward and the backward
     python scripts/bench_block_train.py --cpu                 # tiny shapes on the CPU (a smoke run)
-    python scripts/bench_block_train.py --block ff --batch 64 --variants default,geglu    # GEGLU's backward
+    python scripts/bench_block_train.py --block ff --batch 64 --variants default,chunk    # GEGLU's backward
 
-Each variant (:data:`VARIANTS`: ``default``, ``nhwc``, ``geglu``) compiles a fresh copy of the same blocks (same
+Each variant (:data:`VARIANTS`: ``default``, ``nhwc``, ``chunk``) compiles a fresh copy of the same blocks (same
 weights, channels_last, no compile cache) and reports the first step (the compile), the step's median time, each
 ``convolution_backward`` with its arguments' strides as the compiled backward passes them (``converts``: cuDNN
 converts that call's incoming gradient, one of the copies in question), and on a GPU its kernels by category and the
@@ -37,11 +37,11 @@ from ldm.unet.attention import FeedForward  # noqa: E402
 from ldm.unet.blocks import ResBlock  # noqa: E402
 
 # name -> setup returning its undo: default (native_group_norm in training graphs), nhwc (ldm.norm.NHWC_TRAINING, the
-# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), geglu (GEGLU's projection as two matmuls
-# in training graphs: bench.py's geglu-split)
+# norms differentiated through group_norm_nhwc: bench.py's gn-nhwc-train), chunk (GEGLU's projection as one matmul
+# and chunk, as before 12-06: bench.py's geglu-chunk)
 VARIANTS: dict[str, Callable[[], Callable[[], None]]] = {
     "default": lambda: (lambda: None), "nhwc": CANDIDATES["gn-nhwc-train"][1],
-    "geglu": CANDIDATES["geglu-split"][1]}
+    "chunk": CANDIDATES["geglu-chunk"][1]}
 
 
 class Blocks(nn.Module):

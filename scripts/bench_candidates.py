@@ -240,7 +240,7 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "vae-shifted": ("_vaeshifted", _module_setting("ldm.autoencoder.model", NORM_STATS="shifted")),
     "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
     "gn-nhwc-train": ("_gnnhwctrain", _module_setting("ldm.norm", NHWC_TRAINING=True)),
-    "geglu-split": ("_geglusplit", _module_setting("ldm.unet.attention", GEGLU_SPLIT_GRAD=True)),
+    "geglu-chunk": ("_gegluchunk", _module_setting("ldm.unet.attention", GEGLU_SPLIT_GRAD=False)),
 }
 # Candidates that act on our compiled training graphs (the others act on the compiled inference graphs): gn-nhwc-train,
 # our training graphs normalize with ldm.norm.group_norm_nhwc, so that no gradient comes out of the norms' backward in
@@ -248,11 +248,11 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
 # reductions cost more than they did: 24.9 against 20.6 ms for two ResBlocks' step (scripts/bench_block_train.py on
 # an H100, docs/BENCHMARKS.md, 12-05 fifth session); kept to measure again on another torch. Removed: conv-bwd-layout
 # (torch's fake rule for convolution_backward wrapped to trace cuDNN's layout, for pytorch#171622): torch 2.11's rule
-# already traces it (12-05 sixth session, fake CUDA tensors on the CPU), so the wrapper changed nothing. geglu-split:
-# GEGLU's projection as two matmuls in training graphs (ldm.unet.attention.GEGLU_SPLIT_GRAD), so that its backward
-# writes the two halves' gradients from one read of their inputs instead of a masked concatenation (the H100's
-# 512 px step: triton_poi_fused_cat_gelu_gelu_backward_mul, 12.4 ms in 5 calls at the first level).
-TRAINING_CANDIDATES = frozenset({"gn-nhwc-train", "geglu-split"})
+# already traces it (12-05 sixth session, fake CUDA tensors on the CPU), so the wrapper changed nothing. geglu-chunk:
+# GEGLU's projection as one matmul and chunk in training graphs too (ldm.unet.attention.GEGLU_SPLIT_GRAD off), whose
+# backward is a masked concatenation (triton_poi_fused_cat_gelu_gelu_backward_mul, 12.4 ms in 5 calls at the first
+# level of the H100's 512 px step); the split, measured as the candidate geglu-split, is the default since 12-06.
+TRAINING_CANDIDATES = frozenset({"gn-nhwc-train", "geglu-chunk"})
 
 
 def candidate_suffixes(graphs: str) -> list[str]:

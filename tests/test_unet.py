@@ -411,39 +411,55 @@ def test_bad_backend_and_bad_forward_inputs():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_geglu_split_projection_equals_one_matmul(monkeypatch, bias):
-    """GEGLU_SPLIT_GRAD (two matmuls over proj's row halves while gradients are on) gives chunk's output and the
-    same gradients for x, weight and bias; inference and a LoRA-wrapped proj keep the one call."""
+def test_split_linear_equals_one_matmul_and_chunk(bias):
+    """split_linear (two matmuls over the weight's row halves) gives chunk's halves and the same gradients for x,
+    weight and bias."""
+    from ldm.unet.attention import split_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True) if bias else None
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    inputs = [x, w] + ([b] if bias else [])
+    results = []
+    for halves in (torch.nn.functional.linear(x, w, b).chunk(2, dim=-1), split_linear(x, w, b)):
+        loss = (halves[0] * torch.nn.functional.gelu(halves[1])).square().sum()
+        results.append((halves, torch.autograd.grad(loss, inputs)))
+    for got, want in zip([*results[1][0], *results[1][1]], [*results[0][0], *results[0][1]]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # x's gradient: two sums of 20, not one of 40
+
+
+def test_geglu_splits_only_in_compiled_training_graphs(monkeypatch):
+    """GEGLU_SPLIT_GRAD acts in compiled graphs with gradients (the same output and gradients as one matmul);
+    eager calls, inference and a LoRA-wrapped proj make the one call, so the adapter's update is not bypassed."""
     import ldm.unet.attention as attn
     from ldm.lora import LoRALinear
 
     torch.manual_seed(0)
     geglu = attn.GEGLU(12, 20).double()
-    if not bias:
-        geglu.proj.bias = None
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    seen = []
+    monkeypatch.setattr(attn, "_split_projection", lambda proj, f=attn._split_projection: seen.append(f(proj))
+                        or seen[-1])
     results = []
     for split in (False, True):
         monkeypatch.setattr(attn, "GEGLU_SPLIT_GRAD", split)
-        calls = []
-        handle = geglu.proj.register_forward_hook(lambda *a: calls.append(1))
-        y = geglu(x)
-        handle.remove()
-        assert calls == ([] if split else [1])  # the split path does not call proj
-        grads = torch.autograd.grad(y.square().sum(), [x, *geglu.parameters()])
-        results.append((y, grads))
-    (y0, g0), (y1, g1) = results
-    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-12)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    with torch.no_grad():  # inference: the one matmul
-        calls = []
-        geglu.proj.register_forward_hook(lambda *a: calls.append(1))
-        geglu(x)
-        assert calls == [1]
+        torch._dynamo.reset()
+        y = torch.compile(geglu, backend="aot_eager")(x)
+        results.append((y, torch.autograd.grad(y.square().sum(), [x, *geglu.parameters()])))
+    assert seen == [False, True]
+    for got, want in zip([results[1][0], *results[1][1]], [results[0][0], *results[0][1]]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    seen.clear()
+    geglu(x)  # eager with gradients
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.compile(geglu, backend="aot_eager")(x)  # compiled inference
     lora = attn.GEGLU(12, 20).double()
     lora.proj = LoRALinear.wrap(lora.proj, rank=2, alpha=2.0)
     torch.nn.init.normal_(lora.proj.lora_B)
-    y_split = lora(x)
-    monkeypatch.setattr(attn, "GEGLU_SPLIT_GRAD", False)
-    torch.testing.assert_close(y_split, lora(x), rtol=0, atol=0)  # the adapter's update is not bypassed
+    torch._dynamo.reset()
+    y_compiled = torch.compile(lora, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    assert seen == [False, False, False]
+    torch.testing.assert_close(y_compiled, lora(x), rtol=0, atol=1e-12)  # the adapter's update is kept

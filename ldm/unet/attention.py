@@ -25,11 +25,12 @@ from ldm.unet.blocks import (
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
-# GEGLU's projection as two matmuls (the rows of ``proj`` for a and for g) while gradients are on: the gradient of
+# GEGLU's projection as two matmuls (the rows of ``proj`` for a and for g) in compiled training graphs: the gradient of
 # [a ‖ g] is then two tensors that one pointwise kernel writes, reading a, g and the incoming gradient once, instead
 # of chunk's backward, a concatenation that inductor writes as one masked kernel evaluating both halves' formulas for
-# every element. Under test (bench.py's candidate "geglu-split"); inference always runs the one matmul.
-GEGLU_SPLIT_GRAD = False
+# every element. The 512 px training step on an H100: 146.6 against 144.0 img/s (docs/BENCHMARKS.md, 12-06). Eager
+# calls and inference run the one matmul; bench.py's candidate "geglu-chunk" turns it off.
+GEGLU_SPLIT_GRAD = True
 
 
 class CrossAttention(nn.Module):
@@ -116,11 +117,18 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if GEGLU_SPLIT_GRAD and torch.is_grad_enabled() and type(self.proj) is nn.Linear:  # a LoRA proj: one call
+        if _split_projection(self.proj):
             a, gate = split_linear(x, self.proj.weight, self.proj.bias)
         else:
             a, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
         return a * F.gelu(gate)
+
+
+def _split_projection(proj: nn.Module) -> bool:
+    """Whether GEGLU computes ``proj`` as two matmuls: compiling with gradients, a plain ``nn.Linear`` (a LoRA
+    ``proj`` keeps its one call, so that its update is not bypassed)."""
+    return (GEGLU_SPLIT_GRAD and torch.is_grad_enabled() and torch.compiler.is_compiling()
+            and type(proj) is nn.Linear)
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
