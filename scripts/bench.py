@@ -230,13 +230,14 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str,
 
 
 def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False,
-                profile: bool = False, channels_last: bool = False) -> None:
+                profile: bool = False, channels_last: bool = False, inner: int = 1) -> None:
     """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context.
 
     ``compiled``: the U-Net forward through ``torch.compile`` (static shapes, as ``train.compile`` does); the first
     step's time (compile included) is reported apart. Each shape compiles once: calling this again with another
     ``res`` is the shape change a multi-resolution run makes. ``channels_last``: weights and latents in NHWC (as
-    ``train.channels_last`` does).
+    ``train.channels_last`` does). ``inner`` > 1: also a row of that many steps back to back per timed repetition
+    (no synchronisation between steps, as a training loop runs), besides the row of steps timed one by one.
     """
     dev = ours.device
     ctx_dim = pipe.unet.config.cross_attention_dim
@@ -284,6 +285,11 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
              tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
+        if inner > 1:
+            rb = timed(step, 1, 5, inner)
+            emit(out, what=f"train_steps_back_to_back_bf16_latent{res}_b{batch}", impl=name, variant=tag,
+                 img_per_s=batch / rb["median_s"], tflops=batch / rb["median_s"] * gf / 1000 if SD_SHAPES else None,
+                 inner=inner, **rb)
         net.eval().to(memory_format=was)
         opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -437,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-impls", default="ldm,diffusers", help="eager training rows of: ldm, diffusers")
     p.add_argument("--train-cl", action="store_true", help="training in channels_last (weights and latents)")
     p.add_argument("--train-attn", default=None, help="our attention backend in the training rows (sdpa, cudnn, flash)")
+    p.add_argument("--train-inner", type=int, default=1, metavar="N",
+                   help="also time N training steps back to back per repetition (a training loop's throughput)")
     p.add_argument("--train-cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark in the training rows (Lightning's Trainer(benchmark=True))")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -662,13 +670,14 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     prof = "profile" in a.only
     for r, b in shapes:
         bench_train(ours, pipe, r, b, out, impls=[i for i in a.train_impls.split(",") if i], profile=prof,
-                    channels_last=a.train_cl)
+                    channels_last=a.train_cl, inner=a.train_inner)
     impls = (["ldm"] if a.compile_train else []) + (["diffusers"] if a.compile_train_diffusers else [])
     cshapes = parse_shapes(a.compile_train_shapes) if a.compile_train_shapes else shapes
     dshapes = parse_shapes(a.compile_train_diffusers_shapes) if a.compile_train_diffusers_shapes else cshapes
     for impl in impls:  # ours first: diffusers' first compiled step takes minutes
         for r, b in (cshapes if impl == "ldm" else dshapes):
-            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile=prof, channels_last=a.train_cl)
+            bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile=prof, channels_last=a.train_cl,
+                        inner=a.train_inner)
     uncompile(ours.unet)
     uncompile(pipe.unet)
     ours.unet.set_attention_backend(backend_was)
