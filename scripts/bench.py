@@ -277,9 +277,9 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         r = timed(step, 3, 10)
         if profile and torch.cuda.is_available():
             copies: list = []
-            total, cats, top = profile_step(step, 5, ops=copies)
+            total, cats, top = profile_step(step, 5, ops=copies, top_n=60)
             emit(out, what=f"train_profile_latent{res}_b{batch}", impl=name, variant=tag, total_ms_per_step=total,
-                 by_category_ms=cats, kernels=top[:40], copy_ops=copies)
+                 by_category_ms=cats, kernels=top, copy_ops=copies)
         ips = batch / r["median_s"]
         gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

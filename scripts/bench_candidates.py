@@ -241,6 +241,7 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "vae-partial": ("_vaepartial", _module_setting("ldm.autoencoder.model", NORM_STATS="partial")),
     "gn-nhwc-train": ("_gnnhwctrain", _module_setting("ldm.norm", NHWC_TRAINING=True)),
     "geglu-chunk": ("_gegluchunk", _module_setting("ldm.unet.attention", GEGLU_SPLIT_GRAD=False)),
+    "conv-grad-any": ("_convgradany", _module_setting("ldm.unet.conv", GRAD_CHANNELS_LAST=False)),
 }
 # Candidates that act on our compiled training graphs (the others act on the compiled inference graphs): gn-nhwc-train,
 # our training graphs normalize with ldm.norm.group_norm_nhwc, so that no gradient comes out of the norms' backward in
@@ -252,7 +253,10 @@ CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
 # GEGLU's projection as one matmul and chunk in training graphs too (ldm.unet.attention.GEGLU_SPLIT_GRAD off), whose
 # backward is a masked concatenation (triton_poi_fused_cat_gelu_gelu_backward_mul, 12.4 ms in 5 calls at the first
 # level of the H100's 512 px step); the split, measured as the candidate geglu-split, is the default since 12-06.
-TRAINING_CANDIDATES = frozenset({"gn-nhwc-train", "geglu-chunk"})
+# conv-grad-any: the U-Net's convolutions take their output's gradient in whatever layout inductor writes it
+# (ldm.unet.conv.GRAD_CHANNELS_LAST off): NCHW for 25 of the 98 convolution_backward calls of SD-1.5's step on CUDA,
+# each converted inside cuDNN's backward (12-06, eighth session).
+TRAINING_CANDIDATES = frozenset({"gn-nhwc-train", "geglu-chunk", "conv-grad-any"})
 
 
 def candidate_suffixes(graphs: str) -> list[str]:

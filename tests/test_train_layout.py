@@ -169,3 +169,38 @@ def test_traced_geglu_backward_concatenates_only_without_the_split(monkeypatch, 
     cats = [n for n in bw.graph.nodes if n.target is torch.ops.aten.cat.default
             and n.meta["val"].shape == (2, 16, 24)]  # not the parameters' small (24, 8) and (24,) gradients
     assert len(cats) == (0 if split else 1), [n.format_node() for n in cats]
+
+
+class _NCHWTail(torch.nn.Module):
+    """y -> y·w with an NCHW w: the product's gradient with respect to y comes back NCHW in the traced backward."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(shape))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y.contiguous() * self.w
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_traced_conv_backward_takes_a_channels_last_gradient(monkeypatch, force):
+    """ldm.unet.conv.Conv2d hands its convolution_backward a channels_last gradient in a compiled backward even where
+    the ops after it return an NCHW one (on CUDA, inductor's GroupNorm-backward kernels: 25 conversions per SD-1.5
+    step); without GRAD_CHANNELS_LAST the NCHW gradient reaches it. The gradients' values are nn.Conv2d's."""
+    import ldm.unet.conv as conv
+    from ldm.norm import is_channels_last
+
+    monkeypatch.setattr(conv, "GRAD_CHANNELS_LAST", force)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv.Conv2d(8, 16, 3, padding=1), _NCHWTail((2, 16, 6, 6)))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    bw = _traced_backward(model, x)
+    (call,) = [n for n in bw.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    assert is_channels_last(call.args[0].meta["val"]) == force, call.format_node()
+    grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    model(x).backward(torch.ones(2, 16, 6, 6))  # eager: nn.Conv2d's own path
+    for got, want in zip(grads, [p.grad for p in model.parameters()] + [x.grad]):
+        torch.testing.assert_close(got, want)

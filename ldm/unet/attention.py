@@ -22,6 +22,7 @@ from ldm.unet.blocks import (
     run_maybe_checkpointed,
     zero_module,
 )
+from ldm.unet.conv import Conv2d
 
 # The transformer's GroupNorm eps (the original ``Normalize``), unlike the ResBlocks' 1e-5.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -206,7 +207,7 @@ class SpatialTransformer(ContextBlock):
         inner = n_heads * d_head
         self.in_channels, self.use_linear = in_channels, use_linear
         self.norm = GroupNorm(32, in_channels, eps=TRANSFORMER_NORM_EPS)
-        self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, contexts[d], dropout, disable_self_attn, use_checkpoint,
                                   backend, upcast)
@@ -214,7 +215,7 @@ class SpatialTransformer(ContextBlock):
         )
         # The original builds the linear proj_out as Linear(in_channels, inner); the shapes agree whenever
         # inner == in_channels, the only case in which its forward runs, so checkpoints load either way.
-        out = nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1)
+        out = nn.Linear(inner, in_channels) if use_linear else Conv2d(inner, in_channels, 1)
         self.proj_out = zero_module(out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.norm import GroupNorm
 from ldm.resample import upsample_nearest
+from ldm.unet.conv import Conv2d
 
 # GroupNorm eps of the ResBlocks and the output head (the original GroupNorm32 uses torch's default).
 RESBLOCK_NORM_EPS = 1e-5
@@ -125,7 +126,7 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            self.conv = Conv2d(channels, self.out_channels, 3, padding=1)
         elif self.out_channels != channels:
             raise ValueError(f"Upsample without a conv cannot change channels ({channels} -> {self.out_channels})")
 
@@ -144,7 +145,7 @@ class Downsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
+            self.op: nn.Module = Conv2d(channels, self.out_channels, 3, stride=2, padding=1)
         elif self.out_channels != channels:
             raise ValueError(f"Downsample without a conv cannot change channels ({channels} -> {self.out_channels})")
         else:
@@ -173,7 +174,7 @@ class ResBlock(TimestepBlock):
         c_out = self.out_channels
         self.in_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
-            nn.Conv2d(channels, c_out, 3, padding=1),
+            Conv2d(channels, c_out, 3, padding=1),
         )
         self.updown = up or down
         if up:
@@ -187,14 +188,14 @@ class ResBlock(TimestepBlock):
         self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.emb_out, when hoisted
         self.out_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
-            zero_module(nn.Conv2d(c_out, c_out, 3, padding=1)),
+            zero_module(Conv2d(c_out, c_out, 3, padding=1)),
         )
         if c_out == channels:
             self.skip_connection: nn.Module = nn.Identity()
         elif use_conv:
-            self.skip_connection = nn.Conv2d(channels, c_out, 3, padding=1)
+            self.skip_connection = Conv2d(channels, c_out, 3, padding=1)
         else:
-            self.skip_connection = nn.Conv2d(channels, c_out, 1)
+            self.skip_connection = Conv2d(channels, c_out, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_out: torch.Tensor | None = None,
                 size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from ldm.norm import GroupNorm
 from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.unet.blocks import (NORM_GROUPS, RESBLOCK_NORM_EPS, Downsample, Hoisted, ResBlock, TimestepEmbedSequential,
                              Upsample, repeat_batch, zero_module)
+from ldm.unet.conv import Conv2d
 from ldm.unet.embeddings import label_embedding, time_mlp, timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class UNetModel(nn.Module):
         ch = self._build_output_blocks(ch, skip_chans, conv_resample, resblock_updown)
         self.out = nn.Sequential(
             GroupNorm(NORM_GROUPS, ch, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
-            zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
+            zero_module(Conv2d(ch, out_channels, 3, padding=1)),
         )
         # Inference (fuse_projections): every ResBlock's time projection and every cross-attention's K/V
         # projection of the context, concatenated so that one matmul each serves the whole U-Net. Not saved.
@@ -179,7 +180,7 @@ class UNetModel(nn.Module):
 
     def _build_input_blocks(self, conv_resample: bool, resblock_updown: bool) -> tuple[int, list[int]]:
         ch = self.model_channels
-        blocks = [TimestepEmbedSequential(nn.Conv2d(self.in_channels, ch, 3, padding=1))]
+        blocks = [TimestepEmbedSequential(Conv2d(self.in_channels, ch, 3, padding=1))]
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(self.channel_mult):
             for nr in range(self.num_res_blocks[level]):
