@@ -508,6 +508,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> set[str]:
                 f"known: {', '.join(UNET_CALLS)}")
     if a.px < 64 or a.px % 64:
         p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
+    if a.train_inner < 1:
+        p.error(f"--train-inner must be at least 1, got {a.train_inner}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
         parse_shapes(shapes or "")  # checked before minutes of model building
     return only

@@ -10,7 +10,10 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuDNN, cuBLAS, CUTLASS, flas
     # inductor names its kernels after the ops they fuse ("triton_poi_fused_add_convolution_..." is a conv's epilogue;
     # rows before 2026-12-03 counted those under "convolution")
     ("norm / elementwise (Triton)", ("triton",)),
-    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
+    # cuDNN's SDPA backward runs two helper kernels beside its flash kernel, "cudnn::fusion::compute_dot_do_o" and
+    # "cudnn::fusion::convert_dq_to_16bits" (rows before 2026-12-06, eighth session, counted them as "other" and,
+    # through "convert", as "convolution": 5.3 ms each in the H100's 512 px step)
+    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax", "cudnn::fusion")),
     ("convolution", ("conv", "implicit", "fprop", "dgrad", "wgrad", "nchw", "nhwc")),
     ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "xmma", "mm_")),
     ("optimizer / foreach", ("multi_tensor", "foreach", "adam")),

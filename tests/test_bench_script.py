@@ -24,7 +24,8 @@ def _bench(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, lis
 
 def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
     proc, rows = _bench("--only", "unet,train", "--train-shapes", "8x2", "--train-cl", "--train-attn", "flash",
-                        "--train-cudnn-benchmark", "--eager-graph", "--label", "smoke (CPU)", tmp_path=tmp_path)
+                        "--train-cudnn-benchmark", "--train-inner", "2", "--eager-graph", "--label", "smoke (CPU)",
+                        tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     by = {(r["what"], r.get("impl"), r.get("variant")): r for r in rows}
     assert by[("unet_fp32_max_abs_diff_vs_diffusers", None, None)]["value"] < 1e-4  # identical weights, same function
@@ -36,6 +37,9 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
     # the training knobs name themselves in the row's variant; our attention backend is ours alone
     assert by[("train_step_bf16_latent8_b2", "ldm", "eager_cl_flash_cudnnbench")]["img_per_s"] > 0
     assert by[("train_step_bf16_latent8_b2", "diffusers", "eager_cl_cudnnbench")]["img_per_s"] > 0
+    for impl, variant in (("ldm", "eager_cl_flash_cudnnbench"), ("diffusers", "eager_cl_cudnnbench")):
+        b2b = by[("train_steps_back_to_back_bf16_latent8_b2", impl, variant)]  # --train-inner 2: 2 steps per rep
+        assert b2b["inner"] == 2 and b2b["img_per_s"] == pytest.approx(2 / b2b["median_s"])
     assert "SUMMARY" in proc.stdout
     assert all(r["command"].startswith("python scripts/bench.py --cpu --out ") and r["label"] == "smoke (CPU)"
                for r in rows)  # every row names the process that made it
@@ -54,6 +58,7 @@ def test_cpu_smoke_run_same_weights_and_training_rows(tmp_path):
                                           (["--pipeline-batches", "1,x"], "comma-separated integers, got '1,x'"),
                                           (["--pipeline-batches", "0"], "batch sizes must be positive"),
                                           (["--text", "jit"], "invalid choice: 'jit'"),
+                                          (["--train-inner", "0"], "--train-inner must be at least 1, got 0"),
                                           (["--vae-stats", "shifted,fast"], "unknown statistics method(s) fast")])
 def test_bad_arguments_are_named(tmp_path, args, message):
     proc, _ = _bench(*args, tmp_path=tmp_path)
@@ -155,6 +160,9 @@ def test_kernel_categories_name_inductors_kernels_triton_whatever_ops_they_fuse(
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert kernel_category("nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN") == "matmul"
     assert kernel_category("Memset (Unknown)") == "copy / layout"
+    for helper in ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)",
+                   "void cudnn::fusion::compute_dot_do_o<true>(void const*, void const*, void*, void*)"):
+        assert kernel_category(helper) == "attention"  # the SDPA backward's, not a convolution ("convert")
 
 
 def test_timeline_counts_launches_and_the_idle_gaps_before_each_kernel():

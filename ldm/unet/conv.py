@@ -2,8 +2,8 @@
 
 Why: in a compiled channels_last training step, the gradient of a convolution's output is written by inductor's
 Triton kernels (GroupNorm's backward, the residual sums) in whatever layout inductor settles on for a buffer an extern
-kernel reads, and torch 2.11 settles on NCHW for 25 of SD-1.5's 98 ``convolution_backward`` calls (the first
-convolution of nearly every ResBlock; ``scripts/layout_check.py --device cuda`` on an H100, 2026-12-06). cuDNN's
+kernel reads, and torch 2.11 settles on NCHW for 25 of SD-1.5's 98 ``convolution_backward`` calls (23 of them the
+ResBlocks' 3×3 convolutions; ``scripts/layout_check.py --device cuda`` on an H100, 2026-12-06). cuDNN's
 backward then converts each one to its input's channels_last layout inside the ATen op (``_to_copy``, a copy inductor
 cannot fuse): 8.2 ms of a 437 ms step at 512 px and batch 64 on an H100. :class:`Conv2d` passes its output through an
 identity whose backward asks for channels_last strides on the incoming gradient with inductor's stride-order prim
