@@ -114,12 +114,21 @@ def channels_last_strides(shape: torch.Size) -> tuple[int, int, int, int]:
     return (h * w * c, 1, w * c, c)
 
 
+def compiling_with_grad(x: torch.Tensor | None = None) -> bool:
+    """Whether Dynamo is tracing a graph that autograd differentiates: gradients enabled and, when x is given, x
+    requires one. The layout-keeping backward paths of this package (here, :mod:`ldm.resample`, the U-Net's GEGLU
+    and ``Conv2d``) apply only then; eager calls and inference keep torch's own ops."""
+    if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
+        return False
+    return x is None or x.requires_grad
+
+
 def force_channels_last(x: torch.Tensor) -> torch.Tensor:
     """x: (B, C, H, W) -> the same values with channels_last strides. Compiled, inductor lowers the prim to a layout
     requirement on x's buffer (``ExternKernel.require_stride_order``), so a buffer not yet written is written NHWC
     rather than copied. Eager, ``contiguous`` does the same (a copy only if x lacks those strides); compiled, it would
     be dropped, as the traced strides of an unwritten concatenation are channels_last already."""
-    if not torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):  # the prim: no autograd
+    if not torch.compiler.is_compiling() or compiling_with_grad(x):  # the prim has no autograd formula
         return x.contiguous(memory_format=torch.channels_last)
     from torch._inductor import inductor_prims  # noqa: F401  registers prims.inductor_force_stride_order
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm.norm import compiling_with_grad
+
 
 class _Upsample2x(torch.autograd.Function):
     """x (B, C, H, W) -> (B, C, 2H, 2W) nearest; backward: g (B, C, 2H, 2W) -> the 2×2 sums, (B, C, H, W)."""
@@ -40,6 +42,6 @@ def upsample_nearest(x: torch.Tensor, size: tuple[int, int] | None = None) -> to
     otherwise this is ``F.interpolate``."""
     if size is not None:
         return F.interpolate(x, size=tuple(size), mode="nearest")
-    if x.dim() == 4 and x.requires_grad and torch.is_grad_enabled() and torch.compiler.is_compiling():
+    if x.dim() == 4 and compiling_with_grad(x):
         return _Upsample2x.apply(x)
     return F.interpolate(x, scale_factor=2, mode="nearest")

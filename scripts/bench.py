@@ -280,19 +280,23 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             total, cats, top = profile_step(step, 5, ops=copies, top_n=60)
             emit(out, what=f"train_profile_latent{res}_b{batch}", impl=name, variant=tag, total_ms_per_step=total,
                  by_category_ms=cats, kernels=top, copy_ops=copies)
-        ips = batch / r["median_s"]
-        gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, img_per_s=ips,
-             tflops=ips * gf / 1000 if SD_SHAPES else None, peak_mem_gb=mem, **r)
+        emit(out, what=f"train_step_bf16_latent{res}_b{batch}", impl=name, variant=tag, peak_mem_gb=mem,
+             **train_rate(batch, res, r["median_s"]), **r)
         if inner > 1:
             rb = timed(step, 1, 5, inner)
             emit(out, what=f"train_steps_back_to_back_bf16_latent{res}_b{batch}", impl=name, variant=tag,
-                 img_per_s=batch / rb["median_s"], tflops=batch / rb["median_s"] * gf / 1000 if SD_SHAPES else None,
-                 inner=inner, **rb)
+                 inner=inner, **train_rate(batch, res, rb["median_s"]), **rb)
         net.eval().to(memory_format=was)
         opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def train_rate(batch: int, res: int, seconds: float) -> dict:
+    """A training row's images/s and, for SD-1.5 shapes, TFLOP/s (from the step's GFLOP per image in REFERENCE)."""
+    ips = batch / seconds
+    gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
+    return {"img_per_s": ips, "tflops": ips * gf / 1000 if SD_SHAPES else None}
 
 
 def variant_suffix(net: torch.nn.Module, name: str, compiled: bool = False) -> str:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import attention, check_backend
-from ldm.norm import GroupNorm
+from ldm.norm import GroupNorm, compiling_with_grad
 from ldm.unet.blocks import (
     ContextBlock,
     Hoisted,
@@ -128,8 +128,7 @@ class GEGLU(nn.Module):
 def _split_projection(proj: nn.Module) -> bool:
     """Whether GEGLU computes ``proj`` as two matmuls: compiling with gradients, a plain ``nn.Linear`` (a LoRA
     ``proj`` keeps its one call, so that its update is not bypassed)."""
-    return (GEGLU_SPLIT_GRAD and torch.is_grad_enabled() and torch.compiler.is_compiling()
-            and type(proj) is nn.Linear)
+    return GEGLU_SPLIT_GRAD and compiling_with_grad() and type(proj) is nn.Linear
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

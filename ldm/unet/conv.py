@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.norm import force_channels_last, is_channels_last
+from ldm.norm import compiling_with_grad, force_channels_last, is_channels_last
 
 # Off: the compiled backward takes the gradient in inductor's layout (bench.py's candidate "conv-grad-any").
 GRAD_CHANNELS_LAST = True
@@ -36,7 +36,7 @@ class _ChannelsLastGrad(torch.autograd.Function):
 
 def grad_channels_last(y: torch.Tensor) -> torch.Tensor:
     """y unchanged; in a compiled graph with gradients and a channels_last y, its gradient comes back NHWC."""
-    if GRAD_CHANNELS_LAST and torch.compiler.is_compiling() and y.requires_grad and is_channels_last(y):
+    if GRAD_CHANNELS_LAST and compiling_with_grad(y) and is_channels_last(y):
         return _ChannelsLastGrad.apply(y)
     return y
 
