@@ -10,7 +10,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import ldm.norm as norm_module
-from ldm.norm import GroupNorm, group_norm_nhwc, group_stats
+from ldm.norm import GroupNorm, compiling_with_grad, group_norm_nhwc, group_stats
 from ldm.unet.blocks import ResBlock
 from ldm.unet.model import UNetModel
 
@@ -42,6 +42,21 @@ def saved_layouts(model: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     y.float().square().mean().backward()
     torch._dynamo.reset()
     return counts
+
+
+def test_compiling_with_grad_is_true_only_in_a_traced_graph_that_autograd_differentiates():
+    def probe(x: torch.Tensor, check_x: bool) -> torch.Tensor:
+        return x * (2.0 if compiling_with_grad(x if check_x else None) else 3.0)
+
+    traced = torch.compile(probe, backend="eager", fullgraph=True)
+    leaf, plain = torch.ones(3, requires_grad=True), torch.ones(3)
+    assert float(traced(leaf, True)[0]) == 2.0
+    assert float(traced(plain, False)[0]) == 2.0  # no tensor to ask: grad mode alone decides
+    assert float(traced(plain, True)[0]) == 3.0  # x needs no gradient
+    with torch.no_grad():
+        assert float(traced(leaf, True)[0]) == 3.0 and float(traced(plain, False)[0]) == 3.0
+    assert float(probe(leaf, True)[0]) == 3.0  # eager
+    assert not compiling_with_grad()
 
 
 def test_same_numbers_strides_and_keys_as_nn_groupnorm_in_eager():
