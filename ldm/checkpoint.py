@@ -1,11 +1,14 @@
 """Reading and writing checkpoints: original SD ``.ckpt``/``.safetensors`` files and our own safetensors.
 
 Security: pickled files are read with ``torch.load(weights_only=True)``; a pickle that tries to build anything but
-tensors and plain containers is refused with :class:`UnsafeCheckpointError`. Writes go to a temporary file in the
+tensors and plain containers is refused with :class:`UnsafeCheckpointError`. The one exception is the short list
+:data:`INERT_GLOBALS` of objects that released and fine-tuned SD ``.ckpt`` files pickle beside their weights: each is
+read as an :class:`Inert` stand-in that keeps its arguments and runs nothing (the real class is never imported). Writes go to a temporary file in the
 same folder, are flushed and fsynced, then renamed, so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +34,59 @@ IGNORED_PREFIXES = ("loss.", "model_ema.")
 META_CONFIG = "ldm_config"
 
 
+# Globals that SD .ckpt files pickle beside the weights. PyTorch Lightning 1.x keyed the saved callback states by the
+# callback's class (``"callbacks": {ModelCheckpoint: {...}}``), so the released SD v1 files name ModelCheckpoint
+# (torch.load(weights_only=True) refuses them: diffusers#8874); fine-tuning scripts often saved numpy scalars
+# (``global_step``). Read as :class:`Inert` stand-ins; any other global is refused.
+INERT_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+)
+
+
+class Inert:
+    """What a name of :data:`INERT_GLOBALS` unpickles to: called, instantiated or given a state, it only stores what
+    it is given (``args``, ``state``); it is never a weight."""
+
+    name = "?"
+
+    def __new__(cls, *args: Any) -> "Inert":
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.name}>"
+
+
+def _stand_in(full_name: str) -> type[Inert]:
+    module, _, qualname = full_name.rpartition(".")
+    return type(qualname, (Inert,), {"name": full_name, "__module__": module, "__qualname__": qualname})
+
+
+STAND_INS = tuple((_stand_in(n), n) for n in INERT_GLOBALS)
+
+
+def inert_names(obj: Any, depth: int = 4) -> set[str]:
+    """The :data:`INERT_GLOBALS` names found in a loaded checkpoint's containers (keys and values, ``depth`` deep)."""
+    if isinstance(obj, Inert) or (isinstance(obj, type) and issubclass(obj, Inert)):
+        return {obj.name}
+    if depth == 0:
+        return set()
+    if isinstance(obj, Mapping):
+        return set().union(*(inert_names(k, depth - 1) | inert_names(v, depth - 1) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(inert_names(v, depth - 1) for v in obj))
+    return set()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read or does not fit the model."""
 
@@ -41,12 +97,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 def load_pickle(path: Path) -> Any:
     """A pickled checkpoint's object, read with ``torch.load(weights_only=True)`` (tensors and plain containers
-    only: a pickle that asks to build anything else is refused)."""
+    only, and :class:`Inert` stand-ins for :data:`INERT_GLOBALS`: a pickle that asks to build anything else is
+    refused with :class:`UnsafeCheckpointError`)."""
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
                               f"{', '.join(PICKLE_SUFFIXES)}")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allow(list(STAND_INS)) if allow else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused to load: the pickle asks to build objects other than tensors ({str(e).splitlines()[0]}). "
@@ -54,6 +113,10 @@ def load_pickle(path: Path) -> Any:
             "trusted environment if you trust its source") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    names = inert_names(obj)
+    if names:
+        log.info("%s: read %s (pickled beside the weights) as inert stand-ins", path, ", ".join(sorted(names)))
+    return obj
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,13 +1,19 @@
 """Checkpoint reading/writing: safety of pickles, atomic writes, nested state dicts."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import (UnsafeCheckpointError, atomic_write, ema_key, read_state_dict, save_safetensors,
-                            split_ignored)
+import ldm
+from ldm.checkpoint import (Inert, UnsafeCheckpointError, atomic_write, ema_key, pickled_tensors, read_state_dict,
+                            save_safetensors, split_ignored)
+from ldm.diffusion.schedules import ldm_schedule_buffers, make_betas
 
 
 class Evil:
@@ -88,3 +94,64 @@ def test_ignored_keys_and_ema_names():
     keep, extra = split_ignored(sd)
     assert list(keep) == ["model.diffusion_model.out.0.weight"] and len(extra) == 3
     assert ema_key("diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+
+
+def save_like_lightning_1x(obj: dict, path, monkeypatch) -> None:
+    """torch.save ``obj`` with ``"callbacks"`` keyed by a class named as Lightning 1.x's ModelCheckpoint (what the
+    released SD v1 .ckpt files hold), and a numpy ``global_step``. The fake module exists only while saving, so the
+    load below cannot import the class."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    cls = type("ModelCheckpoint", (), {"__module__": name})
+    with monkeypatch.context() as m:
+        for part in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+            m.setitem(sys.modules, part, types.ModuleType(part))
+        sys.modules[name].ModelCheckpoint = cls
+        state = {"monitor": None, "best_model_score": torch.tensor(0.25), "dirpath": "/logs/checkpoints"}
+        torch.save({**obj, "callbacks": {cls: state}, "global_step": np.int64(470000),
+                    "epoch": np.int32(3), "scale": np.ones(2, dtype=np.float32)}, path)
+    assert name not in sys.modules
+
+
+def test_lightning_1x_checkpoint_loads_its_weights_with_inert_stand_ins(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "v1-5-like.ckpt"
+    save_like_lightning_1x({"state_dict": {"a.b": torch.arange(3.0)}}, path, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoint"):
+        sd, meta = read_state_dict(path)
+    assert list(sd) == ["a.b"] and torch.equal(sd["a.b"], torch.arange(3.0)) and meta == {}
+    assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in caplog.text
+    assert "numpy.core.multiarray.scalar" in caplog.text or "numpy._core.multiarray.scalar" in caplog.text
+    _, obj = pickled_tensors(path)
+    assert isinstance(obj, dict) and "a.b" in obj  # the state_dict, unwrapped
+
+
+def test_inert_stand_ins_keep_their_arguments_and_run_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "m.ckpt"
+    save_like_lightning_1x({"state_dict": {}}, path, monkeypatch)
+    from ldm.checkpoint import load_pickle
+
+    obj = load_pickle(path)
+    (key, state), = obj["callbacks"].items()
+    assert issubclass(key, Inert) and key.name.endswith("ModelCheckpoint")
+    assert state["dirpath"] == "/logs/checkpoints" and torch.equal(state["best_model_score"], torch.tensor(0.25))
+    assert isinstance(obj["global_step"], Inert) and not isinstance(obj["global_step"], (int, np.integer))
+
+
+def test_an_allowed_name_does_not_let_other_globals_through(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mixed.ckpt"
+    save_like_lightning_1x({"state_dict": {"w": torch.zeros(1)}, "payload": Evil(marker)}, path, monkeypatch)
+    with pytest.raises(UnsafeCheckpointError, match="mixed.ckpt.*refused"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_ldm_load_takes_a_released_style_ckpt(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = ldm.load(config="configs/tiny/txt2img.yaml")
+    sd = dict(model.state_dict())
+    sd.update(ldm_schedule_buffers(make_betas("linear")))
+    path = tmp_path / "released.ckpt"
+    save_like_lightning_1x({"state_dict": sd}, path, monkeypatch)
+    back = ldm.load(path, "configs/tiny/txt2img.yaml")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

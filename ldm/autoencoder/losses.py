@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
+from ldm.checkpoint import load_pickle
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class LPIPS(nn.Module):
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_pickle(path)
             sd = sd.get("state_dict", sd)
         model = cls()
         sd = {_strip(k): v for k, v in sd.items()}

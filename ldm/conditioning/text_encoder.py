@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import open_clip
@@ -25,6 +26,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from ldm.checkpoint import load_pickle
 from ldm.conditioning.hf_clip import hf_to_open_clip, is_hf_text_key, open_clip_to_hf
 
 log = logging.getLogger(__name__)
@@ -351,14 +353,14 @@ def _import_hf(module: OpenCLIPTextEncoder, state_dict: dict, prefix: str, *args
 
 # -- weights files ----------------------------------------------------------------------------------------------
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A flat state dict from a local .safetensors, or .pt/.bin/.ckpt file read with ``weights_only=True``."""
+    """A flat state dict from a local .safetensors, or .pt/.pth/.bin/.ckpt file (:func:`ldm.checkpoint.load_pickle`)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text encoder weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # noqa: PLC0415
 
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_pickle(Path(path))
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
