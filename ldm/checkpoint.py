@@ -3,8 +3,10 @@
 Security: pickled files are read with ``torch.load(weights_only=True)``; a pickle that tries to build anything but
 tensors and plain containers is refused with :class:`UnsafeCheckpointError`. The one exception is the short list
 :data:`INERT_GLOBALS` of objects that released and fine-tuned SD ``.ckpt`` files pickle beside their weights: each is
-read as an :class:`Inert` stand-in that keeps its arguments and runs nothing (the real class is never imported). Writes go to a temporary file in the
-same folder, are flushed and fsynced, then renamed, so a crash never leaves a half-written checkpoint.
+read as an :class:`Inert` stand-in that keeps its arguments and runs nothing (the real class is never imported).
+
+Writes go to a temporary file in the same folder, are flushed and fsynced, then renamed, so a crash never leaves a
+half-written checkpoint.
 """
 from __future__ import annotations
 
