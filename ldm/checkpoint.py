@@ -73,7 +73,7 @@ def _stand_in(full_name: str) -> type[Inert]:
     return type(qualname, (Inert,), {"name": full_name, "__module__": module, "__qualname__": qualname})
 
 
-STAND_INS = tuple((_stand_in(n), n) for n in INERT_GLOBALS)
+STAND_INS = tuple(_stand_in(n) for n in INERT_GLOBALS)  # torch allowlists each by {__module__}.{__qualname__}
 
 
 def inert_names(obj: Any, depth: int = 4) -> set[str]:
