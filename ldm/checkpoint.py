@@ -37,13 +37,16 @@ META_CONFIG = "ldm_config"
 
 
 # Globals that SD .ckpt files pickle beside the weights. PyTorch Lightning 1.x keyed the saved callback states by the
-# callback's class (``"callbacks": {ModelCheckpoint: {...}}``), so the released SD v1 files name ModelCheckpoint
-# (torch.load(weights_only=True) refuses them: diffusers#8874); fine-tuning scripts often saved numpy scalars
-# (``global_step``). Read as :class:`Inert` stand-ins; any other global is refused.
+# callback's class (``"callbacks": {ModelCheckpoint: {...}}``) and the states hold numpy scalars, so the released SD v1
+# files name ModelCheckpoint, ``numpy.core.multiarray.scalar`` and ``numpy.dtype`` (the whole list beyond torch's
+# own: lopho/pickle_inspector's ``stable_diffusion_v1``), which torch.load(weights_only=True) refuses (diffusers#8874).
+# Fine-tuned files add numpy arrays, and numpy 2's module and dtype-class names. Read as :class:`Inert` stand-ins;
+# any other global is refused.
 INERT_GLOBALS = (
     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+    *(f"numpy.dtypes.{t}DType" for t in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool")),
 )
 
 
