@@ -1,9 +1,10 @@
 """Reading and writing checkpoints: original SD ``.ckpt``/``.safetensors`` files and our own safetensors.
 
 Security: pickled files are read with ``torch.load(weights_only=True)``; a pickle that tries to build anything but
-tensors and plain containers is refused with :class:`UnsafeCheckpointError`. The one exception is the short list
-:data:`INERT_GLOBALS` of objects that released and fine-tuned SD ``.ckpt`` files pickle beside their weights: each is
-read as an :class:`Inert` stand-in that keeps its arguments and runs nothing (the real class is never imported).
+tensors and plain containers is refused with :class:`UnsafeCheckpointError`. The one exception is what released and
+fine-tuned SD ``.ckpt`` files pickle beside their weights, Lightning 1.x callback classes and numpy types
+(:data:`INERT_GLOBALS`, :data:`INERT_PREFIXES`): each is read as an :class:`Inert` stand-in that keeps its arguments
+and runs nothing (the real class is never imported).
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, then renamed, so a crash never leaves a
 half-written checkpoint.
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,8 +42,10 @@ META_CONFIG = "ldm_config"
 # callback's class (``"callbacks": {ModelCheckpoint: {...}}``) and the states hold numpy scalars, so the released SD v1
 # files name ModelCheckpoint, ``numpy.core.multiarray.scalar`` and ``numpy.dtype`` (the whole list beyond torch's
 # own: lopho/pickle_inspector's ``stable_diffusion_v1``), which torch.load(weights_only=True) refuses (diffusers#8874).
-# Fine-tuned files add numpy arrays, and numpy 2's module and dtype-class names. Read as :class:`Inert` stand-ins;
-# any other global is refused.
+# Fine-tuned files add numpy arrays, and numpy 2's module and dtype-class names. Read as :class:`Inert` stand-ins,
+# as is any other global of a file under INERT_PREFIXES (other Lightning 1.x callbacks, other numpy types) where torch
+# can list the file's globals; any other global is refused.
+INERT_PREFIXES = ("pytorch_lightning.callbacks.", "numpy.")
 INERT_GLOBALS = (
     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
@@ -51,7 +55,7 @@ INERT_GLOBALS = (
 
 
 class Inert:
-    """What a name of :data:`INERT_GLOBALS` unpickles to: called, instantiated or given a state, it only stores what
+    """What a global of :func:`stand_ins` unpickles to: called, instantiated or given a state, it only stores what
     it is given (``args``, ``state``); it is never a weight."""
 
     name = "?"
@@ -76,11 +80,20 @@ def _stand_in(full_name: str) -> type[Inert]:
     return type(qualname, (Inert,), {"name": full_name, "__module__": module, "__qualname__": qualname})
 
 
-STAND_INS = tuple(_stand_in(n) for n in INERT_GLOBALS)  # torch allowlists each by {__module__}.{__qualname__}
+def stand_ins(path: Path) -> list[type[Inert]]:
+    """Stand-ins for the globals of ``path`` that torch refuses and :data:`INERT_PREFIXES` covers, each allowlisted
+    by its ``{__module__}.{__qualname__}``: the file's own list where torch can read it without unpickling (zip
+    checkpoints, torch >= 2.6), else :data:`INERT_GLOBALS`."""
+    listing = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        names = listing(str(path)) if listing else INERT_GLOBALS
+    except (ValueError, RuntimeError, OSError):  # the legacy (non-zip) format; a damaged file fails in torch.load
+        names = INERT_GLOBALS
+    return [_stand_in(n) for n in names if n.startswith(INERT_PREFIXES)]
 
 
 def inert_names(obj: Any, depth: int = 4) -> set[str]:
-    """The :data:`INERT_GLOBALS` names found in a loaded checkpoint's containers (keys and values, ``depth`` deep)."""
+    """The stand-ins' names found in a loaded checkpoint's containers (keys and values, ``depth`` deep)."""
     if isinstance(obj, Inert) or (isinstance(obj, type) and issubclass(obj, Inert)):
         return {obj.name}
     if depth == 0:
@@ -100,20 +113,30 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint tried to run code while loading."""
 
 
+def refusal(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, in one line: the global it names, else its own reason."""
+    text = str(e)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"{named.group(1)} is not an allowed global"
+    reason = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return reason.group(1) if reason else text.splitlines()[0]
+
+
 def load_pickle(path: Path) -> Any:
     """A pickled checkpoint's object, read with ``torch.load(weights_only=True)`` (tensors and plain containers
-    only, and :class:`Inert` stand-ins for :data:`INERT_GLOBALS`: a pickle that asks to build anything else is
+    only, and :class:`Inert` stand-ins from :func:`stand_ins`: a pickle that asks to build anything else is
     refused with :class:`UnsafeCheckpointError`)."""
     if path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
                               f"{', '.join(PICKLE_SUFFIXES)}")
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        with allow(list(STAND_INS)) if allow else contextlib.nullcontext():
+        with allow(stand_ins(path)) if allow else contextlib.nullcontext():
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"{path}: refused to load: the pickle asks to build objects other than tensors ({str(e).splitlines()[0]}). "
+            f"{path}: refused to load: the pickle asks to build objects other than tensors ({refusal(e)}). "
             "Only weights are loaded (torch.load weights_only=True); convert the file to safetensors from a "
             "trusted environment if you trust its source") from e
     except (RuntimeError, EOFError, OSError) as e:

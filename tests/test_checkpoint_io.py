@@ -96,20 +96,24 @@ def test_ignored_keys_and_ema_names():
     assert ema_key("diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
 
 
-def save_like_lightning_1x(obj: dict, path, monkeypatch) -> None:
-    """torch.save ``obj`` with ``"callbacks"`` keyed by a class named as Lightning 1.x's ModelCheckpoint (what the
-    released SD v1 .ckpt files hold), and a numpy ``global_step``. The fake module exists only while saving, so the
-    load below cannot import the class."""
-    name = "pytorch_lightning.callbacks.model_checkpoint"
-    cls = type("ModelCheckpoint", (), {"__module__": name})
+def save_like_lightning_1x(obj: dict, path, monkeypatch, callbacks=("model_checkpoint.ModelCheckpoint",),
+                           zipped: bool = True) -> None:
+    """torch.save ``obj`` with ``"callbacks"`` keyed by classes named as Lightning 1.x's callbacks (the released SD v1
+    .ckpt files hold ModelCheckpoint), and numpy values (``global_step``). The fake modules exist only while saving,
+    so the load cannot import the classes."""
+    keys = {}
     with monkeypatch.context() as m:
-        for part in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+        for part in ("pytorch_lightning", "pytorch_lightning.callbacks"):
             m.setitem(sys.modules, part, types.ModuleType(part))
-        sys.modules[name].ModelCheckpoint = cls
-        state = {"monitor": None, "best_model_score": torch.tensor(0.25), "dirpath": "/logs/checkpoints"}
-        torch.save({**obj, "callbacks": {cls: state}, "global_step": np.int64(470000),
-                    "epoch": np.int32(3), "scale": np.ones(2, dtype=np.float32)}, path)
-    assert name not in sys.modules
+        for cb in callbacks:
+            module, _, name = f"pytorch_lightning.callbacks.{cb}".rpartition(".")
+            m.setitem(sys.modules, module, sys.modules.get(module, types.ModuleType(module)))
+            cls = type(name, (), {"__module__": module})
+            setattr(sys.modules[module], name, cls)
+            keys[cls] = {"best_model_score": torch.tensor(0.25), "dirpath": "/logs/checkpoints", "monitor": None}
+        torch.save({**obj, "callbacks": keys, "global_step": np.int64(470000), "epoch": np.int32(3),
+                    "scale": np.ones(2, dtype=np.float32)}, path, _use_new_zipfile_serialization=zipped)
+    assert "pytorch_lightning" not in sys.modules
 
 
 def test_lightning_1x_checkpoint_loads_its_weights_with_inert_stand_ins(tmp_path, monkeypatch, caplog):
@@ -155,3 +159,17 @@ def test_ldm_load_takes_a_released_style_ckpt(tmp_path, monkeypatch):
     back = ldm.load(path, "configs/tiny/txt2img.yaml")
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_other_lightning_callbacks_stand_in_too(tmp_path, monkeypatch, caplog, zipped):
+    path = tmp_path / "two-callbacks.ckpt"
+    save_like_lightning_1x({"state_dict": {"w": torch.ones(2)}}, path, monkeypatch, zipped=zipped,
+                           callbacks=("model_checkpoint.ModelCheckpoint", "early_stopping.EarlyStopping"))
+    with caplog.at_level(logging.INFO, logger="ldm.checkpoint"):
+        if zipped:  # torch lists the zip file's globals: every pytorch_lightning.callbacks.* one stands in
+            sd, _ = read_state_dict(path)
+            assert torch.equal(sd["w"], torch.ones(2)) and "EarlyStopping" in caplog.text
+        else:  # legacy format: only the fixed list, so EarlyStopping is refused, by name
+            with pytest.raises(UnsafeCheckpointError, match="EarlyStopping"):
+                read_state_dict(path)
