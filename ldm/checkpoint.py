@@ -65,9 +65,6 @@ class Inert:
         obj.args, obj.state = args, None
         return obj
 
-    def __init__(self, *args: Any) -> None:
-        pass
-
     def __setstate__(self, state: Any) -> None:
         self.state = state
 

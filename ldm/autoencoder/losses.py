@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
-from ldm.checkpoint import load_pickle
+from ldm.checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,7 @@ class LPIPS(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"perceptual_weights_path {str(path)!r} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file  # noqa: PLC0415
-
-            sd = load_file(str(path))
-        else:
-            sd = load_pickle(path)
-            sd = sd.get("state_dict", sd)
+        sd = read_state_dict(path)[0]  # Lightning's "state_dict" unwrapped
         model = cls()
         sd = {_strip(k): v for k, v in sd.items()}
         wanted = model.state_dict().keys()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import open_clip
@@ -26,7 +25,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from ldm.checkpoint import load_pickle
+from ldm import checkpoint
 from ldm.conditioning.hf_clip import hf_to_open_clip, is_hf_text_key, open_clip_to_hf
 
 log = logging.getLogger(__name__)
@@ -353,19 +352,11 @@ def _import_hf(module: OpenCLIPTextEncoder, state_dict: dict, prefix: str, *args
 
 # -- weights files ----------------------------------------------------------------------------------------------
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A flat state dict from a local .safetensors, or .pt/.pth/.bin/.ckpt file (:func:`ldm.checkpoint.load_pickle`)."""
+    """A flat state dict from a local .safetensors, or .pt/.pth/.bin/.ckpt file (:func:`ldm.checkpoint.read_state_dict`:
+    pickles read weights-only, Lightning's ``state_dict`` unwrapped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text encoder weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        return load_file(path)
-    sd = load_pickle(Path(path))
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"weights {path!r}: expected a state dict, got {type(sd).__name__}")
-    return sd
+    return checkpoint.read_state_dict(path)[0]
 
 
 def open_clip_keys(sd: Mapping[str, torch.Tensor], num_layers: int, path: str = "weights") -> dict[str, torch.Tensor]:
