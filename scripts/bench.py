@@ -230,7 +230,7 @@ def bench_pipeline(ours, pipe, px: int, batch: int, steps: int, out, tag: str,
 
 
 def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"), compiled: bool = False,
-                profile: bool = False, channels_last: bool = False, inner: int = 1) -> None:
+                profile: bool = False, channels_last: bool = False, inner: int = 1, mode: str | None = None) -> None:
     """One U-Net training step: bf16 autocast, fp32 master weights, fused AdamW, random latents and context.
 
     ``compiled``: the U-Net forward through ``torch.compile`` (static shapes, as ``train.compile`` does); the first
@@ -238,6 +238,8 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
     ``res`` is the shape change a multi-resolution run makes. ``channels_last``: weights and latents in NHWC (as
     ``train.channels_last`` does). ``inner`` > 1: also a row of that many steps back to back per timed repetition
     (no synchronisation between steps, as a training loop runs), besides the row of steps timed one by one.
+    ``mode``: the compiled forward's torch.compile mode (``train.compile_mode``); "reduce-overhead" replays the
+    forward and backward graphs from CUDA graphs, each step marked as a new one for their memory pool.
     """
     dev = ours.device
     ctx_dim = pipe.unet.config.cross_attention_dim
@@ -253,11 +255,14 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             net.set_gradient_checkpointing(False)
             net.fuse_projections(False)
         if compiled and "forward" not in vars(net):
-            net.forward = torch.compile(net.forward, dynamic=False)
+            net.forward = torch.compile(net.forward, dynamic=False, mode=mode)
         fwd = net.forward
+        graphs = compiled and mode is not None and "reduce-overhead" in mode
         opt = torch.optim.AdamW([p for p in net.parameters()], lr=1e-5, fused=dev.type == "cuda")
 
         def step():
+            if graphs:  # the last step's graph outputs are dead: the pool's memory can be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 y = fwd(x, t, context=c) if name == "ldm" else fwd(x, t, encoder_hidden_states=c).sample
                 loss = torch.nn.functional.mse_loss(y.float(), x)
@@ -268,7 +273,8 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         layout = "_cl" if channels_last else ""
-        tag = ("compiled" if compiled else "eager") + layout + variant_suffix(net, name, compiled)
+        tag = ("compiled" if compiled else "eager") + layout + (f"_{mode}" if compiled and mode else "")
+        tag += variant_suffix(net, name, compiled)
         if compiled:
             t0 = time.time()
             step()
@@ -449,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-attn", default=None, help="our attention backend in the training rows (sdpa, cudnn, flash)")
     p.add_argument("--train-inner", type=int, default=1, metavar="N",
                    help="also time N training steps back to back per repetition (a training loop's throughput)")
+    p.add_argument("--train-compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode of our compiled training rows (train.compile_mode), e.g. reduce-overhead: "
+                        "the forward and backward replayed from CUDA graphs")
     p.add_argument("--train-cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark in the training rows (Lightning's Trainer(benchmark=True))")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -683,7 +692,7 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     for impl in impls:  # ours first: diffusers' first compiled step takes minutes
         for r, b in (cshapes if impl == "ldm" else dshapes):
             bench_train(ours, pipe, r, b, out, impls=(impl,), compiled=True, profile=prof, channels_last=a.train_cl,
-                        inner=a.train_inner)
+                        inner=a.train_inner, mode=a.train_compile_mode if impl == "ldm" else None)
     uncompile(ours.unet)
     uncompile(pipe.unet)
     ours.unet.set_attention_backend(backend_was)

@@ -69,6 +69,43 @@ def test_compiled_training_matches_eager_and_survives_a_shape_change(tmp_path):
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(("train", "expected"), [
+    ({"compile": True, "compile_mode": "reduce-overhead"}, True), ({"compile": True, "compile_mode": "max-autotune"}, True),
+    ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, False), ({"compile": True}, False),
+    ({"compile": False, "compile_mode": "reduce-overhead"}, False)])
+def test_graph_replay_follows_the_compile_mode(train, expected):
+    from omegaconf import OmegaConf
+
+    from ldm.diffusion.lightning import replays_graphs
+
+    assert replays_graphs(OmegaConf.create(train)) is expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_replayed_from_cuda_graphs_matches_the_compiled_run(tmp_path):
+    """train.compile_mode=reduce-overhead: the U-Net's forward and backward replay CUDA graphs through training,
+    validation (weights and EMA) and the sampling callback, with the same losses as the compiled run without graphs
+    (the same inductor kernels), and no graph is skipped."""
+    from torch._dynamo.utils import counters
+
+    common = ["--config", TINY, "trainer.max_steps=4", "trainer.accelerator=gpu", "train.compile=true",
+              "train.ema_decay=0.9", "train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
+              "data.val_num_samples=240", "train.val_batches=2", "sample.every_n_steps=2",
+              "sample.prompts=[cat face]", "sample.steps=2", "trainer.log_every_n_steps=1"]
+    run(common + ["--run-dir", str(tmp_path / "plain")])
+    counters.clear()
+    run(common + ["--run-dir", str(tmp_path / "graphs"), "train.compile_mode=reduce-overhead"])
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    plain, graphs = losses(tmp_path / "plain"), losses(tmp_path / "graphs")
+    assert plain.keys() == graphs.keys() and len(plain) == 4
+    assert all(float(graphs[k]) == pytest.approx(float(plain[k]), rel=1e-3) for k in plain)
+    val = [logged(tmp_path / d, "val/loss_ema") for d in ("plain", "graphs")]
+    assert val[0].keys() == val[1].keys() and len(val[0]) >= 1
+    assert all(float(val[1][k]) == pytest.approx(float(val[0][k]), rel=1e-3) for k in val[0])
+    assert (tmp_path / "graphs" / "samples" / "step_00000004.png").is_file()
+
+
 def _cmd(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(run_dir),
             "--resume", "auto", f"trainer.max_steps={steps}", "train.checkpoint.every_n_steps=2",

@@ -25,6 +25,8 @@ from ldm.training.stage import ResumableStage
 from ldm.training.step_log import log_step
 
 log = logging.getLogger(__name__)
+# torch.compile modes that replay the compiled graphs from CUDA graphs
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class LatentDiffusionModule(ResumableStage, L.LightningModule):
@@ -119,6 +121,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
 
         t = self.config.train
+        if replays_graphs(t):  # one U-Net call per loss: the last call's graph outputs are dead by now
+            torch.compiler.cudagraph_mark_step_begin()
         return diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod, self.net.parameterization,
                               generator=gen, min_snr_gamma=t.get("min_snr_gamma"),
                               offset_noise=float(t.get("offset_noise", 0.0)))
@@ -222,6 +226,12 @@ def data_buckets(config: DictConfig) -> tuple[tuple[int, int], ...]:
         return ()
     args = bucket_args(d)
     return aspect_buckets(int(d.size), args["bucket_step"], args["bucket_max_ratio"])
+
+
+def replays_graphs(t: DictConfig) -> bool:
+    """Whether the compiled U-Net replays CUDA graphs: ``train.compile`` with ``train.compile_mode`` reduce-overhead or
+    max-autotune (inductor's CUDA graph trees; each U-Net call then starts a new generation of their memory pool)."""
+    return bool(t.get("compile", False)) and t.get("compile_mode") in GRAPH_MODES
 
 
 def compile_unet(unet: torch.nn.Module, t: DictConfig, shapes: int = 0) -> None:
