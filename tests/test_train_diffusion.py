@@ -70,7 +70,8 @@ def test_compiled_training_matches_eager_and_survives_a_shape_change(tmp_path):
 
 
 @pytest.mark.parametrize(("train", "expected"), [
-    ({"compile": True, "compile_mode": "reduce-overhead"}, True), ({"compile": True, "compile_mode": "max-autotune"}, True),
+    ({"compile": True, "compile_mode": "reduce-overhead"}, True),
+    ({"compile": True, "compile_mode": "max-autotune"}, True),
     ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, False), ({"compile": True}, False),
     ({"compile": False, "compile_mode": "reduce-overhead"}, False)])
 def test_graph_replay_follows_the_compile_mode(train, expected):
