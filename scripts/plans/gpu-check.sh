@@ -12,7 +12,7 @@ PARTS=${PARTS:-tests demo train sample}  # a later call on the same warm machine
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-[ "$ACCEL" = gpu ] && part tests && $PY -m pytest -m gpu -o addopts="" -p no:cacheprovider -q tests/test_cuda_graph.py tests/test_norm.py 2>&1 \
+[ "$ACCEL" = gpu ] && part tests && $PY -m pytest -m gpu -o addopts="" -p no:cacheprovider -q tests/ 2>&1 \
   | tail -8 | tee "$OUT/gpu-tests.txt"
 part demo && [ -d "$DATA" ] && { rm -rf "$WORK/demo/emoji64"; mkdir -p "$WORK/demo"; cp -r "$DATA" "$WORK/demo/emoji64"; }
 part demo && { t0=$(date +%s)
