@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.diffusion.lightning import GRAPH_MODES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_candidates import (  # noqa: E402
     CANDIDATES,
@@ -257,7 +259,7 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
         if compiled and "forward" not in vars(net):
             net.forward = torch.compile(net.forward, dynamic=False, mode=mode)
         fwd = net.forward
-        graphs = compiled and mode is not None and "reduce-overhead" in mode
+        graphs = compiled and mode in GRAPH_MODES
         opt = torch.optim.AdamW([p for p in net.parameters()], lr=1e-5, fused=dev.type == "cuda")
 
         def step():

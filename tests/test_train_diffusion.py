@@ -84,11 +84,20 @@ def test_graph_replay_follows_the_compile_mode(train, expected):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_training_replayed_from_cuda_graphs_matches_the_compiled_run(tmp_path):
+def test_training_replayed_from_cuda_graphs_matches_the_compiled_run(tmp_path, monkeypatch):
     """train.compile_mode=reduce-overhead: the U-Net's forward and backward replay CUDA graphs through training,
     validation (weights and EMA) and the sampling callback, with the same losses as the compiled run without graphs
     (the same inductor kernels), and no graph is skipped."""
     from torch._dynamo.utils import counters
+
+    replays = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays[0] += 1
+        return replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
 
     common = ["--config", TINY, "trainer.max_steps=4", "trainer.accelerator=gpu", "train.compile=true",
               "train.ema_decay=0.9", "train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
@@ -96,8 +105,10 @@ def test_training_replayed_from_cuda_graphs_matches_the_compiled_run(tmp_path):
               "sample.prompts=[cat face]", "sample.steps=2", "trainer.log_every_n_steps=1"]
     run(common + ["--run-dir", str(tmp_path / "plain")])
     counters.clear()
+    before = replays[0]
     run(common + ["--run-dir", str(tmp_path / "graphs"), "train.compile_mode=reduce-overhead"])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert replays[0] - before >= 4  # forward and backward graphs, replayed in the steps after their recording
     plain, graphs = losses(tmp_path / "plain"), losses(tmp_path / "graphs")
     assert plain.keys() == graphs.keys() and len(plain) == 4
     assert all(float(graphs[k]) == pytest.approx(float(plain[k]), rel=1e-3) for k in plain)
