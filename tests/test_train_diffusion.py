@@ -175,7 +175,8 @@ def test_lora_finetune_saves_adapters_and_base_stays(tmp_path):
 
 def test_latent_cache_with_context_trains(tmp_path):
     run(["--config", TINY, "--run-dir", str(tmp_path / "base"), "trainer.max_steps=1"])
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), "--model", str(tmp_path / "base" / "model.safetensors"),
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"),
+                    "--model", str(tmp_path / "base" / "model.safetensors"),
                     "--data", "tests/fixtures/emoji/emoji32-000000.tar", "--out", str(tmp_path / "cache"), "--context",
                     "--batch-size", "16"], check=True, cwd=ROOT, capture_output=True)
     import json
