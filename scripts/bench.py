@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.diffusion.lightning import GRAPH_MODES
+from ldm.diffusion.lightning import marking_steps, replays_graphs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_candidates import (  # noqa: E402
@@ -241,7 +241,7 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
     ``train.channels_last`` does). ``inner`` > 1: also a row of that many steps back to back per timed repetition
     (no synchronisation between steps, as a training loop runs), besides the row of steps timed one by one.
     ``mode``: the compiled forward's torch.compile mode (``train.compile_mode``); "reduce-overhead" replays the
-    forward and backward graphs from CUDA graphs, each step marked as a new one for their memory pool.
+    forward and backward graphs from CUDA graphs, each call marked as a new step (:func:`marking_steps`).
     """
     dev = ours.device
     ctx_dim = pipe.unet.config.cross_attention_dim
@@ -258,13 +258,12 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             net.fuse_projections(False)
         if compiled and "forward" not in vars(net):
             net.forward = torch.compile(net.forward, dynamic=False, mode=mode)
+            if replays_graphs({"compile": True, "compile_mode": mode}):  # as train.compile_mode does
+                net.forward = marking_steps(net.forward)
         fwd = net.forward
-        graphs = compiled and mode in GRAPH_MODES
         opt = torch.optim.AdamW([p for p in net.parameters()], lr=1e-5, fused=dev.type == "cuda")
 
         def step():
-            if graphs:  # the last step's graph outputs are dead: the pool's memory can be reused
-                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 y = fwd(x, t, context=c) if name == "ldm" else fwd(x, t, encoder_hidden_states=c).sample
                 loss = torch.nn.functional.mse_loss(y.float(), x)

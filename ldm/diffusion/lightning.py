@@ -6,11 +6,12 @@ The math lives in :mod:`ldm.diffusion.losses`; this module wires it to Lightning
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
@@ -121,8 +122,6 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.diffusion.losses import diffusion_loss  # noqa: PLC0415
 
         t = self.config.train
-        if replays_graphs(t):  # one U-Net call per loss: the last call's graph outputs are dead by now
-            torch.compiler.cudagraph_mark_step_begin()
         return diffusion_loss(self.net.model, z, {"context": c}, self.net.alphas_cumprod, self.net.parameterization,
                               generator=gen, min_snr_gamma=t.get("min_snr_gamma"),
                               offset_noise=float(t.get("offset_noise", 0.0)))
@@ -228,10 +227,22 @@ def data_buckets(config: DictConfig) -> tuple[tuple[int, int], ...]:
     return aspect_buckets(int(d.size), args["bucket_step"], args["bucket_max_ratio"])
 
 
-def replays_graphs(t: DictConfig) -> bool:
+def replays_graphs(t: Mapping[str, Any]) -> bool:
     """Whether the compiled U-Net replays CUDA graphs: ``train.compile`` with ``train.compile_mode`` reduce-overhead or
     max-autotune (inductor's CUDA graph trees; each U-Net call then starts a new generation of their memory pool)."""
     return bool(t.get("compile", False)) and t.get("compile_mode") in GRAPH_MODES
+
+
+def marking_steps(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` (a compiled U-Net's, replaying CUDA graphs) with each call marked as a new step of the graphs'
+    memory pool (``torch.compiler.cudagraph_mark_step_begin``): one call per loss, validation loss or sampling step,
+    so the last call's graph outputs are dead by the next."""
+    @functools.wraps(forward)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward(*args, **kwargs)
+
+    return marked
 
 
 def compile_unet(unet: torch.nn.Module, t: DictConfig, shapes: int = 0) -> None:
@@ -257,6 +268,8 @@ def compile_unet(unet: torch.nn.Module, t: DictConfig, shapes: int = 0) -> None:
                  dynamo_config.cache_size_limit, shapes)
         dynamo_config.cache_size_limit = shapes
     unet.forward = torch.compile(unet.forward, backend=backend, mode=t.get("compile_mode"), dynamic=False)
+    if replays_graphs(t):
+        unet.forward = marking_steps(unet.forward)
     log.info("train.compile: U-Net forward compiled (backend %s, mode %s); the first step of each shape compiles",
              backend, t.get("compile_mode"))
 
