@@ -1,7 +1,8 @@
-"""The one-kernel Triton GroupNorm (ldm.kernels.group_norm) against inductor's lowering of the same norm
-(ldm.norm.group_norm_nhwc compiled, three kernels), at every GroupNorm shape of SD-1.5's U-Net in a CFG step.
+"""The Triton GroupNorm (ldm.kernels.group_norm: one program per group, or the statistics in parts and then the
+normalization) against inductor's lowering of the same norm (ldm.norm.group_norm_nhwc compiled, three kernels), at
+every GroupNorm shape of SD-1.5's U-Net in a CFG step.
 
-    python scripts/bench_group_norm.py --out gn.jsonl            # each shape: the kernel's tile sweep, inductor
+    python scripts/bench_group_norm.py --out gn.jsonl            # each shape: both methods, a tile sweep, inductor
     python scripts/bench_group_norm.py --batch 16 --silu-only
 
 Times are µs per norm from CUDA-graph replays of 20 back-to-back calls (``graph_time_us``), as the norms run inside
@@ -22,8 +23,8 @@ from bench_common import describe_run, emit, graph_time_us  # noqa: E402
 # (channels, side) of SD-1.5's GroupNorms at 64×64 latents: the encoder levels, and the decoder's concatenations
 SHAPES = ((320, 64), (640, 64), (960, 64), (640, 32), (960, 32), (1280, 32), (1920, 32), (1280, 16),
           (1920, 16), (2560, 16), (1280, 8), (2560, 8))
-TILES = (1024, 2048, 4096, 8192)
-WARPS = (2, 4, 8, 16)
+SPLIT_TILES = (2048, 4096, 8192)  # values per tile of the two-kernel method
+SPLIT_PROGRAMS = (264, 528)  # programs of its statistics kernel
 GROUPS = 32
 
 
@@ -42,18 +43,18 @@ def bench_shape(out: Path | None, batch: int, c: int, side: int, silu: bool, swe
     y = torch.empty_like(x)
     shape = dict(batch=batch, channels=c, side=side, silu=silu)
     cg = c // GROUPS
-    default = kg.pick_config(side * side, cg)
-    configs = {default}
+    method = "single" if side * side <= kg.SINGLE_MAX_ROWS else "split"
+    runs = {("single", kg.pick_config(side * side, cg)), ("split", kg.SPLIT_DEFAULT)}
     if sweep:
-        block_c = 1 << (cg - 1).bit_length()
-        configs |= {(max(1, min(side * side, t // block_c)), nw) for t in TILES for nw in WARPS}
-    for cfg in sorted(configs):
-        def call(cfg=cfg):
-            kg.launch(x, w, b, y, GROUPS, 1e-5, silu, config=cfg)
+        runs |= {("split", (t, p, nw)) for t in SPLIT_TILES for p in SPLIT_PROGRAMS for nw in (4, 8)}
+    for m, cfg in sorted(runs):
+        def call(m=m, cfg=cfg):
+            kg.launch(x, w, b, y, GROUPS, 1e-5, silu, config=cfg, method=m)
 
         call()
         err = (y.float() - ref).abs().max().item()
-        emit(out, what="group_norm_us", impl="triton", config=list(cfg), default=cfg == default,
+        default = m == method and cfg in (kg.SPLIT_DEFAULT, kg.pick_config(side * side, cg))
+        emit(out, what="group_norm_us", impl="triton", method=m, config=list(cfg), default=default,
              value=graph_time_us(call), max_abs_diff=err, **shape)
 
     def inductor(x):

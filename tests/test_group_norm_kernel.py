@@ -25,15 +25,17 @@ INTERPRETED = textwrap.dedent("""
     import torch, torch.nn.functional as F
     from ldm.kernels import group_norm as kg
     torch.manual_seed(0)
-    cases = ((2, 40, 5, 7, 4, True, True, (8, 4)), (1, 24, 3, 3, 8, False, True, None),
-             (2, 12, 4, 4, 3, True, False, (4, 2)), (1, 64, 1, 6, 32, False, True, None))
-    for b, c, h, w, g, silu, affine, cfg in cases:
-        x = (torch.randn(b, c, h, w) * 3 + 5).contiguous(memory_format=torch.channels_last)
-        wt, bs = (torch.randn(c), torch.randn(c)) if affine else (None, None)
-        y = torch.full_like(x, float("nan"))
-        kg.launch(x, wt, bs, y, g, 1e-5, silu, config=cfg)
-        ref = F.group_norm(x, g, wt, bs, 1e-5)
-        torch.testing.assert_close(y, F.silu(ref) if silu else ref, atol=1e-5, rtol=1e-5)
+    cases = ((2, 40, 5, 7, 4, True, True), (1, 24, 3, 3, 8, False, True), (2, 12, 4, 4, 3, True, False),
+             (1, 64, 1, 6, 32, False, True), (2, 96, 9, 11, 32, True, True))
+    methods = (("single", (8, 4)), ("single", None), ("split", (64, 5, 4)), ("split", None), (None, None))
+    for method, cfg in methods:  # split (64, 5, 4): 5 statistics programs over 2 samples, so parts of 2 tiles
+        for b, c, h, w, g, silu, affine in cases:
+            x = (torch.randn(b, c, h, w) * 3 + 5).contiguous(memory_format=torch.channels_last)
+            wt, bs = (torch.randn(c), torch.randn(c)) if affine else (None, None)
+            y = torch.full_like(x, float("nan"))
+            kg.launch(x, wt, bs, y, g, 1e-5, silu, config=cfg, method=method)
+            ref = F.group_norm(x, g, wt, bs, 1e-5)
+            torch.testing.assert_close(y, F.silu(ref) if silu else ref, atol=1e-5, rtol=1e-5)
     try:
         kg.launch(torch.randn(1, 8, 2, 2), None, None, torch.empty(1, 8, 2, 2), 4, 1e-5, False)
     except ValueError as e:
@@ -60,12 +62,19 @@ def test_rows_stride_takes_channels_last_maps_only():
     assert rows_stride(torch.empty(1, 8, 1, 1)) is not None  # one row: its stride is never used
 
 
-def test_pick_config_tiles_about_tile_values():
-    from ldm.kernels.group_norm import TILE, pick_config
+def test_the_blocks_tile_about_tile_values_and_cover_every_row():
+    from ldm.kernels.group_norm import TILE, pick_config, split_plan
 
     assert pick_config(4096, 10) == (TILE // 16, 4)  # SD-1.5's first level: C/G = 10 padded to 16 lanes
     assert pick_config(64, 40) == (64, 4)  # fewer rows than a tile: one tile
     assert pick_config(1, 1) == (1, 4)
+    plan = split_plan(2, 4096, 32, 10, (4096, 264, 8))  # 32 groups × 16 lanes a row: 8 rows a tile
+    assert (plan["BLOCK_G"], plan["BLOCK_CG"], plan["BLOCK_L"]) == (32, 16, 8)
+    assert (plan["S"], plan["rows_per"]) == (128, 32)  # 132 parts asked per sample: 32 rows each, so 128
+    for batch, rows, cg, config in ((2, 1024, 20, (4096, 264, 8)), (1, 99, 30, (512, 7, 4)), (16, 64, 80, (64, 8, 4))):
+        plan = split_plan(batch, rows, 32, cg, config)
+        assert plan["rows_per"] % plan["BLOCK_L"] == 0  # parts begin on a tile
+        assert (plan["S"] - 1) * plan["rows_per"] < rows <= plan["S"] * plan["rows_per"]  # every part has rows
 
 
 def test_norm_act_sequential_fuses_the_silu_into_the_norm_call(monkeypatch):
