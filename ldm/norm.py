@@ -26,6 +26,10 @@ but its backward's reductions are slower than the copies they save (``scripts/be
 ResBlocks at batch 64 on an H100: 24.9 against 20.6 ms per step, Triton 12.8 against 7.4 ms). So :data:`NHWC_TRAINING`
 stays off; ``scripts/bench.py --candidate gn-nhwc-train`` measures it again.
 
+A hand-written Triton GroupNorm (+ SiLU) as one torch op, in place of inductor's lowering, made SD-1.5's CFG step
+slower on an H100 (7.11 against 5.97 ms; docs/BENCHMARKS.md, 2026-12-06 eleventh session): inductor fuses each norm's
+kernels with the additions, casts and concatenations around it, and an opaque op breaks those fusions.
+
 Eager mode is left exactly as ``nn.GroupNorm``: there the CUDA kernel converts anyway, and an extra request would
 add a copy. The numbers are the same either way (only strides differ); parameters and state-dict keys are those of
 ``nn.GroupNorm``, so checkpoints load unchanged.
@@ -64,12 +68,6 @@ NHWC_TRAINING = False
 NHWC_STATS = "partial"
 STATS_METHODS = ("partial", "shifted", "welford")
 STATS_PARTS = 4
-# Compiled inference graphs normalize a channels_last input with the one-kernel Triton GroupNorm
-# (``torch.ops.ldm.group_norm``, :mod:`ldm.kernels.group_norm`), with the SiLU after it fused in where a
-# :class:`NormActSequential` holds the pair, wherever :func:`ldm.kernels.available` allows (a CUDA fp16/bf16 tensor
-# on a measured card, Triton installed); elsewhere :func:`group_norm_nhwc`. ``scripts/bench.py --candidate
-# gn-kernel`` / ``gn-no-kernel`` measure it against inductor's three kernels per norm.
-KERNEL_INFERENCE = False
 
 
 def check_stats_method(method: str, where: str) -> str:
@@ -171,43 +169,10 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype)
         self.stats = None if stats is None else check_stats_method(stats, "GroupNorm stats")
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling; SiLU of it when ``silu``
-        (:class:`NormActSequential` asks for it when a SiLU follows, so that one kernel can do both)."""
-        if not (torch.compiler.is_compiling() and is_channels_last(x)):
-            y = super().forward(x)
-        elif use_kernel(x):
-            from ldm.kernels import group_norm_op
-
-            return group_norm_op()(x, self.weight, self.bias, self.num_groups, self.eps, silu)
-        elif NHWC_TRAINING if torch.is_grad_enabled() else NHWC_INFERENCE:
-            y = group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.stats)
-        else:
-            y = super().forward(x).contiguous(memory_format=torch.channels_last)
-        return nn.functional.silu(y) if silu else y
-
-
-def use_kernel(x: torch.Tensor) -> bool:
-    """Whether a compiled inference graph normalizes x with the Triton kernel (:data:`KERNEL_INFERENCE`)."""
-    if not KERNEL_INFERENCE or torch.is_grad_enabled():
-        return False
-    from ldm.kernels import available
-
-    return available(x)
-
-
-class NormActSequential(nn.Sequential):
-    """``nn.Sequential`` that runs a :class:`GroupNorm` directly followed by ``nn.SiLU`` as one call
-    (``norm(x, silu=True)``), so that the fused kernel can compute both; the same numbers, the same modules and
-    state-dict keys as ``nn.Sequential`` (slices of it are NormActSequentials too)."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = list(self)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, GroupNorm) and i + 1 < len(layers) and type(layers[i + 1]) is nn.SiLU:
-                x, i = layer(x, silu=True), i + 2
-            else:
-                x, i = layer(x), i + 1
-        return x
+        """x: (B, C, *spatial) -> (B, C, *spatial), in x's memory format when compiling."""
+        if not (torch.compiler.is_compiling() and is_channels_last(x)):
+            return super().forward(x)
+        if NHWC_TRAINING if torch.is_grad_enabled() else NHWC_INFERENCE:
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.stats)
+        return super().forward(x).contiguous(memory_format=torch.channels_last)

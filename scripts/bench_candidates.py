@@ -228,16 +228,14 @@ def _module_setting(module: str, **settings: object) -> Callable[[], Callable[[]
 # rows per group): gn-welford, Welford's loop; gn-shifted, the shifted sums in one reduction per group (the default
 # until 12-04); gn-partial8, eight parts. The autoencoder's statistics (ldm.autoencoder.model.NORM_STATS, Welford by
 # default): vae-shifted, vae-partial (a decoder A/B against diffusers in one process).
-# gn-kernel, gn-no-kernel: our inference graphs normalize with ldm.kernels.group_norm, one Triton kernel per norm
-# with the SiLU after it (ldm.norm.KERNEL_INFERENCE on), or with inductor's lowering of group_norm_nhwc.
+# gn-kernel: the U-Net's GroupNorms (with the SiLU after them) as a Triton torch op (ldm.kernels.group_norm, 7890eb2):
+# 7.11 against 5.97 ms per CFG step on an H100 (8.08 with one program per group), removed (12-06, eleventh session).
 # no-kernels, kernels-geglu, kernels-attention: ldm.kernels' Triton GEGLU and one-tile attention (7c03af9), both,
 # one, the other; slower in the step than cuBLAS and cuDNN, removed (12-04, fourth session).
 CANDIDATES: dict[str, tuple[str, Callable[[], Callable[[], None]]]] = {
     "conv-tune": ("_convtune", _conv_tune),
     "mm-tune": ("_mmtune", _mm_tune),
     "gn-native": ("_gnnative", _module_setting("ldm.norm", NHWC_INFERENCE=False)),
-    "gn-kernel": ("_gnkernel", _module_setting("ldm.norm", KERNEL_INFERENCE=True)),
-    "gn-no-kernel": ("_gnnokernel", _module_setting("ldm.norm", KERNEL_INFERENCE=False)),
     "gn-welford": ("_gnwelford", _module_setting("ldm.norm", NHWC_STATS="welford")),
     "gn-shifted": ("_gnshifted", _module_setting("ldm.norm", NHWC_STATS="shifted")),
     "gn-partial8": ("_gnpartial8", _module_setting("ldm.norm", NHWC_STATS="partial", STATS_PARTS=8)),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.norm import GroupNorm, NormActSequential
+from ldm.norm import GroupNorm
 from ldm.resample import upsample_nearest
 from ldm.unet.conv import Conv2d
 
@@ -172,7 +172,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         c_out = self.out_channels
-        self.in_layers = NormActSequential(
+        self.in_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, channels, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
             Conv2d(channels, c_out, 3, padding=1),
         )
@@ -186,7 +186,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * c_out if use_scale_shift_norm else c_out  # scale and shift, or a bias
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.emb_out, when hoisted
-        self.out_layers = NormActSequential(
+        self.out_layers = nn.Sequential(
             GroupNorm(NORM_GROUPS, c_out, eps=RESBLOCK_NORM_EPS), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(Conv2d(c_out, c_out, 3, padding=1)),
         )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.attention import check_backend
-from ldm.norm import GroupNorm, NormActSequential
+from ldm.norm import GroupNorm
 from ldm.unet.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 from ldm.unet.blocks import (NORM_GROUPS, RESBLOCK_NORM_EPS, Downsample, Hoisted, ResBlock, TimestepEmbedSequential,
                              Upsample, repeat_batch, zero_module)
@@ -141,7 +141,7 @@ class UNetModel(nn.Module):
             self._res(ch, ch), self._transformer(ch, disable_middle_self_attn), self._res(ch, ch)
         )
         ch = self._build_output_blocks(ch, skip_chans, conv_resample, resblock_updown)
-        self.out = NormActSequential(
+        self.out = nn.Sequential(
             GroupNorm(NORM_GROUPS, ch, eps=RESBLOCK_NORM_EPS), nn.SiLU(),
             zero_module(Conv2d(ch, out_channels, 3, padding=1)),
         )
