@@ -29,6 +29,8 @@ def train(tmp_path, *overrides, config=TINY):
     (TINY, "train.grad_clip=-1", "train.grad_clip"),
     (TINY, "train.warmup_steps=1.5", "train.warmup_steps: expected an int"),
     (TINY, "train.compile=foo", "train.compile: expected true, false or a torch.compile backend"),
+    (TINY, "train.compile_mode=reduce_overhead", r"train.compile_mode: expected null or a torch.compile mode \(.*"
+                                                  "reduce-overhead"),
     (TINY, "train.stage=unet", "train.stage: expected one of"),
     (TINY, "sample.bogus=1", "sample.bogus: unknown key"),
     (TINY, "logging.bogus=1", "logging.bogus: unknown key"),

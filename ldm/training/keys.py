@@ -85,6 +85,17 @@ def _compile(v: Any) -> str | None:
     return None if v in names else f"true, false or a torch.compile backend ({', '.join(sorted(names))})"
 
 
+def _compile_mode(v: Any) -> str | None:
+    """null or one of torch.compile's modes (``torch._inductor.list_mode_options``), so that a misspelt mode fails
+    here, naming the key, rather than at the first compile."""
+    if v is None:
+        return None
+    from torch._inductor import list_mode_options  # noqa: PLC0415
+
+    modes = list(list_mode_options())
+    return None if v in modes else f"null or a torch.compile mode ({', '.join(modes)})"
+
+
 POSITIVE_INT = number(1, integer=True)
 LIST: Check = lambda v: None if v is None or isinstance(v, (list, tuple)) else "a list"  # noqa: E731
 # train keys every stage reads
@@ -107,7 +118,7 @@ STAGE_KEYS: dict[str, dict[str, Check]] = {
                           "targets": LIST}),
         "caption_dropout": number(0, 1), "min_snr_gamma": number(0, lo_open=True, null=True), "offset_noise": number(0),
         "scale_factor": _choice("auto", "config", None), "scale_batches": POSITIVE_INT, "latent_shift": boolean(),
-        "channels_last": boolean(null=True), "compile": _compile, "compile_mode": _str(null=True),
+        "channels_last": boolean(null=True), "compile": _compile, "compile_mode": _compile_mode,
         "debug_fail": _mapping({"rank": number(0, integer=True), "step": number(0, integer=True)}),
     },
     "autoencoder": {"loss": _mapping(), "disc_lr_mult": number(0),
