@@ -47,13 +47,21 @@ class EMA(nn.Module):
         return d if n < 0 else min(d, (1 + n) / (10 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step towards ``model``'s current parameters."""
-        n, d = self._host_state()
-        if n >= 0:
-            self._host = (n + 1, d)
-            self.num_updates.fill_(n + 1)  # a kernel, not a read back
-        beta = self.current_decay()
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """EMA steps towards ``model``'s current parameters: ``steps`` > 1 folds that many training steps into one
+        pass, θ_ema ← θ_ema + (1 − Π β_i)(θ − θ_ema) over the steps' decays β_i, which is exactly ``steps`` single
+        updates towards the same θ (``train.ema_every_n_steps``: one pass over the weights every N steps, with the
+        per-step time constant). ``num_updates`` counts steps either way."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"EMA.update: steps must be an int ≥ 1, got {steps!r}")
+        beta = 1.0
+        for _ in range(steps):
+            n, d = self._host_state()
+            if n >= 0:
+                self._host = (n + 1, d)
+            beta *= self.current_decay()
+        if self._host[0] >= 0:
+            self.num_updates.fill_(self._host[0])  # a kernel, not a read back
         params = dict(model.named_parameters())
         shadow = [getattr(self, s) for s in self.names.values()]
         current = [params[n].detach().to(shadow[0].dtype) for n in self.names]

@@ -29,6 +29,7 @@ def train(tmp_path, *overrides, config=TINY):
     (TINY, "train.grad_clip=-1", "train.grad_clip"),
     (TINY, "train.warmup_steps=1.5", "train.warmup_steps: expected an int"),
     (TINY, "train.compile=foo", "train.compile: expected true, false or a torch.compile backend"),
+    (TINY, "train.ema_every_n_steps=0", "train.ema_every_n_steps: expected an int ≥ 1"),
     (TINY, "train.compile_mode=reduce_overhead", r"train.compile_mode: expected null or a torch.compile mode \(.*"
                                                   "reduce-overhead"),
     (TINY, "train.stage=unet", "train.stage: expected one of"),

@@ -53,3 +53,36 @@ def test_no_warmup_keeps_the_count_negative():
     ema = EMA(net, decay=0.7, warmup=False)
     ema.update(net)
     assert int(ema.num_updates) == -1 and ema.current_decay() == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_an_update_over_several_steps_is_that_many_updates_towards_the_same_weights(warmup):
+    net = _net()
+    folded, single = EMA(net, decay=0.9, warmup=warmup), EMA(net, decay=0.9, warmup=warmup)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    single.update(net)
+    folded.update(net)  # one step each first: the warm-up's β differs from step to step
+    with torch.no_grad():
+        net[0].weight.mul_(-2.0)
+    for _ in range(3):
+        single.update(net)
+    folded.update(net, steps=3)
+    assert int(folded.num_updates) == int(single.num_updates) == (4 if warmup else -1)
+    assert folded.current_decay() == pytest.approx(single.current_decay())
+    for name in folded.names.values():
+        torch.testing.assert_close(getattr(folded, name), getattr(single, name), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="steps must be an int ≥ 1, got 0"):
+        folded.update(net, steps=0)
+
+
+def test_training_folds_ema_steps_every_n(tmp_path, monkeypatch):
+    from ldm.cli.train import run
+
+    calls = []
+    update = EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, model, steps=1: calls.append(steps) or update(self, model, steps))
+    trainer = run(["--config", "configs/tiny/txt2img.yaml", "--run-dir", str(tmp_path), "trainer.max_steps=5",
+                   "train.ema_decay=0.99", "train.ema_every_n_steps=2", "sample.every_n_steps=0"])
+    assert calls == [2, 2]  # after steps 2 and 4; step 5 waits for step 6
+    assert int(trainer.lightning_module.model_ema.num_updates) == 4

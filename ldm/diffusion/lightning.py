@@ -112,8 +112,9 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
             sched.step()
-            if self.model_ema is not None:
-                self.model_ema.update(self.net.model)
+            every = int(t.get("ema_every_n_steps", 1))
+            if self.model_ema is not None and self.global_step % every == 0:
+                self.model_ema.update(self.net.model, steps=every)
         self._log_step(loss, z.shape[0])
         return loss.detach()
 

@@ -114,6 +114,7 @@ STAGE_KEYS: dict[str, dict[str, Check]] = {
     "diffusion": {
         "init_checkpoint": _str(null=True), "init_use_ema": boolean(), "components": _mapping(),
         "gradient_checkpointing": boolean(null=True), "ema_decay": number(0, 1, null=True),
+        "ema_every_n_steps": POSITIVE_INT,
         "lora": _mapping({"rank": number(0, integer=True), "alpha": number(0, lo_open=True, null=True),
                           "targets": LIST}),
         "caption_dropout": number(0, 1), "min_snr_gamma": number(0, lo_open=True, null=True), "offset_noise": number(0),
