@@ -125,9 +125,11 @@ def _cmd(run_dir: Path, steps: int, *extra: str) -> list[str]:
             "train.checkpoint.keep_last=10", *extra]
 
 
-# fused: the optimizer of a CUDA run (skips on the device, counts read at log steps and checkpoints), here on the CPU
-@pytest.mark.parametrize("extra", [(), ("train.fused_optimizer=true", "trainer.log_every_n_steps=3")],
-                         ids=["host-guard", "fused-device-guard"])
+# fused: the optimizer of a CUDA run (skips on the device, counts read at log steps and checkpoints), here on the CPU;
+# ema-every-3: the EMA folds 3 steps at steps 3 and 6, and the checkpoints (every 2 steps) fall between its passes
+@pytest.mark.parametrize("extra", [(), ("train.fused_optimizer=true", "trainer.log_every_n_steps=3"),
+                                   ("train.ema_every_n_steps=3",)],
+                         ids=["host-guard", "fused-device-guard", "ema-every-3"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, extra):
     steps = 8
     straight, killed = tmp_path / "straight", tmp_path / "killed"
