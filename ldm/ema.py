@@ -43,7 +43,11 @@ class EMA(nn.Module):
         self._host = None
 
     def current_decay(self) -> float:
-        n, d = self._host_state()
+        return self._decay(*self._host_state())
+
+    @staticmethod
+    def _decay(n: int, d: float) -> float:
+        """β after n updates (LitEma's warm-up; n < 0: no warm-up)."""
         return d if n < 0 else min(d, (1 + n) / (10 + n))
 
     @torch.no_grad()
@@ -54,14 +58,15 @@ class EMA(nn.Module):
         per-step time constant). ``num_updates`` counts steps either way."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"EMA.update: steps must be an int ≥ 1, got {steps!r}")
+        n, d = self._host_state()
         beta = 1.0
         for _ in range(steps):
-            n, d = self._host_state()
-            if n >= 0:
-                self._host = (n + 1, d)
-            beta *= self.current_decay()
-        if self._host[0] >= 0:
-            self.num_updates.fill_(self._host[0])  # a kernel, not a read back
+            if n >= 0:  # counts updates only with warm-up
+                n += 1
+            beta *= self._decay(n, d)
+        self._host = (n, d)
+        if n >= 0:
+            self.num_updates.fill_(n)  # a kernel, not a read back
         params = dict(model.named_parameters())
         shadow = [getattr(self, s) for s in self.names.values()]
         current = [params[n].detach().to(shadow[0].dtype) for n in self.names]
