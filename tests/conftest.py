@@ -20,6 +20,13 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``gpu`` that is selected (``-m gpu``) on a machine without CUDA fails, naming the reason: GPU
+    tests are deselected by default (setup.cfg's addopts), so one that runs was asked for, and a skip would hide it."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.fail(f"{item.nodeid} is a GPU test (-m gpu) and this machine has no CUDA device", pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def no_downloads():
     """Any attempt to fetch weights fails the test instead of reaching the network."""

@@ -203,7 +203,6 @@ def test_optimize_graphs_the_text_encoder_once_and_rejects_an_unknown_mode():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replays_equal_eager_record_once_per_shape_and_return_copies():
     fn = Counted("cuda")
     graphed = GraphedCall(fn, name="counted")
@@ -227,7 +226,6 @@ def test_replays_equal_eager_record_once_per_shape_and_return_copies():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graphed_text_encoder_encodes_what_the_eager_one_does():
     model = ldm.load(config="configs/tiny/txt2img.yaml", device="cuda")
     prompts = [["a red apple", ""], ["a green pear", "blurry"]]
@@ -241,7 +239,6 @@ def test_graphed_text_encoder_encodes_what_the_eager_one_does():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_call_under_autocast_records_its_own_graph():
     fn = Counted("cuda")
     fn.w.requires_grad_(True)  # a leaf that autocast would cache the fp16 cast of (freed when its context ends)
@@ -258,7 +255,6 @@ def test_a_call_under_autocast_records_its_own_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_graphed_unet_replays_what_the_eager_one_computes():
     model = ldm.load(config="configs/tiny/txt2img.yaml", device="cuda", dtype=torch.float16)
     unet = model.unet

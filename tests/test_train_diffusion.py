@@ -83,7 +83,6 @@ def test_graph_replay_follows_the_compile_mode(train, expected):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_replayed_from_cuda_graphs_matches_the_compiled_run(tmp_path, monkeypatch):
     """train.compile_mode=reduce-overhead: the U-Net's forward and backward replay CUDA graphs through training,
     validation (weights and EMA) and the sampling callback, with the same losses as the compiled run without graphs

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU test (`@pytest.mark.gpu`) on a lent machine. The device image lacks the dev-only packages some test
+# modules import at collection (k-diffusion, resvg-py), so `pytest -m gpu tests/` stops at collection there: this
+# collects only the modules that hold a GPU test. About 230 s on an H100 (12-06, twelfth session).
+#   scripts/plans/gpu-tests.sh [OUT]
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${1:-runs/gpu-tests}
+mkdir -p "$OUT"
+mapfile -t files < <(grep -l '@pytest.mark.gpu' tests/*.py)
+if [ "${#files[@]}" -eq 0 ]; then
+  echo "no module in tests/ holds a @pytest.mark.gpu test" >&2
+  exit 2
+fi
+echo "modules with GPU tests: ${files[*]}"
+timeout -s KILL "${GPU_TESTS_LIMIT_S:-400}" $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider "${files[@]}" \
+  > "$OUT/gpu-tests.txt" 2>&1
+rc=$?
+tail -12 "$OUT/gpu-tests.txt"
+exit $rc
