@@ -58,11 +58,11 @@ def test_sample_prompts_as_one_string_is_one_prompt(tmp_path):
 
 
 def test_no_loggers_and_disabled_wandb(tmp_path):
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from ldm.training.step_log import LearningRates
 
     trainer = train(tmp_path, "logging.csv=false", "logging.tensorboard=false", "logging.wandb.mode=disabled")
     assert trainer.global_step == 1 and not trainer.loggers
-    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+    assert not any(isinstance(c, LearningRates) for c in trainer.callbacks)
 
 
 def test_resume_from_the_wrong_file_is_named(tmp_path, caplog):

@@ -86,6 +86,7 @@ class FusedToy(Toy):
         self.reads: list[int] = []  # host reads inside each guarded_step
 
     def training_step(self, batch, i):
+        GPU.step = i  # the stand-in GPU has finished every earlier step
         loss = (self.w * batch[0]).sum()
         if i in self.bad_loss:
             loss = loss * float("nan")
@@ -100,6 +101,46 @@ class FusedToy(Toy):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+
+
+class GPU:
+    """A stand-in for a GPU one step behind the host: an event recorded in step s has passed once step s + 1 runs."""
+
+    step = 0
+    waits = 0
+
+    class Event:
+        def __init__(self):
+            self.step = GPU.step
+
+        def query(self):
+            return GPU.step > self.step
+
+        def synchronize(self):
+            GPU.waits += not self.query()
+
+    class HostCopy:
+        """The pinned copy: on the host once the event has passed, read without a sync (numpy, not counted)."""
+
+        def __init__(self, t):
+            self.t = t.clone()
+
+        def tolist(self):
+            return self.t.numpy().tolist()
+
+    @staticmethod
+    def copy_to_host(t):
+        return GPU.HostCopy(t), GPU.Event()
+
+
+@pytest.fixture
+def gpu_one_step_behind(monkeypatch):
+    """The guard's device counts travel as on a GPU: copied at once, readable a step later."""
+    import ldm.training.step_log as step_log
+
+    GPU.step, GPU.waits = 0, 0
+    monkeypatch.setattr(step_log, "copy_to_host", GPU.copy_to_host)
+    return GPU
 
 
 class count_host_reads:
@@ -128,21 +169,32 @@ def fit_logging_every(module, n, every):
     return module
 
 
-def test_fused_optimizer_skips_on_the_device_without_host_reads(caplog):
+def test_fused_optimizer_skips_on_the_device_without_host_reads(caplog, gpu_one_step_behind):
     m = fit_logging_every(FusedToy(bad_loss={1}, bad_grad={3, 4}), 8, every=4)
     assert m.taken == [True, False, True, False, False, True, True, True]  # weights untouched on the bad steps
     opt = m.optimizers().optimizer
     assert int(opt.state[m.w]["step"]) == 5  # Adam's step count (bias correction) only counts taken steps
-    assert m.reads == [0, 0, 0, 1, 0, 0, 0, 1]  # one read per 4 steps: the flush at the log step
-    assert m.guard.skipped == 3 and m.guard.consecutive == 0 and torch.isfinite(m.w).all()
+    assert m.reads == [0] * 8 and gpu_one_step_behind.waits == 0  # no host read, no wait for the GPU
+    # the counts read at step 3 took effect in step 4; step 7's are still on their way
     assert "2 non-finite step(s) skipped on every rank up to step 3 (2 skipped so far)" in caplog.text
+    assert m.guard.skipped == 2 and len(m.guard._reads) == 1
+    m.guard.flush(None)  # at a checkpoint or the end of training: read at once
+    assert m.guard.skipped == 3 and m.guard.consecutive == 0 and torch.isfinite(m.w).all()
+    assert gpu_one_step_behind.waits == 2  # for the read on its way and for the flush's own
+    assert "1 non-finite step(s) skipped on every rank up to step 7 (3 skipped so far)" in caplog.text
 
 
-def test_fused_optimizer_stops_after_too_many_skips_in_a_row_at_the_next_read():
+def test_fused_optimizer_stops_after_too_many_skips_in_a_row_at_the_next_read(gpu_one_step_behind):
     m = FusedToy(bad_loss={2, 3, 4}, max_consecutive=3)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps had non-finite losses or gradients"):
+    with pytest.raises(NonFiniteError, match="3 consecutive steps had non-finite losses or gradients up to step 7"):
         fit_logging_every(m, 12, every=8)
-    assert len(m.taken) == 7  # raised at the read in the 8th step: a run that good steps ended is still caught
+    # read in the 8th step, applied in the 9th: a run that good steps ended is still caught, a log interval late
+    assert len(m.taken) == 8 and gpu_one_step_behind.waits == 0
+
+
+def test_device_counts_read_on_the_host_right_away_off_the_gpu(caplog):
+    m = fit_logging_every(FusedToy(bad_loss={1}, bad_grad={3, 4}), 8, every=4)  # CPU tensors: no event to wait for
+    assert m.guard.skipped == 3 and not m.guard._reads
 
 
 def test_pending_device_counts_are_read_into_the_checkpoint_state():

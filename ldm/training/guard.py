@@ -10,9 +10,11 @@ Two ways to skip:
   ``found_inf``, the same hook the AMP grad scaler uses: the fused kernel then leaves the weights, both moments and
   its step count untouched. Nothing is read back to the host, so the host keeps queueing work while the GPU
   computes. A skipped step is a zero update: the step counter, the learning-rate schedule and the EMA advance as
-  after any step (the EMA towards unchanged weights). The counts stay on the device and are read every
-  ``trainer.log_every_n_steps`` steps, when a checkpoint is saved and when training ends, where the warning, the
-  ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row take effect.
+  after any step (the EMA towards unchanged weights). The counts stay on the device. Every
+  ``trainer.log_every_n_steps`` steps they start on their way to the host (a non-blocking copy and an event,
+  ``ldm.training.step_log.copy_to_host``) and take effect a step or two later, once the GPU has got there: the
+  warning, the ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row (so the stop may come up
+  to one log interval late). When a checkpoint is saved and when training ends they are read at once.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
   not taken at all (nor is its schedule or EMA step).
 
@@ -29,6 +31,8 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+
+from ldm.training.step_log import HostReads
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class StepGuard:
         self.consecutive = 0
         # on-device counts since the last flush: (skipped, current run of skips, longest run), int64 (3,)
         self._pending: torch.Tensor | None = None
+        self._counted = 0  # of the device's skipped count, how many ``skipped`` holds already
+        self._reads = HostReads()  # counts on their way to the host
 
     def state_dict(self) -> dict[str, int]:
         self.flush(None)
@@ -63,7 +69,8 @@ class StepGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
-        self._pending = None
+        self._pending, self._counted = None, 0
+        self._reads = HostReads()
 
     def record_on_device(self, ok: torch.Tensor) -> None:
         """Count a step whose flag ``ok`` (0-dim bool) stays on the device; no host read."""
@@ -75,17 +82,30 @@ class StepGuard:
         run = (run + 1) * bad
         self._pending = torch.stack([skipped + bad, run, torch.maximum(worst, run)])
 
+    def read_later(self, step: int | None) -> None:
+        """Start the on-device counts on their way to the host, without waiting; :meth:`poll` applies them."""
+        if self._pending is not None:
+            self._reads.put(step, dict(zip(("skipped", "run", "worst"), self._pending.unbind())))
+
+    def poll(self, wait: bool = False) -> None:
+        """Apply the counts that have reached the host (``wait``: all of them, a host sync)."""
+        for step, counts in self._reads.ready(wait):
+            self._apply(step, int(counts["skipped"]), int(counts["run"]), int(counts["worst"]))
+
     def flush(self, step: int | None) -> None:
-        """Read the on-device counts (one host sync): warn about skips, stop after too many in a row."""
-        if self._pending is None:
-            return
-        skipped, run, worst = (int(v) for v in self._pending.tolist())
-        self._pending = None
+        """Read the on-device counts now (one host sync) and apply them; the host holds the whole state after."""
+        self.read_later(step)
+        self.poll(wait=True)
+        self._pending, self._counted = None, 0
+
+    def _apply(self, step: int | None, skipped: int, run: int, worst: int) -> None:
+        """Device counts read at ``step``: warn about new skips, stop after too many in a row."""
+        new, self._counted = skipped - self._counted, skipped
         self.consecutive = run
         where = f" up to step {step}" if step is not None else ""
-        if skipped:
-            self.skipped += skipped
-            log.warning("%d non-finite step(s) skipped on every rank%s (%d skipped so far)", skipped, where,
+        if new:
+            self.skipped += new
+            log.warning("%d non-finite step(s) skipped on every rank%s (%d skipped so far)", new, where,
                         self.skipped)
         if worst >= self.max_consecutive:
             raise NonFiniteError(f"{worst} consecutive steps had non-finite losses or gradients{where}; lower the "
@@ -195,7 +215,7 @@ def _clip(module: Any, optimizer: Any, grads: list[torch.Tensor], clip: float | 
 
 def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[torch.Tensor],
                     clip: float | None, norm: torch.Tensor | None) -> bool:
-    """The fused kernel skips the update where ``found_inf`` is 1; the counts are read at log steps only."""
+    """The fused kernel skips the update where ``found_inf`` is 1; the counts start for the host at log steps."""
     guard: StepGuard = module.guard
     step = module.global_step  # before the step, which advances it
     _clip(module, optimizer, grads, clip, norm, None)  # a non-finite norm makes NaN gradients: skipped below
@@ -209,7 +229,8 @@ def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[t
     guard.record_on_device(ok)
     every = int(getattr(module.trainer, "log_every_n_steps", 1) or 1)
     if (step + 1) % every == 0:
-        guard.flush(step)
+        guard.read_later(step)
+    guard.poll()
     return True
 
 

@@ -5,6 +5,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ldm.training.step_log import write_logs
+
 
 class ResumableStage:
     """Mixin for the stage LightningModules (put it before ``L.LightningModule``).
@@ -17,9 +19,11 @@ class ResumableStage:
         checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["batches_seen"] = self.batches_seen
+        write_logs(self, wait=True)  # the log steps' metrics still on their way, before the checkpoint marks them
 
     def on_train_end(self) -> None:
         self.guard.flush(self.global_step)  # skips still counted on the device (fused optimizers) are reported
+        write_logs(self, wait=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = OmegaConf.create(checkpoint.get("ldm_config") or "{}")

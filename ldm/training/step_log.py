@@ -1,18 +1,88 @@
 """Per-step metrics without host syncs.
 
-Lightning's ``self.log`` turns a Python number into a tensor on the module's device: a blocking host-to-device copy,
-so the host waits for the GPU's whole queue. It also reads every progress-bar tensor back to the host at the end of
-each step: another wait. Either stalls the host once per step, and with it the kernels it would have queued for the
-next step. :func:`log_step` logs numbers as CPU tensors and device tensors to the loggers only (Lightning reads
-those every ``trainer.log_every_n_steps`` steps); a progress-bar copy of a device tensor is logged only on the steps
-the bar redraws (``logging.progress_every_n_steps``).
+Reading a GPU tensor on the host (``.item()``, ``.cpu()``, a Python number made into a device tensor) waits for the
+GPU's whole queue; the GPU then idles while the host fills it again. Lightning's own route does that at every log
+step: it reads each logged device tensor, and its ``LearningRateMonitor`` makes a device tensor of each rate. On an
+H100 the SD-1.5 loop at 512 px was 98.5% busy with ~3.6 such reads per log step, 6.4 ms of idle per step
+(docs/BENCHMARKS.md, twelfth session). Here instead:
+
+- :func:`log_step` sends a log step's values (``trainer.log_every_n_steps``) to the loggers itself: numbers at once,
+  device tensors through :class:`HostReads`, a non-blocking copy into pinned host memory with a CUDA event, logged
+  under their own step once the GPU has passed the event (polled at each later call, waited for at checkpoints and
+  at the end of training: :func:`write_logs`). Device values reach the progress bar only on the steps it redraws
+  (``logging.progress_every_n_steps``).
+- :class:`LearningRates` logs each optimizer's learning rates as numbers, under ``LearningRateMonitor``'s names.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
+import lightning as L
 import torch
+
+
+class _Read(NamedTuple):
+    step: int | None
+    numbers: dict[str, float]
+    names: list[str]
+    host: torch.Tensor  # (n,) float32 on the host; complete once ``event`` has passed
+    event: Any  # torch.cuda.Event, or None for values that were on the host already
+
+
+def copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``values`` on the host and the event after which the copy is complete (None: complete now). A CUDA tensor
+    is copied without waiting: into pinned memory, ordered after the kernels that compute it."""
+    if values.device.type != "cuda":
+        return values.cpu(), None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class HostReads:
+    """Metrics of log steps on their way to the host, oldest first."""
+
+    def __init__(self) -> None:
+        self._pending: deque[_Read] = deque()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, step: int | None, values: Mapping[str, torch.Tensor | float]) -> None:
+        """Queue ``values`` (name -> number or 0-dim tensor) of ``step``; the tensors are copied in one transfer."""
+        numbers = {k: v if isinstance(v, int) else float(v)
+                   for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names]) if names else torch.zeros(0)
+        host, event = copy_to_host(stacked)  # (n,)
+        self._pending.append(_Read(step, numbers, names, host, event))
+
+    def ready(self, wait: bool = False) -> list[tuple[int | None, dict[str, float]]]:
+        """(step, name -> number) of the reads that have arrived, in order; ``wait``: all of them (a host sync)."""
+        out = []
+        while self._pending and (wait or self._pending[0].event is None or self._pending[0].event.query()):
+            read = self._pending.popleft()
+            if read.event is not None:
+                read.event.synchronize()  # passed already unless waiting
+            out.append((read.step, {**read.numbers, **dict(zip(read.names, read.host.tolist()))}))
+        return out
+
+
+def logger_step(trainer: Any) -> int:
+    """The step Lightning logs training metrics under: batches that stepped an optimizer, before this one."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether this batch's metrics go to the loggers: every ``trainer.log_every_n_steps`` batches and when the run
+    is stopping, as Lightning decides for ``self.log``."""
+    if not trainer.loggers:
+        return False
+    return bool(trainer._logger_connector.should_update_logs)
 
 
 def bar_redraws(module: Any) -> bool:
@@ -23,18 +93,62 @@ def bar_redraws(module: Any) -> bool:
     return bool(rate) and (trainer.fit_loop.epoch_loop.batch_idx + 1) % rate == 0
 
 
+def host_reads(module: Any) -> HostReads:
+    """The module's queue of metrics on their way to the host."""
+    return vars(module).setdefault("_host_reads", HostReads())
+
+
+def write_logs(module: Any, wait: bool = False) -> None:
+    """Send the metrics that have reached the host to every logger under their own steps; ``wait``: all of them."""
+    trainer = module.trainer
+    for step, metrics in host_reads(module).ready(wait):
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+
+
 def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = ()) -> None:
-    """Log ``values`` (name -> tensor or number) this step; the names in ``bar`` are also shown in the progress bar,
-    under their last path part (``train/loss`` -> ``loss``): numbers and CPU tensors every step (reading them costs
-    nothing), device tensors on the steps the bar redraws."""
-    bar = set(bar)
+    """Log ``values`` (name -> 0-dim tensor or number) of this training batch: to the loggers on log steps, with
+    the epoch, without a host sync (see the module docstring); the names in ``bar`` also go to the progress bar under
+    their last path part (``train/loss`` -> ``loss``): numbers every step, device tensors when the bar redraws."""
+    trainer = module.trainer
+    if logs_this_step(trainer):
+        host_reads(module).put(logger_step(trainer), {**values, "epoch": trainer.current_epoch})
+    write_logs(module)
+    _show_on_bar(module, values, set(bar))
+
+
+def _show_on_bar(module: Any, values: Mapping[str, torch.Tensor | float], bar: set[str]) -> None:
     redraw = None
-    for name, value in values.items():
+    for name in (n for n in values if n in bar):
+        value = values[name]
         v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        module.log(name, v)
-        if name not in bar:
-            continue
         if v.device.type != "cpu":
             redraw = bar_redraws(module) if redraw is None else redraw
         if v.device.type == "cpu" or redraw:
             module.log(name.rsplit("/", 1)[-1], v, prog_bar=True, logger=False)
+
+
+class LearningRates(L.Callback):
+    """Each optimizer's learning rate per parameter group on the log steps, as numbers read from the optimizer (no
+    device tensor), under ``LearningRateMonitor``'s names: ``lr-AdamW``, ``lr-Adam-1`` for the second optimizer of
+    a type, ``lr-AdamW/pg2`` for a second parameter group."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if logs_this_step(trainer):
+            for logger in trainer.loggers:
+                logger.log_metrics(learning_rates(trainer.optimizers), step=logger_step(trainer))
+
+
+def learning_rates(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, float]:
+    """name -> learning rate of every parameter group (see :class:`LearningRates`)."""
+    out: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    for opt in optimizers:
+        kind = type(opt).__name__
+        name = f"lr-{kind}" + (f"-{seen[kind]}" if kind in seen else "")
+        seen[kind] = seen.get(kind, 0) + 1
+        groups = opt.param_groups
+        for j, group in enumerate(groups):
+            out[name + (f"/pg{j + 1}" if len(groups) > 1 else "")] = float(group["lr"])
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.registry import ConfigError
@@ -17,6 +17,7 @@ from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport,
                                     warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
+from ldm.training.step_log import LearningRates
 from ldm.training.validation import build_validation
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     ]
     lc = cfg.get("logging") or {}
     if lc.get("csv", True) or lc.get("tensorboard", True) or wandb_on(lc):
-        cbs.append(LearningRateMonitor(logging_interval="step"))  # it refuses a Trainer without loggers
+        cbs.append(LearningRates())  # LearningRateMonitor's metrics, without its device tensor per log step
     sc = cfg.get("sample") or {}
     if sc.get("every_n_steps") and cfg.train.get("stage", "diffusion") == "diffusion":
         cbs.append(SampleGrid(run_dir / "samples", sample_prompts(sc), int(sc.every_n_steps),
