@@ -161,3 +161,28 @@ def test_learning_rates_log_what_lightnings_monitor_logs():
     theirs = logged_by(Steps(ours=True), every=4, callbacks=[LearningRateMonitor(logging_interval="step")])
     assert [r for r in ours if "lr-SGD" in r[1]] == [r for r in theirs if "lr-SGD" in r[1]] == [
         (3, {"lr-SGD": 0.1}), (7, {"lr-SGD": 0.1})]
+
+
+@pytest.mark.gpu
+def test_log_step_reads_and_the_guards_counts_make_no_synchronizing_cuda_call():
+    """On a GPU, queueing a log step's values and the guard's counts and polling for them raise nothing under
+    ``torch.cuda.set_sync_debug_mode("error")``; the values arrive (waited for outside it) as computed."""
+    from ldm.training.guard import StepGuard
+
+    loss = torch.randn(64, device="cuda").square().mean()
+    flags = [torch.tensor(ok, device="cuda") for ok in (True, False, False)]  # (a copy from the host: a sync)
+    guard, reads = StepGuard(max_consecutive=5), HostReads()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for ok in flags:
+            guard.record_on_device(ok)
+        guard.read_later(2)
+        reads.put(7, {"train/loss": loss.detach(), "train/lr": 1e-4})
+        reads.ready()
+        guard.poll()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert reads.ready(wait=True) == [(7, {"train/lr": 1e-4, "train/loss": pytest.approx(loss.item())})]
+    guard.poll(wait=True)
+    assert guard.skipped == 2 and guard.consecutive == 2
