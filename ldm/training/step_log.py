@@ -6,10 +6,10 @@ step: it reads each logged device tensor, and its ``LearningRateMonitor`` makes 
 H100 the SD-1.5 loop at 512 px was 98.5% busy with ~3.6 such reads per log step, 6.4 ms of idle per step
 (docs/BENCHMARKS.md, twelfth session). Here instead:
 
-- :func:`log_step` sends a log step's values (``trainer.log_every_n_steps``) to the loggers itself: numbers at once,
-  device tensors through :class:`HostReads`, a non-blocking copy into pinned host memory with a CUDA event, logged
-  under their own step once the GPU has passed the event (polled at each later call, waited for at checkpoints and
-  at the end of training: :func:`write_logs`). Device values reach the progress bar only on the steps it redraws
+- :func:`log_step` sends a log step's values (``trainer.log_every_n_steps``) to the loggers itself, in one row:
+  through :class:`HostReads`, where the device tensors take a non-blocking copy into pinned host memory with a CUDA
+  event, and the row is logged under its own step once the GPU has passed the event (polled at each later call,
+  waited for at checkpoints and at the end of training: :func:`write_logs`). Device values reach the progress bar only on the steps it redraws
   (``logging.progress_every_n_steps``).
 - :class:`LearningRates` logs each optimizer's learning rates as numbers, under ``LearningRateMonitor``'s names.
 """
