@@ -57,6 +57,23 @@ class Event:
         self.waited = not self.passed
 
 
+def test_host_reads_copy_the_device_tensors_and_take_host_tensors_as_numbers(monkeypatch):
+    """The autoencoder's losses hold a CPU tensor (disc_factor) beside device ones: one copy, of the device ones."""
+    copied = []
+
+    def copy(t):
+        copied.append((t.device.type, tuple(t.shape)))
+        return torch.tensor([0.5, 2.0]), None
+
+    monkeypatch.setattr(step_log, "copy_to_host", copy)
+    reads = HostReads()
+    reads.put(4, {"train/loss": device_tensor(), "train/disc_factor": torch.tensor(1.0), "train/d_weight": torch.empty(
+        (1,), device="meta"), "train/skipped": 0})
+    assert copied == [("meta", (2,))]
+    assert reads.ready() == [(4, {"train/disc_factor": 1.0, "train/skipped": 0, "train/loss": 0.5,
+                                  "train/d_weight": 2.0})]
+
+
 def test_host_reads_come_out_in_order_once_their_events_have_passed(monkeypatch):
     events: list[Event] = []
 
@@ -135,6 +152,7 @@ def test_log_steps_on_the_gpu_are_written_when_their_copies_arrive(monkeypatch):
     pending: list[Event] = []
 
     def copy(t):
+        assert t.shape == (1,)  # the loss
         for e in pending[:-1]:  # an event passes when the second read after it starts
             e.passed = True
         pending.append(Event())
@@ -142,6 +160,7 @@ def test_log_steps_on_the_gpu_are_written_when_their_copies_arrive(monkeypatch):
 
     at_once = logged_by(Steps(ours=True), every=2)
     monkeypatch.setattr(step_log, "copy_to_host", copy)
+    monkeypatch.setattr(step_log, "on_host", lambda t: False)  # the loss tensor stands for a device one
     later = logged_by(Steps(ours=True), every=2)
     assert later == at_once and [s for s, _ in later] == [1, 3, 5, 7, 9]
     assert [e.waited for e in pending] == [False] * 3 + [True] * 2  # the end of training waited for the last two
@@ -178,11 +197,12 @@ def test_log_step_reads_and_the_guards_counts_make_no_synchronizing_cuda_call():
         for ok in flags:
             guard.record_on_device(ok)
         guard.read_later(2)
-        reads.put(7, {"train/loss": loss.detach(), "train/lr": 1e-4})
+        reads.put(7, {"train/loss": loss.detach(), "train/lr": 1e-4, "train/disc_factor": torch.tensor(1.0)})
         reads.ready()
         guard.poll()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert reads.ready(wait=True) == [(7, {"train/lr": 1e-4, "train/loss": pytest.approx(loss.item())})]
+    assert reads.ready(wait=True) == [(7, {"train/lr": 1e-4, "train/disc_factor": 1.0,
+                                           "train/loss": pytest.approx(loss.item())})]
     guard.poll(wait=True)
     assert guard.skipped == 2 and guard.consecutive == 2

@@ -31,6 +31,11 @@ class _Read(NamedTuple):
     event: Any  # torch.cuda.Event, or None for values that were on the host already
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading ``t`` costs no wait for a device."""
+    return t.device.type == "cpu"
+
+
 def copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """``values`` on the host and the event after which the copy is complete (None: complete now). A CUDA tensor
     is copied without waiting: into pinned memory, ordered after the kernels that compute it."""
@@ -39,7 +44,7 @@ def copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
     return host, event
 
 
@@ -54,10 +59,10 @@ class HostReads:
 
     def put(self, step: int | None, values: Mapping[str, torch.Tensor | float]) -> None:
         """Queue ``values`` (name -> number or 0-dim tensor) of ``step``; the tensors are copied in one transfer."""
-        numbers = {k: v if isinstance(v, int) else float(v)
-                   for k, v in values.items() if not isinstance(v, torch.Tensor)}
-        names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names]) if names else torch.zeros(0)
+        on_device = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and not on_host(v)}
+        numbers = {k: v if isinstance(v, int) else float(v) for k, v in values.items() if k not in on_device}
+        names = list(on_device)  # of one device: the module's
+        stacked = torch.stack([on_device[k].detach().float().reshape(()) for k in names]) if names else torch.zeros(0)
         host, event = copy_to_host(stacked)  # (n,)
         self._pending.append(_Read(step, numbers, names, host, event))
 
