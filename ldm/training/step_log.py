@@ -9,8 +9,8 @@ H100 the SD-1.5 loop at 512 px was 98.5% busy with ~3.6 such reads per log step,
 - :func:`log_step` sends a log step's values (``trainer.log_every_n_steps``) to the loggers itself, in one row:
   through :class:`HostReads`, where the device tensors take a non-blocking copy into pinned host memory with a CUDA
   event, and the row is logged under its own step once the GPU has passed the event (polled at each later call,
-  waited for at checkpoints and at the end of training: :func:`write_logs`). Device values reach the progress bar only on the steps it redraws
-  (``logging.progress_every_n_steps``).
+  waited for at checkpoints and at the end of training: :func:`write_logs`). Device values reach the progress bar
+  only on the steps it redraws (``logging.progress_every_n_steps``).
 - :class:`LearningRates` logs each optimizer's learning rates as numbers, under ``LearningRateMonitor``'s names.
 """
 from __future__ import annotations
