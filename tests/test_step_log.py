@@ -24,24 +24,64 @@ class Recorder:
         self.calls: list[tuple] = []
 
     def log(self, name, value, prog_bar=False, logger=True):
-        self.calls.append((name, value.device.type, prog_bar, logger))
+        self.calls.append((name, value.device.type, prog_bar, logger, value.item()))
 
 
 def device_tensor():
     return torch.empty((), device="meta")  # stands for a GPU tensor: not on the host
 
 
-def test_numbers_reach_the_bar_every_step_and_device_values_only_when_it_redraws():
+def test_the_bar_shows_numbers_each_step_and_device_values_once_read_on_its_redraws(monkeypatch):
+    arrivals: list[Event] = []
+
+    def copy(t):
+        arrivals.append(Event())
+        return torch.full(t.shape, 0.5), arrivals[-1]
+
+    monkeypatch.setattr(step_log, "copy_to_host", copy)
     m = Recorder(batch_idx=3, refresh_rate=10)  # batch 4: the bar does not redraw
-    log_step(m, {"train/loss": device_tensor(), "train/lr": 1e-4, "train/img_per_s": 12.5},
-             bar=("train/loss", "train/img_per_s"))
-    assert m.calls == [("img_per_s", "cpu", True, False)]
-    m = Recorder(batch_idx=9, refresh_rate=10)  # batch 10: redraw
-    log_step(m, {"train/loss": device_tensor(), "train/acc": device_tensor()}, bar=("train/loss", "train/acc"))
-    assert m.calls == [("loss", "meta", True, False), ("acc", "meta", True, False)]
-    quiet = Recorder(batch_idx=9, refresh_rate=None)  # no progress bar at all
+
+    def step(batch_idx):
+        m.trainer.fit_loop.epoch_loop.batch_idx = batch_idx
+        m.calls.clear()
+        log_step(m, {"train/loss": device_tensor(), "train/lr": 1e-4, "train/img_per_s": 12.5},
+                 bar=("train/loss", "train/img_per_s"))
+        return m.calls
+
+    assert step(3) == [("img_per_s", "cpu", True, False, 12.5)] and arrivals == []
+    assert step(9) == [("img_per_s", "cpu", True, False, 12.5)] and len(arrivals) == 1  # redraw: the loss is read
+    arrivals[0].passed = True
+    assert step(10) == [("loss", "cpu", True, False, 0.5), ("img_per_s", "cpu", True, False, 12.5)]
+    assert step(11)[0] == ("loss", "cpu", True, False, 0.5) and len(arrivals) == 1  # as last read
+    quiet = Recorder(batch_idx=9, refresh_rate=None)  # no progress bar at all: nothing read, nothing shown
     log_step(quiet, {"train/loss": device_tensor()}, bar=("train/loss",))
-    assert quiet.calls == []
+    assert quiet.calls == [] and len(arrivals) == 1
+
+
+def test_bar_redraws_follows_a_real_trainers_progress_bar():
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from ldm.training.step_log import bar_redraws
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.seen: list[bool] = []
+
+        def training_step(self, batch, i):
+            self.seen.append(bar_redraws(self))
+            return (self.w * batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    m = Probe()
+    data = torch.utils.data.DataLoader(torch.ones(7, 1), batch_size=1)
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+              callbacks=[TQDMProgressBar(refresh_rate=3)]).fit(m, data)
+    assert m.seen == [False, False, True, False, False, True, False]
 
 
 class Event:

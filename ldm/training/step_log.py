@@ -9,8 +9,8 @@ H100 the SD-1.5 loop at 512 px was 98.5% busy with ~3.6 such reads per log step,
 - :func:`log_step` sends a log step's values (``trainer.log_every_n_steps``) to the loggers itself, in one row:
   through :class:`HostReads`, where the device tensors take a non-blocking copy into pinned host memory with a CUDA
   event, and the row is logged under its own step once the GPU has passed the event (polled at each later call,
-  waited for at checkpoints and at the end of training: :func:`write_logs`). Device values reach the progress bar
-  only on the steps it redraws (``logging.progress_every_n_steps``).
+  waited for at checkpoints and at the end of training: :func:`write_logs`). The progress bar's device values take
+  the same way on the steps it redraws (``logging.progress_every_n_steps``) and show once they have arrived.
 - :class:`LearningRates` logs each optimizer's learning rates as numbers, under ``LearningRateMonitor``'s names.
 """
 from __future__ import annotations
@@ -98,9 +98,9 @@ def bar_redraws(module: Any) -> bool:
     return bool(rate) and (trainer.fit_loop.epoch_loop.batch_idx + 1) % rate == 0
 
 
-def host_reads(module: Any) -> HostReads:
-    """The module's queue of metrics on their way to the host."""
-    return vars(module).setdefault("_host_reads", HostReads())
+def host_reads(module: Any, queue: str = "loggers") -> HostReads:
+    """The module's metrics on their way to the host, for the loggers or for the progress bar."""
+    return vars(module).setdefault(f"_host_reads_{queue}", HostReads())
 
 
 def write_logs(module: Any, wait: bool = False) -> None:
@@ -113,25 +113,32 @@ def write_logs(module: Any, wait: bool = False) -> None:
 
 
 def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = ()) -> None:
-    """Log ``values`` (name -> 0-dim tensor or number) of this training batch: to the loggers on log steps, with
-    the epoch, without a host sync (see the module docstring); the names in ``bar`` also go to the progress bar under
-    their last path part (``train/loss`` -> ``loss``): numbers every step, device tensors when the bar redraws."""
+    """Log ``values`` (name -> 0-dim tensor or number) of this training batch, without a host sync (see the module
+    docstring): to the loggers on log steps, with the epoch; the names in ``bar`` to the progress bar too, under their
+    last path part (``train/loss`` -> ``loss``), each step with the latest values that have reached the host (read
+    on the steps the bar redraws)."""
     trainer = module.trainer
     if logs_this_step(trainer):
         host_reads(module).put(logger_step(trainer), {**values, "epoch": trainer.current_epoch})
     write_logs(module)
-    _show_on_bar(module, values, set(bar))
+    shown = {name: values[name] for name in bar if name in values}
+    if shown:
+        _show_on_bar(module, shown)
 
 
-def _show_on_bar(module: Any, values: Mapping[str, torch.Tensor | float], bar: set[str]) -> None:
-    redraw = None
-    for name in (n for n in values if n in bar):
-        value = values[name]
-        v = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-        if v.device.type != "cpu":
-            redraw = bar_redraws(module) if redraw is None else redraw
-        if v.device.type == "cpu" or redraw:
-            module.log(name.rsplit("/", 1)[-1], v, prog_bar=True, logger=False)
+def _show_on_bar(module: Any, values: Mapping[str, torch.Tensor | float]) -> None:
+    """Values of this step's that are on the host, the others as last read (read anew when the bar redraws)."""
+    latest: dict[str, float] = vars(module).setdefault("_bar_values", {})
+    reads = host_reads(module, "bar")
+    if bar_redraws(module):
+        reads.put(None, values)
+    for _, arrived in reads.ready():
+        latest.update(arrived)
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or on_host(value):
+            latest[name] = float(value)
+        if name in latest:
+            module.log(name.rsplit("/", 1)[-1], torch.tensor(latest[name]), prog_bar=True, logger=False)
 
 
 class LearningRates(L.Callback):

@@ -186,8 +186,8 @@ def epochs_as_steps(trainer: L.Trainer, cfg: DictConfig, batches_per_epoch: int)
 
 
 def progress_bar(cfg: DictConfig) -> Any:
-    """The progress bar, redrawn every ``logging.progress_every_n_steps`` steps (default 10): each redraw reads the
-    logged loss back from the GPU, which would otherwise stall the host every step."""
+    """The progress bar, redrawn every ``logging.progress_every_n_steps`` steps (default 10): each redraw starts the
+    loss on its way to the host (``ldm.training.step_log``), shown once it has arrived."""
     from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: PLC0415
 
     every = (cfg.get("logging") or {}).get("progress_every_n_steps", 10)
