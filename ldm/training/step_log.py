@@ -69,10 +69,13 @@ class HostReads:
     def ready(self, wait: bool = False) -> list[tuple[int | None, dict[str, float]]]:
         """(step, name -> number) of the reads that have arrived, in order; ``wait``: all of them (a host sync)."""
         out = []
-        while self._pending and (wait or self._pending[0].event is None or self._pending[0].event.query()):
-            read = self._pending.popleft()
-            if read.event is not None:
-                read.event.synchronize()  # passed already unless waiting
+        while self._pending:
+            read = self._pending[0]
+            if read.event is not None and not read.event.query():
+                if not wait:
+                    break
+                read.event.synchronize()
+            self._pending.popleft()
             out.append((read.step, {**read.numbers, **dict(zip(read.names, read.host.tolist()))}))
         return out
 
