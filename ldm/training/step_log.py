@@ -25,7 +25,7 @@ import torch
 
 class _Read(NamedTuple):
     step: int | None
-    numbers: dict[str, float]
+    numbers: dict[str, float | int]
     names: list[str]
     host: torch.Tensor  # (n,) float32 on the host; complete once ``event`` has passed
     event: Any  # torch.cuda.Event, or None for values that were on the host already
@@ -151,8 +151,9 @@ class LearningRates(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         if logs_this_step(trainer):
+            rates, step = learning_rates(trainer.optimizers), logger_step(trainer)
             for logger in trainer.loggers:
-                logger.log_metrics(learning_rates(trainer.optimizers), step=logger_step(trainer))
+                logger.log_metrics(rates, step=step)
 
 
 def learning_rates(optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, float]:
