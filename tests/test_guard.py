@@ -235,3 +235,28 @@ def test_ranks_decide_together(tmp_path):
     mp.spawn(_min_over_two_ranks, args=(port, str(tmp_path / "flags")), nprocs=2)
     for rank in (0, 1):  # loss bad on rank 1, gradients bad on rank 0: both ranks skip, for both reasons
         assert torch.load(tmp_path / f"flags.{rank}", weights_only=True).tolist() == [0.0, 0.0]
+
+
+def test_the_fused_step_clips_as_clip_grad_norm_does(gpu_one_step_behind):
+    """The clip folded into fused AdamW (its ``grad_scale``) gives the weights of ``clip_grad_norm_`` then the step.
+    Gradients whose norms go from 0.05 to 20 across steps, so that clipping changes Adam's moments (Adam alone is
+    nearly blind to a constant scale): without the clip the weights come out elsewhere."""
+    rows = torch.tensor([[20.0, -3.0, 1.0], [0.05, 0.02, -0.01], [4.0, 4.0, 4.0], [0.3, -0.2, 0.1]]).repeat(2, 1)
+
+    def reference(clip):
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+        for x in rows:
+            (w * x).sum().backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_([w], 1.0)
+            opt.step()
+            opt.zero_grad()
+        return w.detach()
+
+    m = FusedToy()
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(m, torch.utils.data.DataLoader(rows, batch_size=1))
+    assert m.reads == [0] * len(rows) and not hasattr(m.optimizers().optimizer, "grad_scale")
+    torch.testing.assert_close(m.w.detach(), reference(clip=True), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(m.w.detach(), reference(clip=False), rtol=1e-3)

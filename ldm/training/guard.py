@@ -8,9 +8,11 @@ Two ways to skip:
 
 - **On the device** (fused Adam/AdamW, no fp16 grad scaler: every stage on CUDA). The flag goes to the optimizer as
   ``found_inf``, the same hook the AMP grad scaler uses: the fused kernel then leaves the weights, both moments and
-  its step count untouched. Nothing is read back to the host, so the host keeps queueing work while the GPU
-  computes. A skipped step is a zero update: the step counter, the learning-rate schedule and the EMA advance as
-  after any step (the EMA towards unchanged weights). The counts stay on the device. Every
+  its step count untouched. Gradient clipping takes the scaler's other hook, ``grad_scale``: the kernel divides
+  each gradient by max(‖g‖ / clip, 1) as it loads it, so the clip needs no pass of its own over the gradients.
+  Nothing is read back to the host, so the host keeps queueing work while the GPU computes. A skipped step is a
+  zero update: the step counter, the learning-rate schedule and the EMA advance as after any step (the EMA towards
+  unchanged weights). The counts stay on the device. Every
   ``trainer.log_every_n_steps`` steps they start on their way to the host (a non-blocking copy and an event,
   ``ldm.training.step_log.copy_to_host``) and take effect a step or two later, once the GPU has got there: the
   warning, the ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row (so the stop may come up
@@ -213,18 +215,28 @@ def _clip(module: Any, optimizer: Any, grads: list[torch.Tensor], clip: float | 
         module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
 
 
+def clip_divisor(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """max((‖g‖ + 1e-6) / clip, 1), fp32: dividing every gradient by it is ``clip_grads_with_norm_``'s clip (each
+    gradient times clip / (‖g‖ + 1e-6), at most 1). Fused Adam(W) divides by its ``grad_scale`` as it loads each
+    gradient, so the clip costs no pass over the gradients of its own."""
+    return torch.clamp((norm.float() + 1e-6) / clip, min=1.0)
+
+
 def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[torch.Tensor],
                     clip: float | None, norm: torch.Tensor | None) -> bool:
-    """The fused kernel skips the update where ``found_inf`` is 1; the counts start for the host at log steps."""
+    """The fused kernel skips the update where ``found_inf`` is 1 and clips by dividing by ``grad_scale`` (it writes
+    the clipped gradients back); the counts start for the host at log steps."""
     guard: StepGuard = module.guard
     step = module.global_step  # before the step, which advances it
-    _clip(module, optimizer, grads, clip, norm, None)  # a non-finite norm makes NaN gradients: skipped below
     inner = torch_optimizer(optimizer)
     inner.found_inf = (~ok).float()
+    if clip and grads and norm is not None:  # a non-finite norm: found_inf is 1, the step is skipped
+        inner.grad_scale = clip_divisor(norm, float(clip))
     try:
         optimizer.step()
     finally:
         del inner.found_inf
+        vars(inner).pop("grad_scale", None)
     optimizer.zero_grad(set_to_none=True)
     guard.record_on_device(ok)
     every = int(getattr(module.trainer, "log_every_n_steps", 1) or 1)
