@@ -12,11 +12,11 @@ Two ways to skip:
   each gradient by max(‖g‖ / clip, 1) as it loads it, so the clip needs no pass of its own over the gradients.
   Nothing is read back to the host, so the host keeps queueing work while the GPU computes. A skipped step is a
   zero update: the step counter, the learning-rate schedule and the EMA advance as after any step (the EMA towards
-  unchanged weights). The counts stay on the device. Every
-  ``trainer.log_every_n_steps`` steps they start on their way to the host (a non-blocking copy and an event,
-  ``ldm.training.step_log.copy_to_host``) and take effect a step or two later, once the GPU has got there: the
-  warning, the ``train/skipped`` count and the stop after ``max_consecutive`` skips in a row (so the stop may come up
-  to one log interval late). When a checkpoint is saved and when training ends they are read at once.
+  unchanged weights). The counts stay on the device. Every ``trainer.log_every_n_steps`` steps they start on their
+  way to the host (a non-blocking copy and an event, ``ldm.training.step_log.copy_to_host``) and take effect a step
+  or two later, once the GPU has got there: the warning, the ``train/skipped`` count and the stop after
+  ``max_consecutive`` skips in a row (so the stop may come up to one log interval late). When a checkpoint is saved
+  and when training ends they are read at once.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
   not taken at all (nor is its schedule or EMA step).
 
