@@ -480,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="torch.backends.cudnn.benchmark for the whole run, both sides (cuDNN times its algorithms "
                         "for each convolution shape on first use)")
+    p.add_argument("--blas", default=None, choices=("cublas", "cublaslt"),
+                   help="torch.backends.cuda.preferred_blas_library for the whole run, both sides (default: torch's "
+                        "own choice)")
     p.add_argument("--batch8", action="store_true", help="also txt2img at batch 8 (--pipeline-batches 1,8)")
     p.add_argument("--pipeline-batches", default="1", type=parse_ints,
                    help="comma-separated txt2img batch sizes, in order (default 1; a batch alone compiles its shapes "
@@ -559,6 +562,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
+    if a.blas and not cpu:
+        torch.backends.cuda.preferred_blas_library(a.blas)
     res, px = (8, 32) if cpu else (a.px // 8, a.px)
     if not cpu:  # always (a few seconds): every TFLOP/s row then also reports its share of this ceiling
         bench_ceiling(out)

@@ -260,3 +260,59 @@ def test_the_fused_step_clips_as_clip_grad_norm_does(gpu_one_step_behind):
     assert m.reads == [0] * len(rows) and not hasattr(m.optimizers().optimizer, "grad_scale")
     torch.testing.assert_close(m.w.detach(), reference(clip=True), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(m.w.detach(), reference(clip=False), rtol=1e-3)
+
+
+class ClipNet(L.LightningModule):
+    """Weights of several sizes (the multi-tensor kernels' chunks) trained by ``guarded_step`` with fused AdamW."""
+
+    SHAPES = ((1000, 300), (7,), (64, 3, 3, 3))
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        gen = torch.Generator().manual_seed(0)
+        self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=gen)) for s in self.SHAPES])
+        self.guard = StepGuard()
+
+    def training_step(self, batch, i):
+        loss = sum((w * x).sum() for w, x in zip(self.ws, batch))  # ∇w = x
+        guarded_step(self, self.optimizers(), loss, list(self.ws), clip=1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+
+
+def clip_net_batches() -> list[tuple[torch.Tensor, ...]]:
+    """Gradients whose norms go from ~0.05 to ~550 (clip 1.0): some steps clipped, some not."""
+    gen = torch.Generator().manual_seed(1)
+    return [tuple(s * torch.randn(shape, generator=gen) for shape in ClipNet.SHAPES)
+            for s in (0.1, 1e-4, 0.01, 1e-3, 1.0, 3e-4, 0.02, 1e-4)]
+
+
+@pytest.mark.gpu
+def test_the_fused_step_clips_as_clip_grad_norm_does_on_a_gpu():
+    """The CUDA fused AdamW kernel with the clip as its ``grad_scale``: the weights of ``clip_grad_norm_`` then the
+    step, on the GPU, with no host read left in the step."""
+    batches = clip_net_batches()
+
+    def reference(clip):
+        ref = ClipNet().cuda()
+        opt = ref.configure_optimizers()
+        for xs in batches:
+            sum((w * x.cuda()).sum() for w, x in zip(ref.ws, xs)).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(ref.ws), 1.0)
+            opt.step()
+            opt.zero_grad()
+        return [w.detach() for w in ref.ws]
+
+    m = ClipNet()
+    L.Trainer(max_epochs=1, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+        m, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert m.guard.skipped == 0 and not hasattr(m.optimizers().optimizer, "grad_scale")
+    got = [w.detach() for w in m.ws]
+    for g, want in zip(got, reference(clip=True)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+    unclipped = reference(clip=False)
+    assert not torch.allclose(got[0], unclipped[0], rtol=1e-3)
