@@ -262,14 +262,17 @@ def test_the_fused_step_clips_as_clip_grad_norm_does(gpu_one_step_behind):
     assert not torch.allclose(m.w.detach(), reference(clip=False), rtol=1e-3)
 
 
+
 class ClipNet(L.LightningModule):
-    """Weights of several sizes (the multi-tensor kernels' chunks) trained by ``guarded_step`` with fused AdamW."""
+    """Weights of several sizes (the multi-tensor kernels' chunks) trained by ``guarded_step``, clip 1.0, AdamW fused
+    (the clip in its kernel) or not (the host path's own clip)."""
 
     SHAPES = ((1000, 300), (7,), (64, 3, 3, 3))
 
-    def __init__(self):
+    def __init__(self, fused: bool = True):
         super().__init__()
         self.automatic_optimization = False
+        self.fused = fused
         gen = torch.Generator().manual_seed(0)
         self.ws = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, generator=gen)) for s in self.SHAPES])
         self.guard = StepGuard()
@@ -279,7 +282,7 @@ class ClipNet(L.LightningModule):
         guarded_step(self, self.optimizers(), loss, list(self.ws), clip=1.0)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
 
 
 def clip_net_batches() -> list[tuple[torch.Tensor, ...]]:
@@ -289,30 +292,40 @@ def clip_net_batches() -> list[tuple[torch.Tensor, ...]]:
             for s in (0.1, 1e-4, 0.01, 1e-3, 1.0, 3e-4, 0.02, 1e-4)]
 
 
-@pytest.mark.gpu
-def test_the_fused_step_clips_as_clip_grad_norm_does_on_a_gpu():
-    """The CUDA fused AdamW kernel with the clip as its ``grad_scale``: the weights of ``clip_grad_norm_`` then the
-    step, on the GPU, with no host read left in the step."""
+def clip_net_reference(batches, device: str, fused: bool, clip: bool) -> list[torch.Tensor]:
+    """The same training with ``clip_grad_norm_`` (or no clip) before each step."""
+    ref = ClipNet(fused).to(device)
+    opt = ref.configure_optimizers()
+    for xs in batches:
+        sum((w * x.to(device)).sum() for w, x in zip(ref.ws, xs)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(list(ref.ws), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return [w.detach() for w in ref.ws]
+
+
+def check_clip_net(device: str, fused: bool, rtol: float, atol: float) -> None:
     batches = clip_net_batches()
-
-    def reference(clip):
-        ref = ClipNet().cuda()
-        opt = ref.configure_optimizers()
-        for xs in batches:
-            sum((w * x.cuda()).sum() for w, x in zip(ref.ws, xs)).backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(list(ref.ws), 1.0)
-            opt.step()
-            opt.zero_grad()
-        return [w.detach() for w in ref.ws]
-
-    m = ClipNet()
-    L.Trainer(max_epochs=1, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(
+    m = ClipNet(fused)
+    L.Trainer(max_epochs=1, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(
         m, torch.utils.data.DataLoader(batches, batch_size=None))
     assert m.guard.skipped == 0 and not hasattr(m.optimizers().optimizer, "grad_scale")
     got = [w.detach() for w in m.ws]
-    for g, want in zip(got, reference(clip=True)):
-        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
-    unclipped = reference(clip=False)
+    for g, want in zip(got, clip_net_reference(batches, device, fused, clip=True)):
+        torch.testing.assert_close(g, want, rtol=rtol, atol=atol)
+    unclipped = clip_net_reference(batches, device, fused, clip=False)
     assert not torch.allclose(got[0], unclipped[0], rtol=1e-3)
+
+
+def test_the_host_step_clips_as_clip_grad_norm_does():
+    """Not fused (the CPU stages, SGD, plain AdamW): the step is taken on the host after the guard's own clip."""
+    check_clip_net("cpu", fused=False, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_the_fused_step_clips_as_clip_grad_norm_does_on_a_gpu():
+    """The CUDA fused AdamW kernel with the clip as its ``grad_scale``: the weights of ``clip_grad_norm_`` then the
+    step, on the GPU."""
+    check_clip_net("cuda", fused=True, rtol=1e-5, atol=1e-6)

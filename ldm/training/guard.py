@@ -209,8 +209,13 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
 
 def _clip(module: Any, optimizer: Any, grads: list[torch.Tensor], clip: float | None, norm: torch.Tensor | None,
           scaler: Any) -> None:
-    if clip and scaler is None and grads:  # real gradients (fp32/bf16): works with fused AdamW
-        torch.nn.utils.clip_grads_with_norm_(grads, float(clip), norm, foreach=None)
+    """Clip the gradients themselves (the host path). Not ``clip_grads_with_norm_``: it takes parameters and reads
+    their ``.grad``, so given the gradients it finds none and clips nothing (what this did from 2026-11-29 to
+    2026-12-06)."""
+    if clip and scaler is None and grads and norm is not None:  # real gradients (fp32/bf16)
+        divisor = clip_divisor(norm, float(clip))
+        for device in {g.device for g in grads}:
+            torch._foreach_div_([g for g in grads if g.device == device], divisor.to(device))
     elif clip and scaler is not None:
         module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
 
