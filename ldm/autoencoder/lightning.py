@@ -56,7 +56,7 @@ class UncountedStep:
 def _adam(module: Any, params: Iterable[torch.nn.Parameter], lr: float, t: DictConfig) -> torch.optim.Adam:
     params = list(params)
     fused = use_fused(module, params, t)
-    return torch.optim.Adam(params, lr=lr, betas=tuple(t.get("betas", (0.5, 0.9))),
+    return torch.optim.Adam(params, lr=lr, betas=tuple(t.get("betas", (0.5, 0.9))), eps=float(t.get("eps", 1e-8)),
                             weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
 
 
@@ -122,7 +122,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
                 d_loss, d_logs = self.loss(x.float(), x_rec.detach(), posterior, 1, step, split="train")
             logs.update(d_logs)
             if guarded_step(self, UncountedStep(self, opt_d), d_loss, self.loss.discriminator_parameters(),
-                            check_grads=check):
+                            clip=t.get("grad_clip"), check_grads=check):
                 sched_d.step()
         self._log_step(logs)
         self._maybe_save_reconstructions(x, x_rec)

@@ -45,13 +45,10 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module: Any, step: int) -> Path:
         net = module.net
-        was_training = net.training
-        net.eval()
         ema = module.model_ema
         ctx = ema.swapped_into(net.model) if ema is not None else nullcontext()
-        with ctx:
+        with eval_mode(net), ctx:
             images = net.generate(self.prompts, progress=False, **self.kw)
-        net.train(was_training)
         grid = make_grid(images, captions=self.prompts)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:08d}.png"
@@ -62,6 +59,19 @@ class SampleGrid(L.Callback):
                 exp.add_image("samples", np.asarray(grid).transpose(2, 0, 1), step)
         log.info("step %d: sample grid %s", step, path)
         return path
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, and after it every submodule back in its own mode: a frozen part
+    (the U-Net stage's autoencoder) stays in eval, where ``module.train()`` would have switched it to training."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class ExportOnEnd(L.Callback):

@@ -207,17 +207,27 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
     return _step_on_host(module, optimizer, flags, grads, clip, norm, scaler)
 
 
-def _clip(module: Any, optimizer: Any, grads: list[torch.Tensor], clip: float | None, norm: torch.Tensor | None,
-          scaler: Any) -> None:
-    """Clip the gradients themselves (the host path). Not ``clip_grads_with_norm_``: it takes parameters and reads
-    their ``.grad``, so given the gradients it finds none and clips nothing (what this did from 2026-11-29 to
-    2026-12-06)."""
-    if clip and scaler is None and grads and norm is not None:  # real gradients (fp32/bf16)
-        divisor = clip_divisor(norm, float(clip))
-        for device in {g.device for g in grads}:
-            torch._foreach_div_([g for g in grads if g.device == device], divisor.to(device))
-    elif clip and scaler is not None:
-        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")  # unscales first
+def _clip(grads: list[torch.Tensor], clip: float | None, norm: torch.Tensor | None, scaler: Any) -> None:
+    """Clip the gradients themselves (the host path): divide them by max((‖g‖ + 1e-6) / clip, 1), the clip of
+    ``clip_grad_norm_``. Not ``clip_grads_with_norm_``: it takes parameters and reads their ``.grad``, so given the
+    gradients it found none and clipped nothing (2026-11-29 to 12-06). Under fp16 AMP the gradients are still
+    multiplied by the scaler's S here (Lightning unscales them inside the optimizer step, after this), so the norm
+    that is clipped is ‖g‖ / S (Lightning's own ``clip_gradients`` clipped the scaled norm: to clip / S)."""
+    if not (clip and grads):
+        return
+    if scaler is not None:
+        norm = grad_norm(grads) / _loss_scale(scaler)
+    if norm is None:
+        return
+    divisor = clip_divisor(norm, float(clip))
+    for device in {g.device for g in grads}:
+        torch._foreach_div_([g for g in grads if g.device == device], divisor.to(device))
+
+
+def _loss_scale(scaler: Any) -> torch.Tensor:
+    """The AMP grad scaler's current S as a tensor where it holds one (no host read), else its ``get_scale()``."""
+    scale = getattr(scaler, "_scale", None)
+    return scale.float() if isinstance(scale, torch.Tensor) else torch.tensor(float(scaler.get_scale()))
 
 
 def clip_divisor(norm: torch.Tensor, clip: float) -> torch.Tensor:
@@ -260,7 +270,7 @@ def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[
         guard.record(False, "loss" if not loss_ok else "gradients", module.global_step)
         optimizer.zero_grad(set_to_none=True)
         return False
-    _clip(module, optimizer, grads, clip, norm, scaler)
+    _clip(grads, clip, norm, scaler)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     guard.record(True, "", module.global_step)
