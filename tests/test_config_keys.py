@@ -30,6 +30,8 @@ def train(tmp_path, *overrides, config=TINY):
     (TINY, "train.warmup_steps=1.5", "train.warmup_steps: expected an int"),
     (TINY, "train.compile=foo", "train.compile: expected true, false or a torch.compile backend"),
     (TINY, "train.ema_every_n_steps=0", "train.ema_every_n_steps: expected an int ≥ 1"),
+    (TINY, "train.ema_decay=null train.ema_every_n_steps=10",
+     "train.ema_every_n_steps is 10 but train.ema_decay is not set"),
     (TINY, "train.compile_mode=reduce_overhead", r"train.compile_mode: expected null or a torch.compile mode \(.*"
                                                   "reduce-overhead"),
     (TINY, "train.stage=unet", "train.stage: expected one of"),
@@ -42,7 +44,7 @@ def train(tmp_path, *overrides, config=TINY):
 ])
 def test_bad_keys_and_values_are_named(tmp_path, config, override, match):
     with pytest.raises(ConfigError, match=match):
-        train(tmp_path, override, config=config)
+        train(tmp_path, *override.split(), config=config)  # one or more overrides, space-separated
 
 
 def test_sample_prompts_as_one_string_is_one_prompt(tmp_path):

@@ -167,6 +167,9 @@ def check_run_config(cfg: DictConfig) -> None:
     _check_section("sample", sample, SAMPLE_KEYS)
     if sample.get("every_n_steps") and not sample.get("prompts"):
         raise ConfigError("sample.every_n_steps is set but sample.prompts is empty: give the prompts to sample")
+    if int(train.get("ema_every_n_steps") or 1) > 1 and not train.get("ema_decay"):
+        raise ConfigError(f"train.ema_every_n_steps is {train['ema_every_n_steps']} but train.ema_decay is not set: "
+                          "no EMA is kept (set train.ema_decay, e.g. 0.9999, or drop ema_every_n_steps)")
     _check_section("logging", OmegaConf.to_container(cfg.get("logging") or OmegaConf.create({}), resolve=True),
                    LOGGING_KEYS)
 
