@@ -29,6 +29,7 @@ from ldm.lr_schedule import linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
+from ldm.training.modes import eval_mode
 from ldm.training.optim import accumulate_batches, effective_lr, step_generator, use_fused
 from ldm.training.stage import ResumableStage
 from ldm.training.step_log import log_step
@@ -133,12 +134,10 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         """Per image (B,): L1 and PSNR (dB, images in [-1, 1]) of the reconstruction from the posterior mode, and
         the KL term (``ldm.training.validation``)."""
         ae = self.autoencoder
-        was_training = ae.training
-        ae.eval()
         x = batch["image"].to(self.device).float()  # (B, 3, H, W)
-        posterior = ae.encode(x.to(next(ae.parameters()).dtype))
-        x_rec = ae.decode(posterior.mode()).float().clamp(-1, 1)  # (B, 3, H, W)
-        ae.train(was_training)
+        with eval_mode(ae):
+            posterior = ae.encode(x.to(next(ae.parameters()).dtype))
+            x_rec = ae.decode(posterior.mode()).float().clamp(-1, 1)  # (B, 3, H, W)
         mse = (x - x_rec).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
         return {"l1": (x - x_rec).abs().mean(dim=(1, 2, 3)), "psnr": 10 * torch.log10(4.0 / mse),
                 "kl": posterior.kl().float()}
@@ -212,9 +211,5 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if n <= 0 or dm is None or not hasattr(dm, "scale_batches"):
             return None
-        was_training = self.autoencoder.training
-        self.autoencoder.eval()
-        try:
+        with eval_mode(self.autoencoder):
             return self.latent_statistics(dm.scale_batches(), n)
-        finally:
-            self.autoencoder.train(was_training)

@@ -21,6 +21,7 @@ from ldm.autotune import guard_conv_templates
 from ldm.ema import EMA
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
+from ldm.training.modes import eval_mode
 from ldm.training.optim import build_optimizer, step_generator
 from ldm.training.stage import ResumableStage
 from ldm.training.step_log import log_step
@@ -132,16 +133,14 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         """The training loss (B,) without caption dropout, of the weights and, when kept, of the EMA weights on the
         same noise and timesteps (``ldm.training.validation``)."""
         model = self.net.model
-        was_training = model.training
-        model.eval()
-        z, c = self._latents(batch, gen), self._context(batch, gen, dropout=False)
-        state = gen.get_state()
-        out = {"loss": self._loss(z, c, gen)}
-        if self.model_ema is not None:
-            gen.set_state(state)
-            with self.model_ema.swapped_into(model):
-                out["loss_ema"] = self._loss(z, c, gen)
-        model.train(was_training)
+        with eval_mode(model):
+            z, c = self._latents(batch, gen), self._context(batch, gen, dropout=False)
+            state = gen.get_state()
+            out = {"loss": self._loss(z, c, gen)}
+            if self.model_ema is not None:
+                gen.set_state(state)
+                with self.model_ema.swapped_into(model):
+                    out["loss_ema"] = self._loss(z, c, gen)
         return out
 
     def _log_step(self, loss: torch.Tensor, batch: int) -> None:

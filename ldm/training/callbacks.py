@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ldm.grid import make_grid
+from ldm.training.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,6 @@ class SampleGrid(L.Callback):
                 exp.add_image("samples", np.asarray(grid).transpose(2, 0, 1), step)
         log.info("step %d: sample grid %s", step, path)
         return path
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """``module`` in eval mode inside the block, and after it every submodule back in its own mode: a frozen part
-    (the U-Net stage's autoencoder) stays in eval, where ``module.train()`` would have switched it to training."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class ExportOnEnd(L.Callback):
