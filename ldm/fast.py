@@ -204,8 +204,15 @@ def graph_text_encoder(encoder: Any) -> bool:
         del encoder.encode_ids
     state = module_state(encoder) if isinstance(encoder, torch.nn.Module) else tuple
     encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state,
+                                     settings=lambda: text_settings(encoder),
                                      eager_hint="ldm.fast.optimize(..., compile_text=False)")
     return True
+
+
+def text_settings(encoder: Any) -> tuple:
+    """The Python values a text encoder's ``encode_ids`` reads that a recorded graph would keep: train/eval mode and
+    the layer it conditions on (``ldm.addons.set_clip_skip``; a change records a new graph)."""
+    return bool(getattr(encoder, "training", False)), getattr(encoder, "layer", None)
 
 
 def module_state(module: torch.nn.Module) -> Callable[[], Iterable[torch.Tensor]]:
