@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, existing_manifest
-from ldm.data.tario import ShardWriter, move_split_shards, shard_pattern
+from ldm.data.tario import ShardWriter, move_split_shards, shard_key, shard_pattern
 from ldm.data.transforms import BUCKET_MAX_RATIO, BUCKET_STEP, RESIZE_POLICIES, ImageTransform, fit
 from ldm.data.validate import SkipStats
 
@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    used: set[str] = set()
     with ShardWriter(shard_pattern(tmp, args.split), max_count=args.max_count, max_size=args.max_size) as w:
         for unit in source.units:
             for s in source.iter_unit(unit, stats):
-                w.write({"__key__": s["key"].replace(".", "_"), args.format: encode(s["image"], args.format,
-                                                                                    args.quality),
+                w.write({"__key__": shard_key(s["key"], used), args.format: encode(s["image"], args.format,
+                                                                                   args.quality),
                          "txt": s["caption"]})
     stats.report(f"make_shards {args.src}")
     if sum(w.counts) == 0:

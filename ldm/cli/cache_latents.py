@@ -117,7 +117,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def check_data(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """--data exists; with a manifest, every --split is one of its splits."""
+    """--data exists; with a manifest, every --split is one of its splits; without one, a single --split (the name
+    of the split written)."""
     from ldm.data.shards import has_manifest, read_manifest  # noqa: PLC0415
     from ldm.data.tario import expand_shards  # noqa: PLC0415
 
@@ -130,7 +131,10 @@ def check_data(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         for split in a.splits:
             if split not in have:
                 p.error(f"--split {split}: not a split of {root / 'manifest.json'} (has {', '.join(have) or 'none'})")
-    elif not root.is_dir():  # a shard file, a brace pattern or ::-joined patterns
+    elif len(a.splits) > 1:  # without a manifest --split only names the output split: each would hold all of it
+        p.error(f"--split {a.split}: --data {a.data} has no manifest.json, so it has no splits to encode apart "
+                "(each split would hold all of it); encode one split per --data")
+    if not has_manifest(root) and not root.is_dir():  # a shard file, a brace pattern or ::-joined patterns
         try:
             missing = [u for u in expand_shards(a.data) if not Path(u).is_file()]
         except ValueError as e:

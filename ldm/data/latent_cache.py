@@ -27,7 +27,8 @@ import torch
 
 from ldm.checkpoint import atomic_write
 from ldm.data.shards import decode_stream, existing_manifest, has_manifest, read_manifest
-from ldm.data.tario import ShardWriter, expand_shards, iter_raw_samples, move_split_shards, shard_pattern
+from ldm.data.tario import (ShardWriter, expand_shards, iter_raw_samples, move_split_shards, shard_key,
+                            shard_pattern)
 from ldm.data.validate import Skip, SkipStats, decode_caption, decode_npy
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def _encode_into(writer: ShardWriter, loader: Iterable[dict], encode_fn: Callabl
     """Encode the loader's batches into ``writer``: (samples per latent shape "CxHxW", the context's (L, D))."""
     shapes: dict[str, int] = {}
     context_shape = None
+    used: set[str] = set()  # keys written: a dotted or repeated one is renamed (shard_key), else it would not read back
     next_report = time.monotonic() + PROGRESS_EVERY_S
     for batch in loader:
         if time.monotonic() >= next_report:
@@ -102,7 +104,7 @@ def _encode_into(writer: ShardWriter, loader: Iterable[dict], encode_fn: Callabl
         shapes[name] = shapes.get(name, 0) + z.shape[0]
         context_shape = list(c.shape[1:]) if c is not None else None
         for i, key in enumerate(batch["key"]):
-            sample = {"__key__": key, "latent.npy": _npy(z[i], np_dtype), "txt": batch["caption"][i]}
+            sample = {"__key__": shard_key(key, used), "latent.npy": _npy(z[i], np_dtype), "txt": batch["caption"][i]}
             if c is not None:
                 sample["context.npy"] = _npy(c[i], np_dtype)
             writer.write(sample)

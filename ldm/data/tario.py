@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import re
 import subprocess
 import tarfile
@@ -139,6 +140,7 @@ class ShardWriter:
         self.index, self.shards, self.counts = start, [], []
         self._tar = None
         self._count = self._size = 0
+        self._last_key: str | None = None
 
     def _roll(self) -> None:
         self.close()
@@ -154,6 +156,10 @@ class ShardWriter:
         """Append one sample; its members are named ``key.ext``."""
         key = sample["__key__"]
         check_member_name(key)
+        if "." in posixpath.basename(key) or key == self._last_key:
+            raise ValueError(f"sample key {key!r} would not read back as one sample (readers split member names at "
+                             "the first dot and merge equal neighbouring keys): use shard_key()")
+        self._last_key = key
         members = {k: (v.encode("utf-8") if isinstance(v, str) else v)
                    for k, v in sample.items() if not k.startswith("__")}
         size = sum(len(v) + 512 for v in members.values())
@@ -191,6 +197,19 @@ class ShardWriter:
             self.abort()
         else:
             self.close()
+
+
+def shard_key(key: str, used: set[str]) -> str:
+    """``key`` as a shard sample key that reads back whole and alone: dots become ``_`` (readers split a member name
+    at its first dot) and a key already in ``used`` gets ``_1``, ``_2``, … (readers merge equal neighbouring keys,
+    e.g. ``img.png`` and ``img.jpg`` of one folder). The key returned is added to ``used``."""
+    base = key.replace(".", "_")
+    out, n = base, 0
+    while out in used:
+        n += 1
+        out = f"{base}_{n}"
+    used.add(out)
+    return out
 
 
 def partial_path(path: str) -> str:
