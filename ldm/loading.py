@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import (
     META_CONFIG,
@@ -165,6 +165,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
         sd = apply_ema(sd, [n for n, _ in model.model.named_parameters()])
     weights, extra = split_ignored(sd)
     _check_schedule(model, extra, where)
+    _take_scale_factor(model, weights, where)
     n_loss = sum(k.startswith("loss.") for k in extra)
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
@@ -202,6 +203,22 @@ def fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     if n:
         log.info("%s: %d 1x1-convolution/linear weight(s) reshaped to the model's layout", where, n)
     return out
+
+
+def _take_scale_factor(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """The ``scale_factor`` buffer that original LDM runs with ``scale_by_std: true`` save (the latent scale measured
+    at their start, which their config's value does not hold) replaces the config's value, config included."""
+    value = weights.pop("scale_factor", None)
+    if value is None or value.numel() != 1 or not hasattr(model, "first_stage_model"):
+        if value is not None:
+            weights["scale_factor"] = value  # not a latent scale of ours: left for the strict check to report
+        return
+    model.first_stage_model.scale_factor.fill_(float(value))
+    config = getattr(model, "config", None)
+    if config is not None and "model" in config:
+        with open_dict(config):
+            config.model.params.scale_factor = float(value)
+    log.info("%s: latent scale_factor %.6g from the checkpoint (scale_by_std)", where, float(value))
 
 
 def _check_schedule(model: torch.nn.Module, extra: dict[str, torch.Tensor], where: str) -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.autotune import guard_conv_templates
 from ldm.ema import EMA
+from ldm.registry import ConfigError
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.modes import eval_mode
@@ -42,6 +43,9 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         t = config.train
         self.automatic_optimization = False
         init = t.get("init_checkpoint")
+        if t.get("init_use_ema", False) and not init:
+            raise ConfigError("train.init_use_ema: true needs train.init_checkpoint (the file whose EMA weights to "
+                              "start from); without one the U-Net starts from random weights")
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
         self.net.config = config
         load_components(self.net, t.get("components") or {})
