@@ -158,12 +158,27 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     strategy = tc.get("strategy", "auto")
     if strategy == "ddp" and cfg.train.get("stage") == "autoencoder":
         strategy = "ddp_find_unused_parameters_true"  # the generator step leaves the discriminator without grads
-    tc["strategy"] = build_strategy(strategy, float(cfg.train.get("dist_timeout_s", 600)))
+    timeout_s = float(cfg.train.get("dist_timeout_s", 600))
+    tc["strategy"] = build_strategy(strategy, timeout_s)
     callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     if tc.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg))
-    return L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming),
-                     callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
+    trainer = L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming),
+                        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
+    bound_ddp_timeout(trainer, timeout_s)
+    return trainer
+
+
+def bound_ddp_timeout(trainer: L.Trainer, timeout_s: float) -> None:
+    """``train.dist_timeout_s`` on the DDP that Lightning chose itself (``strategy: auto`` with several devices,
+    ``ddp_spawn``, ``ddp_fork``), which :func:`build_strategy` never sees: without it its collectives would wait
+    Lightning's default (30 minutes) for a dead rank."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._timeout = timedelta(seconds=timeout_s)  # read when the process group is created (setup)
 
 
 def epochs_as_steps(trainer: L.Trainer, cfg: DictConfig, batches_per_epoch: int) -> None:
