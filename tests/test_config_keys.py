@@ -19,7 +19,7 @@ def train(tmp_path, *overrides, config=TINY):
     (TINY, "train.ema_decya=0.5", r"train.ema_decya: unknown key; allowed: .*ema_decay"),
     ("configs/tiny/clip.yaml", "train.init_checkpoint=x.safetensors", "not read by the clip stage"),
     ("configs/tiny/autoencoder.yaml", "train.ema_decay=0.9", "not read by the autoencoder stage"),
-    ("configs/tiny/autoencoder.yaml", "sample.every_n_steps=10", "sample.every_n_steps is not read by the "
+    ("configs/tiny/autoencoder.yaml", "sample.every_n_steps=10", "sample.every_n_steps=10 is not read by the "
                                                                  "autoencoder stage"),
     ("configs/tiny/clip.yaml", "train.lora.rank=4", "train.lora is not read by the clip stage"),
     (TINY, "train.lr=abc", r"train.lr: expected a number > 0, got 'abc'"),

@@ -165,9 +165,9 @@ def check_run_config(cfg: DictConfig) -> None:
     _check_section("train", train, {**COMMON, **STAGE_KEYS[stage]}, {**others, "": stage})
     sample = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
     _check_section("sample", sample, SAMPLE_KEYS)
-    if sample and stage != "diffusion":
-        raise ConfigError(f"sample.{next(iter(sample))} is not read by the {stage} stage (sample grids are drawn by "
-                          "the diffusion stage only)")
+    if sample.get("every_n_steps") and stage != "diffusion":  # 0 or null: grids off, as in every stage
+        raise ConfigError(f"sample.every_n_steps={sample['every_n_steps']} is not read by the {stage} stage (sample "
+                          "grids are drawn by the diffusion stage only)")
     if sample.get("every_n_steps") and not sample.get("prompts"):
         raise ConfigError("sample.every_n_steps is set but sample.prompts is empty: give the prompts to sample")
     if int(train.get("ema_every_n_steps") or 1) > 1 and not train.get("ema_decay"):
