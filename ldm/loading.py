@@ -208,11 +208,10 @@ def fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor
 def _take_scale_factor(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
     """The ``scale_factor`` buffer that original LDM runs with ``scale_by_std: true`` save (the latent scale measured
     at their start, which their config's value does not hold) replaces the config's value, config included."""
-    value = weights.pop("scale_factor", None)
+    value = weights.get("scale_factor")
     if value is None or value.numel() != 1 or not hasattr(model, "first_stage_model"):
-        if value is not None:
-            weights["scale_factor"] = value  # not a latent scale of ours: left for the strict check to report
-        return
+        return  # none, or not a latent scale of ours: left for the strict check to report
+    del weights["scale_factor"]
     model.first_stage_model.scale_factor.fill_(float(value))
     config = getattr(model, "config", None)
     if config is not None and "model" in config:

@@ -107,8 +107,9 @@ class DataModule(L.LightningDataModule):
                 check_known_count(source, spec, {**names, **ARG_NAMES})
             except (ValueError, TypeError, OSError) as e:
                 raise ConfigError(str(e)) from None
-            if has_manifest(spec) and read_manifest(spec).get("kind") == "latents":
-                check_latent_options(d, spec, names["spec"], val)
+            manifest = read_manifest(spec) if has_manifest(spec) else {}
+            if manifest.get("kind") == "latents":
+                check_latent_options(d, spec, manifest, names["spec"], val)
 
     def pin_memory(self) -> bool:
         """Whether the loader pins its batches: ``data.pin_memory``, or with ``auto`` (the default) whether the
@@ -209,14 +210,14 @@ def bucket_args(d: dict) -> dict[str, Any]:
             "bucket_max_ratio": float(d.get("bucket_max_ratio", BUCKET_MAX_RATIO))}
 
 
-def check_latent_options(d: dict, spec: Any, key: str, val: bool) -> None:
+def check_latent_options(d: dict, spec: Any, manifest: dict, key: str, val: bool) -> None:
     """A latent cache holds encoded images, which the loader does not transform: ``data.flip`` (training) cannot flip
     them, and a ``data.size`` or ``data.resize`` other than the ones the cache was encoded with (its manifest's
     ``extra``, when recorded) would not be applied. ConfigError naming the keys."""
     if d.get("flip") and not val:
         raise ConfigError(f"data.flip=true: {key}={spec!r} is a latent cache, whose latents are not flipped; "
                           "set data.flip=false (flips would have to be applied before encoding)")
-    extra = read_manifest(spec).get("extra") or {}
+    extra = manifest.get("extra") or {}
     for k in ("size", "resize"):
         if d.get(k) is not None and extra.get(k) is not None and d[k] != extra[k]:
             raise ConfigError(f"data.{k}={d[k]!r}: {key}={spec!r} is a latent cache encoded with {k}={extra[k]!r}, "
