@@ -39,7 +39,7 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
     ours = {k[len("model."):]: v for k, v in sd.items()}
     try:
         load_lora(model.model, ours)
-    except (KeyError, AttributeError, RuntimeError) as e:
+    except (KeyError, AttributeError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: does not fit this model's U-Net ({e})") from None
     for name in {k.rsplit(".", 1)[0] for k in ours if k.endswith("lora_A")}:
         m = model.model.get_submodule(name)

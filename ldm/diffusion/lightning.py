@@ -59,7 +59,10 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         if int(lora.get("rank", 0)) > 0:
             from ldm.lora import DEFAULT_TARGETS, add_lora  # noqa: PLC0415
 
-            add_lora(self.net.model, int(lora.rank), lora.get("alpha"), lora.get("targets") or DEFAULT_TARGETS)
+            try:
+                add_lora(self.net.model, int(lora.rank), lora.get("alpha"), lora.get("targets") or DEFAULT_TARGETS)
+            except ValueError as e:
+                raise ConfigError(f"train.lora: {e}") from None
         decay = t.get("ema_decay")
         self.model_ema = EMA(self.net.model, decay=float(decay)) if decay else None
         self.guard = StepGuard(int(t.get("max_consecutive_nonfinite", 10)))

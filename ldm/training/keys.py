@@ -98,6 +98,22 @@ def _compile_mode(v: Any) -> str | None:
 
 POSITIVE_INT = number(1, integer=True)
 LIST: Check = lambda v: None if v is None or isinstance(v, (list, tuple)) else "a list"  # noqa: E731
+
+
+def _lora_targets(v: Any) -> str | None:
+    """null (the attention projections) or a non-empty list of module names (an empty one would fall back to them)."""
+    ok = v is None or (isinstance(v, (list, tuple)) and v and all(isinstance(t, str) and t for t in v))
+    return None if ok else "null or a non-empty list of module names, e.g. [attn1.to_q, attn2.to_k]"
+
+
+def _check_lora(lora: Mapping[str, Any] | None) -> None:
+    """``train.lora.alpha``/``targets`` without a rank > 0 would train the whole U-Net with no adapter: an error."""
+    if lora and not lora.get("rank") and any(lora.get(k) is not None for k in ("alpha", "targets")):
+        given = ", ".join(f"train.lora.{k}" for k in ("alpha", "targets") if lora.get(k) is not None)
+        raise ConfigError(f"{given} set but train.lora.rank is {lora.get('rank', 0)}: no LoRA would be trained (the "
+                          "whole U-Net would be); set train.lora.rank > 0, or drop train.lora")
+
+
 # train keys every stage reads
 COMMON: dict[str, Check] = {
     "stage": _choice("diffusion", "autoencoder", "clip"), "lr": number(0, lo_open=True),
@@ -116,7 +132,7 @@ STAGE_KEYS: dict[str, dict[str, Check]] = {
         "gradient_checkpointing": boolean(null=True), "ema_decay": number(0, 1, null=True),
         "ema_every_n_steps": POSITIVE_INT,
         "lora": _mapping({"rank": number(0, integer=True), "alpha": number(0, lo_open=True, null=True),
-                          "targets": LIST}),
+                          "targets": _lora_targets}),
         "caption_dropout": number(0, 1), "min_snr_gamma": number(0, lo_open=True, null=True), "offset_noise": number(0),
         "scale_factor": _choice("auto", "config", None), "scale_batches": POSITIVE_INT, "latent_shift": boolean(),
         "channels_last": boolean(null=True), "compile": _compile, "compile_mode": _compile_mode,
@@ -163,6 +179,8 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.stage: expected {bad}, got {stage!r}")
     others = {k: s for s, keys in STAGE_KEYS.items() if s != stage for k in keys}
     _check_section("train", train, {**COMMON, **STAGE_KEYS[stage]}, {**others, "": stage})
+    if stage == "diffusion":
+        _check_lora(train.get("lora"))
     sample = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
     _check_section("sample", sample, SAMPLE_KEYS)
     if sample.get("every_n_steps") and stage != "diffusion":  # 0 or null: grids off, as in every stage
