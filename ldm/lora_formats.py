@@ -233,12 +233,19 @@ def to_kohya(sd: Mapping[str, torch.Tensor], unet_params: Mapping[str, Any]) -> 
         module = key[: -len(".lora_A")]
         if not module.startswith(UNET_PREFIX):
             raise ValueError(f"to_kohya: {key!r} is not a U-Net adapter ({UNET_PREFIX}…)")
-        (theirs,) = km.forward({module[len(UNET_PREFIX):] + ".weight": sd[key]}, "LoRA module")
-        name = "lora_unet_" + theirs[: -len(".weight")].replace(".", "_")
+        if module + ".lora_B" not in sd:
+            raise ValueError(f"to_kohya: {key!r} has no {module + '.lora_B'!r} beside it")
         down, up = sd[key], sd[module + ".lora_B"]
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"to_kohya: {module!r}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} are not "
+                             "an (r, in) and (out, r) pair")
+        (theirs,) = km.forward({module[len(UNET_PREFIX):] + ".weight": down}, "LoRA module")
+        name = "lora_unet_" + theirs[: -len(".weight")].replace(".", "_")
         scale = float(sd.get(module + ".lora_scale", torch.tensor(1.0)))
         out.update({f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
                     f"{name}.alpha": torch.tensor(scale * down.shape[0], dtype=torch.float32)})
     if not out:
-        raise ValueError("to_kohya: no adapters (keys ending in .lora_A) in the file")
+        peft = any(k.endswith((".lora_A.weight", ".lora_down.weight")) for k in sd)
+        raise ValueError("to_kohya: no adapters of ours (model.diffusion_model.….lora_A) in the file" + (
+            "; it is a diffusers/peft or kohya LoRA, which loads as it is" if peft else ""))
     return out

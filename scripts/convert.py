@@ -147,7 +147,11 @@ def lora_to_kohya(args: argparse.Namespace) -> None:
         cfg = OmegaConf.create(own)
     else:
         raise ValueError(f"{args.lora} carries no config: give --config (the YAML the LoRA was trained with)")
-    save_safetensors(to_kohya(sd, cfg.model.params.unet_config.params), args.out, KOHYA_METADATA)
+    try:
+        kohya_sd = to_kohya(sd, cfg.model.params.unet_config.params)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{args.lora}: {e}") from None
+    save_safetensors(kohya_sd, args.out, KOHYA_METADATA)
     log.info("wrote %s (kohya-ss layout: the web UIs, ComfyUI, diffusers' load_lora_weights)", args.out)
 
 

@@ -200,3 +200,36 @@ def test_unmerged_forward_equals_peft_lora_on_the_diffusers_unet(tmp_path) -> No
         plain = unet(x, t, encoder_hidden_states=c).sample
     assert (ref - plain).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ to_kohya
+def test_lora_to_kohya_names_the_file_and_key_of_a_bad_adapter(tmp_path, caplog) -> None:
+    import importlib.util
+    import json
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import META_CONFIG
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = ldm.load(config=TINY)
+    add_lora(model.model, rank=2, targets=["attn1.to_q"])
+    ours = {"model." + k: v for k, v in lora_state_dict(model.model).items()}
+    meta = {META_CONFIG: json.dumps(OmegaConf.to_container(model.config, resolve=True))}
+    no_b = {k: v for k, v in ours.items() if not k.endswith("lora_B")}
+    save_safetensors(no_b, tmp_path / "no_b.safetensors", meta)
+    assert script.main(["lora-to-kohya", str(tmp_path / "no_b.safetensors"), str(tmp_path / "k.safetensors")]) == 2
+    assert "no_b.safetensors: to_kohya: 'model.diffusion_model." in caplog.text and ".lora_B' beside it" in caplog.text
+    bad = dict(ours, **{k: v[:, :1] for k, v in ours.items() if k.endswith("lora_B")})  # (out, 1) for r = 2
+    save_safetensors(bad, tmp_path / "bad.safetensors", meta)
+    assert script.main(["lora-to-kohya", str(tmp_path / "bad.safetensors"), str(tmp_path / "k.safetensors")]) == 2
+    assert "bad.safetensors: to_kohya: " in caplog.text and "are not an (r, in) and (out, r) pair" in caplog.text
+    peft = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32)}
+    save_safetensors(peft, tmp_path / "peft.safetensors", meta)
+    assert script.main(["lora-to-kohya", str(tmp_path / "peft.safetensors"), str(tmp_path / "k.safetensors")]) == 2
+    assert "peft.safetensors: to_kohya: no adapters of ours" in caplog.text and "loads as it is" in caplog.text
+    assert not (tmp_path / "k.safetensors").exists()
