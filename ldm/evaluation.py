@@ -26,6 +26,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     if n < 2 or m < 2:
         raise ValueError(f"a Fréchet distance needs at least 2 samples per set, got {n} and {m}")
+    check_finite("a", a)
+    check_finite("b", b)
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     ac, bc = a - mu_a, b - mu_b
@@ -39,11 +41,33 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + tr_a + tr_b - 2 * tr_covmean)
 
 
+def check_finite(name: str, features: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` when rows of ``features`` (N, ...) hold NaN or ±inf (e.g. a diverged model's
+    images): they would otherwise surface as an unrelated linear-algebra error or a silent NaN."""
+    bad = ~torch.isfinite(features).flatten(1).all(1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{name}: {len(rows)} of {len(features)} rows hold NaN or inf values (rows {rows[:8]}"
+                         f"{' …' if len(rows) > 8 else ''})")
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: images must be (B, C, H, W), got shape {tuple(x.shape)}")
+
+
 def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, k: int = 1) -> float:
     """Share of images i whose own caption i is among the k most similar of all N captions (features normalized).
 
     image_features, text_features: (N, D), row i of each belonging together.
     """
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(f"image_features and text_features must both be (N, D), row i of each belonging together, "
+                         f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T  # (N, N)
     topk = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (N, k)
     return float((topk == torch.arange(sim.shape[0])[:, None]).any(1).float().mean())
@@ -51,12 +75,16 @@ def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [0, 1], (B, C, H, W) -> (B,)."""
+    _check_pair(x, y, "psnr")
     mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp(min=1e-12))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) of images in [0, 1] with a Gaussian window, (B, C, H, W) -> (B,)."""
+    _check_pair(x, y, "ssim")
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"ssim: images of {tuple(x.shape[-2:])} pixels are smaller than the {window}×{window} window")
     c1, c2 = 0.01**2, 0.03**2
     coords = torch.arange(window, dtype=torch.float32) - window // 2
     g = torch.exp(-coords**2 / (2 * sigma**2))

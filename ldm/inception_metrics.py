@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.evaluation import frechet_distance
+from ldm.evaluation import check_finite, frechet_distance
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def _check_images(name: str, images: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float images in [-1, 1], got dtype {images.dtype}")
     if images.shape[0] < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, {name} has {images.shape[0]}")
+    check_finite(name, images)
 
 
 def load_inception(weights: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -128,6 +129,7 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor, *, batch_si
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    check_finite("images", images)  # NaN would silently become black pixels (uint8 0) and a finite, wrong FID
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.001 or hi > 1.001:
         log.warning("images span [%.3g, %.3g], expected [-1, 1]: clamping", lo, hi)
@@ -160,6 +162,10 @@ def kid_from_features(a: torch.Tensor, b: torch.Tensor, *, subset_size: int = 10
     size = min(subset_size, n, m)
     if size < 2:
         raise ValueError(f"KID needs subsets of at least 2 samples, got min(subset_size={subset_size}, {n}, {m})")
+    if subsets < 1:
+        raise ValueError(f"subsets must be >= 1, got {subsets}")
+    check_finite("a", a)
+    check_finite("b", b)
     a, b = a.double(), b.double()
     if size == n == m:  # every subset is the whole set: the estimate does not depend on the draw
         return float(poly_mmd(a, b)), 0.0

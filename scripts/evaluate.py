@@ -28,6 +28,9 @@ import torch
 
 log = logging.getLogger("ldm.evaluate")
 
+MIN_IMAGES = 4  # per split: the real-vs-real floors split a set in halves of >= 2 (a Fréchet distance's minimum)
+SNAPSHOT_KEYS = ("step", "train_s", "path")  # what evaluate_snapshots reads from every index.jsonl record
+
 
 def categories(data: str) -> dict[str, str]:
     """``{sample key: category}`` from the dataset's manifest.json ({} when it has none)."""
@@ -38,17 +41,50 @@ def categories(data: str) -> dict[str, str]:
 
 
 def real_split(data: str, split: str, n: int, size: int) -> dict:
-    """``n`` real images of ``split`` (all of them, with a warning, when the split holds fewer), fixed order."""
-    from ldm.data import make_dataloader
+    """``n`` real images of ``split`` (all of them, with a warning, when the split holds fewer), fixed order.
 
-    count = int(make_dataloader(data, 1, split=split, size=size).source.num_samples)
+    Samples the loader skips (unreadable images, missing captions) are counted in a warning and never stand in as
+    repeats of other images: the loader's stream wraps around to fill a batch, so a split with skipped samples would
+    otherwise be evaluated with duplicates.
+
+    Raises:
+        ValueError: the split has fewer than ``MIN_IMAGES`` (readable) images; the message names --data and the split.
+    """
+    from ldm.data import EqualBatchesIterable, make_dataloader
+
+    where = f"--data {data}, split {split!r}"
+    try:
+        source = make_dataloader(data, 1, split=split, size=size).source
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    count = int(source.num_samples)
+    if count < MIN_IMAGES:
+        raise ValueError(f"{where}: holds {count} images, fewer than the {MIN_IMAGES} an evaluation needs")
     m = min(n, count)
     if m < n:
         log.warning("split %s holds %d images, fewer than --n %d: evaluating all %d", split, count, n, m)
-    batch = next(iter(make_dataloader(data, m, split=split, size=size, seed=123, shuffle_buffer=4096)))
+    ds = EqualBatchesIterable(source, m, rank=0, world_size=1, seed=123, shuffle_buffer=4096)
+    try:
+        batch = next(iter(ds))
+    except RuntimeError as e:  # not one sample of the split could be read
+        raise ValueError(f"{where}: {e}") from e
+    first: dict[str, int] = {}
+    for i, key in enumerate(batch["key"]):
+        first.setdefault(key, i)
+    keep = sorted(first.values())
+    reasons = ", ".join(sorted(ds.stats.skipped)) or "none"  # the loader's skip reasons (counts span passes)
+    if len(keep) < MIN_IMAGES:
+        raise ValueError(f"{where}: only {len(keep)} of its {count} images could be read (skipped: {reasons}), "
+                         f"fewer than the {MIN_IMAGES} an evaluation needs")
+    if len(keep) < m:
+        log.warning("split %s: only %d of its %d images could be read (skipped: %s): evaluating %d", split,
+                    len(keep), count, reasons, len(keep))
+    elif ds.stats.skipped:
+        log.warning("split %s: some images could not be read (skipped: %s); drew %d readable ones", split, reasons,
+                    len(keep))
     cat = categories(data)
-    return {"image": batch["image"], "caption": list(batch["caption"]),
-            "category": [cat.get(k, "Other") for k in batch["key"]]}
+    return {"image": batch["image"][torch.tensor(keep)], "caption": [batch["caption"][i] for i in keep],
+            "category": [cat.get(batch["key"][i], "Other") for i in keep]}
 
 
 def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft: torch.Tensor, min_n: int) -> None:
@@ -65,12 +101,30 @@ def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft:
             m[f"{g}/real_retrieval@1"] = retrieval_accuracy(fr[idx], ft[idx], 1)
 
 
+def clip_image_size(clip) -> tuple[int, int] | None:
+    """(H, W) the CLIP's image tower takes (open_clip's ``visual.image_size``); None when it does not say."""
+    size = getattr(getattr(getattr(clip, "model", None), "visual", None), "image_size", None)
+    if size is None:
+        return None
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def to_clip_size(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] resized to the CLIP's input ``size`` (bicubic, antialiased), if they differ."""
+    if size is None or tuple(images.shape[-2:]) == size:
+        return images
+    return torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True,
+                                           align_corners=False).clamp(-1, 1)
+
+
 @torch.no_grad()
 def clip_features(clip, images: torch.Tensor, captions: list[str], bs: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized CLIP image and caption features; images at another size than the CLIP's are resized to it."""
     from ldm.conditioning.contrastive import clip_normalize
 
-    dev = next(clip.parameters()).device
-    fi = torch.cat([clip.encode_image(clip_normalize(images[i:i + bs].to(dev)), normalize=True).float().cpu()
+    dev, size = next(clip.parameters()).device, clip_image_size(clip)
+    fi = torch.cat([clip.encode_image(clip_normalize(to_clip_size(images[i:i + bs].to(dev), size)),
+                                      normalize=True).float().cpu()
                     for i in range(0, len(images), bs)])
     ft = torch.cat([clip.encode_text_features(captions[i:i + bs], normalize=True).float().cpu()
                     for i in range(0, len(captions), bs)])
@@ -159,16 +213,52 @@ def evaluate_model(model, clip, reals: dict, samplers: list[tuple[str, int]], a,
     return res
 
 
+def snapshot_path(index: Path, path: str) -> Path:
+    """A snapshot's model file: ``path`` as recorded, else (a relative path from another working directory, or a
+    moved run) the same ``step_*/model.safetensors`` next to ``index`` (the training writes both in one folder)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    return index.parent / p.parent.name / p.name
+
+
+def read_snapshot_index(index: Path) -> list[dict]:
+    """The records of ``index.jsonl`` (blank lines ignored), each with ``path`` resolved by :func:`snapshot_path`.
+
+    Raises:
+        FileNotFoundError: ``index`` or a model file it lists does not exist (naming index:line).
+        ValueError: a line is not a JSON object with ``step``, ``train_s`` and ``path`` (naming index:line).
+    """
+    if not index.is_file():
+        raise FileNotFoundError(f"--snapshots: {index} not found (train with train.snapshot_every_min=N)")
+    recs = []
+    for no, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--snapshots: {index}:{no} is not JSON ({e})") from None
+        missing = [k for k in SNAPSHOT_KEYS if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise ValueError(f"--snapshots: {index}:{no} lacks {', '.join(missing)} (a record of "
+                             "train.snapshot_every_min has step, train_s, images, path)")
+        path = snapshot_path(index, str(rec["path"]))
+        if not path.is_file():
+            raise FileNotFoundError(f"--snapshots: {index}:{no}: snapshot {rec['path']} not found")
+        recs.append({**rec, "path": str(path)})
+    if not recs:
+        raise ValueError(f"--snapshots: {index} lists no snapshot")
+    return recs
+
+
 def evaluate_snapshots(index: Path, clip, reals: dict, samplers: list[tuple[str, int]], a, dev: str) -> list[dict]:
     """The metric-vs-training-time curve: every snapshot listed in ``index`` (``index.jsonl`` written by
     ``train.snapshot_every_min``), first sampler only, no grids."""
     import ldm
 
-    if not index.is_file():
-        raise FileNotFoundError(f"--snapshots: {index} not found (train with train.snapshot_every_min=N)")
     curve = []
-    for line in index.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in read_snapshot_index(index):
         model = ldm.load(rec["path"], use_ema=True, device=dev)
         rec["metrics"] = evaluate_model(model, clip, reals, samplers[:1], a, None)
         curve.append(rec)
@@ -215,8 +305,11 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--n {a.n}: at least 4 images per split (the real-vs-real floors split them in halves)")
     if a.batch_size <= 0:
         p.error(f"--batch-size {a.batch_size}: must be positive")
-    if a.snapshots and not Path(a.snapshots).is_file():
-        p.error(f"--snapshots: {a.snapshots} not found (train with train.snapshot_every_min=N)")
+    if a.snapshots:
+        try:
+            read_snapshot_index(Path(a.snapshots))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
     if a.snapshots and "heldout" not in a.splits:
         p.error("--snapshots scores the held-out split: add heldout to --splits")
     for flag, path in (("--model", a.model), ("--clip", a.clip), ("--inception-weights", a.inception_weights)):
@@ -226,12 +319,19 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--data: {a.data} not found")
     if has_manifest(a.data):
         try:
-            have = sorted(read_manifest(Path(a.data)).get("splits", {}))
+            entries = read_manifest(Path(a.data)).get("splits", {})
         except (OSError, ValueError) as e:
             p.error(f"--data: {e}")
+        have = sorted(entries)
         unknown = [s for s in a.splits if s not in have]
         if unknown:
             p.error(f"--splits: {', '.join(unknown)} not in {Path(a.data) / 'manifest.json'} (has {', '.join(have)})")
+        small = [f"{s} ({entries[s].get('count')})" for s in a.splits
+                 if isinstance(entries[s], dict) and isinstance(entries[s].get("count"), int)
+                 and entries[s]["count"] < MIN_IMAGES]
+        if small:
+            p.error(f"--splits: {', '.join(small)} in {Path(a.data) / 'manifest.json'}: fewer than the {MIN_IMAGES} "
+                    "images an evaluation needs")
     if Path(a.out).exists() and not Path(a.out).is_dir():
         p.error(f"--out: {a.out} exists and is not a folder")
     try:
@@ -282,9 +382,13 @@ def run(a: argparse.Namespace) -> int:
     if not hasattr(model, "generate"):
         raise ValueError(f"--model {a.model}: holds a {type(model).__name__}, not a text-to-image model")
     clip = load_component(a.clip, device=dev)
-    if not callable(getattr(clip, "encode_image", None)):
+    if not callable(getattr(clip, "encode_image", None)) or getattr(clip, "with_visual", True) is False:
         raise ValueError(f"--clip {a.clip}: holds a {type(clip).__name__} without an image encoder, not a CLIP export")
     size = int(model.config.model.params.image_size) * model.vae.downsample_factor
+    clip_size = clip_image_size(clip)
+    if clip_size is not None and clip_size != (size, size):
+        log.warning("--clip %s takes %d×%d images: the %d×%d real and generated images are resized to it for the "
+                    "CLIP metrics", a.clip, *clip_size, size, size)
     samplers = a.samplers
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
