@@ -176,3 +176,19 @@ def test_torch_fidelity_missing(monkeypatch, inception_weights, sets):
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ModuleNotFoundError, match=r"ldm\[eval\]"):
         inception_metrics(inception_weights, sets["smooth"], sets["noise"])
+
+
+def test_kid_subsets_match_torch_fidelity_on_the_same_draws():
+    """The subset average and population std equal torch-fidelity's mmd2/kernel_poly on the very subsets drawn."""
+    from torch_fidelity.metric_kid import kernel_poly, mmd2
+
+    g0 = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 32, generator=g0, dtype=torch.float64)
+    b = torch.randn(30, 32, generator=g0, dtype=torch.float64) + 0.3
+    mean, std = kid_from_features(a, b, subset_size=20, subsets=50, seed=7)
+    g, kw, vals = torch.Generator().manual_seed(7), {"kid_kernel_poly_degree": 3, "kid_kernel_poly_gamma": None,
+                                                     "kid_kernel_poly_coef0": 1}, []
+    for _ in range(50):  # kid_from_features' draw: a permutation of a, then one of b, per subset
+        fa, fb = a[torch.randperm(40, generator=g)[:20]].numpy(), b[torch.randperm(30, generator=g)[:20]].numpy()
+        vals.append(mmd2(kernel_poly(fa, fa, **kw), kernel_poly(fa, fb, **kw), kernel_poly(fb, fb, **kw)))
+    assert mean == pytest.approx(np.mean(vals), rel=1e-9) and std == pytest.approx(np.std(vals), rel=1e-9)
