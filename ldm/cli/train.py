@@ -36,17 +36,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (path, or a name under configs/)")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", default=None, help="'auto' (last checkpoint in the run dir, if any) or a .ckpt path")
+    p.add_argument("--resume", default=None, help="'auto' (the newest of checkpoints/last.ckpt and a SLURM pre-emption checkpoint "
+                   "hpc_ckpt_<N>.ckpt in the run dir, if any) or a .ckpt path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest (last written) of ``run_dir/checkpoints/last.ckpt`` and the SLURM pre-emption checkpoints
+    ``run_dir/hpc_ckpt_<N>.ckpt`` (:mod:`ldm.training.preemption`), or None when there is none. A requeued job
+    continues from the pre-emption checkpoint, written after the last periodic one."""
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if resume is None:
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        latest = latest_checkpoint(run_dir)
+        return str(latest) if latest is not None else None
     if not Path(resume).is_file():
         raise FileNotFoundError(f"--resume: checkpoint {resume!r} not found")
     if Path(resume).suffix != ".ckpt":

@@ -17,6 +17,7 @@ from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport,
                                     warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
+from ldm.training.preemption import SlurmRequeue, slurm_detected
 from ldm.training.step_log import LearningRates
 from ldm.training.validation import build_validation
 
@@ -163,8 +164,14 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     if tc.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg))
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if slurm_detected():  # our requeue handler instead of Lightning's, which saves in the middle of a step
+        from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: PLC0415
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue(timeout_s=timeout_s))
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming),
-                        callbacks=callbacks, plugins=[AtomicCheckpointIO()], **tc)
+                        callbacks=callbacks, plugins=plugins, **tc)
     bound_ddp_timeout(trainer, timeout_s)
     return trainer
 
