@@ -48,6 +48,7 @@ class Probe(L.Callback):
         self.broadcast: list[int] = []
         self.saved: list[str] = []
         self.grids: list[int] = []
+        self.losses: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         ddp = trainer.strategy.model
@@ -78,6 +79,10 @@ class Probe(L.Callback):
         self.keys.append(list(batch["key"]))
         self.broadcast.append(0)
 
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
     def on_before_backward(self, trainer: L.Trainer, module: Any, loss: torch.Tensor) -> None:
         at = os.environ.get("PROBE_SIGUSR1_AT_STEP")
         if at is not None and trainer.global_step == int(at) and not getattr(self, "_signalled", False):
@@ -89,7 +94,8 @@ class Probe(L.Callback):
         ema = module.model_ema.state_dict() if module.model_ema is not None else {}
         rec = {"rank": trainer.global_rank, "world_size": trainer.world_size, "local_rank": trainer.local_rank,
                "node_rank": trainer.node_rank, "is_global_zero": trainer.is_global_zero,
-               "keys": self.keys, "broadcast_bytes": self.broadcast, "saved": self.saved, "grids": self.grids,
+               "keys": self.keys, "losses": self.losses, "broadcast_bytes": self.broadcast, "saved": self.saved,
+               "grids": self.grids,
                "weights": digest(trained), "ema": digest(ema), "global_step": trainer.global_step,
                "ema_bytes": sum(v.numel() * v.element_size() for v in ema.values())}
         self.out.mkdir(parents=True, exist_ok=True)

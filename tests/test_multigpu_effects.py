@@ -16,6 +16,7 @@ import torch
 
 from ldm.cli.train import latest_checkpoint, resolve_resume
 from ldm.config import load_config
+from ldm.training.logs import logged
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = [sys.executable, str(ROOT / "tests" / "multigpu_probe.py")]
@@ -66,7 +67,8 @@ def test_resume_auto_takes_the_newest_of_last_and_the_preemption_checkpoints(tmp
     since it (up to train.checkpoint.every_n_steps)."""
     (tmp_path / "checkpoints").mkdir()
     assert latest_checkpoint(tmp_path) is None and resolve_resume("auto", tmp_path) is None
-    last, hpc1, hpc2 = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    hpc1, hpc2 = tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
     for i, path in enumerate([hpc1, last, hpc2]):
         path.write_bytes(b"x")
         os.utime(path, ns=(10**18 + i * 10**9,) * 2)
@@ -122,6 +124,10 @@ def test_two_ranks_read_disjoint_data_and_train_the_weights_of_one_process_with_
     for k in w_one:
         torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-5, atol=1e-6)
     assert r1["saved"] == [] and r1["grids"] == [] and r0["grids"] == [2, 4]
+    logged_loss = {step: float(v) for step, v in logged(tmp_path / "ddp_run", "train/loss").items()}
+    assert sorted(logged_loss) == [0, 1, 2, 3] and r0["losses"] != r1["losses"]
+    for step, value in logged_loss.items():  # the global batch's loss, not rank 0's alone
+        assert value == pytest.approx((r0["losses"][step] + r1["losses"][step]) / 2, rel=1e-5)
     assert sorted(Path(p).name for p in r0["saved"]) == ["last.ckpt", "last.ckpt", "step00000002.ckpt",
                                                         "step00000004.ckpt"]
 

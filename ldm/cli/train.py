@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (path, or a name under configs/)")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", default=None, help="'auto' (the newest of checkpoints/last.ckpt and a SLURM pre-emption checkpoint "
-                   "hpc_ckpt_<N>.ckpt in the run dir, if any) or a .ckpt path")
+    p.add_argument("--resume", default=None, help="'auto' (the newest of checkpoints/last.ckpt and a SLURM "
+                   "pre-emption checkpoint hpc_ckpt_<N>.ckpt in the run dir, if any) or a .ckpt path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 

@@ -115,6 +115,20 @@ def write_logs(module: Any, wait: bool = False) -> None:
             logger.save()
 
 
+def mean_over_ranks(trainer: Any, values: Mapping[str, torch.Tensor | float]) -> dict[str, torch.Tensor | float]:
+    """``values`` with each tensor replaced by its mean over the ranks (one all-reduce of them all, enqueued on the
+    device's stream: no host wait); numbers stay as they are (the learning rate, the skip count: the same on every
+    rank). Every rank must call it at the same steps (the log steps are). Without it a multi-GPU run logged rank 0's
+    ``train/loss`` alone, the loss of 1/world of the global batch."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1 or not names or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])  # (n,) on the module's device
+    torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
+    return {**values, **dict(zip(names, (stacked / world).unbind()))}
+
+
 def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = ()) -> None:
     """Log ``values`` (name -> 0-dim tensor or number) of this training batch, without a host sync (see the module
     docstring): to the loggers on log steps, with the epoch; the names in ``bar`` to the progress bar too, under their
@@ -122,7 +136,8 @@ def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Itera
     on the steps the bar redraws)."""
     trainer = module.trainer
     if logs_this_step(trainer):
-        host_reads(module).put(logger_step(trainer), {**values, "epoch": trainer.current_epoch})
+        averaged = mean_over_ranks(trainer, values)
+        host_reads(module).put(logger_step(trainer), {**averaged, "epoch": trainer.current_epoch})
     write_logs(module)
     shown = {name: values[name] for name in bar if name in values}
     if shown:
