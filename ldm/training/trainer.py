@@ -27,7 +27,7 @@ SECRET_KEYS = {"api_key", "apikey", "wandb_api_key", "password", "secret", "acce
                "key"}
 TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes", "strategy", "precision",
                 "log_every_n_steps", "accumulate_grad_batches", "fast_dev_run", "enable_progress_bar", "deterministic",
-                "benchmark", "enable_model_summary", "detect_anomaly", "sync_batchnorm", "use_distributed_sampler",
+                "benchmark", "enable_model_summary", "detect_anomaly", "sync_batchnorm",
                 "max_time", "profiler"}
 # Lightning options that have no effect here, and what to use instead
 NOT_HERE = {
@@ -37,7 +37,13 @@ NOT_HERE = {
     "val_check_interval": "there is no Lightning validation loop: use train.val_every_n_steps",
     "num_sanity_val_steps": "there is no Lightning validation loop (train.val_every_n_steps validates)",
     "gradient_clip_val": "the stages optimize manually: use train.grad_clip",
+    "use_distributed_sampler": "the training data is not read through a sampler: ldm's loader splits it across the "
+                               "ranks itself (disjoint shards per rank and worker, the same batch count on each)",
 }
+# strategies that shard the weights across ranks, which the stages do not support: the EMA, the sample grids, the
+# exports (drawn or written by rank 0 alone) and the gradient clipping (a norm over all of a rank's gradients) all
+# read whole, unsharded weights and gradients
+SHARDED = ("fsdp", "deepspeed")
 
 
 def check_no_secrets(cfg: DictConfig) -> None:
@@ -124,6 +130,15 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return cbs
 
 
+def check_strategy(name: Any) -> None:
+    """Refuse ``trainer.strategy`` values that shard the weights (FSDP, DeepSpeed; see :data:`SHARDED`)."""
+    if isinstance(name, str) and name.lower().startswith(SHARDED):
+        raise ConfigError(f"trainer.strategy={name!r} is not supported: it shards the weights across the ranks, and "
+                          "the EMA, sample grids, exports and gradient clipping read whole weights; use ddp (every "
+                          "rank holds the whole model), with train.gradient_checkpointing, bf16 precision or "
+                          "train.lora to fit a large model")
+
+
 def build_strategy(name: Any, timeout_s: float) -> Any:
     """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
     (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit."""
@@ -150,6 +165,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     unknown = set(tc) - TRAINER_KEYS
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
+    check_strategy(tc.get("strategy", "auto"))
     tc.setdefault("log_every_n_steps", 10)
     tc.pop("accumulate_grad_batches", None)  # applied by the stages' guarded_step (manual optimization)
     try:
