@@ -221,3 +221,27 @@ def test_use_distributed_sampler_is_refused_naming_the_key(tmp_path):
     cfg = load_config("configs/tiny/txt2img.yaml", ["trainer.accelerator=cpu", "trainer.use_distributed_sampler=false"])
     with pytest.raises(ConfigError, match="trainer.use_distributed_sampler is not supported"):
         build_trainer(cfg, tmp_path)
+
+
+def test_resuming_with_another_world_size_warns_that_the_data_does_not_continue(caplog):
+    """The data position is counted in batches per rank: a checkpoint of a 2-rank run resumed on 1 rank (or with
+    another batch size) re-deals the epochs, silently before."""
+    from types import SimpleNamespace
+
+    from ldm.training.guard import StepGuard
+    from ldm.training.stage import ResumableStage
+
+    cfg = load_config("configs/tiny/txt2img.yaml", [])
+
+    class Stage(ResumableStage):
+        def __init__(self, world: int) -> None:
+            self.config, self.guard, self.batches_seen = cfg, StepGuard(), 0
+            self._trainer = self.trainer = SimpleNamespace(world_size=world, loggers=[])
+
+    saved: dict = {}
+    Stage(2).on_save_checkpoint(saved)
+    with caplog.at_level("WARNING", logger="ldm.training.stage"):
+        Stage(2).on_load_checkpoint(dict(saved))
+        assert not caplog.records
+        Stage(1).on_load_checkpoint(dict(saved))
+    assert "world_size=2" in caplog.text and "this run has world_size=1" in caplog.text

@@ -1,11 +1,21 @@
 """What every training stage saves for an exact resume, in one place."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from ldm.training.step_log import write_logs
+
+log = logging.getLogger(__name__)
+
+
+def data_layout(module: Any) -> dict[str, int]:
+    """How the data position ``batches_seen`` (batches per rank) is counted: the ranks and the batch size."""
+    trainer = getattr(module, "_trainer", None)
+    world = int(trainer.world_size) if trainer is not None else 1
+    return {"world_size": world, "batch_size": int(module.config.data.batch_size)}
 
 
 class ResumableStage:
@@ -19,6 +29,7 @@ class ResumableStage:
         checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["batches_seen"] = self.batches_seen
+        checkpoint["data_layout"] = data_layout(self)
         write_logs(self, wait=True)  # the log steps' metrics still on their way, before the checkpoint marks them
 
     def on_train_end(self) -> None:
@@ -35,3 +46,10 @@ class ResumableStage:
                               f"{theirs or 'unknown, not written by ldm-train'})")
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])
+        saved, now = checkpoint.get("data_layout"), data_layout(self)
+        if saved is not None and saved != now:
+            log.warning("--resume: the checkpoint counted its data position (%d batches per rank) with world_size=%d "
+                        "and data.batch_size=%d, this run has world_size=%d and data.batch_size=%d: the data does not "
+                        "continue where it stopped (epochs are dealt anew; samples may be seen twice or skipped)",
+                        self.batches_seen, saved["world_size"], saved["batch_size"], now["world_size"],
+                        now["batch_size"])
