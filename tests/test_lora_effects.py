@@ -233,3 +233,22 @@ def test_lora_to_kohya_names_the_file_and_key_of_a_bad_adapter(tmp_path, caplog)
     assert script.main(["lora-to-kohya", str(tmp_path / "peft.safetensors"), str(tmp_path / "k.safetensors")]) == 2
     assert "peft.safetensors: to_kohya: no adapters of ours" in caplog.text and "loads as it is" in caplog.text
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_resuming_with_another_lora_alpha_or_rank_is_refused_naming_the_key(tmp_path) -> None:
+    """α sets the scale α / r that the saved A and B do not carry: a resume with another alpha trained on from
+    rescaled adapters without a word; another rank failed on the state dict's shapes without naming the key."""
+    from ldm.cli.train import run
+
+    def train(steps: int, rank: int, alpha: float) -> None:
+        run(["--config", TINY, "--run-dir", str(tmp_path), "--resume", "auto", "train.checkpoint.every_n_steps=1",
+             "train.warmup_steps=0", f"trainer.max_steps={steps}", f"train.lora.rank={rank}",
+             f"train.lora.alpha={alpha}"])
+
+    train(1, rank=2, alpha=2)
+    for rank, alpha in ((2, 4), (3, 2)):
+        with pytest.raises(ConfigError, match=r"--resume: train.lora is .* but the checkpoint was trained with "
+                                              r"\{'rank': 2, 'alpha': 2"):
+            train(2, rank, alpha)
+    train(2, rank=2, alpha=2)  # the same adapters resume
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -18,6 +18,24 @@ def data_layout(module: Any) -> dict[str, int]:
     return {"world_size": world, "batch_size": int(module.config.data.batch_size)}
 
 
+def check_same_adapters(saved: Any, now: Any) -> None:
+    """A resume must keep ``train.lora`` (rank, alpha, targets): alpha sets the adapters' scale α / r, which the saved
+    weights do not carry, so another alpha would silently rescale what was trained; another rank or targets would
+    fail later on the state dict's shapes without naming the key."""
+    def lora(cfg: Any) -> Any:
+        section = (cfg.get("train") or {}).get("lora") if cfg is not None else None
+        section = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+        return section if isinstance(section, dict) and int(section.get("rank") or 0) > 0 else {}  # rank 0: none
+
+    theirs, ours = lora(saved), lora(now)
+    if theirs != ours:
+        from ldm.registry import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"--resume: train.lora is {ours} but the checkpoint was trained with {theirs}; resume with "
+                          "the same rank, alpha and targets (or start a new run from its weights with "
+                          "train.init_checkpoint)")
+
+
 class ResumableStage:
     """Mixin for the stage LightningModules (put it before ``L.LightningModule``).
 
@@ -44,6 +62,7 @@ class ResumableStage:
 
             raise ConfigError(f"--resume: the checkpoint is not one of a train.stage={ours} run (its stage: "
                               f"{theirs or 'unknown, not written by ldm-train'})")
+        check_same_adapters(saved, self.config)
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])
         saved, now = checkpoint.get("data_layout"), data_layout(self)
