@@ -60,7 +60,8 @@ class HostReads:
     def put(self, step: int | None, values: Mapping[str, torch.Tensor | float]) -> None:
         """Queue ``values`` (name -> number or 0-dim tensor) of ``step``; the tensors are copied in one transfer."""
         on_device = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and not on_host(v)}
-        numbers = {k: v if isinstance(v, int) else float(v) for k, v in values.items() if k not in on_device}
+        numbers = {k: v if isinstance(v, int) else float(v.detach() if isinstance(v, torch.Tensor) else v)
+                   for k, v in values.items() if k not in on_device}
         names = list(on_device)  # of one device: the module's
         stacked = torch.stack([on_device[k].detach().float().reshape(()) for k in names]) if names else torch.zeros(0)
         host, event = copy_to_host(stacked)  # (n,)
