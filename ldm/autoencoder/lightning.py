@@ -39,6 +39,20 @@ log = logging.getLogger(__name__)
 DEFAULT_LOSS = {"target": "LPIPSWithDiscriminator", "params": {}}
 
 
+HALF_WEIGHTS = ("16-true", "bf16-true")  # Lightning precisions that cast the weights themselves to 16 bits
+
+
+def check_precision(config: DictConfig) -> None:
+    """Refuse half-precision *weights*: the discriminator and LPIPS would get the fp32 inputs of the losses (a crash
+    only once the GAN switches on, at ``disc_start``), and Adam's lr-sized updates round away in 16-bit weights (the
+    original trained in fp32). Mixed precision (``bf16-mixed``, ``16-mixed``) keeps fp32 weights and is fine."""
+    precision = str((config.get("trainer") or {}).get("precision", "32-true"))
+    if precision in HALF_WEIGHTS:
+        raise ConfigError(f"train.stage=autoencoder: trainer.precision={precision} is not supported (16-bit weights: "
+                          "the fp32 losses cannot run the discriminator/LPIPS, and small updates round away); use "
+                          "bf16-mixed or 16-mixed")
+
+
 class UncountedStep:
     """An optimizer handle for :func:`guarded_step` whose ``step`` runs through the strategy (precision plugin,
     AMP grad scaler) but not through ``LightningOptimizer.step``, which would advance ``trainer.global_step``."""
@@ -79,6 +93,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         if not isinstance(self.loss, LPIPSWithDiscriminator):
             raise ConfigError("train.loss.target must be LPIPSWithDiscriminator")
         check_buckets(config, "autoencoder", self.autoencoder.downsample_factor)
+        check_precision(config)
         if accumulate_batches(config) > 1:  # the generator's backward writes into D's gradients, zeroed before D's
             raise ConfigError("train.stage=autoencoder: trainer.accumulate_grad_batches is not supported (two "
                               "optimizers share the discriminator's gradients); raise data.batch_size instead")

@@ -103,7 +103,7 @@ class CLIPModule(ResumableStage, L.LightningModule):
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
             sched.step()
             clamp_logit_scale_(self.logit_scale)
-        log_step(self, {"train/loss": loss, "train/logit_scale": self.logit_scale.detach().exp(),
+        log_step(self, {"train/loss": loss.detach(), "train/logit_scale": self.logit_scale.detach().exp(),
                         "train/acc_i2t": top1_accuracy(logits.detach(), labels), "train/lr": sched.get_last_lr()[0],
                         "train/skipped": self.guard.skipped}, bar=("train/loss", "train/acc_i2t"))
         return loss.detach()
