@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import (
+    IGNORED_KEYS,
     META_CONFIG,
     SCHEDULE_BUFFERS,
     CheckpointError,
@@ -169,6 +170,10 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     n_loss = sum(k.startswith("loss.") for k in extra)
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
+    n_ema = 0 if use_ema else sum(k.startswith("model_ema.") and k not in IGNORED_KEYS for k in extra)
+    if n_ema:
+        log.info("%s: the raw U-Net weights are used, not the file's %d EMA weights (use_ema=True, --ema)", where,
+                 n_ema)
     own = model.state_dict()
     weights = fit_one_by_one(weights, own, where)
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]

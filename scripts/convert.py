@@ -43,13 +43,25 @@ def _check_out_dir(out_dir: str) -> None:
             return
 
 
-def to_diffusers(args: argparse.Namespace) -> None:
+def _load(checkpoint: str, **kwargs: Any) -> Any:
+    """``ldm.load(checkpoint, **kwargs)`` (no LoRA or VAE files): an error about the file's contents names it."""
     import ldm  # noqa: PLC0415
+    from ldm.checkpoint import CheckpointError  # noqa: PLC0415
+
+    try:
+        return ldm.load(checkpoint, **kwargs)
+    except CheckpointError as e:
+        if str(checkpoint) in str(e):
+            raise
+        raise CheckpointError(f"{checkpoint}: {e}") from e
+
+
+def to_diffusers(args: argparse.Namespace) -> None:
     from ldm.convert import export_diffusers  # noqa: PLC0415
 
     _check_out_dir(args.out_dir)
     _check_text_to_image(args.checkpoint, args.config)
-    model = ldm.load(args.checkpoint, config=args.config, use_ema=args.ema)
+    model = _load(args.checkpoint, config=args.config, use_ema=args.ema)
     if not hasattr(model, "unet"):
         raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, not a text-to-image model")
     out = export_diffusers(model, args.out_dir)

@@ -7,13 +7,16 @@
     tokenizer/vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json
     scheduler/scheduler_config.json                                (the discrete training schedule)
 
-Only safetensors weights are read or written (never pickles). Every file is written atomically, and
-``model_index.json`` last, so an interrupted export is not a loadable folder. diffusers is never imported here.
+Only safetensors weights are read or written (never pickles). Every file is written atomically; an existing
+``model_index.json`` is removed first and the new one written last, so an interrupted export is not a loadable folder
+(never old and new components mixed). Weight files of an earlier save in the component folders (shards and their
+index, variants, pickles), which diffusers would read instead of ours, are removed. diffusers is never imported here.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -76,8 +79,12 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
 
 
 def _stat(buffer: torch.Tensor, params: Mapping[str, Any], key: str, default: float) -> float:
-    """A latent statistic: the VAE's buffer (what the model uses), or the config's value for a meta-device model."""
-    return float(params.get(key, default)) if buffer.is_meta else float(buffer)
+    """A latent statistic: the VAE's buffer (what the model uses), written as the config's value where that rounds
+    to the buffer (0.18215, not float32's 0.18215000629), or the config's value for a meta-device model."""
+    given = float(params.get(key, default))
+    if buffer.is_meta or torch.tensor(given, dtype=buffer.dtype) == buffer:
+        return given
+    return float(buffer)
 
 
 def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, dict[str, Any]]:
@@ -106,6 +113,37 @@ def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, d
     }
 
 
+def _unpublish(out: Path) -> None:
+    """Remove an earlier export's ``model_index.json``: until the new one is written (last), the folder does not load,
+    so an export that fails half-way cannot leave a loadable mix of old and new components."""
+    index = out / "model_index.json"
+    if index.is_file():
+        index.unlink()
+        log.info("%s: removed the earlier model_index.json; the folder loads again once the export completes", out)
+
+
+# files of an earlier save_pretrained that loaders read instead of (or beside) ours: sharded weights and their
+# index (diffusers prefers an index to the single file), variants ("fp16"), pickles, flax/tf weights
+_TOKENIZER_STALE = ("tokenizer.json", "added_tokens.json")
+_WEIGHT_FILE = r"(pytorch_|flax_|tf_)?{stem}([.-][^/]*)?\.(safetensors|bin|msgpack|h5|ckpt)(\.index\.json)?"
+
+
+def _stale_weights(folder: Path, stem: str) -> list[Path]:
+    pattern = re.compile(_WEIGHT_FILE.format(stem=re.escape(stem)))
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != f"{stem}.safetensors"
+                  and pattern.fullmatch(p.name))
+
+
+def _remove_stale(folder: Path, stem: str | None) -> None:
+    """Remove the weight files (``stem``) or tokenizer files (None) of an earlier save from a component folder."""
+    stale = _stale_weights(folder, stem) if stem else [folder / n for n in _TOKENIZER_STALE if (folder / n).is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        log.warning("%s: removed %d file(s) of an earlier save that loaders would read instead of the export: %s",
+                    folder, len(stale), ", ".join(p.name for p in stale[:5]))
+
+
 def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = None) -> Path:
     """Write ``model`` (a :class:`ldm.model.LatentDiffusion` with ``.config``) as a diffusers pipeline folder.
 
@@ -124,11 +162,14 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     weights = {"unet": unet_ldm_to_diffusers(parts["unet"], params.unet_config.params),
                "vae": vae_ldm_to_diffusers(parts["vae"], params.first_stage_config.params.ddconfig),
                "text_encoder": text_encoder_to_hf(parts["text_encoder"], enc.layout, enc.num_layers, enc.layer)}
+    _unpublish(out)
     for name, sd in weights.items():
         save_safetensors(sd, out / name / f"{WEIGHT_NAMES[name]}.safetensors", {"format": "pt"})
+        _remove_stale(out / name, WEIGHT_NAMES[name])
     vocab, _ = clip_bpe()
     pad = {i: t for t, i in vocab.items()}[enc.pad_token]
     write_clip_tokenizer(out / "tokenizer", pad_token=pad, max_length=enc.max_length)
+    _remove_stale(out / "tokenizer", None)
     for rel, obj in configs.items():  # model_index.json last: an interrupted export is not a loadable folder
         _write_json(out / rel, obj)
     log.info("exported a diffusers %s folder to %s", configs["model_index.json"]["_class_name"], out)
@@ -145,21 +186,33 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def _read_weights(folder: Path, stem: str, variant: str | None) -> dict[str, torch.Tensor]:
-    """``stem[.variant].safetensors`` or its sharded ``….safetensors.index.json`` (pickled .bin files are refused)."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file  # noqa: PLC0415
 
+    if not path.is_file():
+        raise FileNotFoundError(f"diffusers folder: {str(path)!r} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def _read_weights(folder: Path, stem: str, variant: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, the file they came from) of ``stem[.variant].safetensors`` or its sharded
+    ``….safetensors.index.json`` (pickled .bin files are refused)."""
     names = [f"{stem}.{variant}" if variant else stem] + ([] if variant else [f"{stem}.fp16"])
     for name in names:
         single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
         if single.is_file():
-            return load_file(str(single))
+            return _load_safetensors(single), str(single)
         if index.is_file():
-            files = sorted(set(_read_json(index)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' of tensor names to shard files")
             sd: dict[str, torch.Tensor] = {}
-            for f in files:
-                sd.update(load_file(str(folder / f)))
-            return sd
+            for f in sorted(set(weight_map.values())):
+                sd.update(_load_safetensors(folder / f))
+            return sd, str(index)
     pickles = sorted(p.name for p in folder.glob("*.bin"))
     hint = f" (found only pickled {pickles}; convert them to safetensors first)" if pickles else ""
     raise FileNotFoundError(f"diffusers folder: no {names[0]}.safetensors in {str(folder)!r}{hint}")
@@ -237,14 +290,17 @@ def import_diffusers(folder: str | Path, device: str | torch.device | None = Non
     cfg = OmegaConf.create(config_from_diffusers(folder))
     model = build(cfg, str(folder))
     params = cfg.model.params
-    unet = _read_weights(folder / "unet", WEIGHT_NAMES["unet"], variant)
-    vae = _read_weights(folder / "vae", WEIGHT_NAMES["vae"], variant)
-    text = _read_weights(folder / "text_encoder", WEIGHT_NAMES["text_encoder"], variant)
     enc = model.cond_stage_model
+    convert = {"unet": lambda w: unet_diffusers_to_ldm(w, params.unet_config.params),
+               "vae": lambda w: vae_diffusers_to_ldm(w, params.first_stage_config.params.ddconfig),
+               "text_encoder": lambda w: text_encoder_from_hf(w, enc.state_dict(), enc.layout, enc.layer)}
     sd: dict[str, torch.Tensor] = {}
-    for name, part in (("unet", unet_diffusers_to_ldm(unet, params.unet_config.params)),
-                       ("vae", vae_diffusers_to_ldm(vae, params.first_stage_config.params.ddconfig)),
-                       ("text_encoder", text_encoder_from_hf(text, enc.state_dict(), enc.layout, enc.layer))):
+    for name, fn in convert.items():
+        weights, where = _read_weights(folder / name, WEIGHT_NAMES[name], variant)
+        try:
+            part = fn(weights)
+        except KeyError as e:  # keys that fit no block of the config's architecture: name the file
+            raise KeyError(f"{where}: {e.args[0]}") from None
         sd.update({PREFIXES[name] + k: v for k, v in part.items()})
     load_weights(model, sd, strict=strict, where=str(folder))
     model.eval()
