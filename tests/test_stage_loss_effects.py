@@ -349,3 +349,22 @@ def test_half_precision_weights_are_refused_up_front(precision: str) -> None:
         AutoencoderModule(cfg)
     for ok in ("bf16-mixed", "32-true", "16-mixed"):
         AutoencoderModule(load_config("configs/tiny/autoencoder.yaml", [f"trainer.precision={ok}"]))
+
+
+def test_clip_text_features_with_max_length_below_the_context() -> None:
+    """``max_length`` < context_length (shorter prompts for the U-Net) crashed the CLIP stage's text features
+    (open_clip adds all 77 positional embeddings); padded to the context they are those of the full-length ids."""
+    from ldm.conditioning.text_encoder import OpenCLIPTextEncoder
+
+    torch.manual_seed(0)
+    enc = OpenCLIPTextEncoder(None, text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2),
+                              vision_cfg=dict(image_size=32, patch_size=8, width=64, head_width=32, layers=2),
+                              embed_dim=64, with_visual=True, freeze=False, layer="last", max_length=32)
+    prompts = ["a red apple", "two cats on a sofa"]
+    ids = enc.tokenize(prompts)  # (2, 32)
+    full = torch.nn.functional.pad(ids, (0, 77 - 32), value=enc.pad_token)  # (2, 77)
+    with torch.no_grad():
+        got, ref = enc.encode_text_features(prompts), enc.model.encode_text(full)
+        torch.testing.assert_close(enc.encode_text_features(ids), ref)
+    assert ids.shape == (2, 32) and got.shape == (2, 64)
+    torch.testing.assert_close(got, ref)

@@ -304,9 +304,16 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.model.encode_image(images, normalize=normalize)  # (B, E)
 
     def encode_text_features(self, text: list[str] | torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Prompts or ids (B, L) -> pooled (end-of-text token), projected text features (B, embed_dim)."""
+        """Prompts or ids (B, L) -> pooled (end-of-text token), projected text features (B, embed_dim).
+
+        Ids shorter than the context (``max_length`` < context_length) are padded to it with ``pad_token``:
+        open_clip's tower adds its whole positional table, and under the causal mask the padding after end-of-text
+        leaves the pooled feature unchanged."""
         self._need_visual("encode_text_features")
-        tokens = self.tokenize(text) if not torch.is_tensor(text) else text
+        tokens = self.tokenize(text) if not torch.is_tensor(text) else text  # (B, L)
+        short = self.model.context_length - tokens.shape[1]
+        if short > 0:
+            tokens = torch.nn.functional.pad(tokens, (0, short), value=self.pad_token)  # (B, context_length)
         return self.model.encode_text(upload(tokens, self.model.token_embedding.weight.device), normalize=normalize)
 
     # -- weights -------------------------------------------------------------------------------------------
