@@ -207,6 +207,20 @@ def test_adaptive_weight_is_measured_on_the_decoders_last_layer() -> None:
     assert order[-1].weight is ae.get_last_layer() and out.shape == (1, 3, 32, 32)
 
 
+def test_sd_recipe_config_is_the_originals_loss() -> None:
+    """configs/autoencoder/kl-f8.yaml against latent-diffusion's autoencoder_kl_32x32x4.yaml and its optimizer,
+    which trained neither ``logvar`` (not in ``opt_ae``) nor with LPIPS absent (weight 1: here off, no weights)."""
+    from ldm.config import load_config
+    from ldm.registry import instantiate
+
+    cfg = load_config("configs/autoencoder/kl-f8.yaml")
+    loss = instantiate(cfg.train.loss, "train.loss")
+    assert (loss.disc_start, loss.kl_weight, loss.disc_weight, loss.disc_factor) == (50001, 1e-6, 0.5, 1.0)
+    assert loss.logvar.item() == 0.0 and loss.autoencoder_parameters() == [] and not loss.logvar.requires_grad
+    assert loss.disc_loss.__name__ == "hinge_d_loss" and len(loss.discriminator.main) == 12  # 3 layers, ndf 64
+    assert (float(cfg.train.lr), tuple(cfg.train.betas)) == (4.5e-6, (0.5, 0.9))
+
+
 # -- autoencoder: a real run -----------------------------------------------------------------------------------
 def test_each_optimizer_steps_only_its_parameters(tmp_path, monkeypatch) -> None:
     """In a Lightning run with the GAN on from step 1: the generator's optimizer changes the AE and logvar but not

@@ -3,6 +3,8 @@
 The losses live in :mod:`ldm.autoencoder.losses`; this module wires them to Lightning 2 (no ``optimizer_idx``):
 per batch, a generator step (AE weights + the loss's learned ``logvar``) and, from ``disc_start`` on, a
 discriminator step, each through :func:`ldm.training.guard.guarded_step`. Adam β = (0.5, 0.9) as the original.
+The discriminator's step reuses this batch's reconstruction x̂ (detached) from before the generator's update; the
+original (PyTorch Lightning 1.x, one ``training_step`` per optimizer) encoded and decoded the batch again after it.
 
 ``trainer.global_step`` counts generator steps (= batches, as in the original LDM, whose ``disc_start: 50001`` and
 checkpoint intervals mean batches): the discriminator's update goes through the strategy directly so that Lightning
