@@ -113,6 +113,9 @@ def test_truncated_or_foreign_weights_name_the_file(tmp_path) -> None:
     with pytest.raises(KeyError, match=r"unet/diffusion_pytorch_model.safetensors: U-Net .*down_blocks\.9"):
         import_diffusers(tmp_path / "sd")
 
+    with pytest.raises(NotADirectoryError, match="is a file, not a diffusers pipeline folder"):
+        import_diffusers(unet_file)
+
 
 def test_scaling_factor_written_as_configured(tmp_path) -> None:
     """vae/config.json held float32's 0.18215000629425049 for 0.18215 (and 0.30000001192 for 0.3)."""
@@ -154,6 +157,33 @@ def test_to_diffusers_ema_choice(tmp_path, caplog) -> None:
     w = model.state_dict()[UNET_IN]
     assert torch.equal(raw["conv_in.weight"], w) and torch.equal(averaged["conv_in.weight"], w + 0.5)
     assert len(raw) == len(averaged) == len(_unet_ldm(model))
+
+
+def test_attached_lora_is_exported_merged(tmp_path, caplog) -> None:
+    """An unmerged LoRA was written as lora_A/lora_B beside diffusers' Linear weights: diffusers dropped them and ran
+    the base U-Net (our import refused the folder). The export now holds the merged weights; the model keeps its
+    adapters. Textual-inversion vectors, which the folder cannot hold, are named in a warning."""
+    from ldm.lora import LoRALinear, add_lora
+
+    model = _tiny_model("v1")
+    add_lora(model.model, rank=2, alpha=4.0, targets=["to_q", "attn2.to_v"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    model.cond_stage_model.add_embedding("<thing>", torch.randn(2, model.cond_stage_model.width))
+    with caplog.at_level(logging.WARNING, logger="ldm.convert.diffusers_folder"):
+        export_diffusers(model, tmp_path)
+    assert not [k for k in load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")) if "lora" in k]
+    assert any(isinstance(m, LoRALinear) for m in model.modules())
+    pipe = _pipe(tmp_path)
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert (model.unet(x, t, context=ctx) - pipe.unet(x, t, encoder_hidden_states=ctx).sample).abs().max() < 1e-4
+    import_diffusers(tmp_path)  # loads strictly
+    assert "<thing>" in caplog.text and "load_textual_inversion" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ verified behaviour

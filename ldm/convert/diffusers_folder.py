@@ -58,6 +58,23 @@ def _split(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
     return parts
 
 
+def _merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with attached (unmerged) LoRA adapters folded into their base weights, as the model
+    computes (diffusers would drop ``lora_A``/``lora_B`` beside a Linear and run the base model); ``model`` keeps
+    its adapters."""
+    from ldm.lora import LoRALinear  # noqa: PLC0415
+
+    sd = dict(model.state_dict())
+    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, module in adapters:
+        sd[f"{name}.weight"] = module.merge().weight.detach()
+        del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
+    if adapters:
+        log.info("export_diffusers: %d LoRA adapter(s) merged into the exported weights (the model keeps them)",
+                 len(adapters))
+    return sd
+
+
 def scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """The LatentDiffusion params' discrete schedule as a diffusers ``DDIMScheduler`` config."""
     kind = params.get("beta_schedule", "linear")
@@ -158,7 +175,7 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     configs = diffusers_configs(model, sample_size)  # first: fails early on what diffusers cannot express
     params = model.config.model.params
     enc = model.cond_stage_model
-    parts = _split(model.state_dict())
+    parts = _split(_merged_state_dict(model))
     weights = {"unet": unet_ldm_to_diffusers(parts["unet"], params.unet_config.params),
                "vae": vae_ldm_to_diffusers(parts["vae"], params.first_stage_config.params.ddconfig),
                "text_encoder": text_encoder_to_hf(parts["text_encoder"], enc.layout, enc.num_layers, enc.layer)}
@@ -166,6 +183,9 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     for name, sd in weights.items():
         save_safetensors(sd, out / name / f"{WEIGHT_NAMES[name]}.safetensors", {"format": "pt"})
         _remove_stale(out / name, WEIGHT_NAMES[name])
+    if getattr(enc, "embeddings", None):
+        log.warning("export_diffusers: the textual-inversion embeddings %s are not part of the folder (pass "
+                    "their files to diffusers' load_textual_inversion)", ", ".join(sorted(enc.embeddings)))
     vocab, _ = clip_bpe()
     pad = {i: t for t, i in vocab.items()}[enc.pad_token]
     write_clip_tokenizer(out / "tokenizer", pad_token=pad, max_length=enc.max_length)
@@ -236,6 +256,9 @@ def _pad_token_id(tok_dir: Path) -> int | None:
 def config_from_diffusers(folder: str | Path) -> dict[str, Any]:
     """Our config dict (the structure of ``configs/sd/v1-inference.yaml``) for a diffusers SD pipeline folder."""
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{str(folder)!r} is a file, not a diffusers pipeline folder (a single-file "
+                                 "checkpoint loads with ldm.load)")
     index = _read_json(folder / "model_index.json")
     for part in ("unet", "vae", "text_encoder", "scheduler"):
         if not index.get(part) or index[part][0] is None:
