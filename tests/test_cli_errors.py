@@ -180,8 +180,8 @@ def test_convert_lora_to_kohya_on_a_kohya_file(convert, files, tmp_path, caplog)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
-    (d / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [], "count": 0},
-                                                            "heldout": {"shards": [], "count": 0}}}))
+    (d / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [], "count": 8},
+                                                            "heldout": {"shards": [], "count": 8}}}))
     return d
 
 
