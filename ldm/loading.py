@@ -240,8 +240,12 @@ def _check_schedule(model: torch.nn.Module, extra: dict[str, torch.Tensor], wher
 
 
 def save(model: Any, path: str | Path, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save as safetensors in the original key layout, with the resolved config in the metadata."""
-    sd = dict(model.state_dict())
+    """Save as safetensors in the original key layout, with the resolved config in the metadata; attached LoRA
+    adapters are merged into the written weights (the model keeps them; :func:`ldm.lora.lora_state_dict` saves them
+    on their own)."""
+    from ldm.lora import merged_state_dict  # noqa: PLC0415
+
+    sd = merged_state_dict(model) if isinstance(model, torch.nn.Module) else dict(model.state_dict())
     if ema_state:
         sd.update(ema_state)
     cfg = OmegaConf.to_container(model.config, resolve=True)

@@ -162,6 +162,20 @@ def load_lora(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
                 params[k].copy_(v)
 
 
+def merged_state_dict(model: nn.Module, where: str = "save") -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with attached (unmerged) adapters folded into their base weights, as the model computes:
+    the original key layout that other tools and :func:`ldm.load` read (they would drop or refuse ``lora_A`` /
+    ``lora_B`` beside a Linear); ``model`` keeps its adapters."""
+    sd = dict(model.state_dict())
+    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, module in adapters:
+        sd[f"{name}.weight"] = module.merge().weight.detach()
+        del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
+    if adapters:
+        log.info("%s: %d LoRA adapter(s) merged into the written weights (the model keeps them)", where, len(adapters))
+    return sd
+
+
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight; returns how many were merged."""
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, atomic_write, save_safetensors
+from ldm.lora import merged_state_dict
 from ldm.convert.diffusers_text import (EOT_ID, clip_bpe, text_config_to_hf, text_encoder_from_hf,
                                         text_encoder_to_hf, text_encoder_yaml, write_clip_tokenizer)
 from ldm.convert.diffusers_unet import (DIFFUSERS_FORMAT_VERSION, unet_config_from_diffusers,
@@ -56,23 +57,6 @@ def _split(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]
         raise KeyError(f"export_diffusers: {len(other)} model key(s) belong to no U-Net/VAE/text encoder, e.g. "
                        f"{other[:5]} (a diffusers folder cannot hold them)")
     return parts
-
-
-def _merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with attached (unmerged) LoRA adapters folded into their base weights, as the model
-    computes (diffusers would drop ``lora_A``/``lora_B`` beside a Linear and run the base model); ``model`` keeps
-    its adapters."""
-    from ldm.lora import LoRALinear  # noqa: PLC0415
-
-    sd = dict(model.state_dict())
-    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    for name, module in adapters:
-        sd[f"{name}.weight"] = module.merge().weight.detach()
-        del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
-    if adapters:
-        log.info("export_diffusers: %d LoRA adapter(s) merged into the exported weights (the model keeps them)",
-                 len(adapters))
-    return sd
 
 
 def scheduler_config(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,7 +159,7 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     configs = diffusers_configs(model, sample_size)  # first: fails early on what diffusers cannot express
     params = model.config.model.params
     enc = model.cond_stage_model
-    parts = _split(_merged_state_dict(model))
+    parts = _split(merged_state_dict(model, "export_diffusers"))
     weights = {"unet": unet_ldm_to_diffusers(parts["unet"], params.unet_config.params),
                "vae": vae_ldm_to_diffusers(parts["vae"], params.first_stage_config.params.ddconfig),
                "text_encoder": text_encoder_to_hf(parts["text_encoder"], enc.layout, enc.num_layers, enc.layer)}
