@@ -176,6 +176,21 @@ def pickled_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping]
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, obj
 
 
+# keys that only other architectures' single files hold, and what they are
+FOREIGN_KEYS = {
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": "SDXL",
+    "conditioner.embedders.1.model.token_embedding.weight": "SDXL",
+    "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": "SD3",
+    "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": "FLUX",
+    "double_blocks.0.img_attn.qkv.weight": "FLUX",
+}
+
+
+def foreign_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of a known non-SD-1/2 architecture whose keys ``sd`` holds (SDXL, SD3, FLUX), else None."""
+    return next((name for key, name in FOREIGN_KEYS.items() if key in sd), None)
+
+
 def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Tell SD v1 from v2 (and inpainting/depth variants) from keys and shapes.
 
@@ -183,6 +198,10 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     A v-prediction 2.x file has the same keys as an ε one; its weights tell them apart (:func:`guess_v_prediction`).
     """
     unet_in = "model.diffusion_model.input_blocks.0.0.weight"
+    foreign = foreign_architecture(sd)
+    if foreign:
+        raise CheckpointError(f"a {foreign} checkpoint, not Stable Diffusion 1.x/2.x (the architectures this project "
+                              "loads)")
     if unet_in not in sd:
         raise CheckpointError(f"not a Stable Diffusion checkpoint: key {unet_in!r} missing")
     k_attn2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"

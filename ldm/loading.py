@@ -143,7 +143,10 @@ def _load_model(checkpoint: str | Path | None, config: str | Path | DictConfig |
         log.info("using %s, the YAML beside the checkpoint", side)
         cfg, config = load_config(side), side
     else:
-        cfg = _config_for(sd, meta)
+        try:
+            cfg = _config_for(sd, meta)
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint}: {e}") from None
     model = build(cfg, str(config or checkpoint))
     if checkpoint is not None:
         load_weights(model, sd, use_ema=use_ema, strict=strict, where=str(checkpoint))

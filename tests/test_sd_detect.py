@@ -88,3 +88,20 @@ def test_wrong_config_names_the_file_the_key_and_both_shapes(tmp_path) -> None:
     cfg.model.params.unet_config.params.model_channels *= 2
     with pytest.raises(CheckpointError, match=r"tiny.safetensors: \d+ tensor\(s\) have other shapes.*in the file"):
         ldm.load(path, config=cfg)
+
+
+@pytest.mark.parametrize("key, name", [
+    ("conditioner.embedders.1.model.token_embedding.weight", "SDXL"),
+    ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD3"),
+    ("double_blocks.0.img_attn.qkv.weight", "FLUX"),
+])
+def test_a_file_of_another_architecture_is_named_as_such(tmp_path, key, name):
+    """An SDXL file (it has input_blocks.0.0 too) was refused as 'no text encoder keys and no cross-attention', which
+    sent users looking for a broken download."""
+    import ldm
+    from ldm.checkpoint import CheckpointError
+
+    sd = {key: torch.zeros(2, 2), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
+    save_safetensors(sd, tmp_path / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match=rf"foreign.safetensors.*a {name} checkpoint, not Stable Diffusion"):
+        ldm.load(tmp_path / "foreign.safetensors")
