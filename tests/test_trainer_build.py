@@ -124,3 +124,16 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
     assert wandb_id(True) == first  # --resume: the same run
     second = wandb_id(False)  # a new run in the same folder: a new W&B run
     assert second != first and wandb_id(True) == second
+
+
+def test_only_the_first_nodes_rank_zero_writes_the_wandb_run_id(tmp_path, monkeypatch):
+    """Launched by Lightning on several nodes (NODE_RANK set, no RANK), each node's first process has local rank 0;
+    the second node's wrote its own id into the shared run folder, so a resume logged into another W&B run."""
+    from ldm.training.trainer import wandb_run_id
+
+    monkeypatch.setenv("NODE_RANK", "1")
+    wandb_run_id(tmp_path, resuming=False)
+    assert not (tmp_path / "wandb_run_id").exists()
+    monkeypatch.setenv("NODE_RANK", "0")
+    first = wandb_run_id(tmp_path, resuming=False)
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first

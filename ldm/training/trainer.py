@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     if resuming and path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    if rank_zero_only.rank == 0:  # the logger lives on rank 0; the other ranks' ids are never used
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)  # Lightning's own multi-node launch
+    if rank_zero_only.rank == 0 and node == 0:  # the logger lives on global rank 0; the others' ids are never used
         path.write_text(run_id + "\n")
     return run_id
 
