@@ -2,7 +2,6 @@
 traceback, checked before any model loads where possible, and nothing half-written."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,15 +12,11 @@ from PIL import Image
 import ldm
 from ldm.checkpoint import save_safetensors
 from ldm.cli.sample import main as sample_main
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_script = load_script
 
 
 @pytest.fixture(scope="module")

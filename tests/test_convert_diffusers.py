@@ -27,6 +27,7 @@ from ldm.convert.diffusers_vae import (  # noqa: E402
     vae_ldm_to_diffusers,
 )
 from ldm.unet.model import UNetModel  # noqa: E402
+from script_loader import load_script
 
 UNET_V1 = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
                num_res_blocks=2, channel_mult=[1, 2, 2, 2], num_heads=2, use_spatial_transformer=True,
@@ -303,15 +304,10 @@ def test_import_errors(tmp_path) -> None:
 
 
 def test_convert_script(tmp_path) -> None:
-    import importlib.util
-    import pathlib
 
     from ldm.checkpoint import read_state_dict
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("convert")
     model = _tiny_model("v1")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "m.ckpt")

@@ -2,7 +2,6 @@
 failures and bad input behave. Tiny random models; diffusers and transformers are the references."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -19,16 +18,13 @@ from ldm.checkpoint import CheckpointError, ema_key
 from ldm.convert import export_diffusers, import_diffusers
 from ldm.convert.diffusers_folder import scheduler_config
 from ldm.loading import build
+from script_loader import load_script
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("convert_script",
-                                                  Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("convert")
 
 
 def _pipe(path: Path, **kwargs) -> StableDiffusionPipeline:

@@ -5,7 +5,6 @@ with a randomly initialised Inception file (nothing can be downloaded here), and
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import tarfile
@@ -18,6 +17,7 @@ from PIL import Image
 from ldm.cli.train import run
 from ldm.data.tario import ShardWriter, shard_pattern
 from ldm.data.validate import split_key
+from script_loader import load_script
 
 pytestmark = pytest.mark.usefixtures("no_downloads")  # tests/conftest.py
 
@@ -29,14 +29,7 @@ N_MAIN = 32  # heldout has 33 samples in the fixture: both styles (> 8) and one 
 N_FID = 8  # style_transfer_eval has only 8: every split of the FID run can fill one batch of 8
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_script()
+evaluate = load_script("evaluate")
 
 
 def category_of(split: str, i: int) -> str | None:

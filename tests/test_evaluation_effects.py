@@ -3,7 +3,6 @@ unreadable real images, splits too small to evaluate, NaN images/features, misma
 resolution or without an image tower, a broken or moved snapshot index. CPU only, seconds."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import tarfile
@@ -18,19 +17,13 @@ from ldm.data.tario import ShardWriter, shard_pattern
 from ldm.data.validate import split_key
 from ldm.evaluation import frechet_distance, psnr, retrieval_accuracy, ssim
 from ldm.inception_metrics import inception_features, kid_from_features
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji" / "emoji32-000000.tar"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script_effects", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_script()
+evaluate = load_script("evaluate")
 
 
 def make_dataset(out: Path, n: int, garbage: int = 0) -> list[str]:

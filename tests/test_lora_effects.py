@@ -12,6 +12,7 @@ from ldm.config import load_config
 from ldm.lora import LoRALinear, add_lora, load_lora, lora_state_dict, merge_lora
 from ldm.registry import ConfigError
 from ldm.training.keys import check_run_config
+from script_loader import load_script
 
 TINY = "configs/tiny/txt2img.yaml"
 
@@ -221,18 +222,13 @@ def test_unmerged_forward_equals_peft_lora_on_the_diffusers_unet(tmp_path) -> No
 
 # ------------------------------------------------------------------------------------------------ to_kohya
 def test_lora_to_kohya_names_the_file_and_key_of_a_bad_adapter(tmp_path, caplog) -> None:
-    import importlib.util
     import json
-    import pathlib
 
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import META_CONFIG
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("convert")
     model = ldm.load(config=TINY)
     add_lora(model.model, rank=2, targets=["attn1.to_q"])
     ours = {"model." + k: v for k, v in lora_state_dict(model.model).items()}

@@ -7,9 +7,7 @@ for v1 (1×1-conv proj_in, HF-layout text encoder) and v2 (linear proj_in, open_
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from ldm.convert import export_diffusers
 from ldm.convert.diffusers_text import text_encoder_to_hf
 from ldm.convert.diffusers_unet import unet_ldm_to_diffusers
 from ldm.lora_formats import merge_lora_file
+from script_loader import load_script
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev dependency")  # missing: the install broke
 pytest.importorskip("peft", reason="peft is a dev dependency (diffusers' LoRA loader)")
@@ -69,11 +68,7 @@ def _theirs(pipe, lora: dict, scale: float) -> tuple[dict, dict]:
 
 
 def _convert_script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_script", pathlib.Path(__file__).resolve().parent.parent / "scripts" / "convert.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("convert")
 
 
 def _max_diff(ours: dict, theirs: dict) -> float:
