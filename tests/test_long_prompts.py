@@ -1,6 +1,8 @@
 """Prompts past 75 tokens in chunks (the web UIs' way): the cut, the padding of a batch, the context, generate."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -77,3 +79,52 @@ def test_generate_uses_the_whole_prompt_only_when_asked(tiny) -> None:
 def test_long_prompts_check_the_prompt_type(tiny) -> None:
     with pytest.raises(TypeError, match=r"prompts\[1\] must be a str"):
         tiny.encode_text(["a", None], long=True)
+
+
+def _webui_chunks(items: list, size: int = 75, backtrack: int = 20) -> list[list[int]]:
+    """The AUTOMATIC1111 web UI's ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`` (no weights or BREAK),
+    written out: ``items`` are token ids or ``(n, first id)`` embeddings; chunks without BOS/EOS/padding."""
+    chunks, chunk, last_comma = [], [], -1
+
+    def next_chunk() -> None:
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = [], -1
+
+    for item in items:
+        token = item if isinstance(item, int) else -1  # an embedding's name never begins with a comma token
+        if token == C:
+            last_comma = len(chunk)
+        elif len(chunk) == size and last_comma != -1 and len(chunk) - last_comma <= backtrack:
+            reloc, chunk = chunk[last_comma + 1:], chunk[:last_comma + 1]
+            next_chunk()
+            chunk = reloc
+        if len(chunk) == size:
+            next_chunk()
+        if isinstance(item, int):
+            chunk.append(item)
+            continue
+        n, first = item
+        if len(chunk) + n > size:
+            next_chunk()
+        chunk += list(range(first, first + n))
+    if chunk or not chunks:
+        next_chunk()
+    return chunks
+
+
+def test_chunks_follow_the_web_ui() -> None:
+    V = 1000
+    ids = list(range(100, 160)) + [C] + list(range(200, 214))  # 75 tokens, a comma at 60
+    assert chunk_ids(ids + [C, 5], 75, C) == [ids, [C, 5]]  # a comma after the chunk: the phrase ended with it
+    assert chunk_ids(ids + [5], 75, C) == [ids[:61], ids[61:] + [5]]
+    emb = list(range(V, V + 6))  # an embedding straddling the end: it moves whole, the comma is not used
+    assert chunk_ids(ids[:72] + emb, 75, C, vocab=V, starts=frozenset({V})) == [ids[:72], emb]
+    rng = random.Random(0)
+    for _ in range(2000):
+        sizes = (rng.randint(1, 8), rng.randint(1, 8))
+        firsts = (V, V + sizes[0])
+        items = [C if r < 0.1 else (sizes[r > 0.115], firsts[r > 0.115]) if r < 0.13 else rng.randint(10, 500)
+                 for r in (rng.random() for _ in range(rng.randint(0, 240)))]
+        flat = [t for it in items for t in ([it] if isinstance(it, int) else range(it[1], it[1] + it[0]))]
+        assert chunk_ids(flat, 75, C, vocab=V, starts=frozenset(firsts)) == _webui_chunks(items), items
