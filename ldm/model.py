@@ -125,9 +125,10 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def encode_text(self, prompts: list[str], long: bool = False) -> torch.Tensor:
-        """Prompts -> token-level context (B, 77, D) in the U-Net's dtype; ``long``: prompts past 75 tokens in
-        chunks, (B, k·77, D) (:mod:`ldm.conditioning.chunks`), where a text encoder offers it."""
+    def encode_text(self, prompts: list[str] | str, long: bool = False) -> torch.Tensor:
+        """Prompts (or one prompt) -> token-level context (B, 77, D) in the U-Net's dtype; ``long``: prompts past 75
+        tokens in chunks, (B, k·77, D) (:mod:`ldm.conditioning.chunks`), where a text encoder offers it."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts  # list("a cat") would be five prompts
         if long and not hasattr(self.cond_stage_model, "encode_long"):
             raise ValueError(f"long prompts: {type(self.cond_stage_model).__name__} cannot encode them in chunks")
         with torch.no_grad():

@@ -252,20 +252,20 @@ class OpenCLIPTextEncoder(nn.Module):
         x = emb(tokens.clamp(max=V - 1))  # (B, L, W)
         return torch.where((tokens >= V)[..., None], extra[(tokens - V).clamp(min=0)].to(x.dtype), x)
 
-    def tokenize_long(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize_long(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts of any length -> ids (B, k, max_length) in k chunks (:mod:`ldm.conditioning.chunks`)."""
         from ldm.conditioning.chunks import chunk_ids, chunk_rows  # noqa: PLC0415
 
         tok, n = bpe_tokenizer(), self.max_length
-        prompts = _checked(prompts)
+        prompts = _checked([prompts] if isinstance(prompts, str) else list(prompts))
         comma, V = tok.encode(",")[0], self.model.vocab_size
         starts = frozenset(s for s, _ in self.embeddings.values())
         chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V, starts=starts) for p in prompts]
         return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
 
-    def encode_long(self, prompts: list[str]) -> torch.Tensor:
+    def encode_long(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts of any length -> context (B, k·max_length, width): each chunk encoded on its own, concatenated."""
-        ids = self.tokenize_long(list(prompts))  # (B, k, L)
+        ids = self.tokenize_long(prompts)  # (B, k, L)
         return torch.cat([self.encode_tokens(ids[:, j]) for j in range(ids.shape[1])], dim=1)  # (B, k·L, W)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
