@@ -65,6 +65,15 @@ def test_prompts_of_75_tokens_and_around_match_clip_tokenizer(sd1, tmp_path, n) 
     assert long.shape[1] == (2 if n > 75 else 1) and torch.equal(long[:, 0], ours)
 
 
+@pytest.mark.parametrize("n", [0, 75, 76, 80])
+def test_sd2_prompts_match_open_clip_tokenizer(tiny, n) -> None:
+    import open_clip
+
+    prompt = " ".join(["café"] * n) + " 日本 🐱"[: 6 if n else 0]
+    enc = tiny.cond_stage_model  # SD 2's settings: padded with 0 after end-of-text
+    assert torch.equal(enc.tokenize([prompt]), open_clip.get_tokenizer("ViT-H-14")([prompt]))
+
+
 def test_non_ascii_prompts_match_clip_tokenizer(sd1, tmp_path) -> None:
     tok = _hf_clip_tokenizer(tmp_path)
     prompts = ["café crème brûlée", "日本語の猫", "🐱 emoji 👍🏽", "İstanbul straße", "naïve résumé, ÉCOLE"]
