@@ -38,6 +38,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["img"] = d / "red.png"
     (d / "afile").write_text("x")
     out["file"] = d / "afile"
+    Image.new("L", (64, 32), 255).save(d / "wide_mask.png")
+    out["wide_mask"] = d / "wide_mask.png"
+    (d / "prompts_latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    out["latin1"] = d / "prompts_latin1.txt"
     return out
 
 
@@ -62,6 +66,12 @@ def _one_line_error(caplog, capsys, *words: str) -> None:
     (["--device", "foo"], ["--device foo: not a torch device"]),
     (["--out", "{file}"], ["--out", "not a folder"]),
     (["--out", "{file}/sub"], ["--out", "is a file"]),
+    # these four went through before: a stretched mask, a --strength with no effect, a traceback-free but unnamed
+    # UnicodeDecodeError, and a seed torch's generator overflowed on after the model had loaded
+    (["--init-image", "{img}", "--mask", "{wide_mask}"], ["--mask", "wide_mask.png", "64x32", "32x32", "aspect"]),
+    (["--strength", "0.5"], ["--strength", "needs --init-image"]),
+    (["--prompts-file", "{latin1}"], ["--prompts-file", "prompts_latin1.txt", "not UTF-8"]),
+    (["--seed", str(2 ** 64)], ["--seed must be below 2**62"]),
 ])
 def test_sample_bad_input_before_loading(files, tmp_path, caplog, capsys, monkeypatch, extra, words):
     _no_load(monkeypatch)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM η / ancestral noise scale (default: the sampler's own, 0 for ddim, 1 for euler_a, "
                         "dpmpp_2s_a and dpmpp_2m_sde)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--seed", type=int, default=0, help="image i of the run uses seed + i")
+    p.add_argument("--height", type=int, help="pixels (default: the model's size; with --init-image, the image's)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's size; with --init-image, the image's)")
     p.add_argument("--init-image", help="img2img / inpainting source image")
-    p.add_argument("--mask", help="inpainting mask (white = repaint)")
-    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--mask", help="inpainting mask (white = repaint), resized to the output size; its aspect ratio "
+                   "must be the init image's")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting: the fraction of the schedule re-noised (default 0.8; needs --init-image)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--vae", metavar="FILE", help="a separate autoencoder file (e.g. vae-ft-mse-840000-ema-pruned)")
     p.add_argument("--clip-skip", type=int, metavar="N", help="1: the text encoder's last layer, 2: the penultimate")
@@ -108,10 +111,15 @@ def _check_numbers(a: argparse.Namespace) -> None:
     if not all(math.isfinite(s) for s in a.lora_scale):
         raise ValueError("--lora-scale must be a finite number")
     ranges = (("guidance_rescale", 0 <= a.guidance_rescale <= 1, "in [0, 1]"),
-              ("eta", a.eta is None or a.eta >= 0, ">= 0"), ("strength", 0 < a.strength <= 1, "in (0, 1]"))
+              ("eta", a.eta is None or a.eta >= 0, ">= 0"),
+              ("strength", a.strength is None or 0 < a.strength <= 1, "in (0, 1]"),
+              ("seed", abs(a.seed) < SEED_LIMIT, f"below 2**{SEED_LIMIT.bit_length() - 1} in magnitude "
+               "(torch's generators take 64-bit seeds)"))
     for name, ok, what in ranges:
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(a, name)}")
+    if a.strength is not None and not a.init_image:
+        raise ValueError("--strength applies to img2img and inpainting: it needs --init-image")
     for name in ("height", "width"):
         v = getattr(a, name)
         if v is not None and (v <= 0 or v % 8):
@@ -119,6 +127,9 @@ def _check_numbers(a: argparse.Namespace) -> None:
 
 
 SAMPLING_DEVICES = ("cpu", "cuda", "mps", "xpu")
+SEED_LIMIT = 2 ** 62  # image i's noise and sampler generators are seeded with seed + i and seed + 10000 + i
+DEFAULT_STRENGTH = 0.8
+ASPECT_TOLERANCE = 0.02  # a mask of the init image scaled and rounded to whole pixels keeps its aspect within this
 
 
 def check_device(spec: str | None, flag: str = "--device") -> str:
@@ -225,12 +236,59 @@ def _check_out(a: argparse.Namespace) -> None:
 
 
 def load_images(a: argparse.Namespace) -> tuple[Any, Any]:
-    """--init-image and --mask, decoded now (before the model loads), each failure naming its file."""
+    """--init-image and --mask, decoded now (before the model loads), each failure naming its file. A mask of
+    another aspect ratio than the init image would be stretched over it (repainting another region than drawn):
+    refused."""
     from ldm.pipeline_io import open_image  # noqa: PLC0415
 
     init = open_image(a.init_image, "--init-image") if a.init_image else None
     mask = open_image(a.mask, "--mask") if a.mask else None
+    if init is not None and mask is not None and init.size != mask.size:
+        (iw, ih), (mw, mh) = init.size, mask.size
+        if abs((mw / mh) / (iw / ih) - 1) > ASPECT_TOLERANCE:
+            raise ValueError(f"--mask {a.mask}: {mw}x{mh} does not have the aspect ratio of --init-image "
+                             f"{a.init_image} ({iw}x{ih}); it would be stretched over the image")
+        log.info("--mask %s: %dx%d, resized to the output size", a.mask, mw, mh)
     return init, mask
+
+
+def output_size(a: argparse.Namespace, init: Any, factor: int) -> tuple[int | None, int | None]:
+    """(height, width) to sample: --height / --width, else the init image's size rounded down to a multiple of the
+    autoencoder's ``factor`` (as the original img2img script and diffusers do; the model's size would stretch an
+    image of another aspect ratio), else None (the model's size)."""
+    if init is None or (a.height and a.width):
+        return a.height, a.width
+    w, h = (v - v % factor for v in init.size)
+    if min(w, h) <= 0:
+        raise ValueError(f"--init-image {a.init_image}: {init.size[0]}x{init.size[1]} is smaller than {factor} px, "
+                         "the autoencoder's factor; give --height and --width")
+    if (w, h) != init.size and not (a.height or a.width):
+        log.info("--init-image %s: %dx%d sampled at %dx%d (multiples of %d)", a.init_image, *init.size, w, h, factor)
+    return a.height or h, a.width or w
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """The non-blank lines of ``path`` (UTF-8), stripped; a file that is not UTF-8 text is a ValueError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+IMAGE_NAME = re.compile(r"(\d{5,})-.*\.png")
+
+
+def first_free_index(out: Path) -> int:
+    """One past the highest NNNNN of the NNNNN-SEED.png files in ``out`` (0 for a new folder): a later run into the
+    same folder continues the numbering instead of overwriting the earlier images."""
+    found = [int(m.group(1)) for p in out.glob("*.png") if (m := IMAGE_NAME.fullmatch(p.name))]
+    return max(found, default=-1) + 1
+
+
+def grid_path(out: Path, first: int) -> Path:
+    """``grid.png``, or ``grid-NNNNN.png`` (this run's first image number) when the folder has one already."""
+    return out / "grid.png" if not (out / "grid.png").exists() else out / f"grid-{first:05d}.png"
 
 
 def check_args(a: argparse.Namespace) -> list[str]:
@@ -246,7 +304,7 @@ def check_args(a: argparse.Namespace) -> list[str]:
     _check_models(a)
     prompts = list(a.prompt)
     if a.prompts_file:
-        prompts += [ln.strip() for ln in Path(a.prompts_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        prompts += read_prompts_file(a.prompts_file)
     if not prompts:
         raise ValueError("no prompt: use --prompt or --prompts-file")
     return [p for p in prompts for _ in range(a.n)]
@@ -326,6 +384,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     a = parse_args(argv)
     prompts = check_args(a)
     init, mask = load_images(a)
+    strength = DEFAULT_STRENGTH if a.strength is None else a.strength
+    a.strength = strength if init is not None else None
     device = a.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
@@ -341,25 +401,27 @@ def run(argv: list[str] | None = None) -> list[Path]:
         from ldm.fast import optimize  # noqa: PLC0415
 
         optimize(model, **fast)
+    height, width = output_size(a, init, model.vae.downsample_factor)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    mhash, paths, images = file_hash(a.checkpoint), [], []
+    mhash, paths, images, first = file_hash(a.checkpoint), [], [], first_free_index(out)
     for start in range(0, len(prompts), a.batch_size):
         chunk = prompts[start:start + a.batch_size]
         imgs = model.generate(chunk, negative_prompts=a.negative_prompt, sampler=a.sampler, steps=a.steps,
                               guidance=a.guidance, guidance_rescale=a.guidance_rescale, seed=a.seed + start,
-                              height=a.height, width=a.width, eta=a.eta, init_image=init, strength=a.strength,
+                              height=height, width=width, eta=a.eta, init_image=init, strength=strength,
                               mask=mask, sigmas=a.sigmas, long_prompts=a.long_prompts)
         for i, (p, im) in enumerate(zip(chunk, imgs)):
             seed = a.seed + start + i
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", parameters_text(p, a.negative_prompt, a, seed, im.size, mhash))
-            path = out / f"{len(paths):05d}-{seed}.png"
+            path = out / f"{first + len(paths):05d}-{seed}.png"
             im.save(path, pnginfo=info)
             paths.append(path)
             images.append(im)
-    make_grid(images, captions=prompts).save(out / "grid.png")
-    log.info("wrote %d images and %s", len(paths), out / "grid.png")
+    grid = grid_path(out, first)
+    make_grid(images, captions=prompts).save(grid)
+    log.info("wrote %d images (%s to %s) and %s", len(paths), paths[0].name, paths[-1].name, grid)
     return paths
 
 
