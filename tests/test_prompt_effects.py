@@ -65,6 +65,19 @@ def test_prompts_of_75_tokens_and_around_match_clip_tokenizer(sd1, tmp_path, n) 
     assert long.shape[1] == (2 if n > 75 else 1) and torch.equal(long[:, 0], ours)
 
 
+SPECIAL = ["a <|endoftext|> b", "<|startoftext|>cat", "a <end_of_text> b, <start_of_text>"]
+
+
+def test_special_token_names_are_read_as_each_reference_tokenizer_reads_them(sd1, tiny, tmp_path) -> None:
+    """SD 1's tokenizer (transformers') knows "<|endoftext|>", SD 2's (open_clip's) "<end_of_text>"; the other
+    spelling is text."""
+    import open_clip
+
+    hf = _hf_clip_tokenizer(tmp_path)(SPECIAL, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(sd1.tokenize(SPECIAL), hf)
+    assert torch.equal(tiny.cond_stage_model.tokenize(SPECIAL), open_clip.get_tokenizer("ViT-H-14")(SPECIAL))
+
+
 @pytest.mark.parametrize("n", [0, 75, 76, 80])
 def test_sd2_prompts_match_open_clip_tokenizer(tiny, n) -> None:
     import open_clip

@@ -15,12 +15,15 @@ with open_clip, and weights come from the enclosing checkpoint or a local ``weig
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import open_clip
+import regex  # open_clip's tokenizer's pattern module
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
@@ -53,6 +56,9 @@ class IdsCache:
 LAYERS = {"last": 0, "penultimate": 1}  # layer name -> number of final resblocks skipped
 LAYOUTS = ("open_clip", "hf")
 EOT_TOKEN = 49407  # SD v1 pads with it; SD v2 pads with 0
+# special-token names transformers' CLIPTokenizer (SD v1) reads in a prompt; open_clip's (SD v2) are <start_of_text>, …
+HF_SPECIAL = {"<|startoftext|>": 49406, "<|endoftext|>": EOT_TOKEN}
+_HF_SPECIAL_SPLIT = re.compile("(" + "|".join(map(re.escape, HF_SPECIAL)) + ")")
 # a placeholder vision tower, built and deleted at once when only the text tower is wanted (saves building ViT-H's
 # 630 M vision parameters just to drop them, which is what the original's ``del model.visual`` did)
 _TINY_VISION = {"layers": 1, "width": 8, "head_width": 8, "patch_size": 8, "image_size": 8}
@@ -72,6 +78,18 @@ def _checked(prompts: list[str]) -> list[str]:
 def bpe_tokenizer() -> SimpleTokenizer:
     """open_clip's CLIP BPE tokenizer from its bundled vocabulary (parsed once per process)."""
     return SimpleTokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def hf_bpe_tokenizer() -> SimpleTokenizer:
+    """:func:`bpe_tokenizer` reading open_clip's special-token names ("<start_of_text>", "<end_of_text>") in a prompt
+    as text, as transformers' CLIPTokenizer (SD 1's) does; that tokenizer's own names are :data:`HF_SPECIAL`."""
+    tok = copy.copy(bpe_tokenizer())  # the vocabulary and the BPE cache shared
+    specials = "<start_of_text>|<end_of_text>|"
+    if not tok.pat.pattern.startswith(specials):
+        raise RuntimeError(f"open_clip's tokenizer pattern has changed: {tok.pat.pattern!r}")
+    tok.pat = regex.compile(tok.pat.pattern[len(specials):], tok.pat.flags)
+    return tok
 
 
 def _model_cfg(arch: str | None, text_cfg: Mapping | None, embed_dim: int | None,
@@ -224,8 +242,17 @@ class OpenCLIPTextEncoder(nn.Module):
         ids: list[int] = []
         for piece in split_prompt(text, list(named)):
             hit = named.get(piece.lower())
-            ids += list(range(hit[0], hit[0] + hit[1])) if hit else bpe_tokenizer().encode(piece)
+            ids += list(range(hit[0], hit[0] + hit[1])) if hit else self._bpe(piece)
         return ids
+
+    def _bpe(self, text: str) -> list[int]:
+        """BPE ids of text, special-token names read as the layout's tokenizer reads them: transformers'
+        CLIPTokenizer's (``<|endoftext|>``, SD v1, layout "hf") or open_clip's (``<end_of_text>``, SD v2)."""
+        if self.layout != "hf":
+            return bpe_tokenizer().encode(text)
+        parts = _HF_SPECIAL_SPLIT.split(text)
+        return [i for part in parts for i in ([HF_SPECIAL[part]] if part in HF_SPECIAL else
+                                               hf_bpe_tokenizer().encode(part))]
 
     def _decode(self, ids: list[int]) -> str:
         """Ids back to text; an embedding's ids (or the part of them that is there) become its name once."""
