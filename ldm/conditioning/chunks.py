@@ -3,11 +3,11 @@ most 75 (77 with the start and end tokens), each chunk is encoded on its own, an
 along the sequence, (B, k·77, D); cross-attention takes any context length. A cut falls after the last comma within
 the final 20 tokens of a chunk when there is one, so that a phrase is not split (not when the chunk's next token is
 a comma: the phrase ends with the chunk), and a textual-inversion embedding that does not fit begins the next chunk
-whole (the AUTOMATIC1111 web UI's ``tokenize_line``, ``tests/test_long_prompts.py``). Rows of a batch with fewer chunks are
-filled with the encoding of an empty chunk, so that a prompt and its negative prompt get the same length. As in the
-web UIs, the rows of one batch share the chunk count: an image whose prompt is shorter than another's in its batch
-attends to those empty chunks too, so with long prompts an image can change with its batch (sample such prompts
-one at a time, or in batches of equal length, for images that do not).
+whole (the AUTOMATIC1111 web UI's ``tokenize_line``, ``tests/test_long_prompts.py``). Rows of a batch with fewer
+chunks are filled with the encoding of an empty chunk, so that a prompt and its negative prompt get the same length.
+As in the web UIs, the rows of one batch share the chunk count: an image whose prompt is shorter than another's in
+its batch attends to those empty chunks too, so with long prompts an image can change with its batch (sample such
+prompts one at a time, or in batches of equal length, for images that do not).
 """
 from __future__ import annotations
 

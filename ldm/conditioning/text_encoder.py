@@ -56,7 +56,7 @@ class IdsCache:
 LAYERS = {"last": 0, "penultimate": 1}  # layer name -> number of final resblocks skipped
 LAYOUTS = ("open_clip", "hf")
 EOT_TOKEN = 49407  # SD v1 pads with it; SD v2 pads with 0
-# special-token names transformers' CLIPTokenizer (SD v1) reads in a prompt; open_clip's (SD v2) are <start_of_text>, …
+# special-token names transformers' CLIPTokenizer (SD v1) reads in a prompt (open_clip's: <start_of_text>, …)
 HF_SPECIAL = {"<|startoftext|>": 49406, "<|endoftext|>": EOT_TOKEN}
 _HF_SPECIAL_SPLIT = re.compile("(" + "|".join(map(re.escape, HF_SPECIAL)) + ")")
 # a placeholder vision tower, built and deleted at once when only the text tower is wanted (saves building ViT-H's
