@@ -248,7 +248,10 @@ def save(model: Any, path: str | Path, ema_state: dict[str, torch.Tensor] | None
     on their own)."""
     from ldm.lora import merged_state_dict  # noqa: PLC0415
 
+    from ldm.conditioning.embeddings import warn_not_written  # noqa: PLC0415
+
     sd = merged_state_dict(model) if isinstance(model, torch.nn.Module) else dict(model.state_dict())
+    warn_not_written(model, "save", "load their files again with ldm.load(..., embeddings=...)")
     if ema_state:
         sd.update(ema_state)
     cfg = OmegaConf.to_container(model.config, resolve=True)

@@ -169,7 +169,7 @@ def test_attached_lora_is_exported_merged(tmp_path, caplog) -> None:
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
     model.cond_stage_model.add_embedding("<thing>", torch.randn(2, model.cond_stage_model.width))
-    with caplog.at_level(logging.WARNING, logger="ldm.convert.diffusers_folder"):
+    with caplog.at_level(logging.WARNING):
         export_diffusers(model, tmp_path)
     assert not [k for k in load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")) if "lora" in k]
     assert any(isinstance(m, LoRALinear) for m in model.modules())

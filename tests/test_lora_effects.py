@@ -118,7 +118,7 @@ def test_saved_adapters_reload_to_the_same_output_and_merge_to_it() -> None:
     torch.testing.assert_close(y_merged, y, rtol=1e-5, atol=1e-5)
 
 
-def test_ldm_save_of_a_model_with_attached_adapters_loads_back_to_its_output(tmp_path) -> None:
+def test_ldm_save_of_a_model_with_attached_adapters_loads_back_to_its_output(tmp_path, caplog) -> None:
     """``ldm.save`` wrote lora_A / lora_B beside the base weights, a file ``ldm.load`` refused (and other tools would
     run without the adapters); it now writes the merged weights, and the model keeps its adapters."""
     from ldm.lora import LoRALinear
@@ -127,7 +127,10 @@ def test_ldm_save_of_a_model_with_attached_adapters_loads_back_to_its_output(tmp
     model = ldm.load(config=TINY)
     add_lora(model.model, rank=2, alpha=4.0, targets=["to_q", "attn2.to_v"])
     _randomise_b(model.model)
-    ldm.save(model, tmp_path / "m.safetensors")
+    model.cond_stage_model.add_embedding("<thing>", torch.randn(2, model.cond_stage_model.width))
+    with caplog.at_level("WARNING"):
+        ldm.save(model, tmp_path / "m.safetensors")
+    assert "save: the textual-inversion embeddings <thing> are not written" in caplog.text  # was silent
     back = ldm.load(tmp_path / "m.safetensors")
     assert any(isinstance(m, LoRALinear) for m in model.model.modules())  # the saved model keeps its adapters
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 64)

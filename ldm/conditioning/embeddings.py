@@ -9,6 +9,7 @@ rest of the text is tokenized as usual.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +19,8 @@ import torch
 from ldm.checkpoint import CheckpointError, load_pickle, read_state_dict
 
 SDXL_KEYS = ("clip_l", "clip_g")
+
+log = logging.getLogger(__name__)
 
 
 def _vectors(obj: Mapping[str, Any], path: Path) -> tuple[torch.Tensor, str | None]:
@@ -65,3 +68,11 @@ def split_prompt(text: str, names: list[str]) -> list[str]:
     alternatives = [(r"(?<!\w)" if word.match(n[:1]) else "") + re.escape(n) + (r"(?!\w)" if word.match(n[-1:]) else "")
                     for n in sorted(names, key=len, reverse=True)]
     return [p for p in re.split("(" + "|".join(alternatives) + ")", text, flags=re.IGNORECASE) if p]
+
+
+def warn_not_written(model: Any, where: str, hint: str) -> None:
+    """Log that ``model``'s textual-inversion embeddings (loaded from their own files) are not in what ``where``
+    writes: the files keep the base vocabulary, so prompts that use them need the embedding files again."""
+    names = sorted(getattr(getattr(model, "cond_stage_model", None), "embeddings", None) or {})
+    if names:
+        log.warning("%s: the textual-inversion embeddings %s are not written (%s)", where, ", ".join(names), hint)

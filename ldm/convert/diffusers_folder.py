@@ -24,13 +24,14 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, atomic_write, save_safetensors
-from ldm.lora import merged_state_dict
+from ldm.conditioning.embeddings import warn_not_written
 from ldm.convert.diffusers_text import (EOT_ID, clip_bpe, text_config_to_hf, text_encoder_from_hf,
                                         text_encoder_to_hf, text_encoder_yaml, write_clip_tokenizer)
 from ldm.convert.diffusers_unet import (DIFFUSERS_FORMAT_VERSION, unet_config_from_diffusers,
                                         unet_config_to_diffusers, unet_diffusers_to_ldm, unet_ldm_to_diffusers)
 from ldm.convert.diffusers_vae import (vae_config_from_diffusers, vae_config_to_diffusers, vae_diffusers_to_ldm,
                                        vae_ldm_to_diffusers)
+from ldm.lora import merged_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +168,7 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     for name, sd in weights.items():
         save_safetensors(sd, out / name / f"{WEIGHT_NAMES[name]}.safetensors", {"format": "pt"})
         _remove_stale(out / name, WEIGHT_NAMES[name])
-    if getattr(enc, "embeddings", None):
-        log.warning("export_diffusers: the textual-inversion embeddings %s are not part of the folder (pass "
-                    "their files to diffusers' load_textual_inversion)", ", ".join(sorted(enc.embeddings)))
+    warn_not_written(model, "export_diffusers", "pass their files to diffusers' load_textual_inversion")
     vocab, _ = clip_bpe()
     pad = {i: t for t, i in vocab.items()}[enc.pad_token]
     write_clip_tokenizer(out / "tokenizer", pad_token=pad, max_length=enc.max_length)
