@@ -70,6 +70,16 @@ def merge_manifest(out: Path, new: dict, split: str) -> dict:
     return {**old, **new, "splits": splits, "stats": total.as_dict()}
 
 
+def out_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the output directory (it, or the first of its parents that exists, is a file)."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if parent.is_dir():
+                return None
+            return "is a file" if parent == out else f"cannot be made, {str(parent)!r} is a file"
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="image folder (captions in .txt files or metadata.jsonl)")
@@ -91,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not Path(args.src).is_dir():
         p.error(f"source folder {args.src!r} " + ("is not a folder" if Path(args.src).exists() else "not found"))
+    if out_problem(Path(args.out)):
+        p.error(f"output directory {args.out!r}: {out_problem(Path(args.out))}")
     if not args.split or "/" in args.split or "\\" in args.split:
         p.error(f"--split: expected a plain name (it prefixes the shard files), got {args.split!r}")
     if args.resize != "none" and args.size is None:
@@ -110,9 +122,34 @@ def encode(im, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def write_shards(args: argparse.Namespace, source: FolderSource, stats: SkipStats, tmp: Path) -> ShardWriter:
+    """Every kept sample of ``source`` into shards under ``tmp``; a failure (an unreadable file, Ctrl-C) deletes
+    ``tmp`` before it propagates, so no half-written split is left behind."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    used: set[str] = set()
+    try:
+        with ShardWriter(shard_pattern(tmp, args.split), max_count=args.max_count, max_size=args.max_size) as w:
+            for unit in source.units:
+                for s in source.iter_unit(unit, stats):
+                    w.write({"__key__": shard_key(s["key"], used),
+                             args.format: encode(s["image"], args.format, args.quality), "txt": s["caption"]})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return w
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """``out/manifest.json`` written aside and renamed: an interrupted write leaves the previous one whole."""
+    tmp = out / "manifest.json.partial"
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(out / "manifest.json")
+
+
+def build(args: argparse.Namespace) -> int:
+    """The split ``args.split`` of ``args.out`` from the folder ``args.src``; 1 when no sample was kept."""
     t0 = time.perf_counter()
     buckets = dict(bucket_step=args.bucket_step, bucket_max_ratio=args.bucket_max_ratio)
     decoder = SampleDecoder(lambda im, rng: fit(im, args.size, args.resize, **buckets), args.caption_policy,
@@ -122,22 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     head = {"format": "ldm-shards/1", "kind": "images", "source": str(Path(args.src).resolve()),
             "size": args.size, "resize": args.resize, **(buckets if args.resize == "bucket" else {})}
-    try:  # an existing manifest that does not match is refused before anything is written
-        merge_manifest(out, {**head, "splits": {args.split: {}}}, args.split)
-    except ValueError as e:
-        print(f"make_shards.py: error: {e}", file=sys.stderr)
-        return 2
+    # an existing manifest that does not match is refused (ValueError) before anything is written
+    merge_manifest(out, {**head, "splits": {args.split: {}}}, args.split)
     tmp = out / f".{args.split}-new"  # written aside, so a failed run leaves the previous shards of the split alone
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    used: set[str] = set()
-    with ShardWriter(shard_pattern(tmp, args.split), max_count=args.max_count, max_size=args.max_size) as w:
-        for unit in source.units:
-            for s in source.iter_unit(unit, stats):
-                w.write({"__key__": shard_key(s["key"], used), args.format: encode(s["image"], args.format,
-                                                                                   args.quality),
-                         "txt": s["caption"]})
+    w = write_shards(args, source, stats, tmp)
     stats.report(f"make_shards {args.src}")
     if sum(w.counts) == 0:
         shutil.rmtree(tmp)
@@ -150,10 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     entry = {"shards": names, "count": sum(w.counts), "source": head["source"],
              "stats": stats.as_dict()}
     manifest = merge_manifest(out, {**head, "stats": stats.as_dict(), "splits": {args.split: entry}}, args.split)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_manifest(out, manifest)
     print(f"{sum(w.counts)} samples in {len(w.shards)} shards under {out} ({time.perf_counter() - t0:.1f} s); "
           f"skipped {dict(stats.skipped)}; splits in the manifest: {sorted(manifest['splits'])}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return build(args)
+    except (ValueError, OSError) as e:  # a bad metadata.jsonl or manifest, an unreadable file: named in one line
+        print(f"make_shards.py: error: {e}", file=sys.stderr)
+        return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -184,6 +184,85 @@ def test_make_shards_all_skipped_fails_with_the_counts(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists() and not list((tmp_path / "out").glob("*.tar"))
 
 
+def _shards_main(*args) -> int:
+    from script_loader import load_script
+
+    return load_script("make_shards").main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("out, msg", [("afile", "'afile': is a file"), ("afile/sub", "'afile' is a file")])
+def test_make_shards_output_path_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys, out, msg):
+    """Was a NotADirectoryError traceback from mkdir."""
+    _folder(tmp_path / "a", n=1)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        _shards_main("a", out, "--size", "16")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, msg", [
+    (b'{"file_name": "img00.png", "text": "a"}\nnot json\n', "metadata.jsonl line 2: expected a JSON object"),
+    ('{"file_name": "img00.png", "text": "caf\xe9"}\n'.encode("latin-1"), "metadata.jsonl: not UTF-8 text"),
+])
+def test_make_shards_bad_metadata_is_one_line_naming_the_file(tmp_path, capsys, content, msg):
+    """Were tracebacks (the second without the file's name: a bare UnicodeDecodeError)."""
+    _folder(tmp_path / "a", n=1, captions=False)
+    (tmp_path / "a" / "metadata.jsonl").write_bytes(content)
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16") == 2
+    err = capsys.readouterr().err
+    assert msg in err and str(tmp_path / "a") in err and not (tmp_path / "out").exists()
+
+
+def test_make_shards_names_a_file_listed_twice_in_the_metadata(tmp_path, caplog):
+    """The later row's caption silently won, one image where the file had two rows."""
+    _folder(tmp_path / "a", n=2, captions=False)
+    rows = [{"file_name": "img00.png", "text": "a"}, {"file_name": "img01.png", "text": "b"},
+            {"file_name": "img00.png", "text": "c"}]
+    (tmp_path / "a" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16") == 0
+    assert "1 row(s) repeat a file_name" in caplog.text and "'img00.png' on lines 1 and 3" in caplog.text
+
+
+def test_make_shards_failing_midway_leaves_the_previous_split_and_nothing_else(tmp_path, monkeypatch, capsys):
+    """An unreadable file in the middle of a rebuild: the earlier shards and manifest stay, the shards written aside
+    are removed (the hidden .train-new folder was left behind)."""
+    from ldm.data import folder
+
+    _folder(tmp_path / "a", n=6)
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16", "--max-count", "2") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    real, seen = folder.FolderSource._raw, []
+
+    def flaky(self, index, stats):
+        seen.append(index)
+        if len(seen) == 5:
+            raise PermissionError(f"[Errno 13] Permission denied: '{self.root / self.entries[index][0]}'")
+        return real(self, index, stats)
+
+    monkeypatch.setattr(folder.FolderSource, "_raw", flaky)
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16", "--max-count", "2") == 2
+    assert "Permission denied" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_make_shards_manifest_write_failing_keeps_the_previous_manifest(tmp_path, monkeypatch, capsys):
+    _folder(tmp_path / "a", n=2)
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16") == 0
+    before = (tmp_path / "out" / "manifest.json").read_text()
+    real = Path.write_text
+
+    def disk_full(self, text, *a, **k):
+        real(self, text[:10], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert _shards_main(tmp_path / "a", tmp_path / "out", "--size", "16", "--split", "heldout") == 2
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "manifest.json").read_text() == before
+
+
 # 7. the latent cache keeps the other splits
 
 def _batches(n: int, keys: str):

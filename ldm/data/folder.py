@@ -25,17 +25,29 @@ METADATA = "metadata.jsonl"
 def _read_metadata(root: Path) -> dict[str, str | None]:
     """``metadata.jsonl`` → {relative file name: caption or None}. Bad lines raise, naming file and line."""
     out: dict[str, str | None] = {}
-    with open(root / METADATA, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                name = row["file_name"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{root / METADATA} line {i}: expected a JSON object with 'file_name' ({e})") from None
-            text = row.get("text", row.get("caption"))
-            out[str(name)] = text if isinstance(text, str) else None
+    lines: dict[str, int] = {}
+    dups: list[tuple[str, int, int]] = []
+    try:
+        raw = (root / METADATA).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{root / METADATA}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, line in enumerate(raw.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028 and the like
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{root / METADATA} line {i}: expected a JSON object with 'file_name' ({e})") from None
+        text = row.get("text", row.get("caption"))
+        if str(name) in out:
+            dups.append((str(name), lines[str(name)], i))
+        out[str(name)] = text if isinstance(text, str) else None
+        lines[str(name)] = i
+    if dups:
+        name, first, again = dups[0]
+        log.warning("%s: %d row(s) repeat a file_name listed before (e.g. %r on lines %d and %d); the last row of "
+                    "each is used", root / METADATA, len(dups), name, first, again)
     return out
 
 
