@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mask", help="inpainting mask (white = repaint), resized to the output size; its aspect ratio "
                    "must be the init image's")
     p.add_argument("--strength", type=float, default=None,
-                   help="img2img / inpainting: the fraction of the schedule re-noised (default 0.8; needs --init-image)")
+                   help="img2img / inpainting: the fraction of the schedule re-noised (default 0.8; needs "
+                        "--init-image)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--vae", metavar="FILE", help="a separate autoencoder file (e.g. vae-ft-mse-840000-ema-pruned)")
     p.add_argument("--clip-skip", type=int, metavar="N", help="1: the text encoder's last layer, 2: the penultimate")
