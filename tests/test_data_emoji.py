@@ -187,3 +187,52 @@ def test_build_full_dataset(tmp_path):
     for split in ("train", "heldout", "style_transfer_eval"):
         ds = ShardDataset(str(tmp_path / "emoji32"), split=split)
         assert sum(1 for _ in ds) == man["splits"][split]["count"] and not ds.stats.skipped
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor's part that build_emoji_dataset uses, in this process (so a patched renderer applies)."""
+
+    def __init__(self, max_workers=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def map(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+
+def test_an_interrupted_rebuild_leaves_the_previous_dataset_whole(tmp_path, monkeypatch):
+    """prepare_data.py emoji --force (or another --size) stopped midway: the previous shards and manifest stay as
+    they were and nothing half-built is left; before, the old shards were deleted first, the new ones written in
+    their place (a .partial file left) and the old manifest kept, listing shards of the new, unfinished build."""
+    from ldm.data import emoji_build
+
+    fixture_sets = {s: json.loads((FIX / f"icons_{s}.json").read_text()) for s in ("noto", "fluent")}
+    monkeypatch.setattr(emoji_build, "load_icons", lambda p, cache=None: fixture_sets[p.style])
+    monkeypatch.setattr(emoji_build, "load_categories", lambda p, cache=None: {})
+    monkeypatch.setattr(emoji_build, "ProcessPoolExecutor", _InProcessPool)
+    out = tmp_path / "emoji"
+    man = build_emoji_dataset(out, 32, max_count=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "manifest.json" in before and len(before) == 1 + sum(len(s["shards"]) for s in man["splits"].values())
+    real, calls = emoji_build._render_png, []
+
+    def interrupted(job):
+        calls.append(job)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(emoji_build, "_render_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_emoji_dataset(out, 32, max_count=2, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(emoji_build, "_render_png", real)
+    again = build_emoji_dataset(out, 32, max_count=2, force=True)  # and a finished rebuild replaces it whole
+    assert {k: v["shards"] for k, v in again["splits"].items()} == {k: v["shards"] for k, v in man["splits"].items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert sum(1 for _ in ShardDataset(str(out), split="train")) == man["splits"]["train"]["count"]

@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,20 +126,14 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
     records = make_records(icon_sets, categories={p.style: load_categories(p, cache) for p in PACKAGES})
     log.info("loaded %d icons in %.1f s; rendering at %d px", len(records), time.perf_counter() - t0, size)
     random.Random("ldm-emoji-order").shuffle(records)  # shards mix styles and concepts
-    jobs = [(icon_sets[r.style]["icons"][r.name], _defaults(icon_sets[r.style]), size) for r in records]
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.tar"):
-        old.unlink()
-    n_split = Counter(r.split for r in records)
-    writers = {sp: ShardWriter(shard_pattern(out, sp), max_count=_balanced(n_split[sp], max_count))
-               for sp in names.SPLITS}
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32), strict=True):
-            meta = {"style": rec.style, "concept": rec.concept, "split": rec.split, "name": rec.name,
-                    "hidden": rec.hidden, "category": rec.category}
-            writers[rec.split].write({"__key__": rec.key, "png": png, "txt": rec.caption, "json": json.dumps(meta)})
-    for w in writers.values():
-        w.close()
+    aside = out / ".build-new"  # rendered aside: an interrupted build leaves the previous one whole
+    if aside.exists():
+        shutil.rmtree(aside)
+    try:
+        writers = _render_shards(records, icon_sets, size, max_count, workers, aside)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
     counts = count_table(records)
     manifest = {
         "format": "ldm-shards/1", "kind": "images", "dataset": "emoji", "size": size, "build": key,
@@ -148,9 +144,42 @@ def build_emoji_dataset(out: str | os.PathLike, size: int = 64, *, cache: str | 
         "splits": {sp: {"shards": [Path(s).name for s in w.shards], "count": sum(w.counts),
                         "by_style": counts["by_split"][sp]} for sp, w in writers.items()},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _move_in(aside, out, manifest)
     log.info("emoji %dpx: %s in %.1f s", size, json.dumps(counts), manifest["seconds"])
     return manifest
+
+
+def _render_shards(records: list[EmojiRecord], icon_sets: dict[str, dict], size: int, max_count: int,
+                   workers: int | None, where: Path) -> dict[str, ShardWriter]:
+    """Render every record into ``where/<split>-NNNNNN.tar``; the finished writers by split."""
+    jobs = [(icon_sets[r.style]["icons"][r.name], _defaults(icon_sets[r.style]), size) for r in records]
+    where.mkdir(parents=True)
+    n_split = Counter(r.split for r in records)
+    writers = {sp: ShardWriter(shard_pattern(where, sp), max_count=_balanced(n_split[sp], max_count))
+               for sp in names.SPLITS}
+    with ExitStack() as stack:
+        for w in writers.values():
+            stack.enter_context(w)
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers or os.cpu_count()))
+        for rec, png in zip(records, pool.map(_render_png, jobs, chunksize=32), strict=True):
+            meta = {"style": rec.style, "concept": rec.concept, "split": rec.split, "name": rec.name,
+                    "hidden": rec.hidden, "category": rec.category}
+            writers[rec.split].write({"__key__": rec.key, "png": png, "txt": rec.caption, "json": json.dumps(meta)})
+    return writers
+
+
+def _move_in(aside: Path, out: Path, manifest: dict) -> None:
+    """Replace ``out``'s shards and manifest by the build in ``aside``: the old manifest goes first (no manifest
+    ever lists shards of another build), the new one is written aside and renamed last."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for old in out.glob("*.tar"):
+        old.unlink()
+    for shard in sorted(aside.glob("*.tar")):
+        shard.replace(out / shard.name)
+    tmp = aside / "manifest.json"
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(out / "manifest.json")
+    shutil.rmtree(aside)
 
 
 def _balanced(n: int, max_count: int) -> int:
