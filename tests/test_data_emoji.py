@@ -236,3 +236,39 @@ def test_an_interrupted_rebuild_leaves_the_previous_dataset_whole(tmp_path, monk
     assert {k: v["shards"] for k, v in again["splits"].items()} == {k: v["shards"] for k, v in man["splits"].items()}
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
     assert sum(1 for _ in ShardDataset(str(out), split="train")) == man["splits"]["train"]["count"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "{file}"], ["--out", "exists and is not a folder"]),
+    (["--out", "{file}/sub"], ["--out", "is a file"]),
+    (["--out", "{tmp}/o", "--cache", "{file}"], ["--cache", "not a folder"]),
+    (["--out", "{tmp}/o", "--max-count", "0"], ["--max-count 0", "positive"]),
+    (["--out", "{tmp}/o", "--workers", "-1"], ["--workers -1", "positive"]),
+])
+def test_prepare_data_bad_arguments_are_one_line(tmp_path, capsys, args, words):
+    """Were tracebacks (NotADirectoryError, ZeroDivisionError, ProcessPoolExecutor's ValueError) after the
+    packages were loaded."""
+    from script_loader import load_script
+
+    (tmp_path / "afile").write_text("x")
+    fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as e:
+        load_script("prepare_data").main(["emoji", *[a.format(**fill) for a in args]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and all(w in err for w in words) and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_data_npm_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    from ldm.data import emoji_build
+    from script_loader import load_script
+
+    def offline(pkg, cache=None):
+        raise subprocess.CalledProcessError(1, ["npm", "pack", f"{pkg.name}@{pkg.version}", "--silent"])
+
+    monkeypatch.setattr(emoji_build, "load_icons", offline)
+    assert load_script("prepare_data").main(["emoji", "--out", str(tmp_path / "o"), "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "npm pack @iconify-json/" in err and "failed (exit status 1)" in err and "--cache" in err

@@ -190,7 +190,8 @@ def _shards_main(*args) -> int:
     return load_script("make_shards").main([str(a) for a in args])
 
 
-@pytest.mark.parametrize("out, msg", [("afile", "'afile': is a file"), ("afile/sub", "'afile' is a file")])
+@pytest.mark.parametrize("out, msg", [("afile", "'afile': exists and is not a folder"),
+                                      ("afile/sub", "'afile' is a file")])
 def test_make_shards_output_path_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys, out, msg):
     """Was a NotADirectoryError traceback from mkdir."""
     _folder(tmp_path / "a", n=1)

@@ -228,12 +228,10 @@ def _check_models(a: argparse.Namespace) -> None:
 
 def _check_out(a: argparse.Namespace) -> None:
     """--out is a folder or can become one (no existing file on its path)."""
-    for p in (Path(a.out), *Path(a.out).parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "exists and is not a folder" if p == Path(a.out) else f"cannot be made: {str(p)!r} is a file"
-                raise ValueError(f"--out {a.out}: {what}")
-            break
+    from ldm.cli.paths import folder_problem  # noqa: PLC0415
+
+    if folder_problem(a.out):
+        raise ValueError(f"--out {a.out}: {folder_problem(a.out)}")
 
 
 def load_images(a: argparse.Namespace) -> tuple[Any, Any]:
