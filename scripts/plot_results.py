@@ -88,7 +88,8 @@ def plot_curves(curves: list[tuple[str, list[dict]]], out: Path, floor: bool = T
         ax_r.axhline(m[-1]["real_retrieval@1"], color="gray", ls="--", label="real images")
     ax_fd.set(xlabel="U-Net training, GPU minutes", ylabel="Fréchet distance (CLIP features) ↓", yscale="log",
               title="held-out prompts: distribution")
-    ax_r.set(xlabel="U-Net training, GPU minutes", ylabel="caption retrieval@1 ↑", title="held-out prompts: text match")
+    ax_r.set(xlabel="U-Net training, GPU minutes", ylabel="caption retrieval@1 ↑",
+             title="held-out prompts: text match")
     for ax in (ax_fd, ax_r):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
