@@ -116,7 +116,8 @@ def test_init_image_changes_the_image(files, tmp_path):
 
 def test_white_in_the_mask_is_repainted_black_kept(files, tmp_path, monkeypatch):
     """With the decoder replaced by a pixel view of the latents, the black half of the mask is the init image's
-    latents exactly, the white half is new; a mask of half the size (same aspect) marks the same halves."""
+    latents exactly, the white half is new; a mask of half the size (same aspect) marks the same halves, and so does
+    a mask with transparency by its alpha channel (opaque = repaint, as the web UIs read it)."""
     import ldm.pipeline
 
     monkeypatch.setattr(ldm.pipeline, "decode_latents", lambda vae, z: torch.nn.functional.interpolate(
@@ -127,13 +128,17 @@ def test_white_in_the_mask_is_repainted_black_kept(files, tmp_path, monkeypatch)
         if name != "black":
             m[:, : size[0] // 2] = 255
         Image.fromarray(m).save(tmp_path / f"{name}.png")
-    for name in ("black", "left", "small"):
+    alpha = np.full((48, 64, 4), 255, np.uint8)  # white everywhere, opaque on the left: painted over transparency
+    alpha[:, 32:, 3] = 0
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "alpha.png")
+    for name in ("black", "left", "small", "alpha"):
         masks[name] = _sample(files, tmp_path / name, "--init-image", "{init}", "--mask", str(tmp_path / f"{name}.png"),
                               "--strength", "1")[0]
     kept, left = masks["black"], masks["left"]
     assert np.array_equal(left[:, 32:], kept[:, 32:])  # black: the source latents
     assert np.abs(left[:, :32] - kept[:, :32]).mean() > 4  # white: repainted
     assert np.array_equal(masks["small"], left)
+    assert np.array_equal(masks["alpha"], left)  # was all repainted: the transparent part is white
 
 
 def test_a_second_run_into_the_same_folder_keeps_the_first_runs_images(files, tmp_path):

@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--height", type=int, help="pixels (default: the model's size; with --init-image, the image's)")
     p.add_argument("--width", type=int, help="pixels (default: the model's size; with --init-image, the image's)")
     p.add_argument("--init-image", help="img2img / inpainting source image")
-    p.add_argument("--mask", help="inpainting mask (white = repaint), resized to the output size; its aspect ratio "
-                   "must be the init image's")
+    p.add_argument("--mask", help="inpainting mask (white = repaint; with transparency: opaque = repaint), resized "
+                   "to the output size; its aspect ratio must be the init image's")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img / inpainting: the fraction of the schedule re-noised (default 0.8; needs "
                         "--init-image)")
@@ -241,7 +241,7 @@ def load_images(a: argparse.Namespace) -> tuple[Any, Any]:
     from ldm.pipeline_io import open_image  # noqa: PLC0415
 
     init = open_image(a.init_image, "--init-image") if a.init_image else None
-    mask = open_image(a.mask, "--mask") if a.mask else None
+    mask = mask_from_alpha(open_image(a.mask, "--mask"), a.mask) if a.mask else None
     if init is not None and mask is not None and init.size != mask.size:
         (iw, ih), (mw, mh) = init.size, mask.size
         if abs((mw / mh) / (iw / ih) - 1) > ASPECT_TOLERANCE:
@@ -249,6 +249,19 @@ def load_images(a: argparse.Namespace) -> tuple[Any, Any]:
                              f"{a.init_image} ({iw}x{ih}); it would be stretched over the image")
         log.info("--mask %s: %dx%d, resized to the output size", a.mask, mw, mh)
     return init, mask
+
+
+def mask_from_alpha(mask: Any, path: str) -> Any:
+    """A mask with transparency is its alpha channel (opaque = repaint), as the web UIs read a mask painted over a
+    transparent layer; its colours say nothing there (a transparent white background would repaint everything).
+    A mask without transparency is returned as it is (white = repaint)."""
+    if mask.mode not in ("RGBA", "LA", "PA") and "transparency" not in mask.info:
+        return mask
+    alpha = mask.convert("RGBA").getchannel("A")
+    if alpha.getextrema() == (255, 255):
+        return mask
+    log.info("--mask %s: has transparency; its alpha channel is the mask (opaque = repaint)", path)
+    return alpha
 
 
 def output_size(a: argparse.Namespace, init: Any, factor: int) -> tuple[int | None, int | None]:
