@@ -92,7 +92,7 @@ def _cache(files, out: Path, ae: Path, *extra: str) -> int:
                        f"train.components.cond_stage_model={files['text']}"])
 
 
-def test_cache_from_the_config_and_stage_exports(stage_exports, tmp_path, caplog):
+def test_cache_from_the_config_and_stage_exports(stage_exports, tmp_path, caplog, monkeypatch):
     files, out = stage_exports, tmp_path / "cache"
     assert _cache(files, out, files["ae"]) == 0
     man = json.loads((out / "manifest.json").read_text())
@@ -108,7 +108,16 @@ def test_cache_from_the_config_and_stage_exports(stage_exports, tmp_path, caplog
     assert _cache(files, out, files["ae_other"]) == 2  # another autoencoder: refused, the cache untouched
     assert "--overwrite" in caplog.text and "encoders" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    (out / "notes.txt").write_text("mine")  # not the cache's: kept through a replacement
+    with monkeypatch.context() as m:  # an --overwrite run cut off while encoding: the old cache stays whole
+        def cut(*args, **kwargs):
+            raise KeyboardInterrupt
+        m.setattr("ldm.data.write_latent_cache", cut)
+        with pytest.raises(KeyboardInterrupt):
+            _cache(files, out, files["ae_other"], "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "notes.txt"} == stamps
     assert _cache(files, out, files["ae_other"], "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".cache-*"))
     new = json.loads((out / "manifest.json").read_text())
     assert new["extra"]["encoders"]["first_stage_model"] != man["extra"]["encoders"]["first_stage_model"]
     assert new["extra"]["encoders"]["cond_stage_model"] == man["extra"]["encoders"]["cond_stage_model"]

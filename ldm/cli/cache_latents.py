@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,43 +213,68 @@ def cache_identity(a: argparse.Namespace, model: Any, size: int) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
+    """Encode the splits into ``--out``; a cache there of other encoders or data is replaced (``--overwrite``) by one
+    written aside and swapped in once every split is encoded, so an interrupted run leaves the old cache whole."""
     from ldm.data.latent_cache import is_up_to_date  # noqa: PLC0415
 
     model = load_model(a)
     size = a.size or int(model.config.model.params.image_size) * model.vae.downsample_factor
     extra = cache_identity(a, model, size)
     out = Path(a.out)
-    prepare_out(out, extra, a.overwrite)
+    replaced = prepare_out(out, extra, a.overwrite)
+    work = out if replaced is None else staging(out)
     for split in a.splits:
-        if is_up_to_date(out, split, extra):
+        if is_up_to_date(work, split, extra):
             log.info("latent cache %s: split %s is up to date (same data and encoders), kept", out, split)
             continue
-        encode_split(a, model, split, size, extra)
+        encode_split(a, model, split, size, extra, work)
+    if replaced is not None:
+        swap_in(work, out, replaced)
     return 0
 
 
-def prepare_out(out: Path, extra: dict, overwrite: bool) -> None:
-    """Refuse (ValueError) or, with ``overwrite``, delete a cache in ``out`` whose ``extra`` differs."""
+def prepare_out(out: Path, extra: dict, overwrite: bool) -> set[str] | None:
+    """None when ``out`` holds no cache or one of the same ``extra``; else, with ``overwrite``, the names of the
+    old cache's files (manifest and shards), to be replaced; without it, ValueError."""
     from ldm.data.shards import has_manifest, read_manifest  # noqa: PLC0415
 
     if not has_manifest(out):
-        return
+        return None
     man = read_manifest(out)
     old = man.get("extra") or {}
     if old == extra:
-        return
+        return None
     changed = sorted(k for k in set(extra) | set(old) if extra.get(k) != old.get(k))
     if not overwrite:
         raise ValueError(f"--out {out}: holds a latent cache of other encoders or data (differs in {', '.join(changed)}"
                          "); pass --overwrite to replace it, or use another folder")
-    for split in (man.get("splits") or {}).values():
-        for name in split.get("shards", []):
-            (out / name).unlink(missing_ok=True)
-    (out / "manifest.json").unlink()
-    log.info("latent cache %s: replaced (it differed in %s)", out, ", ".join(changed))
+    log.info("latent cache %s: differs in %s; a new one is written aside and replaces it when done", out,
+             ", ".join(changed))
+    return {"manifest.json", *(n for split in (man.get("splits") or {}).values() for n in split.get("shards", []))}
 
 
-def encode_split(a: argparse.Namespace, model: Any, split: str, size: int, extra: dict) -> None:
+def staging(out: Path) -> Path:
+    """An empty folder beside ``out`` for the cache that replaces it (an earlier interrupted one is cleared)."""
+    work = out.parent / f".{out.name}-new"
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def swap_in(work: Path, out: Path, old_cache: set[str]) -> None:
+    """Put the finished cache ``work`` in ``out``'s place (two renames); the files of ``out`` that were not part
+    of its old cache (``old_cache``) move along, the old cache is deleted."""
+    old = out.parent / f".{out.name}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    work.rename(out)
+    for f in old.iterdir():
+        if f.name not in old_cache and not (out / f.name).exists():
+            f.rename(out / f.name)
+    shutil.rmtree(old)
+    log.info("latent cache %s: replaced", out)
+
+
+def encode_split(a: argparse.Namespace, model: Any, split: str, size: int, extra: dict, out: Path) -> None:
     """Encode every kept sample of ``split`` once, batched by shape (aspect-ratio buckets), the last batch of each
     shape partial (the training loader's equal-batch rule would drop the remainder); skipped samples are counted and
     reported by the dataset."""
@@ -264,7 +290,7 @@ def encode_split(a: argparse.Namespace, model: Any, split: str, size: int, extra
     vae = model.vae
     encode = lambda x: vae.encode(x.to(a.device, model.dtype)).sample(generator=gen)  # noqa: E731 (raw, unscaled)
     text = (lambda caps: model.encode_text(caps)) if a.context else None  # noqa: E731
-    write_latent_cache(loader, encode, a.out, text_fn=text, split=split, extra=extra, max_count=a.shard_size)
+    write_latent_cache(loader, encode, out, text_fn=text, split=split, extra=extra, max_count=a.shard_size)
 
 
 if __name__ == "__main__":
