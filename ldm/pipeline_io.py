@@ -100,3 +100,11 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] -> list of RGB PIL images."""
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, **options: Any) -> None:
+    """Write ``image`` as a PNG at ``path`` atomically (a temporary file beside it, renamed into place): a crash or
+    a full disk leaves the earlier file or none, never a truncated image. ``options``: PIL's (``pnginfo`` …)."""
+    from ldm.checkpoint import atomic_write  # noqa: PLC0415
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", **options))

@@ -98,13 +98,14 @@ def sample_grid(checkpoint: Path, data: Path, path: Path) -> Path:
     """Held-out prompts in the first rows, training prompts after; fixed seeds."""
     import ldm  # noqa: PLC0415
     from ldm.grid import make_grid  # noqa: PLC0415
+    from ldm.pipeline_io import save_png  # noqa: PLC0415
 
     model = ldm.load(checkpoint, use_ema=True)
     held, train = captions(data, "heldout", 8), captions(data, "train", 8)
     images = model.generate(held + train, steps=30, guidance=4.0, seed=0, sampler="dpmpp_2m", progress=False)
     big = [im.resize((96, 96), 0) for im in images]
     labels = [f"[held-out] {c}" for c in held] + [f"[train] {c}" for c in train]
-    make_grid(big, ncols=8, captions=labels, caption_chars=16).save(path)
+    save_png(make_grid(big, ncols=8, captions=labels, caption_chars=16), path)
     return path
 
 

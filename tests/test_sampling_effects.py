@@ -108,3 +108,29 @@ def test_every_cli_option_reaches_the_loader_and_generate(ckpt, tmp_path, monkey
     assert [c["seed"] for c in calls] == [5, 6]  # one image per batch: each its own seed
     for c in calls:
         assert c["init_image"].size == (32, 32) and c["mask"].getpixel((0, 0)) == 255
+
+
+def test_images_are_written_whole_or_not_at_all(tmp_path):
+    """Images and grids were written with PIL's ``save`` straight to their name: a crash or a full disk mid-write
+    left a truncated PNG under it (an earlier run's image replaced by a broken one)."""
+    from PIL import PngImagePlugin
+
+    from ldm.pipeline_io import save_png
+
+    path = tmp_path / "00000-0.png"
+    save_png(Image.new("RGB", (8, 8), "red"), path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a prompt")
+
+    class Full(Image.Image):  # a write that fails half-way, as on a full disk
+        def save(self, fp, *args, **kwargs):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG\r\n")
+            raise OSError(28, "No space left on device")
+
+    broken = Full()
+    with pytest.raises(OSError, match="No space left"):
+        save_png(broken, path, pnginfo=info)
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0) and [p.name for p in tmp_path.iterdir()] == [path.name]
+    save_png(Image.new("RGB", (8, 8), "blue"), path, pnginfo=info)
+    assert Image.open(path).text["parameters"] == "a prompt" and Image.open(path).getpixel((0, 0)) == (0, 0, 255)

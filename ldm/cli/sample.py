@@ -392,6 +392,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
 
     import ldm  # noqa: PLC0415
     from ldm.grid import make_grid  # noqa: PLC0415
+    from ldm.pipeline_io import save_png  # noqa: PLC0415
 
     a = parse_args(argv)
     prompts = check_args(a)
@@ -428,11 +429,11 @@ def run(argv: list[str] | None = None) -> list[Path]:
             info = PngImagePlugin.PngInfo()
             info.add_text("parameters", parameters_text(p, a.negative_prompt, a, seed, im.size, mhash))
             path = out / f"{first + len(paths):05d}-{seed}.png"
-            im.save(path, pnginfo=info)
+            save_png(im, path, pnginfo=info)
             paths.append(path)
             images.append(im)
     grid = grid_path(out, first)
-    make_grid(images, captions=prompts).save(grid)
+    save_png(make_grid(images, captions=prompts), grid)
     log.info("wrote %d images (%s to %s) and %s", len(paths), paths[0].name, paths[-1].name, grid)
     return paths
 

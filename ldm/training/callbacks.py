@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ldm.grid import make_grid
+from ldm.pipeline_io import save_png
 from ldm.training.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class SampleGrid(L.Callback):
         grid = make_grid(images, captions=self.prompts)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:08d}.png"
-        grid.save(path)
+        save_png(grid, path)
         for lg in trainer.loggers:
             exp = getattr(lg, "experiment", None)
             if hasattr(exp, "add_image"):
