@@ -118,6 +118,9 @@ def test_bad_shard_set_counts_exact(tmp_path, caplog):
     keys = {s["key"] for s in samples}
     assert {"cmyk", "deep", "pal", "rgba", "pick"} <= keys and not keys & {"trunc", "tiny", "bomb", "nocap"}
     assert "kept" in caplog.text and "empty_shard" in caplog.text
+    # the report names where (the first 3 of each reason), not only how many: a user can find the bad files
+    assert f"empty_shard: {shards[1]}" in caplog.text
+    assert all(1 <= len(ds.stats.examples[r]) <= min(3, n) for r, n in skipped.items() if r != "empty_shard")
     by = {s["key"]: s["image"] for s in samples}
     assert all(s["image"].shape == (3, 16, 16) for s in samples)
     assert by["deep"].sub(128 / 127.5 - 1).abs().max() < 1e-6  # 16-bit scaled, not clipped to 255

@@ -44,6 +44,7 @@ TEXT_EXTENSIONS = ("txt",)
 #: Extensions the readers decode. Everything else (notably pickle-based .pyd/.pickle/.pth) is ignored, never loaded.
 DECODED_EXTENSIONS = IMAGE_EXTENSIONS + TEXT_EXTENSIONS + ("json", "latent.npy", "context.npy")
 CAPTION_POLICIES = ("skip", "empty")
+EXAMPLES = 3  # skipped places named per reason in a report
 
 
 class Skip(Exception):
@@ -61,6 +62,8 @@ class SkipStats:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
+    # the first EXAMPLES places skipped for each reason, named in the report
+    examples: dict = field(default_factory=dict, repr=False, compare=False)
     # (skipped, converted) at the last report_epoch, and what that epoch skipped and converted
     _last: tuple | None = field(default=None, repr=False, compare=False)
     _last_delta: tuple | None = field(default=None, repr=False, compare=False)
@@ -68,13 +71,20 @@ class SkipStats:
     def skip(self, reason: str, where: str = "") -> None:
         """Count one skip and log it at debug level (the summary is logged by :meth:`report`)."""
         self.skipped[reason] += 1
+        self._example(reason, [where] if where else [])
         log.debug("skipped %s (%s)", where, reason)
+
+    def _example(self, reason: str, places: list[str]) -> None:
+        kept = self.examples.setdefault(reason, [])
+        kept.extend(places[:max(0, EXAMPLES - len(kept))])
 
     def merge(self, other: "SkipStats") -> None:
         """Add another reader's counts to these."""
         self.kept += other.kept
         self.skipped.update(other.skipped)
         self.converted.update(other.converted)
+        for reason, places in other.examples.items():
+            self._example(reason, places)
 
     def as_dict(self) -> dict:
         """Plain dict (JSON-serialisable)."""
@@ -83,8 +93,10 @@ class SkipStats:
     def report(self, name: str = "reader") -> None:
         """Log the totals: a warning when anything was skipped, info otherwise."""
         level = logging.WARNING if self.skipped else logging.INFO
-        log.log(level, "%s: kept %d, skipped %s, converted %s", name, self.kept,
-                dict(sorted(self.skipped.items())), dict(sorted(self.converted.items())))
+        named = "; ".join(f"{r}: {', '.join(p)}" for r, p in sorted(self.examples.items()) if p)
+        log.log(level, "%s: kept %d, skipped %s, converted %s%s", name, self.kept,
+                dict(sorted(self.skipped.items())), dict(sorted(self.converted.items())),
+                f" (first skipped: {named})" if named else "")
 
 
     def report_epoch(self, name: str) -> None:
