@@ -49,13 +49,17 @@ class LoRALinear(nn.Linear):
         return base + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scale
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (α/r)·B A (out, in), summed in float32 and rounded once to the weight's dtype (fp16 and bf16 too)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (out, in)
+        return (self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype)
+
+    @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with W + (α/r)·B A, summed in float32 and rounded once to the weight's dtype (fp16 and
-        bf16 weights too); the base's ``requires_grad`` is kept."""
+        """A plain ``nn.Linear`` with :meth:`merged_weight`; the base's ``requires_grad`` is kept."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         out.to(device=self.weight.device, dtype=self.weight.dtype)
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale  # (out, in)
-        out.weight.copy_((self.weight.float() + delta.to(self.weight.device)).to(self.weight.dtype))
+        out.weight.copy_(self.merged_weight())
         out.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             out.bias.copy_(self.bias)
@@ -169,7 +173,7 @@ def merged_state_dict(model: nn.Module, where: str = "save") -> dict[str, torch.
     sd = dict(model.state_dict())
     adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, module in adapters:
-        sd[f"{name}.weight"] = module.merge().weight.detach()
+        sd[f"{name}.weight"] = module.merged_weight()
         del sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]
     if adapters:
         log.info("%s: %d LoRA adapter(s) merged into the written weights (the model keeps them)", where, len(adapters))

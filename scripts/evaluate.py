@@ -298,6 +298,7 @@ def split_list(text: str) -> list[str]:
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Bad arguments fail before minutes of sampling, naming the argument."""
+    from ldm.cli.paths import folder_problem
     from ldm.cli.sample import check_device, check_model_kind
     from ldm.data.shards import has_manifest, read_manifest
 
@@ -332,8 +333,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if small:
             p.error(f"--splits: {', '.join(small)} in {Path(a.data) / 'manifest.json'}: fewer than the {MIN_IMAGES} "
                     "images an evaluation needs")
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        p.error(f"--out: {a.out} exists and is not a folder")
+    if problem := folder_problem(a.out):
+        p.error(f"--out: {a.out} {problem}")
     try:
         a.device = check_device(a.device)
         check_model_kind(a.model, "--model")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ldm.checkpoint import atomic_write
 from ldm.cli.paths import folder_problem
 from ldm.data.folder import FolderSource
 from ldm.data.shards import SampleDecoder, existing_manifest
@@ -92,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not Path(args.src).is_dir():
         p.error(f"source folder {args.src!r} " + ("is not a folder" if Path(args.src).exists() else "not found"))
-    if folder_problem(args.out):
-        p.error(f"output directory {args.out!r}: {folder_problem(args.out)}")
+    if problem := folder_problem(args.out):
+        p.error(f"output directory {args.out!r}: {problem}")
     if not args.split or "/" in args.split or "\\" in args.split:
         p.error(f"--split: expected a plain name (it prefixes the shard files), got {args.split!r}")
     if args.resize != "none" and args.size is None:
@@ -134,9 +135,8 @@ def write_shards(args: argparse.Namespace, source: FolderSource, stats: SkipStat
 
 def write_manifest(out: Path, manifest: dict) -> None:
     """``out/manifest.json`` written aside and renamed: an interrupted write leaves the previous one whole."""
-    tmp = out / "manifest.json.partial"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(out / "manifest.json")
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def build(args: argparse.Namespace) -> int:

@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
     args = p.parse_args(argv)
     for flag, path in (("--out", args.out), ("--cache", args.cache)):
-        if path is not None and folder_problem(path):
-            p.error(f"{flag} {path}: {folder_problem(path)}")
+        if path is not None and (problem := folder_problem(path)):
+            p.error(f"{flag} {path}: {problem}")
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers {args.workers}: must be positive")
     if args.max_count < 1:

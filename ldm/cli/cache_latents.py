@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Bad arguments fail before the model loads, each naming its argument (argparse's one-line error, status 2)."""
+    from ldm.cli.paths import folder_problem  # noqa: PLC0415
     from ldm.cli.sample import check_device, check_model_kind  # noqa: PLC0415
 
     if a.model is None and a.config is None:
@@ -101,8 +102,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     a.splits = [s for s in a.split.split(",") if s]
     if not a.splits or any("/" in s or "\\" in s for s in a.splits):
         p.error(f"--split {a.split!r}: expected plain names, comma-separated (each prefixes the shard files)")
-    if Path(a.out).exists() and not Path(a.out).is_dir():
-        p.error(f"--out: {a.out} exists and is not a folder")
+    if problem := folder_problem(a.out):
+        p.error(f"--out: {a.out} {problem}")
     check_data(p, a)
     try:
         kind = out_kind(Path(a.out))

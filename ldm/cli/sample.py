@@ -230,8 +230,8 @@ def _check_out(a: argparse.Namespace) -> None:
     """--out is a folder or can become one (no existing file on its path)."""
     from ldm.cli.paths import folder_problem  # noqa: PLC0415
 
-    if folder_problem(a.out):
-        raise ValueError(f"--out {a.out}: {folder_problem(a.out)}")
+    if problem := folder_problem(a.out):
+        raise ValueError(f"--out {a.out}: {problem}")
 
 
 def load_images(a: argparse.Namespace) -> tuple[Any, Any]:

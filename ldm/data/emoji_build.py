@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm.checkpoint import atomic_write
 from ldm.data import emoji_names as names
 from ldm.data.emoji import PACKAGES, load_categories, load_icons, render_icon
 from ldm.data.tario import ShardWriter, shard_pattern
@@ -176,9 +177,8 @@ def _move_in(aside: Path, out: Path, manifest: dict) -> None:
         old.unlink()
     for shard in sorted(aside.glob("*.tar")):
         shard.replace(out / shard.name)
-    tmp = aside / "manifest.json"
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    tmp.replace(out / "manifest.json")
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / "manifest.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     shutil.rmtree(aside)
 
 
