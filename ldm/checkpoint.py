@@ -34,7 +34,9 @@ SCHEDULE_BUFFERS = (
 )
 # Keys of original checkpoints that are legitimately not model weights (documented in README "Checkpoints").
 IGNORED_KEYS = (*SCHEDULE_BUFFERS, "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates")
-IGNORED_PREFIXES = ("loss.", "model_ema.")
+# the MiDaS depth estimator of SD 2 depth (512-depth-ema): a separate model that ldm does not build (logged on load)
+DEPTH_MODEL_PREFIX = "depth_model."
+IGNORED_PREFIXES = ("loss.", "model_ema.", DEPTH_MODEL_PREFIX)
 META_CONFIG = "ldm_config"
 
 

@@ -7,6 +7,7 @@ a local weights file is given and says so otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +59,43 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: images must be (B, C, H, W), got shape {tuple(x.shape)}")
 
 
-def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, k: int = 1) -> float:
-    """Share of images i whose own caption i is among the k most similar of all N captions (features normalized).
+def distinct_captions(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, target)`` for N captions: ``first`` (U,) the row of each distinct caption's first occurrence, in
+    order, and ``target`` (N,) the index into ``first`` of every row's caption."""
+    index: dict[str, int] = {}  # caption -> its index among the distinct captions
+    first: list[int] = []
+    for row, caption in enumerate(captions):
+        if caption not in index:
+            index[caption] = len(first)
+            first.append(row)
+    target = [index[c] for c in captions]
+    return torch.tensor(first, dtype=torch.long), torch.tensor(target, dtype=torch.long)
+
+
+def retrieval_accuracy(image_features: torch.Tensor, text_features: torch.Tensor, k: int = 1,
+                       captions: Sequence[str] | None = None) -> float:
+    """Image→text recall@k: the share of images i whose own caption is among the k distinct captions most similar
+    to image i (cosine similarity of the features).
 
     image_features, text_features: (N, D), row i of each belonging together.
+    captions: the N caption strings. The candidates are the *distinct* captions: rows with identical text are one
+    candidate (its first row's features), and it is correct for every image with that caption, so a model is not
+    marked wrong for retrieving the duplicate of its caption, and a repeated wrong caption takes one of the k places,
+    not several. Without ``captions`` every row is its own candidate, correct only for image i.
     """
     if image_features.dim() != 2 or image_features.shape != text_features.shape:
         raise ValueError(f"image_features and text_features must both be (N, D), row i of each belonging together, "
                          f"got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T  # (N, N)
-    topk = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (N, k)
-    return float((topk == torch.arange(sim.shape[0])[:, None]).any(1).float().mean())
+    n = image_features.shape[0]
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"captions: {len(captions)} for {n} feature rows")
+    first, target = distinct_captions(captions) if captions is not None else (torch.arange(n), torch.arange(n))
+    texts = F.normalize(text_features[first.to(text_features.device)].float(), dim=-1)  # (U, D)
+    sim = F.normalize(image_features.float(), dim=-1) @ texts.T  # (N, U)
+    topk = sim.topk(min(k, sim.shape[1]), dim=1).indices.cpu()  # (N, k)
+    return float((topk == target[:, None]).any(1).float().mean())
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.checkpoint import (
+    DEPTH_MODEL_PREFIX,
     IGNORED_KEYS,
     META_CONFIG,
     SCHEDULE_BUFFERS,
@@ -85,7 +86,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | DictConfig |
             v1/v2, ε or v, inpainting or not, are detected from keys, shapes and weights).
         device, dtype: where and in what precision the model lives.
         use_ema: load the ``model_ema.*`` weights of the U-Net instead of the raw ones.
-        strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS``).
+        strict: no missing or unexpected keys beyond the documented extras (``ldm.checkpoint.IGNORED_KEYS`` and
+            ``IGNORED_PREFIXES``; an SD 2 depth file's MiDaS estimator, ``depth_model.*``, is not loaded: a
+            warning says so).
         lora: a LoRA file or a list of them: ours (``lora.safetensors`` of LoRA fine-tuning, attached to the
             U-Net; ``merge_lora=True`` folds it into the base weights), or kohya-ss / diffusers files (merged into
             the U-Net and the text encoder); ``lora_scale`` is the strength, one for all or one per file.
@@ -173,6 +176,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
     n_loss = sum(k.startswith("loss.") for k in extra)
     if n_loss:
         log.info("%s: ignored %d autoencoder-loss keys (loss.*)", where, n_loss)
+    _report_depth_model(extra, where)
     n_ema = 0 if use_ema else sum(k.startswith("model_ema.") and k not in IGNORED_KEYS for k in extra)
     if n_ema:
         log.info("%s: the raw U-Net weights are used, not the file's %d EMA weights (use_ema=True, --ema)", where,
@@ -196,6 +200,17 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], use_ema: b
                               " (wrong config? pass the matching YAML, or strict=False to load anyway)")
     for p in problems:
         log.warning("%s: %s", where, p)
+
+
+def _report_depth_model(extra: dict[str, torch.Tensor], where: str) -> None:
+    """Warn that an SD 2 depth file's MiDaS depth estimator (``depth_model.*``) is not loaded: ldm builds the U-Net
+    (whose 5th input channel is the depth map), the autoencoder and the text encoder, not the estimator."""
+    n = sum(k.startswith(DEPTH_MODEL_PREFIX) for k in extra)
+    if n:
+        log.warning("%s: ignored %d keys of the MiDaS depth estimator (%s*): ldm has no depth estimator; the U-Net's "
+                    "extra input channel is the depth map, to be computed with a separate model and given as concat "
+                    "conditioning (diffusers: StableDiffusionDepth2ImgPipeline with a DPT depth_estimator)", where, n,
+                    DEPTH_MODEL_PREFIX)
 
 
 def fit_one_by_one(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> dict:

@@ -14,6 +14,7 @@ tensors is refused) and writes every tensor unchanged (Lightning's ``state_dict`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def to_diffusers(args: argparse.Namespace) -> None:
     if not hasattr(model, "unet"):
         raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, not a text-to-image model")
     out = export_diffusers(model, args.out_dir)
-    log.info("wrote %s (load with diffusers.StableDiffusionPipeline.from_pretrained)", out)
+    pipeline = json.loads((out / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    log.info("wrote %s (load with diffusers.%s.from_pretrained)", out, pipeline)
 
 
 def from_diffusers(args: argparse.Namespace) -> None:

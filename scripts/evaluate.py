@@ -7,8 +7,10 @@
 For each split (heldout: concepts never trained; style_transfer_eval: concepts trained only in the other style;
 train: for reference) it samples one image per caption with fixed seeds and reports, in the feature space of the
 project's own CLIP (trained on the training split): the Fréchet distance to the real images of that split
-(``fd_clip``), caption retrieval top-1/top-5 among the split's captions (``retrieval@1/5``), and the same two for the
-real images as the reference floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
+(``fd_clip``), image→text caption recall top-1/top-5 among the split's distinct captions (``retrieval@1/5``: a hit
+when the image's own caption text is among the k most similar; identical captions are one candidate, so retrieving
+the duplicate of an image's caption counts as correct), and the same two for the real images as the reference
+floor/ceiling; autoencoder reconstruction PSNR/SSIM on the real held-out images; all by
 style (noto/fluent). FID/KID need Inception weights, which cannot be downloaded here: they are computed (per split,
 with the real-vs-real floor) only with ``--inception-weights`` (the pytorch-fid / torch-fidelity FID Inception state
 dict, loaded with ``weights_only=True``; ``pip install ldm[eval]``) and otherwise reported as absent.
@@ -22,6 +24,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -83,13 +86,28 @@ def real_split(data: str, split: str, n: int, size: int) -> dict:
         log.warning("split %s: some images could not be read (skipped: %s); drew %d readable ones", split, reasons,
                     len(keep))
     cat = categories(data)
-    return {"image": batch["image"][torch.tensor(keep)], "caption": [batch["caption"][i] for i in keep],
+    captions = [batch["caption"][i] for i in keep]
+    log_repeated_captions(split, captions)
+    return {"image": batch["image"][torch.tensor(keep)], "caption": captions,
             "category": [cat.get(batch["key"][i], "Other") for i in keep]}
 
 
-def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft: torch.Tensor, min_n: int) -> None:
-    """Add ``group/fd_clip`` and ``group/retrieval@1`` (retrieval among the group's own captions) for every group
-    with more than ``min_n`` samples, and ``group/n``."""
+def log_repeated_captions(split: str, captions: list[str]) -> int:
+    """Log how many images of ``split`` share their caption with another (retrieval ranks the distinct captions, so
+    an image whose caption repeats is scored against that text once); returns the number of distinct captions."""
+    counts = Counter(captions)
+    shared = sum(n for n in counts.values() if n > 1)
+    if shared:
+        log.info("split %s: %d of %d images share their caption with another image; caption retrieval ranks the %d "
+                 "distinct captions (retrieving an identical caption counts as correct)", split, shared,
+                 len(captions), len(counts))
+    return len(counts)
+
+
+def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft: torch.Tensor, captions: list[str],
+             min_n: int) -> None:
+    """Add ``group/fd_clip`` and ``group/retrieval@1`` (retrieval among the group's own distinct captions) for every
+    group with more than ``min_n`` samples, and ``group/n``."""
     from ldm.evaluation import frechet_distance, retrieval_accuracy
 
     for g in sorted(set(groups)):
@@ -97,8 +115,9 @@ def by_group(m: dict, groups: list[str], gi: torch.Tensor, fr: torch.Tensor, ft:
         if len(idx) > min_n:
             m[f"{g}/n"] = len(idx)
             m[f"{g}/fd_clip"] = frechet_distance(gi[idx], fr[idx])
-            m[f"{g}/retrieval@1"] = retrieval_accuracy(gi[idx], ft[idx], 1)
-            m[f"{g}/real_retrieval@1"] = retrieval_accuracy(fr[idx], ft[idx], 1)
+            caps = [captions[i] for i in idx.tolist()]
+            m[f"{g}/retrieval@1"] = retrieval_accuracy(gi[idx], ft[idx], 1, caps)
+            m[f"{g}/real_retrieval@1"] = retrieval_accuracy(fr[idx], ft[idx], 1, caps)
 
 
 def clip_image_size(clip) -> tuple[int, int] | None:
@@ -160,14 +179,15 @@ def split_metrics(clip, real: dict, fake: torch.Tensor, inc=None) -> dict:
     fr, ft = clip_features(clip, real["image"], real["caption"])
     gi, _ = clip_features(clip, fake, real["caption"])
     styles = ["fluent" if c.endswith("fluent emoji") else "noto" for c in real["caption"]]
-    m = {"n": len(fake), "fd_clip": frechet_distance(gi, fr), "retrieval@1": retrieval_accuracy(gi, ft, 1),
-         "retrieval@5": retrieval_accuracy(gi, ft, 5), "real_retrieval@1": retrieval_accuracy(fr, ft, 1),
-         "real_retrieval@5": retrieval_accuracy(fr, ft, 5),
+    caps = real["caption"]  # identical captions are one candidate of the retrieval (ldm.evaluation)
+    m = {"n": len(fake), "fd_clip": frechet_distance(gi, fr), "retrieval@1": retrieval_accuracy(gi, ft, 1, caps),
+         "retrieval@5": retrieval_accuracy(gi, ft, 5, caps), "real_retrieval@1": retrieval_accuracy(fr, ft, 1, caps),
+         "real_retrieval@5": retrieval_accuracy(fr, ft, 5, caps),
          # the floor: FD between two halves of the real images, and generated half vs real other half (same n)
          "fd_clip_real_halves": frechet_distance(fr[::2], fr[1::2]),
          "fd_clip_gen_vs_real_half": frechet_distance(gi[::2], fr[1::2])}
-    by_group(m, styles, gi, fr, ft, 8)
-    by_group(m, [f"category:{c}" for c in real["category"]], gi, fr, ft, 16)
+    by_group(m, styles, gi, fr, ft, caps, 8)
+    by_group(m, [f"category:{c}" for c in real["category"]], gi, fr, ft, caps, 16)
     if inc is not None:
         m.update(inception_split(inc, real, fake))
     return m

@@ -257,3 +257,86 @@ def test_half_precision_export(dtype: torch.dtype, tmp_path) -> None:
     assert pipe.vae.config.scaling_factor == 0.3
     back = import_diffusers(tmp_path, dtype=dtype)
     _assert_same(dict(back.state_dict()), dict(model.state_dict()))
+
+
+# ---------------------------------------------------------------------------------- SD 2 depth (512-depth-ema)
+MIDAS_KEYS = {"depth_model.model.pretrained.model.patch_embed.backbone.stem.conv.weight": (64, 3, 7, 7),
+              "depth_model.model.scratch.output_conv.4.bias": (1,)}  # two of the original file's MiDaS keys
+
+
+def _depth_config() -> dict:
+    """A tiny SD 2 depth model: U-Net in_channels 5 (4 latent + 1 depth), hybrid conditioning, ε."""
+    cfg = _tiny_config("v2")
+    cfg["model"]["params"].update(conditioning_key="hybrid", parameterization="eps")
+    cfg["model"]["params"]["unet_config"]["params"]["in_channels"] = 5
+    return cfg
+
+
+def _depth_model():
+    model = build(_depth_config()).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _unet_keys(sd) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
+
+
+def test_original_depth_checkpoint_converts_to_a_depth2img_folder(tmp_path, caplog) -> None:
+    """An original depth file (no config of ours, a sidecar YAML, the MiDaS ``depth_model.*`` beside the SD keys)
+    was refused as not fitting the model ("wrong config?"), and a 5-channel U-Net was exported as a
+    StableDiffusionPipeline that failed on its first step (5-channel latents against a 4-channel prediction). The
+    U-Net, autoencoder and text encoder convert now, the estimator's keys are named as not loaded, and the folder is
+    diffusers' depth pipeline."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    model = _depth_model()
+    sd = {**model.state_dict(), **{k: torch.zeros(s) for k, s in MIDAS_KEYS.items()}}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "depth.safetensors"))
+    (tmp_path / "depth.yaml").write_text(json.dumps(_depth_config()), encoding="utf-8")  # JSON is YAML
+    with caplog.at_level(logging.INFO):
+        assert _script().main(["to-diffusers", str(tmp_path / "depth.safetensors"), str(tmp_path / "d")]) == 0
+    assert "ignored 2 keys of the MiDaS depth estimator (depth_model.*)" in caplog.text
+    assert "exported as StableDiffusionDepth2ImgPipeline without its depth estimator" in caplog.text
+    index = json.loads((tmp_path / "d" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionDepth2ImgPipeline" and index["depth_estimator"] == [None, None]
+    assert "safety_checker" not in index
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tmp_path / "d", local_files_only=True,
+                                                            depth_estimator=None, feature_extractor=None)
+    assert pipe.unet.config.in_channels == 5
+    x, t, ctx = torch.randn(1, 5, 8, 8), torch.tensor([500]), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert (model.unet(x, t, context=ctx) - pipe.unet(x, t, encoder_hidden_states=ctx).sample).abs().max() < 1e-4
+        out = pipe("a", image=torch.rand(1, 3, 64, 64), depth_map=torch.rand(1, 32, 32), num_inference_steps=2,
+                   output_type="latent").images
+    assert out.shape == (1, 4, 32, 32) and torch.isfinite(out).all()  # the tiny autoencoder downsamples by 2
+    back = import_diffusers(tmp_path / "d")
+    assert back.conditioning_key == "hybrid" and back.config.model.params.unet_config.params.in_channels == 5
+    _assert_same(_unet_keys(back.state_dict()), _unet_keys(model.state_dict()))
+
+
+def test_importing_a_depth_folder_names_the_depth_estimator_it_leaves_out(tmp_path, caplog) -> None:
+    """diffusers' stabilityai/stable-diffusion-2-depth lists a DPT depth_estimator: the import dropped it silently."""
+    export_diffusers(_depth_model(), tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionDepth2ImgPipeline"  # was StableDiffusionPipeline
+    index.update(depth_estimator=["transformers", "DPTForDepthEstimation"],
+                 feature_extractor=["transformers", "DPTImageProcessor"])
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with caplog.at_level(logging.WARNING, logger="ldm.convert.diffusers_folder"):
+        import_diffusers(tmp_path)
+    assert "StableDiffusionDepth2ImgPipeline component(s) depth_estimator not imported (the depth model" in caplog.text
+
+
+def test_a_unet_no_diffusers_pipeline_takes_is_refused(tmp_path) -> None:
+    """A U-Net with 7 input channels (4 latent + 3 image, the x4 upscaler's) was written as a StableDiffusionPipeline
+    that failed at its first step; the export refuses it before writing anything."""
+    cfg = _tiny_config("v1")
+    cfg["model"]["params"]["unet_config"]["params"]["in_channels"] = 7
+    cfg["model"]["params"]["conditioning_key"] = "hybrid"
+    with pytest.raises(NotImplementedError, match=r"in_channels=7 with out_channels=4 fits no diffusers"):
+        export_diffusers(build(cfg), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

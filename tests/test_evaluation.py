@@ -40,3 +40,30 @@ def test_psnr_and_ssim_match_scikit_image():
         ref = structural_similarity(a, b, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
                                     use_sample_covariance=False)
         assert ssim(x, y)[i].item() == pytest.approx(ref, abs=2e-3)
+
+
+def test_retrieving_the_duplicate_of_its_caption_is_a_hit():
+    """Images 0 and 1 share the caption "a" (identical text features): whichever of the two equal rows the ranking
+    puts first, one of the two images used to be scored a miss (3/4); both retrieve their caption."""
+    e = torch.eye(3)
+    texts = torch.stack([e[0], e[0], e[1], e[2]])  # (4, 3): rows 0 and 1 are the same caption
+    captions = ["a", "a", "b", "c"]
+    assert retrieval_accuracy(texts, texts, 1, captions) == 1.0
+    assert retrieval_accuracy(texts, texts, 1) == 0.75  # without captions, every row is its own candidate
+
+
+def test_a_repeated_wrong_caption_takes_one_of_the_k_places():
+    """Image 3 (caption "c") ranks "a" (twice in the split), then "b", then its own: third among the 3 distinct
+    captions, a hit at k=3; over the 4 rows, where "a" took two places, it was fourth (a miss)."""
+    texts = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    image = torch.tensor([[0.8, 0.5, 0.3]])  # cosine order: a, a, b, c
+    images = torch.cat([texts[:3], image])
+    captions = ["a", "a", "b", "c"]
+    assert retrieval_accuracy(images, texts, 3, captions) == 1.0
+    assert retrieval_accuracy(images, texts, 2, captions) == 0.75
+    assert retrieval_accuracy(images, texts, 3) == 0.75
+
+
+def test_retrieval_accuracy_needs_one_caption_per_row():
+    with pytest.raises(ValueError, match="captions: 3 for 4 feature rows"):
+        retrieval_accuracy(torch.eye(4), torch.eye(4), 1, ["a", "b", "c"])

@@ -238,3 +238,17 @@ def test_unreadable_images_are_reported_when_n_is_drawn_from_the_rest(tmp_path, 
         real = evaluate.real_split(str(tmp_path / "ds"), "heldout", 5, 32)
     assert len(set(real["caption"])) == len(real["image"]) == 5
     assert "split heldout: some images could not be read (skipped: not_an_image); drew 5 readable ones" in caplog.text
+
+
+def test_split_metrics_score_an_identical_caption_as_retrieved(monkeypatch, caplog):
+    """Two images of a split share a caption (the emoji data set's hidden legacy icons repeat the captions of their
+    spelled-out copies): retrieving the identical caption counted as a miss in every retrieval metric."""
+    captions = ["cat, flat emoji", "cat, flat emoji", "dog, flat emoji", "owl, flat emoji", "fox, flat emoji"]
+    texts = torch.eye(5)[[0, 0, 1, 2, 3]]  # (5, 5): the same caption, the same text features
+    monkeypatch.setattr(evaluate, "clip_features", lambda clip, images, caps: (texts.clone(), texts.clone()))
+    real = {"image": torch.zeros(5, 3, 8, 8), "caption": captions, "category": ["Other"] * 5}
+    m = evaluate.split_metrics(None, real, torch.zeros(5, 3, 8, 8))
+    assert m["retrieval@1"] == m["real_retrieval@1"] == 1.0
+    with caplog.at_level(logging.INFO, logger="ldm.evaluate"):
+        assert evaluate.log_repeated_captions("heldout", captions) == 4
+    assert "split heldout: 2 of 5 images share their caption with another image" in caplog.text

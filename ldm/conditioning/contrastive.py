@@ -105,7 +105,11 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose largest logit is at ``labels`` (image→text retrieval within the batch), a scalar."""
+    """Fraction of rows whose largest logit is at ``labels`` (image→text retrieval within the batch), a scalar.
+
+    Only the pair's own column counts, as in the loss: where a caption repeats within the batch, picking the
+    identical caption of another pair is a miss. For evaluation, :func:`ldm.evaluation.retrieval_accuracy` ranks the
+    distinct captions instead."""
     return (logits.argmax(dim=-1) == labels).float().mean()
 
 

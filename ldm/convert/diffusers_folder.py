@@ -42,6 +42,7 @@ BETA_TO_DIFFUSERS = {"linear": "scaled_linear", "scaled_linear": "scaled_linear"
                      "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
 BETA_FROM_DIFFUSERS = {"scaled_linear": "linear", "linear": "linear_plain", "squaredcos_cap_v2": "cosine"}
 PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+DEPTH_PIPELINE = "StableDiffusionDepth2ImgPipeline"
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -97,7 +98,7 @@ def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, d
     vae_params = params["first_stage_config"]["params"]
     vae, enc = model.first_stage_model, model.cond_stage_model
     latent = int(sample_size if sample_size is not None else params.get("image_size", 64))
-    pipeline = "StableDiffusionInpaintPipeline" if unet_params["in_channels"] == 9 else "StableDiffusionPipeline"
+    pipeline = pipeline_class(unet_params)
     return {
         "unet/config.json": unet_config_to_diffusers(unet_params, sample_size=latent),
         "vae/config.json": vae_config_to_diffusers(vae_params["ddconfig"], vae_params["embed_dim"],
@@ -106,13 +107,43 @@ def diffusers_configs(model: Any, sample_size: int | None = None) -> dict[str, d
                                                    sample_size=latent * vae.downsample_factor),
         "text_encoder/config.json": text_config_to_hf(enc),
         "scheduler/scheduler_config.json": scheduler_config(params),
-        "model_index.json": {
-            "_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]},
+        "model_index.json": model_index(pipeline),
     }
+
+
+def pipeline_class(unet_params: Mapping[str, Any]) -> str:
+    """The diffusers pipeline that runs a U-Net with these params, from its input channels (C latent channels out):
+    C text-to-image, 2C + 1 inpainting (latents, mask, masked-image latents), C + 1 depth (latents, depth map)."""
+    c_in, c = int(unet_params["in_channels"]), int(unet_params.get("out_channels", unet_params["in_channels"]))
+    classes = {c: "StableDiffusionPipeline", 2 * c + 1: "StableDiffusionInpaintPipeline",
+               c + 1: DEPTH_PIPELINE}
+    if c_in not in classes:
+        raise NotImplementedError(f"unet params: in_channels={c_in} with out_channels={c} fits no diffusers Stable "
+                                  f"Diffusion pipeline (text-to-image {c}, depth {c + 1}, inpainting {2 * c + 1})")
+    return classes[c_in]
+
+
+def model_index(pipeline: str) -> dict[str, Any]:
+    """``model_index.json`` of ``pipeline``. The depth pipeline's DPT ``depth_estimator`` and ``feature_extractor``
+    are not written (null): ldm has no depth estimator (see :func:`export_diffusers`)."""
+    index: dict[str, Any] = {
+        "_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        "feature_extractor": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if pipeline == DEPTH_PIPELINE:
+        index["depth_estimator"] = [None, None]
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+    return index
+
+
+def _warn_depth_estimator(out: Path) -> None:
+    log.warning("%s: a depth-conditioned model, exported as %s without its depth estimator (ldm has none; an "
+                "original 512-depth-ema file's MiDaS depth_model.* is not converted). Load it with "
+                "%s.from_pretrained(folder, depth_estimator=..., feature_extractor=...): a DPTForDepthEstimation and "
+                "DPTImageProcessor, e.g. those of stabilityai/stable-diffusion-2-depth; or with depth_estimator=None, "
+                "feature_extractor=None and a depth_map= for every call", out, DEPTH_PIPELINE, DEPTH_PIPELINE)
 
 
 def _unpublish(out: Path) -> None:
@@ -154,7 +185,9 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
         out_dir: the folder to create or overwrite (files are replaced atomically).
         sample_size: default latent size written to ``unet/config.json`` (else ``model.params.image_size``).
     Returns:
-        ``out_dir`` as a Path. Loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)``.
+        ``out_dir`` as a Path. Loadable with ``StableDiffusionPipeline.from_pretrained(out_dir)`` (the inpainting
+        and depth pipelines for 9- and 5-channel U-Nets; the depth pipeline's estimator is not written, a warning
+        says how to load it).
     """
     out = Path(out_dir)
     configs = diffusers_configs(model, sample_size)  # first: fails early on what diffusers cannot express
@@ -175,7 +208,10 @@ def export_diffusers(model: Any, out_dir: str | Path, sample_size: int | None = 
     _remove_stale(out / "tokenizer", None)
     for rel, obj in configs.items():  # model_index.json last: an interrupted export is not a loadable folder
         _write_json(out / rel, obj)
-    log.info("exported a diffusers %s folder to %s", configs["model_index.json"]["_class_name"], out)
+    pipeline = configs["model_index.json"]["_class_name"]
+    if pipeline == DEPTH_PIPELINE:
+        _warn_depth_estimator(out)
+    log.info("exported a diffusers %s folder to %s", pipeline, out)
     return out
 
 
@@ -236,6 +272,23 @@ def _pad_token_id(tok_dir: Path) -> int | None:
     return None
 
 
+IMPORTED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+NOT_GENERATION = ("safety_checker", "feature_extractor")  # the output filter and its preprocessor: not the model's
+
+
+def _warn_not_imported(folder: Path, index: Mapping[str, Any]) -> None:
+    """Warn about the components of ``model_index.json`` that the import leaves out, such as the depth pipeline's
+    ``depth_estimator`` (the safety checker and its feature extractor are left out without a word)."""
+    left = sorted(k for k, v in index.items() if not k.startswith("_") and k not in IMPORTED + NOT_GENERATION
+                  and isinstance(v, list) and v and v[0] is not None)
+    if not left:
+        return
+    hint = (" (the depth model: ldm has none; its U-Net takes the depth map as an extra input channel, and an "
+            "export writes the folder without it)" if "depth_estimator" in left else "")
+    log.warning("%s: %s component(s) %s not imported%s", folder, index.get("_class_name", "pipeline"),
+                ", ".join(left), hint)
+
+
 def config_from_diffusers(folder: str | Path) -> dict[str, Any]:
     """Our config dict (the structure of ``configs/sd/v1-inference.yaml``) for a diffusers SD pipeline folder."""
     folder = Path(folder)
@@ -246,6 +299,7 @@ def config_from_diffusers(folder: str | Path) -> dict[str, Any]:
     for part in ("unet", "vae", "text_encoder", "scheduler"):
         if not index.get(part) or index[part][0] is None:
             raise CheckpointError(f"{folder / 'model_index.json'}: no {part!r} component")
+    _warn_not_imported(folder, index)
     unet = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), str(folder / "unet/config.json"))
     vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), str(folder / "vae/config.json"))
     sched_path = folder / "scheduler" / "scheduler_config.json"
