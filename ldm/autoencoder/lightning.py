@@ -163,6 +163,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         values = {"train/loss": logs["train/total_loss"]}
         values.update({k: v.float() for k, v in logs.items() if k != "train/total_loss"})
         values["train/skipped"] = self.guard.skipped
+        values["train/amp_skipped"] = self.guard.amp_skipped
         log_step(self, values, bar=("train/loss",))
 
     @torch.no_grad()

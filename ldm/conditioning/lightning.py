@@ -105,7 +105,8 @@ class CLIPModule(ResumableStage, L.LightningModule):
             clamp_logit_scale_(self.logit_scale)
         log_step(self, {"train/loss": loss.detach(), "train/logit_scale": self.logit_scale.detach().exp(),
                         "train/acc_i2t": top1_accuracy(logits.detach(), labels), "train/lr": sched.get_last_lr()[0],
-                        "train/skipped": self.guard.skipped}, bar=("train/loss", "train/acc_i2t"))
+                        "train/skipped": self.guard.skipped, "train/amp_skipped": self.guard.amp_skipped},
+                 bar=("train/loss", "train/acc_i2t"))
         return loss.detach()
 
 

@@ -153,7 +153,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
     def _log_step(self, loss: torch.Tensor, batch: int) -> None:
         now = time.perf_counter()
         values = {"train/loss": loss, "train/lr": self.lr_schedulers().get_last_lr()[0],
-                  "train/skipped": self.guard.skipped}
+                  "train/skipped": self.guard.skipped, "train/amp_skipped": self.guard.amp_skipped}
         if self._t0 is not None:
             values["train/img_per_s"] = batch * self.trainer.world_size / max(now - self._t0, 1e-9)
         log_step(self, values, bar=("train/loss", "train/img_per_s"))

@@ -20,6 +20,23 @@ Two ways to skip:
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
   not taken at all (nor is its schedule or EMA step).
 
+Under fp16 AMP (``trainer.precision: 16-mixed``) the gradients are not checked here: Lightning's AMP grad scaler
+unscales them inside ``optimizer.step()``, skips the update when any is inf/NaN and halves its loss scale S (only
+the loss is checked here, as above). That skip is detected by S dropping across ``optimizer.step()`` (a copy of the
+scaler's ``_scale`` tensor taken before, compared after: one more host read per step, on a path that reads every
+step anyway; a scaler that never drops S, with ``backoff_factor`` 1, goes unseen). A scaler-skipped step is then
+treated as not taken: ``guarded_step`` returns False, so the caller advances neither its learning-rate schedule nor
+its EMA (Lightning still counts the call in ``trainer.global_step``, as Hugging Face's Trainer counts its skipped
+steps). It is counted apart, in ``amp_skipped`` (saved in checkpoints, logged as ``train/amp_skipped``), and logged
+at info level for the first ``AMP_LOG_FIRST`` skips of a run (debug level after): overflow skips at the start of
+fp16 training, and one now and then after S has grown, are the scaler calibrating S, not a fault. So they neither
+count towards ``max_consecutive`` nor end a run of non-finite losses. The run stops with :class:`NonFiniteError`
+once a skip leaves S below ``AMP_MIN_SCALE`` (1e-4): from its initial 2^16, halving at every skip, that is 30 skips
+in a row (S = 2^-14), or more when good steps come between. At S < 1e-4 an fp16 backward overflows only for true
+gradients above 65504 / S ≈ 6.5e8, so the gradients are NaN or inf, not merely large (a NaN gradient makes the
+scaler skip at any S), and the run would otherwise go on training nothing. The scaler's S is in Lightning's
+checkpoint, so that stop holds across a resume.
+
 Gradient accumulation (``trainer.accumulate_grad_batches: k``, done here because every stage optimizes manually,
 which Lightning's own accumulation refuses): each batch's backward adds ∇(loss/k); the gradients are all-reduced
 across ranks only on the window's last batch (DDP ``no_sync`` before it); the step, its clipping and the finiteness
@@ -37,6 +54,9 @@ import torch
 from ldm.training.step_log import HostReads
 
 log = logging.getLogger(__name__)
+
+AMP_MIN_SCALE = 1e-4  # a grad-scaler skip that leaves the loss scale below this stops the run (module docstring)
+AMP_LOG_FIRST = 10  # grad-scaler skips logged at info level (calibration); debug level after
 
 
 class NonFiniteError(RuntimeError):
@@ -60,6 +80,8 @@ class StepGuard:
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
+        self.amp_skipped = 0  # steps the fp16 grad scaler skipped (inf/NaN gradients), apart from ``skipped``
+        self.amp_consecutive = 0  # of them, the current run in a row
         # on-device counts since the last flush: (skipped, current run of skips, longest run), int64 (3,)
         self._pending: torch.Tensor | None = None
         self._counted = 0  # of the device's skipped count, how many ``skipped`` holds already
@@ -67,10 +89,13 @@ class StepGuard:
 
     def state_dict(self) -> dict[str, int]:
         self.flush(None)
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "amp_skipped": self.amp_skipped,
+                "amp_consecutive": self.amp_consecutive}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Also a dict saved before the grad-scaler counts existed (no ``amp_*`` keys: they start at 0)."""
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self.amp_skipped, self.amp_consecutive = int(state.get("amp_skipped", 0)), int(state.get("amp_consecutive", 0))
         self._pending, self._counted = None, 0
         self._reads = HostReads()
 
@@ -123,6 +148,26 @@ class StepGuard:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(f"{self.consecutive} consecutive steps had non-finite {what} (last at step {step}); "
                                  "lower the learning rate, check the data, or use bf16 instead of fp16")
+
+    def record_amp(self, skipped: bool, scale: float, step: int) -> None:
+        """Count a step that reached the fp16 grad scaler: ``skipped`` when the scaler skipped it (inf/NaN
+        gradients), which left its loss scale at ``scale``. Calibration skips are logged at info level; a skip that
+        leaves the scale below ``AMP_MIN_SCALE`` stops the run (the module docstring says why)."""
+        if not skipped:
+            self.amp_consecutive = 0
+            return
+        self.amp_skipped += 1
+        self.amp_consecutive += 1
+        if scale < AMP_MIN_SCALE:
+            raise NonFiniteError(
+                f"the fp16 grad scaler skipped {self.amp_consecutive} consecutive steps for inf/NaN gradients (last at "
+                f"step {step}) and its loss scale fell to {scale:.3g} < {AMP_MIN_SCALE:g}: the gradients are NaN or "
+                "inf, not merely large, and no step is being taken; check the model and data for NaNs, lower the "
+                "learning rate, or use bf16-mixed instead of 16-mixed")
+        level = logging.INFO if self.amp_skipped <= AMP_LOG_FIRST else logging.DEBUG
+        log.log(level, "step %d: the fp16 grad scaler found inf/NaN gradients and skipped the step (no schedule or "
+                "EMA step), loss scale now %g (%d skipped so far; normal while the scale calibrates)", step, scale,
+                self.amp_skipped)
 
 
 def torch_optimizer(optimizer: Any) -> Any:
@@ -183,8 +228,9 @@ def _window_loss_ok(module: Any, optimizer: Any, loss: torch.Tensor, last: bool)
 def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
                  clip: float | None = None, check_grads: bool = True) -> bool:
     """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
-    schedule and EMA: False for a step skipped on the host and for a batch that only accumulates gradients (see
-    the module docstring); always True for a step when skips stay on the device.
+    schedule and EMA: False for a step skipped on the host, for one the fp16 grad scaler skipped and for a batch
+    that only accumulates gradients (see the module docstring); always True for a step when skips stay on the
+    device.
 
     ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed after every step, taken or skipped.
     """
@@ -263,7 +309,8 @@ def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[t
 
 def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[torch.Tensor],
                   clip: float | None, norm: torch.Tensor | None, scaler: Any) -> bool:
-    """One host read of the (loss, gradients) flags, which travel together; a bad step is not taken."""
+    """One host read of the (loss, gradients) flags, which travel together; a bad step is not taken. Under fp16 AMP
+    a second read after the step: whether the grad scaler skipped it (then False, counted in ``amp_skipped``)."""
     guard: StepGuard = module.guard
     loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
     if not (loss_ok and grads_ok):
@@ -271,7 +318,35 @@ def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[
         optimizer.zero_grad(set_to_none=True)
         return False
     _clip(grads, clip, norm, scaler)
+    step = module.global_step  # before the step, which advances it
+    before = _scale_copy(scaler)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    guard.record(True, "", module.global_step)
+    if before is not None:  # fp16: did the grad scaler skip the step (the module docstring)?
+        skipped, scale = _scaler_skipped(scaler, before)
+        guard.record_amp(skipped, scale, step)
+        if skipped:
+            return False  # not taken: no schedule or EMA step; neither ends nor extends a run of non-finite losses
+    guard.record(True, "", step)
     return True
+
+
+def _scale_copy(scaler: Any) -> torch.Tensor | float | None:
+    """The enabled AMP grad scaler's loss scale before a step, to compare after it (:func:`_scaler_skipped`): a
+    copy of its ``_scale`` tensor (no host read; ``update`` changes it in place) or, for a scaler without one, its
+    ``get_scale()``. None without an enabled scaler."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale.detach().clone() if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
+
+
+def _scaler_skipped(scaler: Any, before: torch.Tensor | float) -> tuple[bool, float]:
+    """(whether the scaler skipped the step just run, its loss scale now): it skipped iff its ``update`` lowered
+    the scale (it lowers it only on inf/NaN gradients; it only grows it otherwise). One host read."""
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(before, torch.Tensor) and isinstance(scale, torch.Tensor):
+        was, now = torch.stack([before.float().reshape(()), scale.detach().float().reshape(())]).tolist()
+    else:
+        was, now = float(before), float(scaler.get_scale())
+    return now < was, now
