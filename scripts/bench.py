@@ -49,9 +49,15 @@ from bench_common import (bench_ceiling, bench_launch_floor, compile_breakdown, 
 from bench_kernels import bench_attention, bench_layers  # noqa: E402
 from bench_profile import host_syncs, profile_step  # noqa: E402
 
-SD_SHAPES = True  # the FLOP counts above are for SD-1.5; other configs report no TFLOP/s
+SD_SHAPES = True  # the FLOP counts below are for SD-1.5; other configs report no TFLOP/s
 EAGER_OUT: dict[str, torch.Tensor] = {}  # U-Net outputs of the eager variant, to compare the compiled ones with
-GFLOP = {"unet_b2_64": 1607.0, "train_img_32": 542.0, "train_img_64": 2410.0}  # REFERENCE.md, FlopCounterMode
+# SD-1.5's U-Net, torch.utils.flop_counter.FlopCounterMode with math attention (model FLOPs: a backward counts twice
+# its forward, no recomputation), tests/test_bench_effects.py counts them again: the CFG step (batch 2, 64x64
+# latents) batched and as guidance calls ours (x shared: the layers before the first cross-attention at batch 1),
+# and a training step per image at 32x32 and 64x64 latents. Rows made before these counts used 542 GFLOP at 32x32
+# (the backward's attention counted with flash's recomputation, unlike 64x64's 2,410) and 1,607 for the shared-x call
+GFLOP = {"unet_b2_64": 1606.5, "unet_shared_x_b2_64": 1565.6, "train_img_32": 537.3, "train_img_64": 2406.8}
+TRAIN_GFLOP = {32: GFLOP["train_img_32"], 64: GFLOP["train_img_64"]}  # per image, by latent side
 
 
 
@@ -124,9 +130,16 @@ def bench_unet(ours, pipe, res: int, out, tag: str, impls: tuple[str, ...] = ("l
         # loop runs them (the host prepares the next call while the GPU runs this one)
         for what, inner in ((f"unet_cfg_step_b2_{res}", 1), (f"unet_cfg_step_b2_{res}_back_to_back", 10)):
             r = timed(fn, 3, 20, inner=inner)
-            # FLOPs are counted at 64×64 only (attention grows faster than the rest)
-            tf = GFLOP["unet_b2_64"] / r["median_s"] / 1000 if SD_SHAPES and res == 64 else None
-            emit(out, what=what, impl=name, variant=tag, tflops=tf, **r)
+            gflop = unet_gflop(name, res)
+            emit(out, what=what, impl=name, variant=tag, tflops=gflop / r["median_s"] / 1000 if gflop else None, **r)
+
+
+def unet_gflop(call: str, res: int) -> float | None:
+    """GFLOP of one of :data:`UNET_CALLS` at ``res``×``res`` latents; counted for SD-1.5 at 64×64 only (attention
+    grows faster than the rest), None otherwise. The shared-x call computes less than the batched ones."""
+    if not SD_SHAPES or res != 64:
+        return None
+    return GFLOP["unet_shared_x_b2_64"] if call == "ldm_shared_x" else GFLOP["unet_b2_64"]
 
 
 def compare_unet_outputs(y: dict[str, torch.Tensor], out, tag: str) -> None:
@@ -141,18 +154,31 @@ def compare_unet_outputs(y: dict[str, torch.Tensor], out, tag: str) -> None:
              value=float((y["ldm_shared_x"] - y["ldm"]).abs().max()))
 
 
+SAME_FUNCTION_RTOL = 1e-2  # fp32 outputs further apart than this share of their largest value: not the same weights
+
+
 @torch.no_grad()
 def check_same_function(ours, pipe, res: int, out, dtype: torch.dtype) -> None:
-    """Before anything trains or compiles: both U-Nets in fp32 on the same input agree (identical weights)."""
+    """Before anything trains or compiles: both U-Nets in fp32 (TF32 off, whatever the run uses) on the same input
+    agree (identical weights); a SystemExit, after the row, where they do not: every comparison below would time two
+    different functions."""
     x = torch.randn(2, 4, res, res, device=ours.device)
     t = torch.tensor([500, 500], device=ours.device)
     c = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=ours.device)
-    a = ours.unet.float()(x, t, context=c)
-    b = pipe.unet.float()(x, t, encoder_hidden_states=c).sample
-    emit(out, what="unet_fp32_max_abs_diff_vs_diffusers", value=float((a - b).abs().max()),
-         output_abs_max=float(a.abs().max()))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        a = ours.unet.float()(x, t, context=c)
+        b = pipe.unet.float()(x, t, encoder_hidden_states=c).sample
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    diff, scale = float((a - b).abs().max()), float(a.abs().max())
+    emit(out, what="unet_fp32_max_abs_diff_vs_diffusers", value=diff, output_abs_max=scale)
     ours.unet.to(dtype)
     pipe.unet.to(dtype)
+    if not diff <= SAME_FUNCTION_RTOL * scale:  # (a NaN fails too)
+        raise SystemExit(f"bench.py: our U-Net and diffusers' differ by {diff:.4g} in fp32 (outputs up to "
+                         f"{scale:.4g}): not the same weights, so no timing of them compares like with like")
 
 
 @torch.no_grad()
@@ -251,7 +277,9 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
     c = torch.randn(batch, 77, ctx_dim, device=dev)
     for name in impls:
         net = ours.unet if name == "ldm" else pipe.unet
-        was = layout_of(net)  # restored after the row: our model comes in channels_last on a GPU, diffusers' not
+        # layout and dtype restored after the row: our model comes in channels_last on a GPU, diffusers' not; the
+        # other side's U-Net stays in its inference dtype during this row, as this one does during the other's
+        was, dtype_was = layout_of(net), next(net.parameters()).dtype
         net.float().train().to(memory_format=fmt)
         if name == "ldm":  # the SD YAML says use_checkpoint: True; diffusers does not checkpoint by default
             net.set_gradient_checkpointing(False)
@@ -294,16 +322,17 @@ def bench_train(ours, pipe, res: int, batch: int, out, impls=("ldm", "diffusers"
             rb = timed(step, 1, 5, inner)
             emit(out, what=f"train_steps_back_to_back_bf16_latent{res}_b{batch}", impl=name, variant=tag,
                  inner=inner, **train_rate(batch, res, rb["median_s"]), **rb)
-        net.eval().to(memory_format=was)
+        net.eval().to(dtype=dtype_was, memory_format=was)
         opt.state.clear()  # the moments of this row, freed before the next
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def train_rate(batch: int, res: int, seconds: float) -> dict:
-    """A training row's images/s and, for SD-1.5 shapes, TFLOP/s (from the step's GFLOP per image in REFERENCE)."""
+    """A training row's images/s and, for SD-1.5 at a latent side counted in :data:`TRAIN_GFLOP`, TFLOP/s (None at
+    another side: its FLOPs are not counted)."""
     ips = batch / seconds
-    gf = GFLOP["train_img_32"] if res == 32 else GFLOP["train_img_64"]
-    return {"img_per_s": ips, "tflops": ips * gf / 1000 if SD_SHAPES else None}
+    gf = TRAIN_GFLOP.get(res) if SD_SHAPES else None
+    return {"img_per_s": ips, "tflops": ips * gf / 1000 if gf else None}
 
 
 def variant_suffix(net: torch.nn.Module, name: str, compiled: bool = False) -> str:
@@ -447,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-train", action="store_true", help="also time our compiled training step")
     p.add_argument("--compile-train-diffusers", action="store_true",
                    help="and diffusers' compiled training step (its first step compiles for minutes)")
-    p.add_argument("--train-shapes", default=None, help="training rows as LATENTxBATCH items (default 32x32,64x16)")
+    p.add_argument("--train-shapes", default=None,
+                   help="training rows as LATENTxBATCH items (default: latents px/16 at batch 32 and px/8 at batch 16, "
+                        "32x32,64x16 at --px 512; on the CPU 4x4)")
     p.add_argument("--compile-train-shapes", default=None, help="compiled training rows (default: --train-shapes)")
     p.add_argument("--compile-train-diffusers-shapes", default=None,
                    help="diffusers' compiled training rows (default: --compile-train-shapes)")
@@ -525,6 +556,9 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> set[str]:
                 f"known: {', '.join(UNET_CALLS)}")
     if a.px < 64 or a.px % 64:
         p.error(f"--px must be a positive multiple of 64 (the U-Net halves the latent three times), got {a.px}")
+    unknown_impls = {i for i in a.train_impls.split(",") if i} - {"ldm", "diffusers"}
+    if unknown_impls:  # (any name but ldm ran diffusers' U-Net under that name)
+        p.error(f"--train-impls: unknown {', '.join(sorted(unknown_impls))}; known: ldm, diffusers")
     if a.train_inner < 1:
         p.error(f"--train-inner must be at least 1, got {a.train_inner}")
     for shapes in (a.train_shapes, a.compile_train_shapes, a.compile_train_diffusers_shapes):
@@ -681,14 +715,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
-    """Eager rows (default 256 and 512 px, ours and diffusers), then the compiled ones, shape change included."""
+    """Eager rows (default 256 and 512 px, ours and diffusers), then the compiled ones, shape change included. The
+    optimizer steps change both U-Nets' weights, each its own way: they get their weights back afterwards, so that
+    the inference rows after these compare the same functions."""
+    saved = {name: unet_weights(net) for name, net in (("ldm", ours.unet), ("diffusers", pipe.unet))}
     backend_was, benchmark_was = ours.unet.attn_backend, torch.backends.cudnn.benchmark
     if a.train_attn:
         ours.unet.set_attention_backend(a.train_attn)
     torch.backends.cudnn.benchmark = a.train_cudnn_benchmark or benchmark_was
     shapes = parse_shapes(a.train_shapes) if a.train_shapes else [(res // 2, 32 if not cpu else 4)] + (
         [(res, 16)] if not cpu else [])
-    prof = "profile" in a.only
+    prof = "profile" in a.only.split(",")  # (not unet_profile: the U-Net's inference step alone)
     for r, b in shapes:
         bench_train(ours, pipe, r, b, out, impls=[i for i in a.train_impls.split(",") if i], profile=prof,
                     channels_last=a.train_cl, inner=a.train_inner)
@@ -706,6 +743,13 @@ def run_train_rows(ours, pipe, res: int, cpu: bool, a, out) -> None:
     if not cpu:
         ours.half()
         pipe.unet.half()
+    ours.unet.load_state_dict(saved["ldm"])
+    pipe.unet.load_state_dict(saved["diffusers"])
+
+
+def unet_weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``net``'s state dict in host memory (so that holding it adds nothing to the GPU's peak memory)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def layer_calls(net: torch.nn.Module, fn) -> list[tuple[torch.nn.Module, tuple[i
 def _fp8_mm(x2d: torch.Tensor, w: torch.Tensor):
     """A timed closure of Hopper's fp8 matmul (e4m3, per-tensor scales) for x2d @ wᵀ, or None if unsupported.
     Operands are quantized beforehand, so its time is a lower bound for an fp8 linear layer."""
-    if not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9) or x2d.shape[1] % 16 or \
-            w.shape[0] % 16:
+    if not x2d.is_cuda or not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability() < (8, 9) or \
+            x2d.shape[1] % 16 or w.shape[0] % 16:
         return None
     a = x2d.to(torch.float8_e4m3fn)
     b = w.to(torch.float8_e4m3fn).t()  # (K, N), column-major as _scaled_mm wants
@@ -83,19 +83,29 @@ def _fp8_mm(x2d: torch.Tensor, w: torch.Tensor):
 @torch.no_grad()
 def bench_layers(ours, ctx_dim: int, res: int, out) -> None:
     """Each distinct convolution and linear shape of one CFG U-Net call, alone (fp16, channels_last): time, TFLOP/s,
-    times its count. Convolutions with cuDNN's heuristic and with ``cudnn.benchmark``; linears also as fp8."""
+    times its count. Convolutions with cuDNN's heuristic and with ``cudnn.benchmark`` (the run's own setting is put
+    back afterwards); linears also as fp8 (on a GPU with fp8 tensor cores)."""
+    benchmark_was = torch.backends.cudnn.benchmark
+    try:
+        _bench_layers(ours, ctx_dim, res, out)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_was
+
+
+def _bench_layers(ours, ctx_dim: int, res: int, out) -> None:
     import torch.nn.functional as F
 
-    x = torch.randn(2, 4, res, res, device="cuda", dtype=torch.float16)
-    t = torch.tensor([500, 500], device="cuda")
-    c = torch.randn(2, 77, ctx_dim, device="cuda", dtype=torch.float16)
+    dev = ours.device
+    x = torch.randn(2, 4, res, res, device=dev, dtype=ours.dtype)
+    t = torch.tensor([500, 500], device=dev)
+    c = torch.randn(2, 77, ctx_dim, device=dev, dtype=ours.dtype)
     groups: dict[tuple, list] = {}
     for m, shape in layer_calls(ours.unet, lambda: ours.unet(x, t, context=c)):
         key = (type(m).__name__, shape, tuple(m.weight.shape), getattr(m, "stride", None), getattr(m, "padding", None))
         groups.setdefault(key, [m, 0])[1] += 1
     totals: dict[str, float] = {}
     for (kind, shape, wshape, _, _), (m, n) in groups.items():
-        inp = torch.randn(shape, device="cuda", dtype=torch.float16)
+        inp = torch.randn(shape, device=dev, dtype=torch.float16)
         w = m.weight.detach().to(torch.float16)
         if kind == "Conv2d":
             inp = inp.to(memory_format=torch.channels_last)
@@ -107,7 +117,6 @@ def bench_layers(ours, ctx_dim: int, res: int, out) -> None:
                 torch.backends.cudnn.benchmark = bm
                 row["benchmark" if bm else "heuristic"] = timed(lambda: F.conv2d(inp, w, None, m.stride, m.padding),
                                                                 3, 10, inner=20)["median_s"]
-            torch.backends.cudnn.benchmark = False
         else:
             x2d = inp.reshape(-1, shape[-1])
             flop = 2 * x2d.shape[0] * w.shape[0] * w.shape[1]

@@ -5,9 +5,10 @@
 
 Each line of the plan is ``LABEL LIMIT_S ARGS...`` (``#`` starts a comment): ``python scripts/bench.py ARGS --label
 LABEL --out OUT/LABEL.jsonl`` runs with a time limit of LIMIT_S seconds or what is left of the budget, whichever is
-less; its output goes to ``OUT/LABEL.log``. A run that would get less than ``--min-s`` seconds is skipped, and said
-so. The plan is checked whole before anything runs (labels unique and usable as file names, limits positive
-integers). One line per run on stdout: label, exit status (124: cut by its limit), seconds, rows written.
+less; its output goes to ``OUT/LABEL.log`` (both files replaced where an earlier run left them). A run that would
+get less than ``--min-s`` seconds is skipped, and said so. The plan is checked whole before anything runs (labels
+unique and usable as file names, limits positive integers). One line per run on stdout: label, exit status (124:
+cut by its limit), seconds, rows written.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def run_plan(runs: list[tuple[str, int, list[str]]], out: Path, total_s: float, 
             print(f"{label}: skipped, {left:.0f} s of the budget left (< {min_s:.0f})", flush=True)
             continue
         t0, rows = time.monotonic(), out / f"{label}.jsonl"
+        rows.unlink(missing_ok=True)  # bench.py appends: rows of an earlier plan run in this folder would mix in
         rc = run_one([sys.executable, str(script), *args, "--label", label, "--out", str(rows)], out / f"{label}.log",
                      min(limit, left))
         n = len(rows.read_text().splitlines()) if rows.exists() else 0

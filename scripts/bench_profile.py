@@ -2,6 +2,8 @@
 copies) and where the host waits for it (synchronising CUDA calls by source line)."""
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -70,11 +72,11 @@ def timeline_summary(events, steps: int) -> dict:
         idle_by_cat[cat] = idle_by_cat.get(cat, 0.0) + gap
         busy += max(stop - max(start, end), 0.0)
         end = max(end, stop)
-    ordered = sorted(gaps[1:]) or [0.0]
+    ordered = sorted(gaps[1:]) or [0.0]  # (the first kernel waits for nothing in the span)
     return {"launches_per_call": len(spans) / steps, "busy_ms_per_call": round(busy / steps / 1000, 3),
             "idle_ms_per_call": round(sum(gaps) / steps / 1000, 3),
-            "median_gap_us": round(ordered[len(ordered) // 2], 2),
-            "p90_gap_us": round(ordered[int(len(ordered) * 0.9)], 2),
+            "median_gap_us": round(statistics.median(ordered), 2),
+            "p90_gap_us": round(ordered[math.ceil(len(ordered) * 0.9) - 1], 2),  # nearest rank
             "launches_by_category": {k: round(v, 1) for k, v in sorted(count_by_cat.items(), key=lambda kv: -kv[1])},
             "idle_ms_by_next_category": {k: round(v / steps / 1000, 3) for k, v in
                                          sorted(idle_by_cat.items(), key=lambda kv: -kv[1])}}

@@ -30,6 +30,11 @@ from bench_common import describe_run, emit  # noqa: E402
 from bench_profile import SyncCounter, kernel_summary  # noqa: E402
 
 GPU_CONFIG, CPU_CONFIG = "configs/diffusion/sd-v1-finetune.yaml", "configs/tiny/txt2img.yaml"
+# keys the images/s arithmetic and the timed window take from this script's own flags: an --override of one would
+# make the rows count images or steps that did not run
+DERIVED_KEYS = {"data.batch_size": "--batch", "trainer.max_steps": "--steps and --profile-steps",
+                "data.num_samples": "--batch, --steps and --profile-steps",
+                "trainer.devices": "one device: the rows count one process's images"}
 
 
 def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, ...], shards: int = 1,
@@ -165,6 +170,10 @@ def main(argv=None) -> int:
         p.error(f"--warmup must be between 0 and --steps ({a.steps}), got {a.warmup}")
     if a.profile_steps < 0:
         p.error(f"--profile-steps must be 0 or more, got {a.profile_steps}")
+    for item in a.override:
+        key = item.partition("=")[0].strip()
+        if key in DERIVED_KEYS:
+            p.error(f"--override {item}: {key} is set from {DERIVED_KEYS[key]}")
     out = Path(a.out) if a.out else None
     return run(a, gpu, out)
 
