@@ -24,6 +24,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    for flag in ("batch", "res", "steps"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(a, flag)}")
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", rank))

@@ -71,8 +71,8 @@ class Clock(L.Callback):
         self._batch_end(i)
 
     def _batch_start(self, i: int) -> None:
-        if i == self.warmup and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the steady steps start from an idle GPU
+        if i in (1, self.warmup) and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the first step's time holds all its GPU work; the steady steps start idle
         self.starts.append(time.perf_counter())
         if i == self.warmup and self.syncs is not None:
             self.syncs.start()

@@ -232,3 +232,26 @@ def test_end_to_end_training_bench_refuses_overrides_of_what_its_rates_count(ite
         bench_train.main(["--cpu", "--override", item])
     key = item.partition("=")[0]
     assert e.value.code == 2 and f"--override {item}: {key} is set from" in capsys.readouterr().err
+
+
+def test_the_first_step_time_holds_its_gpu_work(monkeypatch):
+    """bench_train's first-step time (compile + first step) ends at a synchronize, as the steady steps start at one:
+    without it some of step 0's kernels would run inside step 1's time."""
+    bench_train = load_script("bench_train")
+    syncs: list[int] = []
+    clock = bench_train.Clock(warmup=3, steps=6, count_syncs=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for i in range(5):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda i=i: syncs.append(i))
+        clock._batch_start(i)
+    assert syncs == [1, 3]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--res"])
+def test_ddp_bench_refuses_an_empty_measurement_by_name(flag, monkeypatch, capsys):
+    """``--steps 0`` left no step time to take the median of (a StatisticsError after the whole warm-up)."""
+    bench_ddp = load_script("bench_ddp")
+    monkeypatch.setattr(sys, "argv", ["bench_ddp.py", flag, "0"])
+    with pytest.raises(SystemExit):
+        bench_ddp.main()
+    assert f"{flag} must be at least 1" in capsys.readouterr().err
