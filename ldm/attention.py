@@ -14,7 +14,7 @@ One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a select
   REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
 - ``"math"``: the plain einsum formulation, for CPU debugging and as the reference.
 
-``upcast=True`` computes the attention in fp32 and casts back (SD 2.x overflows in fp16 without it).
+``upcast=True`` computes fp16/bf16 attention in fp32 and casts back (SD 2.x overflows in fp16 without it).
 """
 from __future__ import annotations
 
@@ -84,9 +84,12 @@ def sdpa_in_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: list
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The einsum formulation. As in SDPA's kernels, q is scaled before the product (q·kᵀ of fp16 activations can
+    pass 65504 where q·kᵀ/√d does not) and the softmax is taken in fp32 (as autocast does in the original)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    w = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, H, Lq, Lk)
-    return torch.einsum("bhij,bhjd->bhid", w.softmax(dim=-1), v)  # (B, H, Lq, d)
+    w = torch.einsum("bhid,bhjd->bhij", q * scale, k)  # (B, H, Lq, Lk)
+    p = w.softmax(dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(v.dtype)  # float64 stays float64
+    return torch.einsum("bhij,bhjd->bhid", p, v)  # (B, H, Lq, d)
 
 
 def attention(
@@ -97,12 +100,12 @@ def attention(
     Args:
         q: (B, H, Lq, d); k, v: (B, H, Lk, d).
         backend: one of :data:`BACKENDS`.
-        upcast: compute in fp32 and cast the result back to ``q.dtype``.
+        upcast: compute in fp32 when q is fp16 or bf16, and cast the result back to ``q.dtype``.
     Returns:
         (B, H, Lq, d)
     """
     dtype = q.dtype
-    if upcast and dtype != torch.float32:
+    if upcast and q.element_size() < 4:  # fp16 / bf16 (float64 stays float64: "up", never down)
         q, k, v = q.float(), k.float(), v.float()
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)

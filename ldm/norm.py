@@ -78,7 +78,7 @@ def check_stats_method(method: str, where: str) -> str:
 
 
 def group_stats(xs: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """xs: (B, L, G, C/G) float32 -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (see :data:`NHWC_STATS`)."""
+    """xs: (B, L, G, C/G) float32 (or float64) -> (σ², μ) over dims 1 and 3, each (B, 1, G, 1) (:data:`NHWC_STATS`)."""
     method = check_stats_method(method, "group_stats method") if method is not None else \
         check_stats_method(NHWC_STATS, "ldm.norm.NHWC_STATS")  # read at trace time: it may change after construction
     if method == "welford":
@@ -141,19 +141,20 @@ def force_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def group_norm_nhwc(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                     eps: float, stats: str | None = None) -> torch.Tensor:
-    """GroupNorm of a 4-D channels_last x computed in its own memory order, in float32, returned in x's dtype and
-    layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G values of sample b's group g
-    (``stats``: how, one of :data:`STATS_METHODS`; None: :data:`NHWC_STATS`)."""
+    """GroupNorm of a 4-D channels_last x computed in its own memory order, in float32 (float64 for a float64 x),
+    returned in x's dtype and layout: y = (x - μ_bg) / sqrt(σ²_bg + eps) · γ_c + β_c, with μ, σ² over the H·W·C/G
+    values of sample b's group g (``stats``: how, one of :data:`STATS_METHODS`; None: :data:`NHWC_STATS`)."""
     b, c, h, w = x.shape
     g = num_groups
     x = force_channels_last(x)  # before the reshape below can fix a not-yet-written x as NCHW
-    xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).float()  # (B, HW, G, C/G), a view of the NHWC memory
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; never below the input's precision
+    xs = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g).to(acc)  # (B, HW, G, C/G), a view of the NHWC memory
     var, mean = group_stats(xs, stats)  # (B, 1, G, 1) each
     y = ((xs - mean) * torch.rsqrt(var + eps)).reshape(b, h, w, c)  # (B, H, W, C)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(acc)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
 
 

@@ -13,6 +13,7 @@ import ldm.norm as norm_module
 from ldm.norm import GroupNorm, compiling_with_grad, group_norm_nhwc, group_stats
 from ldm.unet.blocks import ResBlock
 from ldm.unet.model import UNetModel
+from test_unet import randomize_
 
 TINY = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2],
             num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
@@ -259,7 +260,8 @@ def test_compiled_training_matches_eager(nhwc, monkeypatch):
 
     monkeypatch.setattr(ldm.norm, "NHWC_TRAINING", nhwc)
     torch.manual_seed(0)
-    unet = UNetModel(**TINY).to(memory_format=torch.channels_last)
+    # random weights: the zero-initialised output conv would make the loss 0 and every gradient 0 on both sides
+    unet = randomize_(UNetModel(**TINY)).to(memory_format=torch.channels_last)
     args = (torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last), torch.tensor([10, 500]),
             torch.randn(2, 5, 16))
 
@@ -270,6 +272,7 @@ def test_compiled_training_matches_eager(nhwc, monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
 
     ref_loss, ref = loss_and_grads(unet)
+    assert ref_loss > 0.01
     torch._dynamo.reset()
     loss, grads = loss_and_grads(torch.compile(unet, fullgraph=True))
     torch._dynamo.reset()
@@ -286,7 +289,8 @@ def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
 
     monkeypatch.setattr(ldm.norm, "NHWC_STATS", stats)
     torch.manual_seed(0)
-    unet = UNetModel(**TINY).eval().to(memory_format=torch.channels_last)
+    # random weights: the zero-initialised output conv would make both outputs 0, whatever the graph computes
+    unet = randomize_(UNetModel(**TINY)).eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
     args = (x, torch.tensor([10, 500]), torch.randn(2, 5, 16))
     torch._dynamo.reset()
@@ -294,6 +298,7 @@ def test_compiled_inference_unet_matches_eager(stats, monkeypatch):
         ref = unet(*args)
         y = torch.compile(unet, fullgraph=True)(*args)  # inductor on the CPU, group_norm_nhwc in the graph
     torch._dynamo.reset()
+    assert ref.abs().max() > 0.1
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 

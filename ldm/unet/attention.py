@@ -56,6 +56,9 @@ class CrossAttention(nn.Module):
         # only, not saved (the state dict keeps the three weights), rebuilt by fuse_projections()
         self.register_buffer("fused_weight", None, persistent=False)
         self.hoist_index: int | None = None  # its slot in the U-Net's Hoisted.kv, when K and V are hoisted
+        # fuse_projections() was asked for (and not undone): a hoisted module has no fused_weight but remembers this,
+        # so that ending the hoist fuses only the modules that were fused
+        self.fuse_requested = False
 
     def fuse_projections(self) -> bool:
         """Concatenate the projection weights for one matmul (inference: call again after changing weights).
@@ -64,8 +67,9 @@ class CrossAttention(nn.Module):
         would be lost; merge them first). A cross-attention whose K and V the U-Net hoists (``hoist_index`` set, see
         ``UNetModel.hoist_conditioning``) keeps no copy of its own: [W_K; W_V] is already part of the U-Net's."""
         if any(type(m) is not nn.Linear for m in (self.to_q, self.to_k, self.to_v)):
-            self.fused_weight = None
+            self.fused_weight, self.fuse_requested = None, False
             return False
+        self.fuse_requested = True
         if self.hoist_index is not None:  # the U-Net computes K and V (Hoisted.kv): a second copy would be unused
             self.fused_weight = None
             return True
@@ -77,7 +81,7 @@ class CrossAttention(nn.Module):
 
     def unfuse_projections(self) -> None:
         """Back to the three separate projections (training, weight changes)."""
-        self.fused_weight = None
+        self.fused_weight, self.fuse_requested = None, False
 
     def _project(self, x: torch.Tensor, context: torch.Tensor | None,
                  kv: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -234,4 +238,6 @@ class SpatialTransformer(ContextBlock):
         h = h.transpose(1, 2).reshape(-1, h.shape[2], hgt, wid)  # (B, inner or C, H, W)
         if not self.use_linear:
             h = self.proj_out(h)  # (B, C, H, W)
+        if x.is_contiguous() and not h.is_contiguous():  # the linear path's view has NHWC strides: NCHW stays NCHW
+            h = h.contiguous()
         return film(h, x)  # h + x, x repeated to h's batch when the context's batch is G·B (UNetModel's repeat)

@@ -154,6 +154,9 @@ class UNetModel(nn.Module):
         self._hoist_kv_sizes: list[int] = []
         # whether any block reads the context (forward's repeat needs one), fixed by the architecture
         self._reads_context = any(isinstance(m, SpatialTransformer) for m in self.modules())
+        # 2×2 average pooling (conv_resample=False, resblock_updown) floors each side: a side below 2^(levels − 1)
+        # would reach 0 (a stride-2 convolution rounds up and takes any side)
+        self._min_side = self.downsampling if any(isinstance(m, nn.AvgPool2d) for m in self.modules()) else 1
 
     # -- construction ------------------------------------------------------------------------------------------
     def _res(self, c_in: int, c_out: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -163,7 +166,8 @@ class UNetModel(nn.Module):
     def _transformer(self, ch: int, disable_self_attn: bool) -> SpatialTransformer:
         cfg = self._attn_cfg
         n_heads, d_head = attention_heads(ch, cfg["num_heads"], cfg["num_head_channels"], cfg["legacy"])
-        return SpatialTransformer(ch, n_heads, d_head, depth=cfg["depth"], dropout=self._res_cfg["dropout"],
+        # no dropout: the original (and diffusers) apply the U-Net's ``dropout`` to the ResBlocks only
+        return SpatialTransformer(ch, n_heads, d_head, depth=cfg["depth"],
                                   context_dim=cfg["context_dim"], disable_self_attn=disable_self_attn,
                                   use_linear=cfg["use_linear"], use_checkpoint=self.use_checkpoint,
                                   backend=self.attn_backend, upcast=self.upcast_attention)
@@ -248,11 +252,13 @@ class UNetModel(nn.Module):
         """Inference: compute emb_layers(emb) of every ResBlock as one matmul, and K, V of the context of every
         cross-attention as another, once per call at the top of :meth:`forward`, instead of ~22 and ~16 small
         matmuls inside the blocks (SD-1.5). Modules with adapted projections (LoRA) keep their own. A hoisted
-        cross-attention drops its own fused [W_K; W_V]; ``False`` undoes the hoist and gives it back."""
+        cross-attention drops its own fused [W_K; W_V]; ``False`` undoes the hoist and gives it back to those that
+        :meth:`fuse_projections` fused (the others project K and V separately again)."""
         was_hoisted = self._unhoist()
         if not enable:
             for m in was_hoisted:
-                m.fuse_projections()
+                if m.fuse_requested:
+                    m.fuse_projections()
             return
         res = [m for m in self.modules() if isinstance(m, ResBlock)]
         cross = [m for m in self.modules() if isinstance(m, CrossAttention) and not m.is_self_attention]
@@ -333,7 +339,9 @@ class UNetModel(nn.Module):
 
         Args:
             x: (B, in_channels, H, W), any H and W; when not divisible by :attr:`downsampling`
-                (2^(len(channel_mult) − 1)) each upsampling is resized to its skip's size, as diffusers does.
+                (2^(len(channel_mult) − 1)) each upsampling is resized to its skip's size, as diffusers does;
+                with average-pool downsampling (``conv_resample=False``, ``resblock_updown``) each side must be at
+                least :attr:`downsampling`.
             timesteps: (B,) float or integer timesteps, or a scalar for the whole batch.
             context: (B, L, context_dim) cross-attention tokens; (G·B, L, context_dim) with ``repeat=G``.
             y: (B,) class ids (int ``num_classes``), (B, adm_in_channels) ("sequential"), or (B, 1) ("continuous").
@@ -349,6 +357,9 @@ class UNetModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         self._check_repeat(x.shape[0], context, repeat)
+        if min(x.shape[-2:]) < self._min_side:
+            raise ValueError(f"x is {tuple(x.shape[-2:])} (H, W): this U-Net downsamples by 2×2 average pooling "
+                             f"{len(self.channel_mult) - 1} times, so each side must be at least {self._min_side}")
         emb = self._embed(timesteps, y, x.shape[0], x.device)  # (B, 4C)
         h = x.to(self.dtype)
         context = context.to(self.dtype) if context is not None else None
