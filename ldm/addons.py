@@ -32,6 +32,7 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
             merge_lora_file(model, sd, scale, meta)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: {e}") from None
+        refresh_fused(model)
         return
     bad = [k for k in sd if not k.startswith("model.")]
     if bad:
@@ -47,6 +48,22 @@ def attach_lora(model: Any, path: str | Path, merge: bool = False, scale: float 
             m.scale *= scale
     if merge:
         log.info("merged %d LoRA adapters into the U-Net", merge_lora(model.model))
+        refresh_fused(model)
+
+
+def refresh_fused(model: Any) -> None:
+    """Rebuild the U-Net's inference copies of its weights (fused q/k/v, hoisted conditioning projections: see
+    :func:`ldm.fast.optimize`) after its weights changed in place, as a merged LoRA changes them: the copies would
+    otherwise keep the old values and the merge would be silently lost in the fused matmuls."""
+    unet = model.unet
+    fused = any(getattr(m, "fuse_requested", False) for m in unet.modules())
+    hoisted = unet.hoist_kv_weight is not None or unet.hoist_emb_weight is not None
+    if fused:
+        unet.fuse_projections()
+    elif hoisted:
+        unet.hoist_conditioning()
+    if fused or hoisted:
+        log.info("rebuilt the U-Net's fused projections from the merged weights")
 
 
 def attach_loras(model: Any, lora: Any, scale: Any, merge: bool) -> None:

@@ -83,7 +83,7 @@ class GraphedCall:
         how to run it without graphs, for the message of a failed capture."""
         self.fn, self.name, self.state, self.settings, self.eager_hint = fn, name, state, settings, eager_hint
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
-        self.addresses: tuple[int, ...] = ()
+        self.addresses: tuple[tuple[int, torch.dtype], ...] = ()
         self.lock = threading.Lock()  # one caller at a time between the copies into the static inputs and the clone
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -115,8 +115,8 @@ class GraphedCall:
 
     def drop_stale_graphs(self) -> None:
         """Forget the recorded graphs when a tensor of ``state()`` was replaced or moved (their addresses in the
-        graphs would be stale)."""
-        addresses = tuple(t.data_ptr() for t in self.state())
+        graphs would be stale), or converted to another dtype (a new tensor can land at the old address)."""
+        addresses = tuple((t.data_ptr(), t.dtype) for t in self.state())
         if addresses != self.addresses:
             if self.graphs:
                 log.info("%s: parameters moved or replaced; recording its CUDA graphs again", self.name)

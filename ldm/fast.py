@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -55,6 +56,10 @@ TEXT_MODES = (True, False, "graph")  # optimize(compile_text=...): inductor, eag
 # to 4-7 choices, it compiled, and the step ran slower than with cuDNN and cuBLAS (fifth 11-29 session).
 DEFAULT_MODE = "reduce-overhead"
 
+# What ``optimize`` compiled for each model: (object, attribute, the compiled callable put there), so that the next
+# call can take them off (the last call wins: compiled again with its settings, graphed, or eager).
+_COMPILED: "weakref.WeakKeyDictionary[Any, list[tuple[Any, str, Any]]]" = weakref.WeakKeyDictionary()
+
 
 def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
              fullgraph: bool = True, dynamic: bool = False, attention: str | None = None,
@@ -89,6 +94,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
       CFG batch and combination, the σ scalings and t(σ) around the U-Net), so a step is one graph (one CUDA-graph
       replay with "reduce-overhead") instead of the U-Net's graph plus ~40 small eager operations. Measured no
       faster on an H200 (docs/BENCHMARKS.md), so the default stays "unet".
+    Called again on the same model, the last call decides: what an earlier call compiled or graphed is taken off
+    first (:func:`uncompile`), then compiled with this call's settings, graphed, or left eager.
     Returns the same model object.
     """
     if scope not in SCOPES:
@@ -101,11 +108,11 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
     if attention is not None:
         model.unet.set_attention_backend(attention)
     attn = model.unet.attn_backend
-    if fuse_projections:
-        model.unet.fuse_projections()
+    model.unet.fuse_projections(fuse_projections)  # False: an earlier call's fused copies are dropped
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
-    ungraph_unet(model.unet)  # the last call wins: graphed below again, compiled, or eager
+    uncompile(model)  # the last call wins: compiled below again (with this call's settings), graphed, or eager
+    ungraph_unet(model.unet)
     if unet_graph:
         graph_unet(model.unet)
     if compile:
@@ -117,22 +124,43 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         unet_kw = compile_kwargs(backend, mode, unet_options, fullgraph=fullgraph, dynamic=dynamic)
         if backend == "inductor":
             guard_conv_templates(mode, options)  # torch builds whose autotuner can pick wrong convolutions
-        unet, vae = model.unet, model.vae
-        unet.forward = torch.compile(unet.forward, **unet_kw)
-        vae.decoder.forward = torch.compile(vae.decoder.forward, **kw)
+        unet, decoder = model.unet, model.vae.decoder
+        compiled = [(unet, "forward", torch.compile(unet.forward, **unet_kw)),
+                    (decoder, "forward", torch.compile(decoder.forward, **kw))]
+        for obj, name, fn in compiled:
+            setattr(obj, name, fn)
         if compile_text is True:
-            compile_text_encoder(getattr(model, "cond_stage_model", None), **kw)
+            encoder = getattr(model, "cond_stage_model", None)
+            eager_text_encoder(encoder)  # compiled by an earlier call: compiled again with this call's settings
+            compile_text_encoder(encoder, **kw)
         if scope == "denoiser":  # the U-Net is most of that graph
             compile_guided_denoiser(model, **unet_kw)
+            guided = model.guided_denoiser()
+            compiled.append((guided, "forward", vars(guided)["forward"]))
+        _COMPILED[model] = compiled
     encoder = getattr(model, "cond_stage_model", None)
     if compile_text == "graph":
         graph_text_encoder(encoder)
-    elif compile_text is False:
+    elif compile_text is False or not compile:
         eager_text_encoder(encoder)  # compiled or graphed by an earlier call: eager again
     log.info("fast path: attention %s, fused projections %s, compiled %s (mode=%s, scope=%s, U-Net graph %s, text "
              "encoder %s)", attn, fuse_projections, compile, mode if compile else "-", scope, unet_graph,
              {True: "compiled" if compile else "eager", False: "eager"}.get(compile_text, compile_text))
     return model
+
+
+def uncompile(model: Any) -> int:
+    """Take off what an earlier :func:`optimize` compiled on ``model`` (the U-Net's and the decoder's forward, the
+    guided denoiser's with ``scope="denoiser"``): they run eager again. Returns how many were taken off; a wrapper
+    replaced since by someone else is left alone."""
+    removed = 0
+    for obj, name, fn in _COMPILED.pop(model, ()):
+        if vars(obj).get(name) is fn:
+            delattr(obj, name)
+            removed += 1
+    if removed:
+        log.info("fast path: %d forward(s) compiled by an earlier optimize call run eager again", removed)
+    return removed
 
 
 def compile_kwargs(backend: str, mode: str | None, options: dict[str, Any] | None, **kw: Any) -> dict[str, Any]:

@@ -284,3 +284,18 @@ def test_a_graphed_unet_replays_what_the_eager_one_computes():
         optimize(model, compile=False, compile_text=False, unet_graph=True)
         graphed = model.generate(**kw, output="latent")
     torch.testing.assert_close(graphed, eager, atol=5e-3, rtol=5e-3)
+
+
+def test_a_weight_reinterpreted_at_its_old_address_records_the_graphs_again():
+    """A weight converted to another dtype can land at the address it had (the caching allocator reuses blocks):
+    the graphs read it with the recorded dtype's kernels, so a new dtype at the same address must drop them too."""
+    w = torch.zeros(4)
+    held = [w]
+    graphed = GraphedCall(lambda x: x, name="fn", state=lambda: held)
+    graphed.drop_stale_graphs()
+    graphed.graphs = {"recorded": None}
+    graphed.drop_stale_graphs()
+    assert graphed.graphs == {"recorded": None}  # nothing changed: kept
+    held[0] = w.view(torch.int32)  # same address, another dtype
+    graphed.drop_stale_graphs()
+    assert graphed.graphs == {}

@@ -176,6 +176,40 @@ def test_load_takes_several_files_with_their_strengths_and_names_a_bad_one(tmp_p
         ldm.load(ckpt, lora=tmp_path / "other.safetensors")
 
 
+@pytest.mark.parametrize("kind", ["kohya", "ours-merged"])
+def test_a_lora_merged_after_optimize_reaches_the_fused_projections(kind, tmp_path) -> None:
+    """ldm.fast.optimize keeps fused/hoisted copies of the q/k/v and conditioning weights; a LoRA merged into the
+    weights afterwards (ldm.addons.attach_lora) must reach them: the same images as with the LoRA loaded first."""
+    from ldm.addons import attach_lora
+    from ldm.fast import optimize
+    from ldm.lora import add_lora, lora_state_dict
+
+    torch.manual_seed(0)
+    base = ldm.load(config="configs/tiny/txt2img.yaml")
+    with torch.no_grad():  # the zero-initialised output layers would hide every other weight
+        for p in base.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = ldm.save(base, tmp_path / "tiny.safetensors")
+    if kind == "kohya":
+        save_safetensors(_kohya_file(*_ours_in_diffusers_names(base)), tmp_path / "l.safetensors")
+    else:
+        add_lora(base.model, rank=2)
+        with torch.no_grad():
+            for n, p in base.model.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.5)
+        save_safetensors({"model." + k: v for k, v in lora_state_dict(base.model).items()}, tmp_path / "l.safetensors")
+    kw = dict(steps=2, height=32, width=32, seed=0, progress=False, output="tensor")
+    first = optimize(ldm.load(ckpt, lora=tmp_path / "l.safetensors", merge_lora=True), compile=False)
+    late = optimize(ldm.load(ckpt), compile=False)
+    without = late.generate("a red apple", **kw)
+    attach_lora(late, tmp_path / "l.safetensors", merge=True)
+    with torch.no_grad():
+        ref, got = first.generate("a red apple", **kw), late.generate("a red apple", **kw)
+    assert not torch.allclose(ref, without, atol=1e-4)  # the LoRA changes the images
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_our_lora_file_takes_a_strength(tmp_path) -> None:
     from ldm.lora import add_lora, lora_state_dict
 
