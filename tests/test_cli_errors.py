@@ -112,6 +112,14 @@ def test_sample_library_errors_are_one_line(files, tmp_path, caplog, capsys, ext
     _one_line_error(caplog, capsys, *words)
 
 
+def test_sample_vae_takes_the_autoencoder_of_a_text_to_image_file(files, tmp_path):
+    """--vae with a whole model of ours (its first_stage_model is used), as ldm.load(vae=...) and convert.py merge
+    --vae take it; it was refused as "not an autoencoder"."""
+    rc = sample_main(["--checkpoint", str(files["t2i"]), "--prompt", "x", "--steps", "1", "--out", str(tmp_path),
+                      "--device", "cpu", "--dtype", "fp32", "--vae", str(files["t2i"])])
+    assert rc == 0 and list(tmp_path.glob("*.png"))
+
+
 def test_sample_cuda_graph_on_cpu_warns(files, tmp_path, caplog):
     rc = sample_main(["--checkpoint", str(files["t2i"]), "--prompt", "x", "--steps", "1", "--out", str(tmp_path),
                       "--device", "cpu", "--dtype", "fp32", "--cuda-graph"])

@@ -203,12 +203,14 @@ def file_target(path: str | Path) -> str | None:
         return None
 
 
-def check_model_kind(path: str | Path, flag: str, want: str = "LatentDiffusion", what: str | None = None) -> None:
-    """Refuse (ValueError) a file of ours whose embedded config builds another class than ``want``."""
+def check_model_kind(path: str | Path, flag: str, want: str | tuple[str, ...] = "LatentDiffusion",
+                     what: str | None = None) -> None:
+    """Refuse (ValueError) a file of ours whose embedded config builds a class not in ``want``."""
+    wants = (want,) if isinstance(want, str) else want
     target = file_target(path)
-    if target is not None and target != want:
+    if target is not None and target not in wants:
         raise ValueError(f"{flag} {path}: the file holds {describe_target(target)}, not "
-                         f"{what or describe_target(want)}")
+                         f"{what or ' or '.join(describe_target(w) for w in wants)}")
 
 
 def _check_models(a: argparse.Namespace) -> None:
@@ -223,7 +225,8 @@ def _check_models(a: argparse.Namespace) -> None:
     if a.checkpoint:
         check_model_kind(a.checkpoint, "--checkpoint")
     if a.vae:
-        check_model_kind(a.vae, "--vae", "AutoencoderKL")
+        # an autoencoder, or a whole text-to-image model whose autoencoder is taken (as ldm.load(vae=...) does)
+        check_model_kind(a.vae, "--vae", ("AutoencoderKL", "LatentDiffusion"))
 
 
 def _check_out(a: argparse.Namespace) -> None:
