@@ -140,3 +140,15 @@ def test_average_pool_unet_names_the_smallest_latent(option):
         assert model(torch.randn(2, 4, 8, 11), inp["timesteps"], inp["context"]).shape == (2, 4, 8, 11)
         # a stride-2 convolution rounds up: the conv-resampling U-Net takes a 1×1 latent
         assert build(TINY_V1)(torch.randn(2, 4, 1, 1), inp["timesteps"], inp["context"]).shape == (2, 4, 1, 1)
+
+
+def test_per_layer_context_widths_are_refused_by_name():
+    """A context_dim list of different widths built cross-attentions that no call could feed (forward passes one
+    context to all); one width, as an int or a list, still builds."""
+    from ldm.unet.model import UNetModel
+
+    with pytest.raises(ValueError, match=r"context_dim=\[32, 64\]: per-layer context widths"):
+        UNetModel(**dict(TINY_V1, transformer_depth=2, context_dim=[32, 64]))
+    unet = UNetModel(**dict(TINY_V1, transformer_depth=2, context_dim=[32, 32]))
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 32)
+    assert unet(x, t, context=c).shape == x.shape

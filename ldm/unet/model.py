@@ -74,6 +74,10 @@ def _validate(a: dict[str, Any]) -> None:
             raise ValueError(f"{name}={a[name]!r}: {why}")
     if a["context_dim"] is None:
         raise ValueError("context_dim is required with use_spatial_transformer=True (the text-embedding width)")
+    widths = a["context_dim"] if isinstance(a["context_dim"], (list, tuple)) else [a["context_dim"]]
+    if len(set(widths)) > 1:
+        raise ValueError(f"context_dim={list(widths)}: per-layer context widths are not supported (forward takes one "
+                         "context for every cross-attention); give one width")
     if a["num_heads"] == -1 and a["num_head_channels"] == -1:
         raise ValueError("set num_heads or num_head_channels (both are -1)")
     if not isinstance(a["transformer_depth"], int) or a["transformer_depth"] < 1:
