@@ -60,6 +60,9 @@ def without_autocast_cache(device_type: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
+MANY_GRAPHS = 32  # a GraphedCall that has recorded this many graphs says so (each holds its own memory)
+
+
 class GraphedCall:
     """``fn(*args, **kwargs) -> Tensor`` replayed from a CUDA graph per call signature; eager where a graph cannot
     serve.
@@ -99,11 +102,19 @@ class GraphedCall:
             self.drop_stale_graphs()
             if key not in self.graphs:
                 self.graphs[key] = self._capture(leaves, spec, device)
+                self._warn_if_many()
             graph, static_inputs, static_y = self.graphs[key]
             for static, t in zip(static_inputs, tensors):
                 static.copy_(t)
             graph.replay()
             return static_y.clone()
+
+    def _warn_if_many(self) -> None:
+        if len(self.graphs) == MANY_GRAPHS:
+            log.warning("%s: %d CUDA graphs recorded, one per call signature (shapes, dtypes, and the values of "
+                        "non-tensor arguments), each keeping its own memory: an argument that changes every call, "
+                        "such as a Python float timestep, records a graph per value (pass a tensor)", self.name,
+                        MANY_GRAPHS)
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
         """The graph a call replays: its :func:`call_signature` and the current ``settings()``; None: run eager."""

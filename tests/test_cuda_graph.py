@@ -299,3 +299,26 @@ def test_a_weight_reinterpreted_at_its_old_address_records_the_graphs_again():
     held[0] = w.view(torch.int32)  # same address, another dtype
     graphed.drop_stale_graphs()
     assert graphed.graphs == {}
+
+
+def test_a_graph_per_value_of_a_python_number_is_reported(monkeypatch, caplog):
+    """Each new value of a non-tensor argument (a float timestep) records and keeps another graph: the user is
+    told once, when the count reaches MANY_GRAPHS, with what to do."""
+    import contextlib
+
+    from ldm.cuda_graph import MANY_GRAPHS
+
+    class StandIn:
+        def replay(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    graphed = GraphedCall(lambda x, t: x * t, name="unet")
+    graphed.device_type = "cpu"
+    graphed._capture = lambda leaves, spec, device: (StandIn(), [torch.zeros(2)], torch.zeros(2))
+    with torch.no_grad():
+        for t in range(MANY_GRAPHS + 3):
+            graphed(torch.ones(2), float(t))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(graphed.graphs) == MANY_GRAPHS + 3
+    assert len(warnings) == 1 and "unet" in warnings[0] and "pass a tensor" in warnings[0]
