@@ -176,13 +176,24 @@ def test_load_takes_several_files_with_their_strengths_and_names_a_bad_one(tmp_p
         ldm.load(ckpt, lora=tmp_path / "other.safetensors")
 
 
+def _save_our_lora(model, path, std: float) -> None:
+    """Attach rank-2 adapters of ours to ``model`` with random B (std ``std``) and save them as a LoRA file."""
+    from ldm.lora import add_lora, lora_state_dict
+
+    add_lora(model.model, rank=2)
+    with torch.no_grad():
+        for n, p in model.model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, std)
+    save_safetensors({"model." + k: v for k, v in lora_state_dict(model.model).items()}, path)
+
+
 @pytest.mark.parametrize("kind", ["kohya", "ours-merged"])
 def test_a_lora_merged_after_optimize_reaches_the_fused_projections(kind, tmp_path) -> None:
     """ldm.fast.optimize keeps fused/hoisted copies of the q/k/v and conditioning weights; a LoRA merged into the
     weights afterwards (ldm.addons.attach_lora) must reach them: the same images as with the LoRA loaded first."""
     from ldm.addons import attach_lora
     from ldm.fast import optimize
-    from ldm.lora import add_lora, lora_state_dict
 
     torch.manual_seed(0)
     base = ldm.load(config="configs/tiny/txt2img.yaml")
@@ -193,12 +204,7 @@ def test_a_lora_merged_after_optimize_reaches_the_fused_projections(kind, tmp_pa
     if kind == "kohya":
         save_safetensors(_kohya_file(*_ours_in_diffusers_names(base)), tmp_path / "l.safetensors")
     else:
-        add_lora(base.model, rank=2)
-        with torch.no_grad():
-            for n, p in base.model.named_parameters():
-                if n.endswith("lora_B"):
-                    p.normal_(0, 0.5)
-        save_safetensors({"model." + k: v for k, v in lora_state_dict(base.model).items()}, tmp_path / "l.safetensors")
+        _save_our_lora(base, tmp_path / "l.safetensors", std=0.5)
     kw = dict(steps=2, height=32, width=32, seed=0, progress=False, output="tensor")
     first = optimize(ldm.load(ckpt, lora=tmp_path / "l.safetensors", merge_lora=True), compile=False)
     late = optimize(ldm.load(ckpt), compile=False)
@@ -211,17 +217,10 @@ def test_a_lora_merged_after_optimize_reaches_the_fused_projections(kind, tmp_pa
 
 
 def test_our_lora_file_takes_a_strength(tmp_path) -> None:
-    from ldm.lora import add_lora, lora_state_dict
-
     torch.manual_seed(0)
     model = ldm.load(config="configs/tiny/txt2img.yaml")
     ckpt = ldm.save(model, tmp_path / "tiny.safetensors")
-    add_lora(model.model, rank=2)
-    with torch.no_grad():
-        for n, p in model.model.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(0, 0.1)
-    save_safetensors({"model." + k: v for k, v in lora_state_dict(model.model).items()}, tmp_path / "ours.safetensors")
+    _save_our_lora(model, tmp_path / "ours.safetensors", std=0.1)
     w = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     file = tmp_path / "ours.safetensors"
     full, half, base = (ldm.load(ckpt, lora=file, merge_lora=True, lora_scale=s).state_dict()[w] for s in (1, 0.5, 0))
