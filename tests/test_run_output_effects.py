@@ -1,0 +1,41 @@
+"""What a training run leaves in its run folder, checked on real tiny runs: the CSV log across ``--resume``."""
+from __future__ import annotations
+
+import csv
+
+from ldm.cli.train import run
+from ldm.training.logs import logged, resumable_csv_logger
+
+FIXTURE = "tests/fixtures/emoji/emoji32-000000.tar"
+COMMON = ["--config", "configs/tiny/txt2img.yaml", f"data.val={FIXTURE}", "data.val_num_samples=240",
+          "train.val_batches=1", "train.val_every_n_steps=2", "train.checkpoint.every_n_steps=2",
+          "trainer.log_every_n_steps=1", "logging.tensorboard=false"]
+
+
+def test_a_resumed_run_keeps_the_validation_of_its_checkpoint_step(tmp_path):
+    """Validation at step 4 is logged just before the step-4 checkpoint; the resumed run (whose first training row
+    is at step 4 too) does not validate step 4 again, so its first save must not drop that row."""
+    run([*COMMON, "--run-dir", str(tmp_path), "trainer.max_steps=4"])
+    before = logged(tmp_path, "val/loss")
+    assert sorted(before) == [2, 4]
+    run([*COMMON, "--run-dir", str(tmp_path), "trainer.max_steps=6", "--resume", "auto"])
+    after = logged(tmp_path, "val/loss")
+    assert sorted(after) == [2, 4, 6]
+    assert after[4] == before[4]
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(6))  # every training step once, none twice
+
+
+def test_rows_logged_after_the_checkpoint_go_by_their_order_not_their_step(tmp_path):
+    """With gradient accumulation, ``val/*`` (at optimizer steps) runs behind the training rows (at batches): a
+    validation row an interrupted run logged after its checkpoint has a smaller step than the resumed run's first
+    row, yet the resumed run logs it again, so it must go; the one logged before the checkpoint stays."""
+    (tmp_path / "logs").mkdir()
+    rows = ["3,0.3,", "2,,0.2", "4,0.4,", "5,0.5,", "3,,0.35"]  # checkpoint after "2,,0.2" (batch 4, step 2)
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss,val/loss\n" + "\n".join(rows) + "\n")
+    logger = resumable_csv_logger(tmp_path)
+    logger.log_metrics({"train/loss": 0.45}, step=4)
+    logger.save()
+    assert logged(tmp_path, "val/loss") == {2: "0.2"}
+    assert logged(tmp_path, "train/loss") == {3: "0.3", 4: "0.45"}
