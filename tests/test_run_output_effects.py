@@ -39,3 +39,18 @@ def test_rows_logged_after_the_checkpoint_go_by_their_order_not_their_step(tmp_p
     logger.save()
     assert logged(tmp_path, "val/loss") == {2: "0.2"}
     assert logged(tmp_path, "train/loss") == {3: "0.3", 4: "0.45"}
+
+
+def test_a_run_ending_between_saves_checkpoints_its_last_step(tmp_path):
+    """max_steps 3 with a save every 2 steps: the run ends with last.ckpt at step 3 (it held step 2, so --resume
+    redid step 3), and a resume to 5 continues from 3."""
+    import torch
+
+    run([*COMMON, "--run-dir", str(tmp_path), "trainer.max_steps=3"])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    run([*COMMON, "--run-dir", str(tmp_path), "trainer.max_steps=5", "--resume", "auto"])
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 5
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == list(range(5))  # step 3 trained once

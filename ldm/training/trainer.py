@@ -105,6 +105,14 @@ class StepCheckpoint(ModelCheckpoint):
         with warnings_ignored(MANUAL_OPTIMIZATION_WARNING):
             super().on_train_batch_end(*args, **kwargs)
 
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        """A run that ends between two saves (``trainer.max_steps`` not a multiple of ``every_n_steps``,
+        ``trainer.max_time``) writes ``last.ckpt`` at its last step, so that ``--resume`` continues from there instead
+        of redoing the steps after the last periodic save."""
+        if trainer.global_step > self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            log.info("checkpoint %s at the last step, %d", self.last_model_path, trainer.global_step)
+
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     ck = (cfg.train.get("checkpoint") or {})
