@@ -331,22 +331,18 @@ def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[
     return True
 
 
-def _scale_copy(scaler: Any) -> torch.Tensor | float | None:
-    """The enabled AMP grad scaler's loss scale before a step, to compare after it (:func:`_scaler_skipped`): a
-    copy of its ``_scale`` tensor (no host read; ``update`` changes it in place) or, for a scaler without one, its
-    ``get_scale()``. None without an enabled scaler."""
+def _scale_copy(scaler: Any) -> torch.Tensor | None:
+    """The enabled AMP grad scaler's loss scale before a step, to compare after it (:func:`_scaler_skipped`): a copy
+    of :func:`_loss_scale` (``update`` changes the scaler's tensor in place; no host read). None without an enabled
+    scaler."""
     if scaler is None or not scaler.is_enabled():
         return None
-    scale = getattr(scaler, "_scale", None)
-    return scale.detach().clone() if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
+    return _loss_scale(scaler).reshape(()).clone()
 
 
-def _scaler_skipped(scaler: Any, before: torch.Tensor | float) -> tuple[bool, float]:
+def _scaler_skipped(scaler: Any, before: torch.Tensor) -> tuple[bool, float]:
     """(whether the scaler skipped the step just run, its loss scale now): it skipped iff its ``update`` lowered
     the scale (it lowers it only on inf/NaN gradients; it only grows it otherwise). One host read."""
-    scale = getattr(scaler, "_scale", None)
-    if isinstance(before, torch.Tensor) and isinstance(scale, torch.Tensor):
-        was, now = torch.stack([before.float().reshape(()), scale.detach().float().reshape(())]).tolist()
-    else:
-        was, now = float(before), float(scaler.get_scale())
-    return now < was, now
+    now = _loss_scale(scaler).reshape(()).to(before.device)
+    was, now_value = torch.stack([before, now]).tolist()
+    return now_value < was, now_value
