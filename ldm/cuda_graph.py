@@ -11,6 +11,11 @@ data-dependent shapes), or allocate pinned host memory. ``fn`` must be a pure fu
 the tensors ``state()`` returns (a module's parameters and buffers): the graph holds their addresses, so their
 values may change in place (an optimizer step), and when one is replaced or moved (``.half()``, ``.to()``,
 ``load_state_dict(assign=True)``) the graphs are recorded again.
+
+A copy of a wrapped module (``copy.deepcopy``, for an EMA or evaluation copy; pickle) gets a :class:`GraphedCall` of
+its own, without graphs: they are recorded again, for the copy's parameters, at its first calls on the GPU. (A
+recorded graph holds the addresses of the original's parameters and static buffers: replayed for the copy, it would
+compute with the original's weights and write into the original's buffers.)
 """
 from __future__ import annotations
 
@@ -88,6 +93,19 @@ class GraphedCall:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.addresses: tuple[tuple[int, torch.dtype], ...] = ()
         self.lock = threading.Lock()  # one caller at a time between the copies into the static inputs and the clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy keeps (``copy.deepcopy``, pickle): the function, its ``state`` and ``settings`` (copied with
+        the module they belong to: a bound method and ``functools.partial`` over the module follow the copy), not the
+        recorded graphs, their static buffers or the lock. The copy records its own graphs at its first calls."""
+        state = dict(vars(self))
+        del state["lock"]
+        state["graphs"], state["addresses"] = {}, ()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         leaves, spec = tree_flatten((args, kwargs))

@@ -9,13 +9,20 @@ builds that pick flash first, at 25–60 µs of Python per call in eager mode (f
 outputs stay within fp16 tolerance of the eager path (scripts/bench.py measures the difference next to the speed).
 Compile artefacts go to inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp), so a second
 process with the same shapes pays much less compile time.
+
+A copy of an optimized model (``copy.deepcopy``: an EMA or evaluation copy; pickle) is optimized the same way and
+computes with its own weights: its compiled methods (:class:`CompiledCall`) are compiled again for the copy at its
+first call (``torch.compile``'s function holds the original's method: a copy that kept it ran the original's
+weights), its CUDA-graph wrappers record their own graphs (:class:`ldm.cuda_graph.GraphedCall`), and what
+``optimize`` compiled travels with the model, so that a later ``optimize`` or :func:`uncompile` of the copy takes it
+off.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
-import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -56,9 +63,45 @@ TEXT_MODES = (True, False, "graph")  # optimize(compile_text=...): inductor, eag
 # to 4-7 choices, it compiled, and the step ran slower than with cuDNN and cuBLAS (fifth 11-29 session).
 DEFAULT_MODE = "reduce-overhead"
 
-# What ``optimize`` compiled for each model: (object, attribute, the compiled callable put there), so that the next
-# call can take them off (the last call wins: compiled again with its settings, graphed, or eager).
-_COMPILED: "weakref.WeakKeyDictionary[Any, list[tuple[Any, str, Any]]]" = weakref.WeakKeyDictionary()
+# The model's attribute (a plain one, outside the module tree) listing what ``optimize`` compiled on it: (object,
+# attribute, the CompiledCall put there), so that the next call can take them off (the last call wins: compiled again
+# with its settings, graphed, or eager). On the model, not in a registry beside it, so that a copy of the model
+# (copy.deepcopy, pickle) lists its own objects and wrappers.
+COMPILED_ATTR = "_fast_compiled"
+
+
+class CompiledCall:
+    """``torch.compile`` of the method ``fn`` of an object, put on that object in its place (an instance attribute
+    of the same name). ``clone``: return a copy of each output (a CUDA graph's is overwritten by its next replay,
+    and callers keep results across calls); ``context``: a context-manager factory entered around each call.
+
+    A copy (``copy.deepcopy``, pickle) holds the copy's own method (a bound method follows the object it is copied
+    with) and compiles it again, lazily, at its first call: the compiled function is left behind, as it calls the
+    original's method (``copy.deepcopy`` keeps functions as they are, so the copy ran the original's weights)."""
+
+    def __init__(self, fn: Callable[..., Any], compile_kwargs: dict[str, Any], clone: bool = False,
+                 context: Callable[[], Any] | None = None) -> None:
+        self.fn, self.compile_kwargs, self.clone, self.context = fn, dict(compile_kwargs), clone, context
+        self.compiled = torch.compile(fn, **self.compile_kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.context is None:
+            return self._call(args, kwargs)
+        with self.context():
+            return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        out = self.compiled(*args, **kwargs)
+        return out.clone() if self.clone else out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        del state["compiled"]  # calls the original's method: compiled again for the copy's
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self.compiled = torch.compile(self.fn, **self.compile_kwargs)
 
 
 def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
@@ -125,8 +168,8 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
         if backend == "inductor":
             guard_conv_templates(mode, options)  # torch builds whose autotuner can pick wrong convolutions
         unet, decoder = model.unet, model.vae.decoder
-        compiled = [(unet, "forward", torch.compile(unet.forward, **unet_kw)),
-                    (decoder, "forward", torch.compile(decoder.forward, **kw))]
+        compiled = [(unet, "forward", CompiledCall(unet.forward, unet_kw)),
+                    (decoder, "forward", CompiledCall(decoder.forward, kw))]
         for obj, name, fn in compiled:
             setattr(obj, name, fn)
         if compile_text is True:
@@ -137,7 +180,7 @@ def optimize(model: Any, compile: bool = True, mode: str | None = DEFAULT_MODE,
             compile_guided_denoiser(model, **unet_kw)
             guided = model.guided_denoiser()
             compiled.append((guided, "forward", vars(guided)["forward"]))
-        _COMPILED[model] = compiled
+        vars(model)[COMPILED_ATTR] = compiled
     encoder = getattr(model, "cond_stage_model", None)
     if compile_text == "graph":
         graph_text_encoder(encoder)
@@ -154,7 +197,7 @@ def uncompile(model: Any) -> int:
     guided denoiser's with ``scope="denoiser"``): they run eager again. Returns how many were taken off; a wrapper
     replaced since by someone else is left alone."""
     removed = 0
-    for obj, name, fn in _COMPILED.pop(model, ()):
+    for obj, name, fn in vars(model).pop(COMPILED_ATTR, ()):
         if vars(obj).get(name) is fn:
             delattr(obj, name)
             removed += 1
@@ -178,20 +221,13 @@ def compile_kwargs(backend: str, mode: str | None, options: dict[str, Any] | Non
     return dict(backend=backend, options={**list_mode_options(mode or "default", kw.get("dynamic")), **options}, **kw)
 
 
-def _compile_method(obj: Any, name: str, context: Callable[[], Any] = contextlib.nullcontext,
-                    **compile_kwargs: Any) -> None:
-    """Replace ``obj.<name>`` by its ``torch.compile`` whose output is a copy: a CUDA graph's output is overwritten by
-    its next replay, and callers keep results across calls. ``context``: a context-manager factory entered around
-    each call. A method already compiled this way is left as it is."""
+def _compile_method(obj: Any, name: str, context: Callable[[], Any] | None = None, **compile_kwargs: Any) -> None:
+    """Replace ``obj.<name>`` by its ``torch.compile`` whose output is a copy (:class:`CompiledCall`): a CUDA graph's
+    output is overwritten by its next replay, and callers keep results across calls. ``context``: a context-manager
+    factory entered around each call. A method already compiled this way is left as it is."""
     if name in vars(obj):
         return  # already compiled
-    compiled = torch.compile(getattr(obj, name), **compile_kwargs)
-
-    def method(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with context():
-            return compiled(*args, **kwargs).clone()
-
-    setattr(obj, name, method)
+    setattr(obj, name, CompiledCall(getattr(obj, name), compile_kwargs, clone=True, context=context))
 
 
 def _text_wrapper(encoder: Any) -> Any:
@@ -232,7 +268,7 @@ def graph_text_encoder(encoder: Any) -> bool:
         del encoder.encode_ids
     state = module_state(encoder) if isinstance(encoder, torch.nn.Module) else tuple
     encoder.encode_ids = GraphedCall(encoder.encode_ids, name=f"{type(encoder).__name__}.encode_ids", state=state,
-                                     settings=lambda: text_settings(encoder),
+                                     settings=functools.partial(text_settings, encoder),
                                      eager_hint="ldm.fast.optimize(..., compile_text=False)")
     return True
 
@@ -245,8 +281,14 @@ def text_settings(encoder: Any) -> tuple:
 
 def module_state(module: torch.nn.Module) -> Callable[[], Iterable[torch.Tensor]]:
     """What a graph of ``module``'s computation reads besides its inputs: its parameters and buffers, as they are
-    at each call (``GraphedCall``'s ``state``)."""
-    return lambda: itertools.chain(module.parameters(), module.buffers())
+    at each call (``GraphedCall``'s ``state``; a ``functools.partial``, which a copy of the module with its wrapper
+    points at the copy, where a lambda would go on reading the original)."""
+    return functools.partial(parameters_and_buffers, module)
+
+
+def parameters_and_buffers(module: torch.nn.Module) -> Iterable[torch.Tensor]:
+    """``module``'s parameters, then its buffers."""
+    return itertools.chain(module.parameters(), module.buffers())
 
 
 def eager_text_encoder(encoder: Any) -> bool:
@@ -270,7 +312,7 @@ def graph_unet(unet: torch.nn.Module) -> bool:
             log.info("fast path: the U-Net's forward is already wrapped (%s); not graphed", type(wrapper).__name__)
         return False
     unet.forward = GraphedCall(unet.forward, name=f"{type(unet).__name__}.forward", state=module_state(unet),
-                               settings=lambda: unet_settings(unet),
+                               settings=functools.partial(unet_settings, unet),
                                eager_hint="ldm.fast.optimize(..., unet_graph=False)")
     return True
 
@@ -307,4 +349,9 @@ def compile_guided_denoiser(model: Any, **compile_kwargs: Any) -> None:
     dev = model.device
     table_dtype = torch.float32 if dev.type == "mps" else torch.float64
     guided.inner_model.sigma_to_t(torch.ones(1, device=dev, dtype=table_dtype))
-    _compile_method(guided, "forward", lambda: torch._dynamo.config.patch(specialize_float=True), **compile_kwargs)
+    _compile_method(guided, "forward", specialized_floats, **compile_kwargs)
+
+
+def specialized_floats() -> contextlib.AbstractContextManager:
+    """Dynamo traces Python floats as constants inside this context (the guided denoiser's guidance weight)."""
+    return torch._dynamo.config.patch(specialize_float=True)

@@ -13,6 +13,10 @@ the synchronising CUDA calls per steady step by source line (``torch.cuda.set_sy
 ``--profile-steps N``, N more steps run under torch.profiler after the timed ones: wall time against GPU kernel time
 per step (the share the GPU is busy), kernels by category, the top kernels and the host operators. Random weights
 and latents: the arithmetic and the loop are those of a real fine-tuning run, the numbers are not.
+
+A step is an optimizer step (``trainer.max_steps``): with ``--override trainer.accumulate_grad_batches=k`` it is k
+batches, which ``--steps``, ``--warmup``, ``--profile-steps`` and every "per step" figure follow. The rows count
+both: ``steps`` (optimizer steps) and ``batches`` (of ``--batch`` images each), with ``accumulate_grad_batches``.
 """
 from __future__ import annotations
 
@@ -54,12 +58,13 @@ def make_cache(out: Path, n: int, latent: tuple[int, ...], context: tuple[int, .
 
 
 class Clock(L.Callback):
-    """Wall time at each batch start and after the last batch (a device sync first), the synchronising calls of
-    the batches after warm-up. The end of training (export, last checkpoint) is not timed: ``on_done(clock)`` runs
-    right after the last batch, so the numbers are out even if saving the end-of-training checkpoint is cut short."""
+    """Wall time at each batch start and after the last batch of the last step (a device sync first), the
+    synchronising calls of the steps after warm-up. ``warmup`` and ``steps`` are optimizer steps of ``accumulate``
+    batches each. The end of training (export, last checkpoint) is not timed: ``on_done(clock)`` runs right after
+    the last batch, so the numbers are out even if saving the end-of-training checkpoint is cut short."""
 
-    def __init__(self, warmup: int, steps: int, count_syncs: bool, on_done=None) -> None:
-        self.warmup, self.steps, self.on_done = warmup, steps, on_done
+    def __init__(self, warmup: int, steps: int, count_syncs: bool, on_done=None, accumulate: int = 1) -> None:
+        self.warmup, self.steps, self.on_done, self.accumulate = warmup, steps, on_done, accumulate
         self.starts: list[float] = []
         self.end = 0.0
         self.syncs = SyncCounter() if count_syncs else None
@@ -71,16 +76,17 @@ class Clock(L.Callback):
         self._batch_end(i)
 
     def _batch_start(self, i: int) -> None:
-        if i in (1, self.warmup) and torch.cuda.is_available():
+        k = self.accumulate
+        if i in (k, self.warmup * k) and torch.cuda.is_available():
             torch.cuda.synchronize()  # the first step's time holds all its GPU work; the steady steps start idle
         self.starts.append(time.perf_counter())
-        if i == self.warmup and self.syncs is not None:
+        if i == self.warmup * k and self.syncs is not None:
             self.syncs.start()
 
     def _batch_end(self, i: int) -> None:
-        if i != self.steps - 1:
+        if i != self.steps * self.accumulate - 1:
             return
-        if self.syncs is not None and i >= self.warmup:
+        if self.syncs is not None and i >= self.warmup * self.accumulate:
             self.syncs.stop()  # before the sync below, which it would count
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -90,15 +96,16 @@ class Clock(L.Callback):
 
 
 class StepProfile(L.Callback):
-    """torch.profiler over the batches ``first`` .. ``first + count - 1``; ``on_done(row)`` gets wall and GPU kernel
-    time per step, kernels by category, the top kernels and the host operators with the most self time."""
+    """torch.profiler over the optimizer steps ``first`` .. ``first + count - 1`` (``accumulate`` batches each);
+    ``on_done(row)`` gets wall and GPU kernel time per step, kernels by category, the top kernels and the host
+    operators with the most self time."""
 
-    def __init__(self, first: int, count: int, on_done) -> None:
-        self.first, self.count, self.on_done = first, count, on_done
+    def __init__(self, first: int, count: int, on_done, accumulate: int = 1) -> None:
+        self.first, self.count, self.on_done, self.accumulate = first, count, on_done, accumulate
         self.prof, self.t0 = None, 0.0
 
     def on_train_batch_start(self, trainer, module, batch, i: int) -> None:
-        if i != self.first:
+        if i != self.first * self.accumulate:
             return
         from torch.profiler import ProfilerActivity, profile
 
@@ -110,7 +117,7 @@ class StepProfile(L.Callback):
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, i: int) -> None:
-        if self.prof is None or i != self.first + self.count - 1:
+        if self.prof is None or i != (self.first + self.count) * self.accumulate - 1:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -123,14 +130,14 @@ class StepProfile(L.Callback):
         host_rows = [{"name": e.key[:100], "self_ms_per_step": round(float(e.self_cpu_time_total) / ms, 3),
                       "calls_per_step": e.count / self.count} for e in host]
         self.prof = None
-        self.on_done(dict(steps=self.count, wall_ms_per_step=wall_ms, gpu_kernel_ms_per_step=gpu_ms,
-                          gpu_busy_share=gpu_ms / wall_ms if gpu_ms else None, by_category_ms=cats, kernels=top,
-                          host_ops=host_rows))
+        self.on_done(dict(steps=self.count, batches=self.count * self.accumulate, wall_ms_per_step=wall_ms,
+                          gpu_kernel_ms_per_step=gpu_ms, gpu_busy_share=gpu_ms / wall_ms if gpu_ms else None,
+                          by_category_ms=cats, kernels=top, host_ops=host_rows))
 
 
 def overrides(a, cache: Path, run_dir: Path, gpu: bool) -> list[str]:
     o = ["--config", a.config, "--run-dir", str(run_dir), f"data.train={cache}", f"data.batch_size={a.batch}",
-         f"data.num_workers={a.workers}", f"data.num_samples={a.batch * total_steps(a)}",
+         f"data.num_workers={a.workers}", f"data.num_samples={a.batch * total_batches(a)}",
          f"model.params.image_size={a.latent}", "train.init_checkpoint=null",
          f"trainer.max_steps={total_steps(a)}", "trainer.enable_progress_bar=false", "sample.every_n_steps=0",
          "train.checkpoint.every_n_steps=1000000", "train.warmup_steps=0", "trainer.log_every_n_steps=10",
@@ -148,7 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help=f"training config (default {GPU_CONFIG}; --cpu: {CPU_CONFIG})")
     p.add_argument("--latent", type=int, default=None, help="latent side (32 = 256 px, 64 = 512 px)")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="training steps in all")
+    p.add_argument("--steps", type=int, default=None, help="training steps in all (optimizer steps: k batches "
+                   "each with --override trainer.accumulate_grad_batches=k)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (compile, autotuning)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers")
     p.add_argument("--compile", action="store_true", help="train.compile=true")
@@ -174,8 +182,20 @@ def main(argv=None) -> int:
         key = item.partition("=")[0].strip()
         if key in DERIVED_KEYS:
             p.error(f"--override {item}: {key} is set from {DERIVED_KEYS[key]}")
+    try:
+        a.accumulate = accumulation(a.config, a.override)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(a.out) if a.out else None
     return run(a, gpu, out)
+
+
+def accumulation(config: str, override: list[str]) -> int:
+    """``trainer.accumulate_grad_batches`` of the run (the config with the ``--override`` items): batches a step."""
+    from ldm.config import load_config
+    from ldm.training.optim import accumulate_batches
+
+    return accumulate_batches(load_config(config, list(override)))
 
 
 def run(a, gpu: bool, out: Path | None) -> int:
@@ -187,41 +207,49 @@ def run(a, gpu: bool, out: Path | None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "latents"
         t0 = time.time()
-        make_cache(cache, a.batch * total_steps(a), (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
-        emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * total_steps(a))
+        make_cache(cache, a.batch * total_batches(a), (4, a.latent, a.latent), ctx, shards=2 * max(a.workers, 1))
+        emit(out, what="synthetic_cache_s", value=time.time() - t0, samples=a.batch * total_batches(a))
         reported: list[bool] = []
-        clock = Clock(a.warmup, a.steps, count_syncs=gpu, on_done=lambda c: reported.append(report(a, c, gpu, out)))
+        clock = Clock(a.warmup, a.steps, count_syncs=gpu, on_done=lambda c: reported.append(report(a, c, gpu, out)),
+                      accumulate=a.accumulate)
         callbacks: list[L.Callback] = [clock]
         if a.profile_steps:
             callbacks.append(StepProfile(a.steps, a.profile_steps, lambda row: emit(
-                out, what="train_e2e_profile", **row, **run_tag(a))))
+                out, what="train_e2e_profile", **row, **run_tag(a)), accumulate=a.accumulate))
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         train(overrides(a, cache, Path(tmp) / "run", gpu), callbacks=callbacks)
     if not reported:
-        raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps} steps")
+        raise SystemExit(f"bench_train: the run stopped after {len(clock.starts)} of {a.steps * a.accumulate} "
+                         f"batches ({a.steps} steps)")
     return 0
 
 
 def total_steps(a) -> int:
-    """The timed steps and the profiled ones after them."""
+    """The timed steps and the profiled ones after them (optimizer steps: ``trainer.max_steps``)."""
     return a.steps + a.profile_steps
+
+
+def total_batches(a) -> int:
+    """The batches of :func:`total_steps` (``trainer.accumulate_grad_batches`` a step)."""
+    return total_steps(a) * a.accumulate
 
 
 def run_tag(a) -> dict:
     """The settings every row of the run carries."""
-    return dict(config=a.config, latent=a.latent, batch=a.batch, compiled=a.compile, channels_last=a.channels_last,
-                cudnn_benchmark=a.cudnn_benchmark)
+    return dict(config=a.config, latent=a.latent, batch=a.batch, accumulate_grad_batches=a.accumulate,
+                compiled=a.compile, channels_last=a.channels_last, cudnn_benchmark=a.cudnn_benchmark)
 
 
 def report(a, clock: Clock, gpu: bool, out: Path | None) -> bool:
-    """Emit the first step, the steady rate, peak memory and the syncs per steady step."""
-    steady = a.steps - a.warmup
+    """Emit the first step, the steady rate (``steps``: optimizer steps, ``batches``: their batches), peak memory
+    and the syncs per steady step."""
+    steady, k = a.steps - a.warmup, a.accumulate
     tag = run_tag(a)
-    emit(out, what="train_e2e_first_step_s", value=clock.starts[1] - clock.starts[0], **tag)
-    rate = a.batch * steady / (clock.end - clock.starts[a.warmup])
+    emit(out, what="train_e2e_first_step_s", value=clock.starts[k] - clock.starts[0], **tag)
+    rate = a.batch * steady * k / (clock.end - clock.starts[a.warmup * k])
     mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-    emit(out, what="train_e2e_img_per_s", img_per_s=rate, steps=steady, peak_mem_gb=mem, **tag)
+    emit(out, what="train_e2e_img_per_s", img_per_s=rate, steps=steady, batches=steady * k, peak_mem_gb=mem, **tag)
     if clock.syncs is not None:
         where = clock.syncs.where
         emit(out, what="train_e2e_syncs_per_step", value=sum(where.values()) / steady,

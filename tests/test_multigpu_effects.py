@@ -61,19 +61,18 @@ def checkpoint_position(path: Path) -> tuple[int, int]:
 
 
 # -- fast ---------------------------------------------------------------------------------------------------------
-def test_resume_auto_takes_the_newest_of_last_and_the_preemption_checkpoints(tmp_path):
+def test_resume_auto_takes_the_furthest_of_last_and_the_preemption_checkpoints(tmp_path):
     """Lightning's SLURM handler writes ``<run dir>/hpc_ckpt_<N>.ckpt`` when the job is pre-empted, after the last
     periodic ``last.ckpt``; ``--resume auto`` took last.ckpt whenever there was one, so every requeue lost the steps
-    since it (up to train.checkpoint.every_n_steps)."""
+    since it (up to train.checkpoint.every_n_steps). It takes the furthest trained of them (their ``global_step``)."""
     (tmp_path / "checkpoints").mkdir()
     assert latest_checkpoint(tmp_path) is None and resolve_resume("auto", tmp_path) is None
     last = tmp_path / "checkpoints" / "last.ckpt"
     hpc1, hpc2 = tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
-    for i, path in enumerate([hpc1, last, hpc2]):
-        path.write_bytes(b"x")
-        os.utime(path, ns=(10**18 + i * 10**9,) * 2)
+    for step, path in [(10, hpc1), (20, last), (25, hpc2)]:
+        torch.save({"global_step": step, "batches_seen": step}, path)
     assert resolve_resume("auto", tmp_path) == str(hpc2)
-    os.utime(last, ns=(10**18 + 5 * 10**9,) * 2)  # a periodic checkpoint after the requeued job resumed
+    torch.save({"global_step": 30, "batches_seen": 30}, last)  # a periodic checkpoint after the requeued job resumed
     assert resolve_resume("auto", tmp_path) == str(last)
 
 

@@ -27,18 +27,24 @@ def test_a_resumed_run_keeps_the_validation_of_its_checkpoint_step(tmp_path):
     assert steps == list(range(6))  # every training step once, none twice
 
 
-def test_rows_logged_after_the_checkpoint_go_by_their_order_not_their_step(tmp_path):
-    """With gradient accumulation, ``val/*`` (at optimizer steps) runs behind the training rows (at batches): a
-    validation row an interrupted run logged after its checkpoint has a smaller step than the resumed run's first
-    row, yet the resumed run logs it again, so it must go; the one logged before the checkpoint stays."""
+def test_rows_logged_after_the_checkpoint_go_series_by_series(tmp_path):
+    """Each series the resumed process logs replaces the old one from its first step there, whatever the order the
+    rows were logged and saved in: its training row of step 4 replaces the old training rows from 4 on at once, the
+    validation row of step 3 that the interrupted run logged after its checkpoint goes when the resumed run logs
+    step 3's validation again, and the validation logged before the checkpoint (step 2) stays. (Under gradient
+    accumulation ``val/*`` once ran behind training rows at the batch count; both now count optimizer steps.)"""
     (tmp_path / "logs").mkdir()
-    rows = ["3,0.3,", "2,,0.2", "4,0.4,", "5,0.5,", "3,,0.35"]  # checkpoint after "2,,0.2" (batch 4, step 2)
+    rows = ["3,0.3,", "2,,0.2", "4,0.4,", "5,0.5,", "3,,0.35"]  # checkpoint after "2,,0.2"
     (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss,val/loss\n" + "\n".join(rows) + "\n")
     logger = resumable_csv_logger(tmp_path)
     logger.log_metrics({"train/loss": 0.45}, step=4)
     logger.save()
-    assert logged(tmp_path, "val/loss") == {2: "0.2"}
     assert logged(tmp_path, "train/loss") == {3: "0.3", 4: "0.45"}
+    logger.log_metrics({"val/loss": 0.36}, step=3)
+    logger.save()
+    assert logged(tmp_path, "val/loss") == {2: "0.2", 3: "0.36"}
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4  # the old rows left empty are gone
 
 
 def test_a_run_ending_between_saves_checkpoints_its_last_step(tmp_path):

@@ -36,21 +36,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (path, or a name under configs/)")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", default=None, help="'auto' (the newest of checkpoints/last.ckpt and a SLURM "
-                   "pre-emption checkpoint hpc_ckpt_<N>.ckpt in the run dir, if any) or a .ckpt path")
+    p.add_argument("--resume", default=None, help="'auto' (the furthest-trained, by the global step recorded in "
+                   "them, of checkpoints/*.ckpt and the SLURM pre-emption checkpoints hpc_ckpt_<N>.ckpt in the run "
+                   "dir, if any) or a .ckpt path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """The training checkpoints of a run folder: ``checkpoints/*.ckpt`` (``last.ckpt``, the periodic
+    ``step%08d.ckpt``, their ``-v<N>`` versions) and the SLURM pre-emption checkpoints ``hpc_ckpt_<N>.ckpt``
+    (:mod:`ldm.training.preemption`). ``atomic_write``'s temporary files end in ``.tmp`` and are not among them."""
+    found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(p for p in found if p.is_file())
+
+
+def checkpoint_progress(path: Path) -> tuple[int, int]:
+    """``(global_step, batches_seen)`` recorded in a training checkpoint (``batches_seen`` -1 where absent).
+
+    Read with ``torch.load(weights_only=True)`` (a pickle that asks to build anything but tensors and plain containers
+    is refused, as the resume itself refuses it) and, for the zip format ``torch.save`` writes, ``mmap=True``: the
+    tensors stay on disk, only the pickled structure is read. A file that cannot be read, or has no ``global_step``
+    (not a Lightning checkpoint), raises :class:`ldm.checkpoint.CheckpointError` naming it."""
+    import pickle  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from ldm.checkpoint import CheckpointError, refusal  # noqa: PLC0415
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # zip or pickle errors, a refused global, I/O: all mean the step cannot be known
+        why = refusal(e) if isinstance(e, pickle.UnpicklingError) else (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"--resume auto: cannot read the training step of {path} ({type(e).__name__}"
+                              f"{': ' + why if why else ''}); it may be the furthest-trained checkpoint (a copy not "
+                              "yet complete?): repair or move it away, or pass --resume <path> of the checkpoint "
+                              "to continue from") from e
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    if not isinstance(step, int):
+        raise CheckpointError(f"--resume auto: {path} has no global_step: not a training checkpoint of ldm-train; "
+                              "move it out of the run folder, or pass --resume <path> of the checkpoint to continue "
+                              "from")
+    seen = ckpt.get("batches_seen")
+    return step, seen if isinstance(seen, int) else -1
+
+
+def tie_rank(path: Path) -> tuple[int, int, str]:
+    """Which of several checkpoints at one training step ``--resume auto`` takes (the greatest): ``last.ckpt``, whose
+    callback state knows the periodic file saved with it; then ``last-v<N>.ckpt``, then the pre-emption checkpoints
+    (the greatest ``N`` of ``hpc_ckpt_<N>``), then the others by name. File times play no part."""
+    name, stem = path.name, path.stem
+    if name == "last.ckpt":
+        return 3, 0, name
+    number = stem.rpartition("-v" if stem.startswith("last-v") else "_")[2]
+    if stem.startswith("last-v") and number.isdigit():
+        return 2, int(number), name
+    if stem.startswith("hpc_ckpt_") and number.isdigit():
+        return 1, int(number), name
+    return 0, 0, name
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest (last written) of ``run_dir/checkpoints/last.ckpt`` and the SLURM pre-emption checkpoints
-    ``run_dir/hpc_ckpt_<N>.ckpt`` (:mod:`ldm.training.preemption`), or None when there is none. A requeued job
-    continues from the pre-emption checkpoint, written after the last periodic one."""
-    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    """The furthest-trained of the run folder's checkpoints (:func:`checkpoint_candidates`), or None when there is
+    none: the greatest ``global_step`` recorded in them, then ``batches_seen`` (the data position: a step the guard
+    skipped moves it, not the step), then :func:`tie_rank`. A requeued job continues from its pre-emption checkpoint,
+    written after the last periodic one; a run folder copied without its files' times (``cp -r``, ``rsync`` without
+    ``-t``, a download) continues from where it stopped, which the files' modification times do not tell. A file
+    whose step cannot be read stops the choice with a :class:`ldm.checkpoint.CheckpointError` naming it (it might be
+    the furthest one: resuming from an older checkpoint would redo steps, then overwrite it)."""
+    found = checkpoint_candidates(run_dir)
+    if not found:
+        return None
+    progress = {p: checkpoint_progress(p) for p in found}
+    best = max(found, key=lambda p: (*progress[p], tie_rank(p)))
+    log.info("--resume auto: %s (step %d) of %s", best, progress[best][0],
+             ", ".join(f"{p.name}: {progress[p][0]}" for p in found))
+    return best
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint ``--resume`` names: None without it, :func:`latest_checkpoint` for ``auto`` (None in a run
+    folder without checkpoints: a new run), else the path given, which must be an existing ``.ckpt``."""
     if resume is None:
         return None
     if resume == "auto":

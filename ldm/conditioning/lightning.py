@@ -106,7 +106,7 @@ class CLIPModule(ResumableStage, L.LightningModule):
         log_step(self, {"train/loss": loss.detach(), "train/logit_scale": self.logit_scale.detach().exp(),
                         "train/acc_i2t": top1_accuracy(logits.detach(), labels), "train/lr": sched.get_last_lr()[0],
                         "train/skipped": self.guard.skipped, "train/amp_skipped": self.guard.amp_skipped},
-                 bar=("train/loss", "train/acc_i2t"))
+                 bar=("train/loss", "train/acc_i2t"), last=("train/logit_scale",))  # a weight: after the step
         return loss.detach()
 
 

@@ -123,7 +123,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             every = int(t.get("ema_every_n_steps", 1))
             if self.model_ema is not None and self.global_step % every == 0:
                 self.model_ema.update(self.net.model, steps=every)
-        self._log_step(loss, z.shape[0])
+        self._log_step(loss.detach(), z.shape[0])
         return loss.detach()
 
     def _loss(self, z: torch.Tensor, c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

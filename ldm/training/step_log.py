@@ -12,6 +12,14 @@ H100 the SD-1.5 loop at 512 px was 98.5% busy with ~3.6 such reads per log step,
   waited for at checkpoints and at the end of training: :func:`write_logs`). The progress bar's device values take
   the same way on the steps it redraws (``logging.progress_every_n_steps``) and show once they have arrived.
 - :class:`LearningRates` logs each optimizer's learning rates as numbers, under ``LearningRateMonitor``'s names.
+
+Under gradient accumulation (``trainer.accumulate_grad_batches: k``, applied by
+:func:`ldm.training.guard.guarded_step`) a row stands for an optimizer step, as with Lightning's automatic
+optimization and in diffusers' scripts: the batch that closes a window of k logs it, under the window's index (the
+optimizer-step axis of ``val/*``, the checkpoints and ``trainer.max_steps``), every ``trainer.log_every_n_steps``
+windows, with each tensor averaged over the window's k batches (summed on the device as they come: no host read);
+numbers (the learning rate, img/s, the skip counts) are the closing batch's. Without accumulation a row is a batch,
+logged where and as Lightning's ``self.log`` logs it.
 """
 from __future__ import annotations
 
@@ -81,17 +89,46 @@ class HostReads:
         return out
 
 
-def logger_step(trainer: Any) -> int:
-    """The step Lightning logs training metrics under: batches that stepped an optimizer, before this one."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+def batches_per_step(module: Any) -> int:
+    """k: the batches of one optimizer step, ``trainer.accumulate_grad_batches`` of the module's config (1 for a module
+    without one), read once per config (a lookup in it takes ~60 µs of host time, asked twice a batch)."""
+    from ldm.training.optim import accumulate_batches  # noqa: PLC0415 - optim imports nothing from here
+
+    cfg = getattr(module, "config", None)
+    cached = vars(module).get("_batches_per_step")
+    if cached is None or cached[0] is not cfg:
+        cached = vars(module)["_batches_per_step"] = (cfg, accumulate_batches(cfg) if cfg is not None else 1)
+    return cached[1]
 
 
-def logs_this_step(trainer: Any) -> bool:
-    """Whether this batch's metrics go to the loggers: every ``trainer.log_every_n_steps`` batches and when the run
-    is stopping, as Lightning decides for ``self.log``."""
+def closes_window(module: Any, k: int, ahead: int = 0) -> bool:
+    """Whether this batch closes its window of k, by :func:`ldm.training.guard.guarded_step`'s rule (it steps the
+    optimizer then): ``module.batches_seen`` (counting this batch; ``ahead`` 1 before ``training_step`` counts it) is a
+    multiple of k."""
+    return k == 1 or (int(module.batches_seen) + ahead) % k == 0
+
+
+def logger_step(module: Any, k: int, ahead: int = 0) -> int:
+    """The step this batch's training metrics are logged under: the optimizer steps before it. Without accumulation
+    Lightning's count of the batches before this one (as ``self.log`` logs them); with k batches a step, the index of
+    this batch's window (``ahead`` as in :func:`closes_window`), so that the windows and ``val/*`` share one axis."""
+    if k == 1:
+        return int(module.trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return (int(module.batches_seen) + ahead - 1) // k
+
+
+def logs_this_step(module: Any, k: int, ahead: int = 0) -> bool:
+    """Whether this batch's metrics go to the loggers: every ``trainer.log_every_n_steps`` optimizer steps and when the
+    run is stopping, as Lightning decides for ``self.log``; with accumulation on a window's last batch only."""
+    trainer = module.trainer
     if not trainer.loggers:
         return False
-    return bool(trainer._logger_connector.should_update_logs)
+    if k == 1:
+        return bool(trainer._logger_connector.should_update_logs)
+    every = int(trainer.log_every_n_steps or 0)
+    if not every or not closes_window(module, k, ahead):
+        return False
+    return (logger_step(module, k, ahead) + 1) % every == 0 or bool(trainer.should_stop)
 
 
 def bar_redraws(module: Any) -> bool:
@@ -108,11 +145,17 @@ def host_reads(module: Any, queue: str = "loggers") -> HostReads:
 
 
 def write_logs(module: Any, wait: bool = False) -> None:
-    """Send the metrics that have reached the host to every logger under their own steps; ``wait``: all of them."""
+    """Send the metrics that have reached the host to every logger under their own steps; ``wait``: all of them, and
+    every logger saves what it holds (at checkpoints and at the end of training): the rows logged before a checkpoint
+    are on disk with it, also those that no training row has saved yet (``val/*`` between sparse log steps), which a
+    run killed after the checkpoint would otherwise lose (the resumed run does not log them again)."""
     trainer = module.trainer
     for step, metrics in host_reads(module).ready(wait):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+            logger.save()
+    if wait:
+        for logger in trainer.loggers:
             logger.save()
 
 
@@ -130,19 +173,43 @@ def mean_over_ranks(trainer: Any, values: Mapping[str, torch.Tensor | float]) ->
     return {**values, **dict(zip(names, (stacked / world).unbind()))}
 
 
-def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = ()) -> None:
+def log_step(module: Any, values: Mapping[str, torch.Tensor | float], bar: Iterable[str] = (),
+             last: Iterable[str] = ()) -> None:
     """Log ``values`` (name -> 0-dim tensor or number) of this training batch, without a host sync (see the module
-    docstring): to the loggers on log steps, with the epoch; the names in ``bar`` to the progress bar too, under their
-    last path part (``train/loss`` -> ``loss``), each step with the latest values that have reached the host (read
-    on the steps the bar redraws)."""
+    docstring): to the loggers on log steps, with the epoch, averaged over the accumulation window (the tensors not
+    named in ``last``, which are states such as a temperature: the closing batch's value); the names in ``bar`` to
+    the progress bar too, under their last path part (``train/loss`` -> ``loss``), each step with the latest values
+    that have reached the host (read on the steps the bar redraws)."""
     trainer = module.trainer
-    if logs_this_step(trainer):
-        averaged = mean_over_ranks(trainer, values)
-        host_reads(module).put(logger_step(trainer), {**averaged, "epoch": trainer.current_epoch})
+    k = batches_per_step(module)
+    logged = over_window(module, values, k, tuple(last)) if trainer.loggers else None
+    if logged is not None and logs_this_step(module, k):
+        averaged = mean_over_ranks(trainer, logged)
+        host_reads(module).put(logger_step(module, k), {**averaged, "epoch": trainer.current_epoch})
     write_logs(module)
     shown = {name: values[name] for name in bar if name in values}
     if shown:
         _show_on_bar(module, shown)
+
+
+def over_window(module: Any, values: Mapping[str, torch.Tensor | float], k: int,
+                last: tuple[str, ...] = ()) -> dict[str, torch.Tensor | float] | None:
+    """``values`` of a batch that closes its window of k (:func:`closes_window`), each tensor not named in ``last``
+    replaced by its mean over the window's batches, summed on the device batch by batch (no host read); None for the
+    batches before. Without accumulation ``values`` as they are."""
+    if k == 1:
+        return dict(values)
+    sums: dict[str, tuple[torch.Tensor, int]] = vars(module).setdefault("_window_sums", {})
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and name not in last:
+            total, n = sums.get(name, (None, 0))
+            value = value.detach().float()
+            sums[name] = (value if total is None else total + value, n + 1)
+    if not closes_window(module, k):
+        return None
+    means = {name: total / n for name, (total, n) in sums.items()}
+    sums.clear()
+    return {name: means.get(name, value) for name, value in values.items()}
 
 
 def _show_on_bar(module: Any, values: Mapping[str, torch.Tensor | float]) -> None:
@@ -166,8 +233,11 @@ class LearningRates(L.Callback):
     a type, ``lr-AdamW/pg2`` for a second parameter group."""
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
-        if logs_this_step(trainer):
-            rates, step = learning_rates(trainer.optimizers), logger_step(trainer)
+        """On the batches whose metrics :func:`log_step` logs, under their step: the rates this batch's optimizer step
+        uses (``batches_seen`` counts the batch only in ``training_step``, so 1 ahead here)."""
+        k = batches_per_step(module)
+        if logs_this_step(module, k, ahead=1):
+            rates, step = learning_rates(trainer.optimizers), logger_step(module, k, ahead=1)
             for logger in trainer.loggers:
                 logger.log_metrics(rates, step=step)
 
