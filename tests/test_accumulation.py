@@ -3,6 +3,7 @@ manually, and Lightning refuses its own accumulation then): equal to one larger 
 loss anywhere in a window skips its step, bad values named."""
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -73,6 +74,30 @@ def test_resume_with_accumulation_is_exact(tmp_path):
     assert resumed.lightning_module.batches_seen == 12
     a = read_state_dict(tmp_path / "whole" / "model.safetensors")[0]
     b = read_state_dict(tmp_path / "part" / "model.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_stopped_inside_a_window_resumes_with_the_whole_window(tmp_path):
+    """``trainer.max_time`` (or any ``should_stop``) can end a run after a window's first batches; the checkpoint
+    written at the end of training held that mid-window data position, so the resumed run trained the window's last
+    batches alone as a smaller step, and its weights left the uninterrupted run's. It saves the window's start."""
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if module.batches_seen == 7:  # the first batch of the third window of 3
+                trainer.should_stop = True
+
+    common = ["--config", TINY, "data.batch_size=2", "trainer.accumulate_grad_batches=3",
+              "train.checkpoint.every_n_steps=100", "trainer.log_every_n_steps=1"]
+    run(common + ["--run-dir", str(tmp_path / "whole"), "trainer.max_steps=4"])
+    part = tmp_path / "part"
+    stopped = run(common + ["--run-dir", str(part), "trainer.max_steps=4"], callbacks=[StopAt()])
+    assert stopped.global_step == 2 and stopped.lightning_module.batches_seen == 7
+    saved = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 and saved["batches_seen"] == 6
+    resumed = run(common + ["--run-dir", str(part), "trainer.max_steps=4", "--resume", "auto"])
+    assert resumed.lightning_module.batches_seen == 12
+    a = read_state_dict(tmp_path / "whole" / "model.safetensors")[0]
+    b = read_state_dict(part / "model.safetensors")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -36,6 +36,19 @@ def check_same_adapters(saved: Any, now: Any) -> None:
                           "train.init_checkpoint)")
 
 
+def window_start(module: Any) -> int:
+    """The data position a checkpoint saves: ``module.batches_seen`` at the start of its current accumulation window
+    (``trainer.accumulate_grad_batches``: k batches per optimizer step). The weights and optimizer in a checkpoint
+    are those after the last whole window; the gradients of a window's first batches are not saved. A run that
+    stops inside a window (``trainer.max_time``, a callback's ``should_stop``), whose last checkpoint is written at
+    the end of training, so resumes with the whole window again (the same batches and draws), not with its last
+    batches alone as a smaller step."""
+    from ldm.training.optim import accumulate_batches  # noqa: PLC0415
+
+    k = accumulate_batches(module.config)
+    return int(module.batches_seen) - int(module.batches_seen) % k
+
+
 class ResumableStage:
     """Mixin for the stage LightningModules (put it before ``L.LightningModule``).
 
@@ -46,7 +59,7 @@ class ResumableStage:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ldm_config"] = OmegaConf.to_yaml(self.config, resolve=True)
         checkpoint["step_guard"] = self.guard.state_dict()
-        checkpoint["batches_seen"] = self.batches_seen
+        checkpoint["batches_seen"] = window_start(self)
         checkpoint["data_layout"] = data_layout(self)
         write_logs(self, wait=True)  # the log steps' metrics still on their way, before the checkpoint marks them
 
