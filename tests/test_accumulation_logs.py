@@ -170,3 +170,19 @@ def test_window_means_leave_states_and_numbers_as_the_closing_batch_has_them():
     assert seen[:2] == [None, None]
     assert {k: float(v) for k, v in seen[2].items()} == pytest.approx(
         {"train/loss": 1.0, "train/logit_scale": 12.0, "train/lr": 0.2})
+
+
+def test_an_accumulated_row_gives_the_throughput_of_its_whole_step(tmp_path, monkeypatch):
+    """k=2, the first batch of each step 1 s, the second (the optimizer step's) 3 s: ``train/img_per_s`` is the step's
+    4 images over its 4 s. It was the closing batch's own rate (2 images in 3 s), which on the paths that read the
+    host at the step (fp16, SGD, the CPU) holds the wait for the whole window's queued work: up to k times too low."""
+    import itertools
+    from types import SimpleNamespace
+
+    import ldm.diffusion.lightning as diffusion
+
+    ticks = itertools.accumulate(itertools.cycle([1.0, 3.0]))  # the clock at each batch's end: 1, 4, 5, 8, ...
+    monkeypatch.setattr(diffusion, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    run([*ACCUMULATING, "--run-dir", str(tmp_path), "trainer.max_steps=4", "trainer.log_every_n_steps=1"])
+    rates = {step: float(value) for step, value in logged(tmp_path, "train/img_per_s").items()}
+    assert rates == {1: 1.0, 2: 1.0, 3: 1.0}  # step 0 has no step before it to time from

@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # the bench scripts import their helpers by name
 
 
-# -- --resume auto: the furthest-trained checkpoint, not the last-modified file ----------------------------------
-def save_ckpt(path: Path, step: int, mtime_s: int) -> Path:
-    """A Lightning-like training checkpoint at ``step``, modified at ``mtime_s`` (seconds after an epoch far off)."""
+# -- --resume auto: the last saved checkpoint (its recorded save time, then its step), not the last-modified file
+def save_ckpt(path: Path, step: int, mtime_s: int, saved_at: float | None = None) -> Path:
+    """A Lightning-like training checkpoint at ``step``, modified at ``mtime_s`` (seconds after an epoch far off);
+    ``saved_at``: the save time ldm records inside it (None: a checkpoint of an ldm that recorded none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {} if saved_at is None else {"ldm_saved_at": saved_at}
     torch.save({"global_step": step, "batches_seen": step, "pytorch-lightning_version": "2.6.6",
-                "state_dict": {"w": torch.full((2,), float(step))}}, path)
+                "state_dict": {"w": torch.full((2,), float(step))}, **extra}, path)
     os.utime(path, ns=(10**18 + mtime_s * 10**9,) * 2)
     return path
 
@@ -76,6 +78,28 @@ def test_resume_auto_refuses_an_unreadable_checkpoint_by_name(tmp_path):
     torch.save({"state_dict": {}}, bad)  # a pickle of weights without Lightning's step
     with pytest.raises(CheckpointError, match=f"{bad}.*global_step"):
         resolve_resume("auto", tmp_path)
+
+
+def test_resume_auto_takes_the_last_saved_checkpoint_not_an_abandoned_higher_step(tmp_path):
+    """After a deliberate ``--resume`` from an earlier checkpoint (a loss spike), the abandoned branch's files stay
+    with higher steps: by the step alone ``--resume auto`` (a SLURM requeue) went back onto that branch. The save
+    time recorded inside each file decides; files of an ldm that recorded none come after, by step."""
+    ck = tmp_path / "checkpoints"
+    save_ckpt(ck / "step00000010.ckpt", 10, mtime_s=5, saved_at=100.0)  # the abandoned branch
+    save_ckpt(ck / "step00000050.ckpt", 50, mtime_s=6)  # an older ldm's file: no save time
+    last = save_ckpt(ck / "last.ckpt", 6, mtime_s=0, saved_at=200.0)  # the branch resumed from step 4
+    assert resolve_resume("auto", tmp_path) == str(last)
+
+
+def test_a_rewound_run_resumes_on_its_new_branch(tmp_path):
+    """A real tiny run to step 4, resumed by hand from its step-2 checkpoint and stopped at step 3: ``--resume
+    auto`` continues from step 3 (the step rule took step00000004.ckpt, the abandoned branch)."""
+    folder = tmp_path / "run"
+    run([*TINY, "--run-dir", str(folder), "trainer.max_steps=4"])
+    run([*TINY, "--run-dir", str(folder), "trainer.max_steps=3", "--resume",
+         str(folder / "checkpoints" / "step00000002.ckpt")])
+    chosen = resolve_resume("auto", folder)
+    assert torch.load(chosen, map_location="cpu", weights_only=True)["global_step"] == 3
 
 
 class RunsCode:

@@ -60,3 +60,41 @@ def test_a_run_ending_between_saves_checkpoints_its_last_step(tmp_path):
     with open(tmp_path / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == list(range(5))  # step 3 trained once
+
+
+def test_a_new_run_in_a_used_run_folder_starts_its_csv_log_afresh(tmp_path):
+    """A run that does not resume (the config's default run folder trained again, or ``--resume auto`` before the
+    first checkpoint) in a folder holding an earlier run's ``logs/metrics.csv``: none of those rows stay. Series by
+    series, the old rows of every series the new run logs later or not at all (here ``val/*``, and ``train/loss``
+    before the new run's first row) stayed, mixed into the new run's log as if it had logged them."""
+    from omegaconf import OmegaConf
+
+    from ldm.training.trainer import build_loggers
+
+    (tmp_path / "logs").mkdir()
+    old = ["0,0.9,", "1,0.8,", "2,,0.7", "3,0.6,"]
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss,val/loss\n" + "\n".join(old) + "\n")
+    (logger,) = build_loggers(OmegaConf.create({"logging": {"tensorboard": False}}), tmp_path, resuming=False)
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    logger.save()
+    assert logged(tmp_path, "train/loss") == {1: "0.5"}
+    assert logged(tmp_path, "val/loss") == {}
+    (logger,) = build_loggers(OmegaConf.create({"logging": {"tensorboard": False}}), tmp_path, resuming=True)
+    logger.log_metrics({"train/loss": 0.4}, step=2)
+    logger.save()
+    assert logged(tmp_path, "train/loss") == {1: "0.5", 2: "0.4"}  # a resumed run keeps what came before
+
+
+def test_a_run_lightning_resumes_by_itself_under_slurm_counts_as_resuming(tmp_path, monkeypatch):
+    """Under SLURM, ``trainer.fit`` without a checkpoint restores the run folder's ``hpc_ckpt_<N>.ckpt`` by itself:
+    such a run continues its CSV log (and W&B run) like one given ``--resume``, rather than starting them afresh."""
+    import ldm.training.preemption as preemption
+    from ldm.cli.train import lightning_resumes
+
+    (tmp_path / "hpc_ckpt_x.ckpt").write_bytes(b"")  # not a name Lightning restores
+    monkeypatch.setattr(preemption, "slurm_detected", lambda: True)
+    assert not lightning_resumes(tmp_path)
+    (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(b"")
+    assert lightning_resumes(tmp_path)
+    monkeypatch.setattr(preemption, "slurm_detected", lambda: False)
+    assert not lightning_resumes(tmp_path)

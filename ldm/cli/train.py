@@ -36,9 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (path, or a name under configs/)")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", default=None, help="'auto' (the furthest-trained, by the global step recorded in "
-                   "them, of checkpoints/*.ckpt and the SLURM pre-emption checkpoints hpc_ckpt_<N>.ckpt in the run "
-                   "dir, if any) or a .ckpt path")
+    p.add_argument("--resume", default=None, help="'auto' (the last saved, by the save time recorded in them, of "
+                   "checkpoints/*.ckpt and the SLURM pre-emption checkpoints hpc_ckpt_<N>.ckpt in the run dir, if "
+                   "any) or a .ckpt path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -51,8 +51,10 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-def checkpoint_progress(path: Path) -> tuple[int, int]:
-    """``(global_step, batches_seen)`` recorded in a training checkpoint (``batches_seen`` -1 where absent).
+def checkpoint_progress(path: Path) -> tuple[bool, float, int, int]:
+    """How recent a training checkpoint is, as :func:`latest_checkpoint` orders them: ``(has a save time, the save
+    time recorded in it, global_step, batches_seen)``; a checkpoint of an ldm without the save time (or without
+    ``batches_seen``) has False and 0.0 (-1).
 
     Read with ``torch.load(weights_only=True)`` (a pickle that asks to build anything but tensors and plain containers
     is refused, as the resume itself refuses it) and, for the zip format ``torch.save`` writes, ``mmap=True``: the
@@ -64,22 +66,24 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
     import torch  # noqa: PLC0415
 
     from ldm.checkpoint import CheckpointError, refusal  # noqa: PLC0415
+    from ldm.training.stage import SAVED_AT  # noqa: PLC0415
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip or pickle errors, a refused global, I/O: all mean the step cannot be known
         why = refusal(e) if isinstance(e, pickle.UnpicklingError) else (str(e).splitlines() or [""])[0]
         raise CheckpointError(f"--resume auto: cannot read the training step of {path} ({type(e).__name__}"
-                              f"{': ' + why if why else ''}); it may be the furthest-trained checkpoint (a copy not "
-                              "yet complete?): repair or move it away, or pass --resume <path> of the checkpoint "
+                              f"{': ' + why if why else ''}); it may be the latest checkpoint (a copy not yet "
+                              "complete?): repair or move it away, or pass --resume <path> of the checkpoint "
                               "to continue from") from e
     step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
     if not isinstance(step, int):
         raise CheckpointError(f"--resume auto: {path} has no global_step: not a training checkpoint of ldm-train; "
                               "move it out of the run folder, or pass --resume <path> of the checkpoint to continue "
                               "from")
-    seen = ckpt.get("batches_seen")
-    return step, seen if isinstance(seen, int) else -1
+    seen, saved = ckpt.get("batches_seen"), ckpt.get(SAVED_AT)
+    timed = isinstance(saved, (int, float)) and not isinstance(saved, bool)
+    return timed, float(saved) if timed else 0.0, step, seen if isinstance(seen, int) else -1
 
 
 def tie_rank(path: Path) -> tuple[int, int, str]:
@@ -98,20 +102,22 @@ def tie_rank(path: Path) -> tuple[int, int, str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The furthest-trained of the run folder's checkpoints (:func:`checkpoint_candidates`), or None when there is
-    none: the greatest ``global_step`` recorded in them, then ``batches_seen`` (the data position: a step the guard
-    skipped moves it, not the step), then :func:`tie_rank`. A requeued job continues from its pre-emption checkpoint,
-    written after the last periodic one; a run folder copied without its files' times (``cp -r``, ``rsync`` without
-    ``-t``, a download) continues from where it stopped, which the files' modification times do not tell. A file
-    whose step cannot be read stops the choice with a :class:`ldm.checkpoint.CheckpointError` naming it (it might be
-    the furthest one: resuming from an older checkpoint would redo steps, then overwrite it)."""
+    """The run folder's latest checkpoint (:func:`checkpoint_candidates`), or None when there is none: the last saved,
+    by the save time recorded inside each (``ldm_saved_at``), then the greatest ``global_step``, then ``batches_seen``
+    (the data position: a step the guard skipped moves it, not the step), then :func:`tie_rank`; checkpoints of an
+    ldm that recorded no save time come after those that do, by step. Not the files' modification times, which a
+    copy of the run folder (``cp -r``, ``rsync`` without ``-t``, a download) rewrites; not the step first, which would
+    take an abandoned branch after a deliberate ``--resume`` from an earlier checkpoint (its files stay, and the new
+    branch's steps are lower). A requeued job continues from its pre-emption checkpoint, saved after the last
+    periodic one. A file that cannot be read stops the choice with a :class:`ldm.checkpoint.CheckpointError` naming
+    it (it might be the latest one: resuming from an older checkpoint would redo steps, then overwrite it)."""
     found = checkpoint_candidates(run_dir)
     if not found:
         return None
     progress = {p: checkpoint_progress(p) for p in found}
     best = max(found, key=lambda p: (*progress[p], tie_rank(p)))
-    log.info("--resume auto: %s (step %d) of %s", best, progress[best][0],
-             ", ".join(f"{p.name}: {progress[p][0]}" for p in found))
+    log.info("--resume auto: %s (step %d) of %s", best, progress[best][2],
+             ", ".join(f"{p.name}: step {progress[p][2]}" for p in found))
     return best
 
 
@@ -129,6 +135,15 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         raise ValueError(f"--resume {resume}: expected a training checkpoint (checkpoints/*.ckpt of a run); to start a "
                          "new run from an exported model, use train.init_checkpoint (diffusion) or train.components")
     return resume
+
+
+def lightning_resumes(run_dir: Path) -> bool:
+    """Whether ``trainer.fit`` given no checkpoint restores one all the same: under SLURM, Lightning continues from the
+    run folder's pre-emption checkpoint ``hpc_ckpt_<N>.ckpt`` (the greatest N) by itself."""
+    from ldm.training.preemption import slurm_detected  # noqa: PLC0415
+
+    numbered = any(p.stem.removeprefix("hpc_ckpt_").isdigit() for p in run_dir.glob("hpc_ckpt_*.ckpt"))
+    return numbered and slurm_detected()
 
 
 def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> Any:
@@ -149,7 +164,8 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     dm = build_datamodule(cfg)
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
     ckpt = resolve_resume(args.resume, run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks, resuming=bool(ckpt))
+    resuming = bool(ckpt) or lightning_resumes(run_dir)  # the CSV log and the W&B run continue, or start afresh
+    trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
@@ -157,7 +173,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     if ckpt:
         log.info("resuming from %s", ckpt)
     try:
-        with expected_warnings_quiet(resuming=bool(ckpt)):  # EvalModeReport says which modules are in eval mode
+        with expected_warnings_quiet(resuming=resuming):  # EvalModeReport says which modules are in eval mode
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     except KeyError as e:  # Lightning reads its own keys first: a foreign .ckpt fails there
         if ckpt and "pytorch-lightning_version" in str(e):

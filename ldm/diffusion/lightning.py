@@ -25,7 +25,7 @@ from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.modes import eval_mode
 from ldm.training.optim import build_optimizer, step_generator
 from ldm.training.stage import ResumableStage
-from ldm.training.step_log import log_step
+from ldm.training.step_log import batches_per_step, closes_window, log_step
 
 log = logging.getLogger(__name__)
 # torch.compile modes that replay the compiled graphs from CUDA graphs
@@ -151,13 +151,19 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         return out
 
     def _log_step(self, loss: torch.Tensor, batch: int) -> None:
+        """The batch's metrics (:func:`ldm.training.step_log.log_step`); ``train/img_per_s`` at the optimizer step:
+        its k batches' images over the time since the step before (under accumulation one batch's rate would miss
+        the others, or hold the wait for all of them)."""
         now = time.perf_counter()
         values = {"train/loss": loss, "train/lr": self.lr_schedulers().get_last_lr()[0],
                   "train/skipped": self.guard.skipped, "train/amp_skipped": self.guard.amp_skipped}
-        if self._t0 is not None:
-            values["train/img_per_s"] = batch * self.trainer.world_size / max(now - self._t0, 1e-9)
+        k = batches_per_step(self)
+        steps = closes_window(self, k)
+        if steps and self._t0 is not None:
+            values["train/img_per_s"] = k * batch * self.trainer.world_size / max(now - self._t0, 1e-9)
         log_step(self, values, bar=("train/loss", "train/img_per_s"))
-        self._t0 = now
+        if steps:
+            self._t0 = now
 
     def setup(self, stage: str) -> None:
         """Before the strategy moves and wraps the module (DDP buckets see the final layout):

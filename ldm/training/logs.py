@@ -17,15 +17,18 @@ def logged(run_dir: str | Path, key: str) -> dict[int, str]:
     return out
 
 
-def resumable_csv_logger(run_dir: str | Path) -> Any:
+def resumable_csv_logger(run_dir: str | Path, resuming: bool = True) -> Any:
     """Lightning's ``CSVLogger`` writing ``<run_dir>/logs/metrics.csv`` that keeps an earlier part of the run.
 
     Lightning's writer deletes an existing ``metrics.csv`` when it starts, so ``--resume`` would lose every metric
     logged before the checkpoint. This one keeps the file, and the new process's rows replace the old ones series by
     series: the first time it saves a metric (a key: ``train/loss``, ``val/loss``, ``lr-AdamW``, ...), the old
     values of that metric at its first step and after go (what an interrupted run logged after its last checkpoint,
-    which the resumed run logs again; a new run from step 0 replaces every series it logs), the other old values stay,
-    under the old header (Lightning's writer widens it when new keys come), and rows left empty go.
+    which the resumed run logs again), the other old values stay, under the old header (Lightning's writer widens it
+    when new keys come), and rows left empty go. A run that does not resume (``resuming`` False: a new run from step 0
+    in a folder an earlier run logged in) keeps none of the old rows: its first save starts the file afresh, as
+    Lightning's writer does (series by series, the old series it logs later or not at all, such as ``val/*``, would
+    read as its own).
 
     Each series from its own first step: the training rows of step N are logged during step N, ``val/*`` of step N
     after it, just before the checkpoint of step N (:class:`ldm.training.validation.Validation`, which the resumed
@@ -43,13 +46,17 @@ def resumable_csv_logger(run_dir: str | Path) -> Any:
 
     class KeepingWriter(ExperimentWriter):
         def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
-            kept = read_rows(Path(self.metrics_file_path))
+            kept = read_rows(Path(self.metrics_file_path)) if resuming else None
             self.old_rows = len(kept[1]) if kept is not None else None  # the file's first rows: the earlier run's
             self.firsts: dict[str, int] = {}  # metric -> the first step this process saved it at
+            self.fresh = not resuming  # a new run: an earlier run's file goes at the first save
             if kept is not None:
                 self.metrics_keys = list(kept[0])
 
         def save(self) -> None:
+            if self.metrics and self.fresh:
+                Path(self.metrics_file_path).unlink(missing_ok=True)
+                self.fresh = False
             if self.metrics and self.old_rows is not None:
                 firsts = new_series(self.metrics, self.firsts)
                 if firsts:

@@ -8,7 +8,7 @@ gradient all-reduce. Here the handler only notes the signal; at the end of the n
 accumulation window, the ranks agree (a max all-reduce of the note over a gloo group, on the host, so the GPUs'
 queue is not waited for) and all of them save ``<run dir>/hpc_ckpt_<N>.ckpt`` together, the state after that step;
 then rank 0 asks SLURM to requeue the job (``scontrol requeue``). The requeued job resumes from it with ``--resume
-auto`` (:func:`ldm.cli.train.resolve_resume` takes the furthest-trained, by the global step recorded in them, of
+auto`` (:func:`ldm.cli.train.resolve_resume` takes the last saved, by the save time recorded in them, of
 ``checkpoints/*.ckpt`` and the ``hpc_ckpt_*.ckpt``).
 """
 from __future__ import annotations

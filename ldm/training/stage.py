@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -9,6 +10,8 @@ from omegaconf import OmegaConf
 from ldm.training.step_log import write_logs
 
 log = logging.getLogger(__name__)
+
+SAVED_AT = "ldm_saved_at"  # the checkpoint's save time (Unix seconds), which --resume auto orders by
 
 
 def data_layout(module: Any) -> dict[str, int]:
@@ -61,6 +64,7 @@ class ResumableStage:
         checkpoint["step_guard"] = self.guard.state_dict()
         checkpoint["batches_seen"] = window_start(self)
         checkpoint["data_layout"] = data_layout(self)
+        checkpoint[SAVED_AT] = time.time()  # inside the file: it survives copies, which file times do not
         write_logs(self, wait=True)  # the log steps' metrics still on their way, before the checkpoint marks them
 
     def on_train_end(self) -> None:

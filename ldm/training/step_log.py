@@ -18,8 +18,8 @@ Under gradient accumulation (``trainer.accumulate_grad_batches: k``, applied by
 optimization and in diffusers' scripts: the batch that closes a window of k logs it, under the window's index (the
 optimizer-step axis of ``val/*``, the checkpoints and ``trainer.max_steps``), every ``trainer.log_every_n_steps``
 windows, with each tensor averaged over the window's k batches (summed on the device as they come: no host read);
-numbers (the learning rate, img/s, the skip counts) are the closing batch's. Without accumulation a row is a batch,
-logged where and as Lightning's ``self.log`` logs it.
+numbers (the learning rate, the skip counts) are the closing batch's, and the diffusion stage gives its img/s there,
+over the whole step. Without accumulation a row is a batch, logged where and as Lightning's ``self.log`` logs it.
 """
 from __future__ import annotations
 

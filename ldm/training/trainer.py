@@ -82,7 +82,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> lis
     lc = cfg.get("logging") or {}
     loggers: list[Any] = []
     if lc.get("csv", True):
-        loggers.append(resumable_csv_logger(run_dir))
+        loggers.append(resumable_csv_logger(run_dir, resuming))
     if lc.get("tensorboard", True):
         loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
     wb = lc.get("wandb")
@@ -165,7 +165,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
                   resuming: bool = False) -> L.Trainer:
     """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named); ``callbacks`` are
     added to the ones the config asks for (benchmarks, tests); ``resuming``: the run continues from a checkpoint
-    (its W&B run continues too)."""
+    (its W&B run and its CSV log continue too)."""
     run_dir = Path(run_dir)
     check_no_secrets(cfg)
     tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
