@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_stand_in import stand_in_cuda
 
 import ldm
 from ldm.cuda_graph import GraphedCall, call_signature, signature, without_autocast_cache
@@ -85,8 +86,6 @@ class StandInGraph:
 
 
 def test_replays_read_each_call_s_tensors_through_the_static_inputs(monkeypatch):
-    import contextlib
-
     StandInGraph.calls = []
 
     def fn(*args, **kwargs):
@@ -94,21 +93,7 @@ def test_replays_read_each_call_s_tensors_through_the_static_inputs(monkeypatch)
         StandInGraph.calls.append((args, kwargs, out))
         return out
 
-    @contextlib.contextmanager
-    def capture(graph):
-        yield
-        graph.recorded = StandInGraph.calls[-1]  # the call made inside the capture block
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    stand_in_cuda(monkeypatch, StandInGraph, lambda: StandInGraph.calls[-1])
     graphed = GraphedCall(fn, name="fn")
     graphed.device_type = "cpu"
     calls = [(torch.randn(2, 3), torch.randn(2), torch.randn(4, 5)) for _ in range(3)]

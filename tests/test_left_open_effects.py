@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import cuda_stand_in
 from script_loader import load_script
 
 import ldm
@@ -254,27 +255,10 @@ class StandInGraph:
 
 
 def stand_in_cuda(monkeypatch) -> list:
-    """torch.cuda's graph, stream and device calls replaced by CPU stand-ins (as tests/test_cuda_graph.py does); the
-    list gets (fn, args, output) of each call of a function under test."""
-    import contextlib
-
+    """torch.cuda's graph, stream and device calls replaced by CPU stand-ins (``tests/cuda_stand_in.py``); the list
+    gets (fn, args, output) of each call of a function under test."""
     calls: list = []
-
-    @contextlib.contextmanager
-    def capture(graph):
-        yield
-        graph.recorded = calls[-1]  # the call made inside the capture block
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    cuda_stand_in.stand_in_cuda(monkeypatch, StandInGraph, lambda: calls[-1])
     return calls
 
 

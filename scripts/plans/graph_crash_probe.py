@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 import ldm  # noqa: E402
 from ldm.fast import optimize  # noqa: E402
 
@@ -29,13 +30,11 @@ KW = dict(steps=2, height=32, width=32, seed=0, progress=False, output="latent")
 
 
 def tiny_model() -> ldm.LatentDiffusion:
-    """The tiny model with its zero-initialised layers given weights (as tests/test_left_open_effects.py builds it)."""
-    model = ldm.load(config="configs/tiny/txt2img.yaml")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
-    return model.to("cuda")
+    """The tiny model as tests/test_left_open_effects.py builds it (every weight shows in the output), on the GPU."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_left_open_effects import tiny_model as build  # noqa: PLC0415
+
+    return build().to("cuda")
 
 
 def graphed_pair() -> list:
