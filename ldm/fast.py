@@ -85,13 +85,8 @@ class CompiledCall:
         self.compiled = torch.compile(fn, **self.compile_kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.context is None:
-            return self._call(args, kwargs)
-        with self.context():
-            return self._call(args, kwargs)
-
-    def _call(self, args: tuple, kwargs: dict) -> Any:
-        out = self.compiled(*args, **kwargs)
+        with (self.context or contextlib.nullcontext)():
+            out = self.compiled(*args, **kwargs)
         return out.clone() if self.clone else out
 
     def __getstate__(self) -> dict[str, Any]:

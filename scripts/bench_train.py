@@ -182,28 +182,22 @@ def main(argv=None) -> int:
         key = item.partition("=")[0].strip()
         if key in DERIVED_KEYS:
             p.error(f"--override {item}: {key} is set from {DERIVED_KEYS[key]}")
+    from ldm.config import load_config
+    from ldm.training.optim import accumulate_batches
+
     try:
-        a.accumulate = accumulation(a.config, a.override)
+        a.cfg = load_config(a.config, list(a.override))  # its context width sizes the synthetic cache
+        a.accumulate = accumulate_batches(a.cfg)  # batches a step
     except ValueError as e:
         p.error(str(e))
     out = Path(a.out) if a.out else None
     return run(a, gpu, out)
 
 
-def accumulation(config: str, override: list[str]) -> int:
-    """``trainer.accumulate_grad_batches`` of the run (the config with the ``--override`` items): batches a step."""
-    from ldm.config import load_config
-    from ldm.training.optim import accumulate_batches
-
-    return accumulate_batches(load_config(config, list(override)))
-
-
 def run(a, gpu: bool, out: Path | None) -> int:
     from ldm.cli.train import run as train
-    from ldm.config import load_config
 
-    cfg = load_config(a.config, [])
-    ctx = (77, int(cfg.model.params.unet_config.params.context_dim))
+    ctx = (77, int(a.cfg.model.params.unet_config.params.context_dim))
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "latents"
         t0 = time.time()

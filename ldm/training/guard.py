@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from ldm.training.step_log import HostReads
+from ldm.training.step_log import HostReads, batches_per_step, closes_window
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +200,8 @@ def min_over_ranks(module: Any, flags: torch.Tensor) -> torch.Tensor:
 def accumulation(module: Any) -> tuple[int, bool]:
     """``(k, last)``: ``trainer.accumulate_grad_batches`` of the module's config (1 for a module without one) and
     whether the current batch (``module.batches_seen``, counted from 1) closes its window of k."""
-    from ldm.training.optim import accumulate_batches  # noqa: PLC0415 - optim imports nothing from here
-
-    cfg = getattr(module, "config", None)
-    k = accumulate_batches(cfg) if cfg is not None else 1
-    return k, k == 1 or module.batches_seen % k == 0
+    k = batches_per_step(module)
+    return k, closes_window(module, k)
 
 
 def _grad_sync(module: Any, sync: bool) -> Any:

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.lr_schedule import linear_warmup
+from ldm.training.step_log import batches_per_step
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def step_generator(module: Any, seed: int) -> torch.Generator:
     the uninterrupted run would have. Without accumulation the batch term is 0."""
     rank = module.global_rank if module.trainer is not None else 0
     step = module.global_step
-    k = accumulate_batches(module.config) if getattr(module, "config", None) is not None else 1
+    k = batches_per_step(module)
     micro = (int(getattr(module, "batches_seen", 1)) - 1) % k  # 0 … k−1 (batches_seen counts the current batch)
     g = torch.Generator(device=module.device)
     g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + micro * 15_485_863) % (2**63 - 1))

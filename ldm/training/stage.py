@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ldm.training.step_log import write_logs
+from ldm.training.step_log import batches_per_step, write_logs
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,7 @@ def window_start(module: Any) -> int:
     stops inside a window (``trainer.max_time``, a callback's ``should_stop``), whose last checkpoint is written at
     the end of training, so resumes with the whole window again (the same batches and draws), not with its last
     batches alone as a smaller step."""
-    from ldm.training.optim import accumulate_batches  # noqa: PLC0415
-
-    k = accumulate_batches(module.config)
-    return int(module.batches_seen) - int(module.batches_seen) % k
+    return int(module.batches_seen) - int(module.batches_seen) % batches_per_step(module)
 
 
 class ResumableStage:

@@ -91,8 +91,9 @@ class HostReads:
 
 def batches_per_step(module: Any) -> int:
     """k: the batches of one optimizer step, ``trainer.accumulate_grad_batches`` of the module's config (1 for a module
-    without one), read once per config (a lookup in it takes ~60 µs of host time, asked twice a batch)."""
-    from ldm.training.optim import accumulate_batches  # noqa: PLC0415 - optim imports nothing from here
+    without one), read once per config (a lookup in it takes ~60 µs of host time, asked several times a batch: the
+    guard, the step's generator, the logs)."""
+    from ldm.training.optim import accumulate_batches  # noqa: PLC0415 - optim imports this module
 
     cfg = getattr(module, "config", None)
     cached = vars(module).get("_batches_per_step")
