@@ -34,15 +34,17 @@ def poisoned(t: torch.Tensor, value: float) -> torch.Tensor:
 class AmpToy(L.LightningModule):
     """A 3-weight linear layer trained by ``guarded_step`` (SGD, a LambdaLR schedule, an EMA) as the stages are: the
     schedule and the EMA step only when ``guarded_step`` says so. Batch i's gradients are ``value`` for i in ``bad``
-    (``bad=None``: every batch)."""
+    (``bad=None``: every batch); its loss is NaN for i in ``nan_loss``."""
 
-    def __init__(self, bad: Iterable[int] | None = (), value: float = INF, max_consecutive: int = 10) -> None:
+    def __init__(self, bad: Iterable[int] | None = (), value: float = INF, max_consecutive: int = 10,
+                 nan_loss: Iterable[int] = ()) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = torch.nn.Linear(3, 1, bias=False)
         torch.nn.init.ones_(self.net.weight)
         self.ema = EMA(self.net, decay=0.9)
         self.bad, self.value = None if bad is None else set(bad), value
+        self.nan_loss = set(nan_loss)  # batches whose loss is NaN (the guard skips them before the scaler)
         self.guard = StepGuard(max_consecutive)
         self.taken: list[bool] = []
         self.scales: list[float] = []  # the scaler's loss scale after each step
@@ -51,6 +53,8 @@ class AmpToy(L.LightningModule):
         out = self.net(batch)
         if self.bad is None or i in self.bad:
             out = poisoned(out, self.value)
+        if i in self.nan_loss:
+            out = out * NAN
         before = self.net.weight.detach().clone()
         took = guarded_step(self, self.optimizers(), out.float().sum(), list(self.net.parameters()))
         assert torch.equal(before, self.net.weight.detach()) != took  # weights move exactly on the steps taken
@@ -124,6 +128,17 @@ def test_a_long_run_of_nan_gradients_stops_the_run_naming_the_grad_scaler(caplog
     assert torch.equal(m.net.weight.detach(), torch.ones(1, 3))
     levels = [r.levelno for r in guard_records(caplog)]
     assert levels == [logging.INFO] * AMP_LOG_FIRST + [logging.DEBUG] * (29 - AMP_LOG_FIRST)
+
+
+def test_a_nan_loss_under_fp16_is_skipped_before_the_scaler_and_counts_in_global_step() -> None:
+    """A NaN loss under fp16: the guard skips the step on the host before the grad scaler sees it (no
+    ``optimizer.step()``: its scale stays, and it has no inf checks to miss), counted in ``skipped``, not in
+    ``amp_skipped``; no schedule or EMA step, and ``trainer.global_step`` counts it as it counts a scaler skip."""
+    m = fit_fp16(AmpToy(nan_loss={1}), 4, init_scale=1024.0)
+    assert m.taken == [True, False, True, True] and m.scales == [1024.0] * 4
+    assert m.trainer.global_step == 4
+    assert schedule_steps(m) == 3 and int(m.ema.num_updates) == 3
+    assert (m.guard.skipped, m.guard.amp_skipped) == (1, 0)
 
 
 def test_scaler_skip_counts_survive_the_guard_state_and_old_states_load() -> None:

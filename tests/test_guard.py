@@ -53,6 +53,82 @@ def test_repeated_failure_stops_the_run_with_a_message():
         fit(Toy(bad_loss={0, 1, 2, 3}, max_consecutive=3))
 
 
+class MomentumToy(Toy):
+    """The Toy with SGD momentum (optimizer state that a skipped step must leave alone); records ``global_step`` and
+    the momentum buffer after each batch."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.steps: list[int] = []
+        self.buffers: list[torch.Tensor] = []
+
+    def training_step(self, batch, i):
+        super().training_step(batch, i)
+        self.steps.append(self.global_step)
+        self.buffers.append(self.optimizers().optimizer.state[self.w]["momentum_buffer"].clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_a_step_skipped_on_the_host_counts_in_global_step_and_max_steps():
+    """Host path (SGD on the CPU): the skipped steps advance ``trainer.global_step`` as the fused path's zero updates
+    do, so ``max_steps=5`` runs 5 batches (windows), skips included, and ``global_step`` stays the window index of
+    the ``train/*`` rows; the weights and the momentum move only on the 3 steps taken."""
+    m = MomentumToy(bad_loss={1}, bad_grad={3})
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, torch.utils.data.DataLoader(torch.ones(8, 3), batch_size=1))
+    assert m.taken == [True, False, True, False, True]
+    assert trainer.global_step == 5 and m.steps == [1, 2, 3, 4, 5]
+    assert m.guard.skipped == 2 and m.guard.consecutive == 0
+    assert torch.equal(m.buffers[1], m.buffers[0]) and torch.equal(m.buffers[3], m.buffers[2])
+    w = torch.nn.Parameter(torch.ones(3))  # the same 3 steps taken alone
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        w.sum().backward()
+        torch.nn.utils.clip_grad_norm_([w], 1.0)
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(m.w.detach(), w.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_counting_a_skipped_step_needs_lightnings_optimizer():
+    """Without the training loop's ``LightningOptimizer`` (a plain torch optimizer, or one outside ``fit``) there is
+    no step counter to advance: nothing happens."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from ldm.training.guard import count_skipped_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    count_skipped_step(opt)
+    count_skipped_step(LightningOptimizer(opt))
+    assert not opt.state and torch.equal(w.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["generator", "discriminator"])
+def test_the_autoencoder_stage_keeps_one_step_per_batch_through_a_host_skip(tmp_path, which):
+    """The autoencoder stage on the CPU (host path), NaN gradients in batch 2 for the generator's step (through
+    Lightning's optimizer: the skip counts in ``global_step``) or the discriminator's (``UncountedStep``: never
+    counted): either way ``global_step`` stays the batch count, so ``max_steps=3`` trains 3 batches, and the
+    checkpoint's step and data position agree; the skipped optimizer's schedule steps twice."""
+    from test_amp_skips import NanGradients
+
+    from ldm.cli.train import run
+
+    trainer = run(["--config", "configs/tiny/autoencoder.yaml", "--run-dir", str(tmp_path), "trainer.max_steps=3",
+                   "train.loss.params.disc_start=0", "train.latent_std_batches=0", "train.image_every_n_steps=0",
+                   "logging.tensorboard=false"], callbacks=[NanGradients(batch=2, which=which)])
+    m = trainer.lightning_module
+    assert (m.guard.skipped, m.guard.amp_skipped) == (1, 0)
+    assert trainer.global_step == 3 and m.batches_seen == 3
+    schedules = [int(s.last_epoch) for s in m.lr_schedulers()]
+    assert schedules == ([2, 3] if which == 0 else [3, 2])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (ckpt["global_step"], ckpt["batches_seen"]) == (3, 3)
+
+
 def test_guard_state_round_trips():
     g = StepGuard()
     g.record(False, "loss", 5)

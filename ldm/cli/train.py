@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ldm.training.logs import ResumePoint
+
 log = logging.getLogger("ldm.train")
 
 STAGES = {
@@ -102,15 +104,16 @@ def tie_rank(path: Path) -> tuple[int, int, str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The run folder's latest checkpoint (:func:`checkpoint_candidates`), or None when there is none: the last saved,
-    by the save time recorded inside each (``ldm_saved_at``), then the greatest ``global_step``, then ``batches_seen``
-    (the data position: a step the guard skipped moves it, not the step), then :func:`tie_rank`; checkpoints of an
-    ldm that recorded no save time come after those that do, by step. Not the files' modification times, which a
-    copy of the run folder (``cp -r``, ``rsync`` without ``-t``, a download) rewrites; not the step first, which would
-    take an abandoned branch after a deliberate ``--resume`` from an earlier checkpoint (its files stay, and the new
-    branch's steps are lower). A requeued job continues from its pre-emption checkpoint, saved after the last
-    periodic one. A file that cannot be read stops the choice with a :class:`ldm.checkpoint.CheckpointError` naming
-    it (it might be the latest one: resuming from an older checkpoint would redo steps, then overwrite it)."""
+    """The run folder's latest checkpoint (:func:`checkpoint_candidates`), or None when there is none: the last
+    saved, by the save time recorded inside each (``ldm_saved_at``), then the greatest ``global_step``, then
+    ``batches_seen`` (the data position: ahead of the step inside an accumulation window, after a stop mid-window),
+    then :func:`tie_rank`; checkpoints of an ldm that recorded no save time come after those that do, by step. Not
+    the files' modification times, which a copy of the run folder (``cp -r``, ``rsync`` without ``-t``, a download)
+    rewrites; not the step first, which would take an abandoned branch after a deliberate ``--resume`` from an
+    earlier checkpoint (its files stay, and the new branch's steps are lower). A requeued job continues from its
+    pre-emption checkpoint, saved after the last periodic one. A file that cannot be read stops the choice with a
+    :class:`ldm.checkpoint.CheckpointError` naming it (it might be the latest one: resuming from an older checkpoint
+    would redo steps, then overwrite it)."""
     found = checkpoint_candidates(run_dir)
     if not found:
         return None
@@ -137,13 +140,36 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return resume
 
 
-def lightning_resumes(run_dir: Path) -> bool:
-    """Whether ``trainer.fit`` given no checkpoint restores one all the same: under SLURM, Lightning continues from the
-    run folder's pre-emption checkpoint ``hpc_ckpt_<N>.ckpt`` (the greatest N) by itself."""
+def lightning_resume_path(run_dir: Path) -> Path | None:
+    """The checkpoint ``trainer.fit`` given none restores all the same: under SLURM, Lightning continues from the run
+    folder's pre-emption checkpoint ``hpc_ckpt_<N>.ckpt`` of the greatest N by itself; None elsewhere."""
     from ldm.training.preemption import slurm_detected  # noqa: PLC0415
 
-    numbered = any(p.stem.removeprefix("hpc_ckpt_").isdigit() for p in run_dir.glob("hpc_ckpt_*.ckpt"))
-    return numbered and slurm_detected()
+    numbers = [int(n) for n in (p.stem.removeprefix("hpc_ckpt_") for p in run_dir.glob("hpc_ckpt_*.ckpt"))
+               if n.isdigit()]
+    return run_dir / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers and slurm_detected() else None
+
+
+def lightning_resumes(run_dir: Path) -> bool:
+    """Whether ``trainer.fit`` given no checkpoint restores one all the same (:func:`lightning_resume_path`)."""
+    return lightning_resume_path(run_dir) is not None
+
+
+def resume_point(ckpt: str | None, run_dir: Path) -> ResumePoint | None:
+    """Where the run continues, for its logs (TensorBoard hides what an interrupted run logged after it): the step and
+    save time of ``ckpt`` (``--resume``) or, without one, of the checkpoint Lightning restores by itself under SLURM
+    (:func:`lightning_resume_path`), read by :func:`checkpoint_progress`; None for a new run, or where the step cannot
+    be read (the resume itself then says why)."""
+    from ldm.checkpoint import CheckpointError  # noqa: PLC0415
+
+    path = Path(ckpt) if ckpt else lightning_resume_path(run_dir)
+    if path is None:
+        return None
+    try:
+        timed, saved, step, _ = checkpoint_progress(path)
+    except CheckpointError:
+        return None
+    return ResumePoint(step, saved if timed else None)
 
 
 def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> Any:
@@ -165,7 +191,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
     ckpt = resolve_resume(args.resume, run_dir)
     resuming = bool(ckpt) or lightning_resumes(run_dir)  # the CSV log and the W&B run continue, or start afresh
-    trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming)
+    trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming, resumed_from=resume_point(ckpt, run_dir))
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)

@@ -18,7 +18,9 @@ Two ways to skip:
   ``max_consecutive`` skips in a row (so the stop may come up to one log interval late). When a checkpoint is saved
   and when training ends they are read at once.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
-  not taken at all (nor is its schedule or EMA step).
+  not taken at all: the weights, the optimizer's state, the schedule and the EMA stay as they were. It still counts
+  in ``trainer.global_step`` (:func:`count_skipped_step`), as on the device: the step axis of ``val/*``, the
+  checkpoints and ``trainer.max_steps`` stays that of the ``train/*`` rows (the window index) on both paths.
 
 Under fp16 AMP (``trainer.precision: 16-mixed``) the gradients are not checked here: Lightning's AMP grad scaler
 unscales them inside ``optimizer.step()``, skips the update when any is inf/NaN and halves its loss scale S (only
@@ -50,6 +52,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from ldm.training.step_log import HostReads, batches_per_step, closes_window
 
@@ -227,7 +230,7 @@ def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[t
     """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
     schedule and EMA: False for a step skipped on the host, for one the fp16 grad scaler skipped and for a batch
     that only accumulates gradients (see the module docstring); always True for a step when skips stay on the
-    device.
+    device. A skipped step counts in ``trainer.global_step`` on every path; a batch that only accumulates does not.
 
     ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed after every step, taken or skipped.
     """
@@ -311,8 +314,9 @@ def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[
     guard: StepGuard = module.guard
     loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
     if not (loss_ok and grads_ok):
-        guard.record(False, "loss" if not loss_ok else "gradients", module.global_step)
+        guard.record(False, "loss" if not loss_ok else "gradients", module.global_step)  # the skipped step's index
         optimizer.zero_grad(set_to_none=True)
+        count_skipped_step(optimizer)
         return False
     _clip(grads, clip, norm, scaler)
     step = module.global_step  # before the step, which advances it
@@ -326,6 +330,24 @@ def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[
             return False  # not taken: no schedule or EMA step; neither ends nor extends a run of non-finite losses
     guard.record(True, "", step)
     return True
+
+
+def count_skipped_step(optimizer: Any) -> None:
+    """Count a step skipped on the host in ``trainer.global_step`` without taking it.
+
+    Why: under manual optimization Lightning's ``global_step`` is the manual loop's ``optim_step_progress`` (its
+    completed count), advanced only inside ``LightningOptimizer.step``, by the ``_on_before_step`` and
+    ``_on_after_step`` hooks the loop sets for the training step (``increment_ready``, ``increment_completed``).
+    The device path and an fp16 grad-scaler skip call ``step()`` and so count a skipped step; a host skip that did
+    not would let ``val/*``, checkpoint names and ``trainer.max_steps`` fall one step behind the ``train/*`` rows'
+    window index per skip. Calling the step itself with the gradients cleared is no way out: under fp16 the grad
+    scaler's ``step`` then asserts (``No inf checks were recorded for this optimizer``), and it would run the
+    ``on_before_optimizer_step`` hooks for a step not taken. So the two hooks alone, which touch only the loop's
+    counter and its profiler. Nothing for another handle (a plain torch optimizer, or the autoencoder's
+    ``UncountedStep``, whose steps are not counted anyway); outside the training step the hooks do nothing."""
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer._on_before_step()
+        optimizer._on_after_step()
 
 
 def _scale_copy(scaler: Any) -> torch.Tensor | None:

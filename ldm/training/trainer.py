@@ -18,6 +18,7 @@ from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport,
                                     warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
+from ldm.training.logs import ResumePoint, resumable_csv_logger, resumable_tensorboard_logger
 from ldm.training.preemption import SlurmRequeue, slurm_detected
 from ldm.training.step_log import LearningRates
 from ldm.training.validation import build_validation
@@ -74,17 +75,18 @@ def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     return run_id
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> list[Any]:
-    from lightning.pytorch.loggers import TensorBoardLogger  # noqa: PLC0415
-
-    from ldm.training.logs import resumable_csv_logger  # noqa: PLC0415
-
+def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False,
+                  resumed_from: ResumePoint | None = None) -> list[Any]:
+    """The config's loggers. ``resuming``: the run continues from a checkpoint (the CSV log and the W&B run continue);
+    ``resumed_from``: that checkpoint's step and save time, where TensorBoard hides what an interrupted run logged
+    after it (:func:`ldm.training.logs.resumable_tensorboard_logger`); it implies ``resuming``."""
+    resuming = resuming or resumed_from is not None
     lc = cfg.get("logging") or {}
     loggers: list[Any] = []
     if lc.get("csv", True):
         loggers.append(resumable_csv_logger(run_dir, resuming))
     if lc.get("tensorboard", True):
-        loggers.append(TensorBoardLogger(run_dir, name="tb", version=""))
+        loggers.append(resumable_tensorboard_logger(run_dir, resuming, resumed_from))
     wb = lc.get("wandb")
     if wandb_on(lc):
         from lightning.pytorch.loggers import WandbLogger  # noqa: PLC0415
@@ -162,10 +164,11 @@ def build_strategy(name: Any, timeout_s: float) -> Any:
 
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None,
-                  resuming: bool = False) -> L.Trainer:
+                  resuming: bool = False, resumed_from: ResumePoint | None = None) -> L.Trainer:
     """The ``trainer`` section passes through to ``lightning.Trainer`` (unknown keys fail, named); ``callbacks`` are
     added to the ones the config asks for (benchmarks, tests); ``resuming``: the run continues from a checkpoint
-    (its W&B run and its CSV log continue too)."""
+    (its W&B run and its CSV log continue too), ``resumed_from``: that checkpoint's step and save time
+    (:func:`build_loggers`)."""
     run_dir = Path(run_dir)
     check_no_secrets(cfg)
     tc = OmegaConf.to_container(cfg.get("trainer") or OmegaConf.create({}), resolve=True)
@@ -196,7 +199,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
 
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(SlurmRequeue(timeout_s=timeout_s))
-    trainer = L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming),
+    trainer = L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming, resumed_from),
                         callbacks=callbacks, plugins=plugins, **tc)
     bound_ddp_timeout(trainer, timeout_s)
     return trainer
