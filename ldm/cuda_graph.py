@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -63,6 +63,29 @@ def without_autocast_cache(device_type: str) -> contextlib.AbstractContextManage
     if not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+def clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's cached workspaces (one per handle and stream, kept by torch for the life of the process)."""
+    torch._C._cuda_clearCublasWorkspaces()
+
+
+@contextlib.contextmanager
+def cublas_workspaces_cleared() -> Iterator[None]:
+    """cuBLAS's cached workspaces dropped before a capture and after it, as inductor's CUDA-graph trees do around
+    theirs (``torch._inductor.cudagraph_trees.clear_cublas_manager``). A matmul recorded in a graph allocates its
+    workspace for the capture stream inside the graph's private memory pool; kept in torch's cache, that workspace
+    would outlive the graph (and be handed to every later matmul on that stream, in other graphs too) while its
+    memory belongs to the graph's pool. Dropped at the end of the capture, the memory stays the graph's alone.
+    Measured on an H100 (docs/BENCHMARKS.md, eighteenth session): without it, a model compiled with
+    ``reduce-overhead`` crashed ("CUDA error: unspecified launch failure") on its second run after another compiled
+    model, in a process where models replayed from these graphs had run and been freed (both probe scenarios);
+    with it, that run gives its first latents exactly."""
+    clear_cublas_workspaces()
+    try:
+        yield
+    finally:
+        clear_cublas_workspaces()
 
 
 MANY_GRAPHS = 32  # a GraphedCall that has recorded this many graphs says so (each holds its own memory)
@@ -153,7 +176,7 @@ class GraphedCall:
 
     def _capture(self, leaves: list, spec: Any,
                  device: torch.device) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]:
-        with without_autocast_cache(device.type):
+        with without_autocast_cache(device.type), cublas_workspaces_cleared():
             return self._record(leaves, spec, device)
 
     def _record(self, leaves: list, spec: Any,

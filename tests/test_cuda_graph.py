@@ -3,11 +3,17 @@ autograd), one recorded graph per input signature on a GPU, replays equal to eag
 result."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from cuda_stand_in import stand_in_cuda
 
 import ldm
+import ldm.cuda_graph
 from ldm.cuda_graph import GraphedCall, call_signature, signature, without_autocast_cache
 from ldm.fast import compile_text_encoder, graph_text_encoder, graph_unet, optimize
 
@@ -109,6 +115,40 @@ def test_replays_read_each_call_s_tensors_through_the_static_inputs(monkeypatch)
         torch.testing.assert_close(y2, StandInGraph.pure(*calls[2][:2], context=calls[2][2], repeat=1))
     args, kwargs, _ = StandInGraph.calls[-1]
     assert args[0] is not calls[2][0] and kwargs["context"] is not calls[2][2]  # recorded on copies of the inputs
+
+
+def test_a_capture_drops_cublas_workspaces_before_and_after_it(monkeypatch):
+    """cuBLAS's cached workspace for the capture stream, allocated inside the graph's private pool while it records,
+    must not stay in torch's cache after the capture (inductor's CUDA-graph trees clear it around theirs too):
+    cleared before the warm-up and after the capture, and only then."""
+    events: list[str] = []
+    StandInGraph.calls = []
+
+    def fn(x, t, context=None, repeat=1):
+        events.append("call")
+        out = StandInGraph.pure(x, t, context=context, repeat=repeat)
+        StandInGraph.calls.append(((x, t), {"context": context, "repeat": repeat}, out))
+        return out
+
+    stand_in_cuda(monkeypatch, StandInGraph, lambda: StandInGraph.calls[-1])
+    capture = torch.cuda.graph
+
+    @contextlib.contextmanager
+    def logged_capture(graph):
+        events.append("capture")
+        with capture(graph):
+            yield
+        events.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "graph", logged_capture)
+    monkeypatch.setattr(ldm.cuda_graph, "clear_cublas_workspaces", lambda: events.append("clear"))
+    graphed = GraphedCall(fn, name="fn")
+    graphed.device_type = "cpu"
+    x, t, ctx = torch.randn(2, 3), torch.randn(2), torch.randn(4, 5)
+    with torch.no_grad():
+        graphed(x, t, context=ctx)  # warm-up calls and the capture
+        graphed(x + 1, t, context=ctx)  # a replay: nothing cleared
+    assert events == ["clear", "call", "call", "capture", "call", "captured", "clear"]
 
 
 def test_optimize_graphs_the_eager_unet_on_request_and_the_last_call_wins():
@@ -269,6 +309,19 @@ def test_a_graphed_unet_replays_what_the_eager_one_computes():
         optimize(model, compile=False, compile_text=False, unet_graph=True)
         graphed = model.generate(**kw, output="latent")
     torch.testing.assert_close(graphed, eager, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("second", ["copy", "load"])
+def test_compiled_models_replay_after_models_replayed_from_these_graphs_were_freed(second):
+    """The seventeenth session's crash ("CUDA error: unspecified launch failure"): models graphed here run and are
+    freed, then a model compiled with reduce-overhead runs, a second one (its deepcopy, or one loaded anew) runs, and
+    the first runs again. It crashed every time before the capture dropped cuBLAS's workspaces
+    (:func:`ldm.cuda_graph.cublas_workspaces_cleared`). In a process of its own: a CUDA error is sticky."""
+    probe = Path(__file__).resolve().parents[1] / "scripts" / "plans" / "graph_crash_probe.py"
+    run = subprocess.run([sys.executable, str(probe), "--scenario", "graphed-freed", "--second", second],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and ": same" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_a_weight_reinterpreted_at_its_old_address_records_the_graphs_again():

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Probe for the GPU crash seen once in the seventeenth session (docs/results/gpu-crash-h100-2026-12-07-seventeenth.txt):
-"CUDA error: unspecified launch failure" when a model compiled with ``mode="reduce-overhead"`` replayed again after a
-second compiled model (its deepcopy) had run, in a process where two models graphed with ``unet_graph=True`` had been
-used and freed before. One scenario per process (a CUDA error is sticky), each printed as one line:
+"""Probe for the GPU crash first seen in the seventeenth session
+(docs/results/gpu-crash-h100-2026-12-07-seventeenth.txt): "CUDA error: unspecified launch failure" when a model
+compiled with ``mode="reduce-overhead"`` replayed again after a second compiled model (its deepcopy) had run, in a
+process where two models graphed with ``unet_graph=True`` had been used and freed before. One scenario per process
+(a CUDA error is sticky), each printed as one line:
 
     for s in graphed-freed graphed-kept no-graphed; do for c in copy load; do
         python scripts/plans/graph_crash_probe.py --scenario $s --second $c; done; done
@@ -10,6 +11,11 @@ used and freed before. One scenario per process (a CUDA error is sticky), each p
 ``--scenario``: two eager-graphed models first, freed (``graphed-freed``) or kept alive (``graphed-kept``), or none
 (``no-graphed``); ``--second``: the second compiled model is a ``copy.deepcopy`` of the first or a model loaded anew.
 Then A, B, A are sampled; A's second latents must equal its first exactly.
+
+On an H100 (eighteenth session, docs/results/graph-crash-probe-h100-2026-12-07-eighteenth.txt) both
+``graphed-freed`` scenarios crashed and the four others gave "same"; after ``GraphedCall`` cleared cuBLAS's cached
+workspaces around its captures (:func:`ldm.cuda_graph.cublas_workspaces_cleared`) both gave "same".
+``tests/test_cuda_graph.py`` runs them as GPU tests.
 """
 from __future__ import annotations
 
