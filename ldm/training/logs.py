@@ -162,9 +162,10 @@ def resumable_tensorboard_logger(run_dir: str | Path, resuming: bool = False,
     disk. A resumed run whose checkpoint step is unknown (``resuming`` without ``resumed_from``) purges nothing.
 
     TensorBoard's Python reader (``EventAccumulator``, ``tensorboard --load_fast=false``) follows the marker; its Rust
-    data server (the default where it is installed) ignores it, and drops instead, series by series, a series' points
-    from the step that series is logged at again; a point the resumed run never logs again stays there (the
-    interrupted run's throughput of step G: the resumed process has none for its first step)."""
+    data server (the default where it is installed) ignores it by its source (not tested here), and drops instead,
+    series by series, a series' points from the step that series is logged at again; a point the resumed run never
+    logs again stays there (the interrupted run's throughput of step G: the resumed process has none for its first
+    step)."""
     from lightning.fabric.loggers.logger import rank_zero_experiment  # noqa: PLC0415
     from lightning.pytorch.loggers import TensorBoardLogger  # noqa: PLC0415
 
