@@ -89,12 +89,12 @@ def test_a_run_lightning_resumes_by_itself_under_slurm_counts_as_resuming(tmp_pa
     """Under SLURM, ``trainer.fit`` without a checkpoint restores the run folder's ``hpc_ckpt_<N>.ckpt`` by itself:
     such a run continues its CSV log (and W&B run) like one given ``--resume``, rather than starting them afresh."""
     import ldm.training.preemption as preemption
-    from ldm.cli.train import lightning_resumes
+    from ldm.cli.train import lightning_resume_path
 
     (tmp_path / "hpc_ckpt_x.ckpt").write_bytes(b"")  # not a name Lightning restores
     monkeypatch.setattr(preemption, "slurm_detected", lambda: True)
-    assert not lightning_resumes(tmp_path)
+    assert lightning_resume_path(tmp_path) is None
     (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(b"")
-    assert lightning_resumes(tmp_path)
+    assert lightning_resume_path(tmp_path) is not None
     monkeypatch.setattr(preemption, "slurm_detected", lambda: False)
-    assert not lightning_resumes(tmp_path)
+    assert lightning_resume_path(tmp_path) is None

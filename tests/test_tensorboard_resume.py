@@ -100,15 +100,15 @@ def test_the_resume_point_is_the_checkpoint_lightning_restores_under_slurm(tmp_p
     """Without ``--resume`` under SLURM Lightning restores ``hpc_ckpt_<N>.ckpt`` of the greatest N by itself: its step
     and save time are where the logs continue; elsewhere, a new run. A given checkpoint's are read from it."""
     import ldm.training.preemption as preemption
-    from ldm.cli.train import resume_point
+    from ldm.cli.train import restored_checkpoint, resume_point
     from ldm.training.logs import ResumePoint
 
     torch.save({"global_step": 3, "ldm_saved_at": 100.0}, tmp_path / "hpc_ckpt_1.ckpt")
     torch.save({"global_step": 7, "ldm_saved_at": 200.0}, tmp_path / "hpc_ckpt_2.ckpt")
     torch.save({"global_step": 5}, tmp_path / "old.ckpt")  # an ldm that recorded no save time
     monkeypatch.setattr(preemption, "slurm_detected", lambda: True)
-    assert resume_point(None, tmp_path) == ResumePoint(7, 200.0)
-    assert resume_point(str(tmp_path / "hpc_ckpt_1.ckpt"), tmp_path) == ResumePoint(3, 100.0)
-    assert resume_point(str(tmp_path / "old.ckpt"), tmp_path) == ResumePoint(5, None)
+    assert resume_point(restored_checkpoint(None, tmp_path)) == ResumePoint(7, 200.0)
+    assert resume_point(restored_checkpoint(str(tmp_path / "hpc_ckpt_1.ckpt"), tmp_path)) == ResumePoint(3, 100.0)
+    assert resume_point(restored_checkpoint(str(tmp_path / "old.ckpt"), tmp_path)) == ResumePoint(5, None)
     monkeypatch.setattr(preemption, "slurm_detected", lambda: False)
-    assert resume_point(None, tmp_path) is None
+    assert resume_point(restored_checkpoint(None, tmp_path)) is None

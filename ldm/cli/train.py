@@ -150,19 +150,18 @@ def lightning_resume_path(run_dir: Path) -> Path | None:
     return run_dir / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers and slurm_detected() else None
 
 
-def lightning_resumes(run_dir: Path) -> bool:
-    """Whether ``trainer.fit`` given no checkpoint restores one all the same (:func:`lightning_resume_path`)."""
-    return lightning_resume_path(run_dir) is not None
+def restored_checkpoint(ckpt: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint the run continues from: ``ckpt`` (``--resume``) or, without one, the one ``trainer.fit``
+    restores by itself under SLURM (:func:`lightning_resume_path`); None for a new run."""
+    return Path(ckpt) if ckpt else lightning_resume_path(run_dir)
 
 
-def resume_point(ckpt: str | None, run_dir: Path) -> ResumePoint | None:
+def resume_point(path: Path | None) -> ResumePoint | None:
     """Where the run continues, for its logs (TensorBoard hides what an interrupted run logged after it): the step and
-    save time of ``ckpt`` (``--resume``) or, without one, of the checkpoint Lightning restores by itself under SLURM
-    (:func:`lightning_resume_path`), read by :func:`checkpoint_progress`; None for a new run, or where the step cannot
-    be read (the resume itself then says why)."""
+    save time of the checkpoint at ``path`` (:func:`restored_checkpoint`), read by :func:`checkpoint_progress`; None
+    for a new run, or where the step cannot be read (the resume itself then says why)."""
     from ldm.checkpoint import CheckpointError  # noqa: PLC0415
 
-    path = Path(ckpt) if ckpt else lightning_resume_path(run_dir)
     if path is None:
         return None
     try:
@@ -190,8 +189,9 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     dm = build_datamodule(cfg)
     L.seed_everything(int(cfg.train.get("seed", 0)), workers=True, verbose=False)  # identical init on every rank
     ckpt = resolve_resume(args.resume, run_dir)
-    resuming = bool(ckpt) or lightning_resumes(run_dir)  # the CSV log and the W&B run continue, or start afresh
-    trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming, resumed_from=resume_point(ckpt, run_dir))
+    restored = restored_checkpoint(ckpt, run_dir)
+    resuming = restored is not None  # the CSV log and the W&B run continue, or start afresh
+    trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming, resumed_from=resume_point(restored))
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
