@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test (`@pytest.mark.gpu`) on a lent machine. The device image lacks the dev-only packages some test
 # modules import at collection (k-diffusion, resvg-py), so `pytest -m gpu tests/` stops at collection there: this
-# collects only the modules that hold a GPU test. About 230 s on an H100 (12-06, twelfth session); 214 s for the 10
-# tests of 12-07 (eighteenth), to which the crash probe's two (~40 s each) were added after.
+# collects only the modules that hold a GPU test. About 230 s on an H100 (12-06, twelfth session); 258 s for the 12
+# tests of 12-07 (nineteenth session), the crash probe's two included.
 #   scripts/plans/gpu-tests.sh [OUT]
 set -uo pipefail
 PY=${PYTHON:-python3}
