@@ -125,14 +125,25 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def encode_text(self, prompts: list[str] | str, long: bool = False) -> torch.Tensor:
+    def encode_text(self, prompts: list[str] | str, long: bool = False, emphasis: str | None = None) -> torch.Tensor:
         """Prompts (or one prompt) -> token-level context (B, 77, D) in the U-Net's dtype; ``long``: prompts past 75
-        tokens in chunks, (B, k·77, D) (:mod:`ldm.conditioning.chunks`), where a text encoder offers it."""
+        tokens in chunks, (B, k·77, D) (:mod:`ldm.conditioning.chunks`), where a text encoder offers it;
+        ``emphasis`` ("original" or "no_norm"): prompts in the web UI's emphasis syntax, ``(text:1.2)``,
+        ``[text]``, ``BREAK`` (:mod:`ldm.conditioning.emphasis`), in chunks as with ``long``."""
+        from ldm.conditioning.emphasis import check_mode  # noqa: PLC0415
+
+        check_mode(emphasis)
         prompts = [prompts] if isinstance(prompts, str) else prompts  # list("a cat") would be five prompts
-        if long and not hasattr(self.cond_stage_model, "encode_long"):
-            raise ValueError(f"long prompts: {type(self.cond_stage_model).__name__} cannot encode them in chunks")
+        enc = self.cond_stage_model
+        for asked, method, what in ((long, "encode_long", "encode long prompts in chunks"),
+                                    (emphasis, "encode_weighted", "weight prompts (emphasis)")):
+            if asked and not hasattr(enc, method):
+                raise ValueError(f"{type(enc).__name__} cannot {what}")
         with torch.no_grad():
-            c = (self.cond_stage_model.encode_long if long else self.cond_stage_model)(list(prompts))
+            if emphasis is not None:
+                c = enc.encode_weighted(list(prompts), mode=emphasis)
+            else:
+                c = (enc.encode_long if long else enc)(list(prompts))
         return c.to(device=self.device, dtype=self.dtype)
 
     def denoiser(self) -> nn.Module:

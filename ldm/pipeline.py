@@ -98,11 +98,13 @@ def _sigmas(model: Any, a: GenerateArgs) -> torch.Tensor:
     return get_sigmas(model.alphas_cumprod, a.steps, kind)
 
 
-def _conditioning(model: Any, prompts: list[str], negative: list[str], long: bool = False) -> tuple[dict, dict]:
+def _conditioning(model: Any, prompts: list[str], negative: list[str], long: bool = False,
+                  emphasis: str | None = None) -> tuple[dict, dict]:
     """Both branches' contexts from one text-encoder call (half the launches of two; each prompt is encoded on its
     own: no padding mask or cross-prompt attention couples the batch)."""
-    # (``long`` passed only when set: encode_text(prompts) is the interface other text encoders' models offer)
-    cu = model.encode_text(prompts + negative, long=True) if long else model.encode_text(prompts + negative)
+    # (options passed only when set: encode_text(prompts) is the interface other text encoders' models offer)
+    options = {k: v for k, v in (("long", long), ("emphasis", emphasis)) if v}
+    cu = model.encode_text(prompts + negative, **options)
     c, u = cu.split(len(prompts))  # (B, 77, D) each
     return {"context": c}, {"context": u}
 
@@ -114,7 +116,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
              latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None,
              strength: float = 0.8,
              mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True,
-             long_prompts: bool = False) -> Any:
+             long_prompts: bool = False, emphasis: str | None = None) -> Any:
     """Generate images.
 
     Args:
@@ -135,6 +137,12 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
             instead of truncating them (the original scripts' and diffusers' way, the default). The batch's rows
             share the chunk count (:mod:`ldm.conditioning.chunks`): with prompts of different lengths an image can
             change with its batch.
+        emphasis: None (the default: prompts are read literally, as by the original scripts and diffusers), or
+            "original" / "no_norm": prompts and negative prompts in the AUTOMATIC1111 web UI's emphasis syntax,
+            ``(text)`` ×1.1, ``[text]`` ÷1.1, ``(text:w)`` ×w, ``\\(`` a literal bracket, ``BREAK`` a new chunk;
+            "original" restores each chunk's mean after weighting, as the web UI's default does
+            (:mod:`ldm.conditioning.emphasis`). Prompts are then read in chunks of 75 tokens, as with
+            ``long_prompts``.
         sigmas: σ schedule: "auto", "discrete", "karras", "exponential", "ddim", "leading" or "trailing" (see
             :func:`ldm.diffusion.schedules.get_sigmas`; "leading" is what diffusers' Euler/Heun/LMS schedulers use
             with SD's scheduler config).
@@ -170,7 +178,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     noise = noise.to(dev, torch.float32)
     sig_cpu = _sigmas(model, a)  # (steps+1,) on the CPU: its last value is read without a device sync
     sig = sig_cpu.to(dev)
-    cond, uncond = _conditioning(model, prompts, negative, long_prompts)
+    cond, uncond = _conditioning(model, prompts, negative, long_prompts, emphasis)
     x = pure = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
     z0, masked_with = None, None
     if init_image is not None:

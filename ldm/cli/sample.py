@@ -26,6 +26,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from ldm.conditioning.emphasis import EMPHASIS_MODES  # noqa: PLC0415
     from ldm.diffusion.samplers import SAMPLERS  # noqa: PLC0415
     from ldm.diffusion.schedules import SIGMA_KINDS  # noqa: PLC0415
 
@@ -39,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--long-prompts", action="store_true",
                    help="encode prompts past 75 tokens in chunks (the web UIs' way) instead of truncating them; "
                         "a batch's prompts share the chunk count, so an image can change with its batch")
+    p.add_argument("--emphasis", choices=EMPHASIS_MODES, default=None,
+                   help="read prompts in the web UI's emphasis syntax: (text) x1.1, [text] /1.1, (text:1.3) x1.3, "
+                        "\\( a literal bracket, BREAK a new 75-token chunk; 'original' restores each chunk's mean "
+                        "after weighting (the web UI's default), 'no_norm' does not (default: prompts read literally)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
@@ -354,7 +359,7 @@ def _optional_settings(a: argparse.Namespace) -> list[str]:
     """The "Key: value" items of the settings that were given."""
     items = [("Eta", a.eta if a.eta is not None else None), ("LoRA", lora_text(a) if a.lora else None),
              ("VAE", Path(a.vae).name if a.vae else None), ("Clip skip", a.clip_skip),
-             ("Denoising strength", a.strength if a.init_image else None)]
+             ("Denoising strength", a.strength if a.init_image else None), ("Emphasis", a.emphasis)]
     return [f"{k}: {v}" for k, v in items if v is not None]
 
 
@@ -426,7 +431,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         imgs = model.generate(chunk, negative_prompts=a.negative_prompt, sampler=a.sampler, steps=a.steps,
                               guidance=a.guidance, guidance_rescale=a.guidance_rescale, seed=a.seed + start,
                               height=height, width=width, eta=a.eta, init_image=init, strength=strength,
-                              mask=mask, sigmas=a.sigmas, long_prompts=a.long_prompts)
+                              mask=mask, sigmas=a.sigmas, long_prompts=a.long_prompts, emphasis=a.emphasis)
         for i, (p, im) in enumerate(zip(chunk, imgs)):
             seed = a.seed + start + i
             info = PngImagePlugin.PngInfo()

@@ -55,3 +55,23 @@ def chunk_rows(chunks: list[list[list[int]]], length: int, sot: int, eot: int, p
             row = [sot, *(prompt[j] if j < len(prompt) else []), eot]
             out[i, j, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def weight_rows(weights: list[list[list[float]]], length: int) -> torch.Tensor:
+    """Per prompt, the weights of its chunks' ids (as :func:`chunk_rows` lays out the ids) → (B, k, length) float32:
+    1 for the start and end tokens, the padding and the empty chunks that fill a shorter prompt."""
+    k = max(len(c) for c in weights)
+    out = torch.ones(len(weights), k, length)
+    for i, prompt in enumerate(weights):
+        for j, chunk in enumerate(prompt):
+            out[i, j, 1: 1 + len(chunk)] = torch.tensor(chunk, dtype=torch.float32)
+    return out
+
+
+def split_like(values: list, chunks: list[list]) -> list[list]:
+    """``values`` cut into runs of the lengths of ``chunks`` (the weights of :func:`chunk_ids`'s chunks)."""
+    out, at = [], 0
+    for chunk in chunks:
+        out.append(values[at: at + len(chunk)])
+        at += len(chunk)
+    return out

@@ -281,19 +281,64 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def tokenize_long(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts of any length -> ids (B, k, max_length) in k chunks (:mod:`ldm.conditioning.chunks`)."""
-        from ldm.conditioning.chunks import chunk_ids, chunk_rows  # noqa: PLC0415
+        from ldm.conditioning.chunks import chunk_rows  # noqa: PLC0415
 
-        tok, n = bpe_tokenizer(), self.max_length
+        tok = bpe_tokenizer()
         prompts = _checked([prompts] if isinstance(prompts, str) else list(prompts))
-        comma, V = tok.encode(",")[0], self.model.vocab_size
+        chunks = [self._chunks(self._encode_text(p)) for p in prompts]
+        return chunk_rows(chunks, self.max_length, tok.sot_token_id, tok.eot_token_id, self.pad_token)
+
+    def _chunks(self, ids: list[int]) -> list[list[int]]:
+        """One prompt's ids cut into chunks of at most max_length - 2 (:func:`ldm.conditioning.chunks.chunk_ids`)."""
+        from ldm.conditioning.chunks import chunk_ids  # noqa: PLC0415
+
+        comma = bpe_tokenizer().encode(",")[0]
         starts = frozenset(s for s, _ in self.embeddings.values())
-        chunks = [chunk_ids(self._encode_text(p), n - 2, comma, vocab=V, starts=starts) for p in prompts]
-        return chunk_rows(chunks, n, tok.sot_token_id, tok.eot_token_id, self.pad_token)
+        return chunk_ids(ids, self.max_length - 2, comma, vocab=self.model.vocab_size, starts=starts)
 
     def encode_long(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts of any length -> context (B, k·max_length, width): each chunk encoded on its own, concatenated."""
         ids = self.tokenize_long(prompts)  # (B, k, L)
         return torch.cat([self.encode_tokens(ids[:, j]) for j in range(ids.shape[1])], dim=1)  # (B, k·L, W)
+
+    # -- prompt emphasis (ldm.conditioning.emphasis) -------------------------------------------------------
+    def tokenize_weighted(self, prompts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts in the emphasis syntax -> ids (B, k, max_length) in k chunks, as :meth:`tokenize_long` cuts them
+        (``BREAK`` also ends a chunk), and each id's weight (B, k, max_length), float32. Each run of text of one
+        weight is tokenized on its own (as the web UI does), so the brackets never join or split a word."""
+        from ldm.conditioning.chunks import chunk_rows, split_like, weight_rows  # noqa: PLC0415
+        from ldm.conditioning.emphasis import parse_emphasis  # noqa: PLC0415
+
+        tok = bpe_tokenizer()
+        prompts = _checked([prompts] if isinstance(prompts, str) else list(prompts))
+        ids, weights = [], []
+        for prompt in prompts:
+            segments: list[tuple[list[int], list[float]]] = [([], [])]  # the runs between BREAKs
+            for text, w in parse_emphasis(prompt):
+                if w is None:
+                    segments.append(([], []))
+                    continue
+                piece = self._encode_text(text)
+                segments[-1][0].extend(piece)
+                segments[-1][1].extend([w] * len(piece))
+            if len(segments) > 1 and not segments[-1][0]:  # a BREAK at the end adds no chunk
+                segments.pop()
+            chunks = [self._chunks(seg_ids) for seg_ids, _ in segments]
+            ids.append([c for seg in chunks for c in seg])
+            weights.append([c for seg, (_, ws) in zip(chunks, segments) for c in split_like(ws, seg)])
+        rows = chunk_rows(ids, self.max_length, tok.sot_token_id, tok.eot_token_id, self.pad_token)
+        return rows, weight_rows(weights, self.max_length)
+
+    def encode_weighted(self, prompts: list[str] | str, mode: str = "original") -> torch.Tensor:
+        """Prompts in the emphasis syntax -> context (B, k·max_length, width): each chunk encoded on its own, its
+        hidden states weighted (:func:`ldm.conditioning.emphasis.apply_emphasis`, ``mode`` "original" or
+        "no_norm"), the chunks concatenated. A prompt without brackets gives :meth:`encode_long`'s context."""
+        from ldm.conditioning.emphasis import apply_emphasis, check_mode  # noqa: PLC0415
+
+        check_mode(mode)
+        ids, w = self.tokenize_weighted(prompts)  # (B, k, L) each
+        return torch.cat([apply_emphasis(self.encode_tokens(ids[:, j]), w[:, j], mode)
+                          for j in range(ids.shape[1])], dim=1)  # (B, k·L, W)
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (B, L) -> hidden states of ``self.layer`` after ln_final, (B, L, width), causal mask."""
