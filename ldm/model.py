@@ -17,7 +17,8 @@ from ldm.registry import ConfigError, instantiate
 log = logging.getLogger(__name__)
 
 # Keys of the original LatentDiffusion / DDPM constructors that only matter to the original training code.
-# They are accepted (so original YAMLs load) and ignored; anything else unknown is an error.
+# They are accepted (so original YAMLs load) and ignored by the model; anything else unknown is an error.
+# (cond_stage_trainable is read by the diffusion training stage: ldm.diffusion.joint_text.)
 IGNORED_LDM_PARAMS = frozenset({
     "num_timesteps_cond", "log_every_t", "first_stage_key", "cond_stage_key", "monitor", "cond_stage_trainable",
     "use_ema", "scale_by_std", "clip_denoised", "loss_type", "l_simple_weight", "original_elbo_weight",

@@ -1,4 +1,5 @@
-"""Stage 2: train the U-Net of a latent diffusion model (frozen autoencoder and text encoder).
+"""Stage 2: train the U-Net of a latent diffusion model (frozen autoencoder; frozen text encoder unless
+``model.params.cond_stage_trainable``, :mod:`ldm.diffusion.joint_text`).
 
 The math lives in :mod:`ldm.diffusion.losses`; this module wires it to Lightning: manual optimization through
 :func:`ldm.training.guard.guarded_step`, EMA, caption dropout, latent-scale measurement, LoRA, per-step seeded noise
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.autotune import guard_conv_templates
+from ldm.diffusion.joint_text import check_joint_text_config, text_encoder_trainable, unfreeze_text_encoder
 from ldm.ema import EMA
 from ldm.registry import ConfigError
 from ldm.training.datamodule import check_buckets
@@ -49,10 +51,14 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
         self.net.config = config
         load_components(self.net, t.get("components") or {})
+        check_joint_text_config(config)
         check_latent_caches(config, self.net)
         check_buckets(config, "diffusion", self.net.first_stage_model.downsample_factor)
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
+        self.text_trainable = text_encoder_trainable(config)  # model.params.cond_stage_trainable (joint_text)
+        if self.text_trainable:
+            unfreeze_text_encoder(self.net.cond_stage_model)
         if t.get("gradient_checkpointing") is not None:  # overrides the U-Net config's use_checkpoint
             self.net.unet.set_gradient_checkpointing(bool(t.gradient_checkpointing))
         lora = t.get("lora") or {}
@@ -82,27 +88,50 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
     def _context(self, batch: dict[str, Any], gen: torch.Generator, dropout: bool = True) -> torch.Tensor:
         """Token states (B, 77, D) of the captions (or the cached ones); with probability ``train.caption_dropout``
         (when ``dropout``) a row is replaced by the empty-prompt embedding, the unconditional branch of
-        classifier-free guidance."""
-        with torch.no_grad():
-            c = batch["context"] if "context" in batch else self.net.cond_stage_model(list(batch["caption"]))
-        c = c.to(self.device)
+        classifier-free guidance. A text encoder that trains (:mod:`ldm.diffusion.joint_text`) encodes them with
+        gradients, "" in the same call."""
         p = float(self.config.train.get("caption_dropout", 0.0)) if dropout else 0.0
+        if self.text_trainable and "context" in batch:
+            raise ConfigError("model.params.cond_stage_trainable: true but the batches hold cached token states (a "
+                              "latent cache made with the text encoder): train from images or cache without them")
+        if self.text_trainable and torch.is_grad_enabled():
+            captions = list(batch["caption"])
+            both = self.net.cond_stage_model(captions + ([""] if p > 0 else [])).to(self.device)  # (B [+ 1], 77, D)
+            c, empty = both[: len(captions)], both[len(captions):]
+        else:
+            with torch.no_grad():
+                c = batch["context"] if "context" in batch else self.net.cond_stage_model(list(batch["caption"]))
+            c, empty = c.to(self.device), None
         if p > 0:
             drop = torch.rand(c.shape[0], generator=gen, device=gen.device) < p  # (B,)
-            c = torch.where(drop.to(c.device)[:, None, None], self._empty_context().to(c.dtype), c)
+            empty = self._empty_context() if empty is None else empty
+            c = torch.where(drop.to(c.device)[:, None, None], empty.to(c.dtype), c)
         return c
 
     def _empty_context(self) -> torch.Tensor:
-        """The embedding of "" (1, 77, D), computed once: frozen text encoder, so it never changes."""
+        """The embedding of "" (1, 77, D), computed once when the text encoder is frozen (it never changes)."""
+        if self.text_trainable:
+            with torch.no_grad():
+                return self.net.cond_stage_model([""]).to(self.device)
         if getattr(self, "_empty", None) is None or self._empty.device != self.device:
             with torch.no_grad():
                 self._empty = self.net.cond_stage_model([""]).to(self.device)
         return self._empty
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
+    def _trainable(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """The trained parameters: the U-Net's (or its adapters), and the text encoder's when it trains."""
+        unet = [p for p in self.net.model.parameters() if p.requires_grad]
+        text = [p for p in self.net.cond_stage_model.parameters() if p.requires_grad] if self.text_trainable else []
+        return unet, text
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.net.model.parameters() if p.requires_grad]
-        return build_optimizer(self, params, self.config.train)
+        unet, text = self._trainable()
+        t = self.config.train
+        if not text:
+            return build_optimizer(self, unet, t)
+        ratio = float(t.get("text_encoder_lr") or t.lr) / float(t.lr)  # of train.lr, so that lr_scale scales both
+        return build_optimizer(self, [{"params": unet}, {"params": text, "lr_ratio": ratio}], t)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         t = self.config.train
@@ -116,7 +145,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         z = self._latents(batch, gen)
         c = self._context(batch, gen)
         loss = self._loss(z, c, gen).mean()
-        params = [p for p in self.net.model.parameters() if p.requires_grad]
+        params = [p for part in self._trainable() for p in part]
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
             sched.step()

@@ -60,12 +60,18 @@ def use_fused(module: Any, params: list[torch.nn.Parameter], t: DictConfig | Non
     return all(p.is_cuda for p in params)
 
 
-def build_optimizer(module: Any, params: list[torch.nn.Parameter], t: DictConfig) -> Any:
-    """AdamW (fused on CUDA) with linear warm-up then constant (SD's recipe)."""
-    if not params:
+def build_optimizer(module: Any, params: list[torch.nn.Parameter] | list[dict[str, Any]], t: DictConfig) -> Any:
+    """AdamW (fused on CUDA) with linear warm-up then constant (SD's recipe). ``params``: parameters, or parameter
+    groups (``{"params": [...], "lr_ratio": r}``: the group's learning rate is r × the effective ``train.lr``)."""
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if not flat:
         raise ValueError("nothing to train: no parameter requires grad")
-    fused = use_fused(module, params, t)
-    opt = torch.optim.AdamW(params, lr=effective_lr(module, t), betas=tuple(t.get("betas", (0.9, 0.999))),
+    fused = use_fused(module, flat, t)
+    lr = effective_lr(module, t)
+    if params and isinstance(params[0], dict):
+        params = [{k: v for k, v in g.items() if k != "lr_ratio"} | {"lr": lr * float(g.get("lr_ratio", 1.0))}
+                  for g in params]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(t.get("betas", (0.9, 0.999))),
                             weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)),
                             fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(int(t.get("warmup_steps", 0))))
