@@ -87,3 +87,33 @@ def test_resume_from_the_wrong_file_is_named(tmp_path, caplog):
 def test_library_errors_end_the_cli_with_one_line(tmp_path, caplog):
     code = main(["--config", TINY, "--run-dir", str(tmp_path), "trainer.max_steps=1", "trainer.devices=0"])
     assert code == 2 and "devices" in caplog.text
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"loss_type": "l1"}, r"model.params.loss_type: 'l1' is not read by the diffusion stage, which trains with the L2"),
+    ({"l_simple_weight": 0.5}, "model.params.l_simple_weight"),
+    ({"original_elbo_weight": 0.001}, "no variational-bound term"),
+    ({"learn_logvar": True}, "model.params.learn_logvar"),
+    ({"unet_trainable": "attn"}, "model.params.unet_trainable: 'attn'"),
+    ({"first_stage_trainable": True}, "a frozen autoencoder"),
+    ({"ucg_training": {"txt": 0.1}}, "drops captions with train.caption_dropout"),
+    ({"scale_by_std": True}, "train.scale_factor: auto"),
+    ({"use_ema": True}, "keeps an EMA only with train.ema_decay"),
+])
+def test_the_original_configs_training_keys_are_honoured_or_refused(tmp_path, params, match):
+    """Keys of the original's model.params that steer its training: the model ignores them, so a value the diffusion
+    stage would not train as is refused, naming the key and what to use."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(TINY)
+    cfg.model.params.update(params)
+    path = tmp_path / "original.yaml"
+    OmegaConf.save(cfg, path)
+    with pytest.raises(ConfigError, match=match):
+        train(tmp_path / "run", "train.ema_decay=null", config=str(path))
+    fine = {"loss_type": "l2", "l_simple_weight": 1.0, "original_elbo_weight": 0.0, "learn_logvar": False,
+            "use_ema": False, "scale_by_std": True, "unet_trainable": True, "first_stage_trainable": False}
+    cfg = OmegaConf.load(TINY)
+    cfg.model.params.update({k: fine[k] for k in params if k in fine and k != "scale_by_std"})
+    OmegaConf.save(cfg, path)
+    train(tmp_path / "ok", config=str(path))  # the values it trains as are accepted

@@ -168,6 +168,40 @@ def _check_section(section: str, values: Mapping[str, Any], allowed: Mapping[str
             raise ConfigError(f"{section}.{key}: expected {bad}, got {value!r}")
 
 
+# Keys of the original LatentDiffusion/DDPM configs (``model.params``) that steer the original's training and that
+# the model accepts and ignores (ldm.model.IGNORED_LDM_PARAMS): the value the diffusion stage trains as, and what it
+# does there. Another value would train differently from what the config says without a word, so it is refused.
+UNREAD_TRAINING_PARAMS: dict[str, tuple[Any, str]] = {
+    "loss_type": ("l2", "the L2 loss (min-SNR weighting: train.min_snr_gamma)"),
+    "l_simple_weight": (1.0, "the simple loss at weight 1"),
+    "original_elbo_weight": (0.0, "no variational-bound term"),
+    "learn_logvar": (False, "no learned per-timestep log-variance"),
+    "unet_trainable": (True, "the whole U-Net (or LoRA adapters: train.lora)"),
+    "first_stage_trainable": (False, "a frozen autoencoder (train it with train.stage: autoencoder)"),
+}
+
+
+def _check_model_training_params(cfg: DictConfig, train: Mapping[str, Any]) -> None:
+    """``model.params`` keys of the original's training that the diffusion stage would not honour (see
+    :data:`UNREAD_TRAINING_PARAMS`), and the ones it does through ``train.*`` keys: ``ucg_training`` (caption
+    dropout), ``scale_by_std`` (the measured latent scale), ``use_ema`` (an EMA)."""
+    params = ((cfg.get("model") or {}).get("params")) or {}
+    for key, (value, does) in UNREAD_TRAINING_PARAMS.items():
+        if key in params and params[key] != value:
+            raise ConfigError(f"model.params.{key}: {params[key]!r} is not read by the diffusion stage, which trains "
+                              f"with {does} ({key}: {value!r}); set it so, or remove it")
+    if params.get("ucg_training"):
+        raise ConfigError(f"model.params.ucg_training ({params['ucg_training']}) is not read: the diffusion stage "
+                          "drops captions with train.caption_dropout (e.g. 0.1); set that and remove ucg_training")
+    if params.get("scale_by_std") and train.get("scale_factor") != "auto":
+        raise ConfigError("model.params.scale_by_std: true, but the latent scale is measured only with "
+                          "train.scale_factor: auto; set that (or scale_by_std: false to keep the config's "
+                          "scale_factor)")
+    if params.get("use_ema") is True and not train.get("ema_decay"):
+        raise ConfigError("model.params.use_ema: true, but the diffusion stage keeps an EMA only with "
+                          "train.ema_decay (the original's LitEma: 0.9999); set it, or use_ema: false")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Check the ``train``, ``sample`` and ``logging`` sections of a training config (see the module docstring)."""
     section = cfg.get("train")
@@ -182,6 +216,7 @@ def check_run_config(cfg: DictConfig) -> None:
     _check_section("train", train, {**COMMON, **STAGE_KEYS[stage]}, {**others, "": stage})
     if stage == "diffusion":
         _check_lora(train.get("lora"))
+        _check_model_training_params(cfg, train)
     sample = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
     _check_section("sample", sample, SAMPLE_KEYS)
     if sample.get("every_n_steps") and stage != "diffusion":  # 0 or null: grids off, as in every stage
