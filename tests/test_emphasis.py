@@ -48,8 +48,9 @@ def test_a_weight_that_is_not_a_number_is_refused_by_name() -> None:
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_with_signal()
-    with torch.no_grad():  # a trained encoder's final LayerNorm: an untrained one (weight 1, bias 0) gives states of mean ~1e-8, where
-        # "original" emphasis, which divides by the weighted states' mean, is ill-defined
+    # a trained encoder's final LayerNorm: an untrained one (weight 1, bias 0) gives states of mean ~1e-8, where
+    # "original" emphasis, which divides by the weighted states' mean, is ill-defined
+    with torch.no_grad():
         model.cond_stage_model.model.ln_final.bias.normal_(0.1, 0.3)
     return model
 

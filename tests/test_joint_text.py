@@ -93,9 +93,11 @@ def test_training_moves_the_text_encoder_and_exports_it(tmp_path) -> None:
     assert cfg.model.params.cond_stage_trainable is True
 
 
-def test_a_resumed_joint_run_continues_exactly(tmp_path) -> None:
+# fused: the optimizer of a CUDA run, its skips and clip on the device (two parameter groups here)
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_a_resumed_joint_run_continues_exactly(tmp_path, fused) -> None:
     args = ["--config", TINY, "train.lr=1e-3", "train.warmup_steps=0", JOINT, "train.checkpoint.every_n_steps=2",
-            "train.caption_dropout=0.5"]
+            "train.caption_dropout=0.5", f"train.fused_optimizer={fused}", "train.text_encoder_lr=3e-3"]
     run([*args, "--run-dir", str(tmp_path / "straight"), "trainer.max_steps=4"])
     run([*args, "--run-dir", str(tmp_path / "resumed"), "trainer.max_steps=2"])
     run([*args, "--run-dir", str(tmp_path / "resumed"), "trainer.max_steps=4", "--resume", "auto"])
