@@ -110,3 +110,26 @@ def test_two_rank_ddp_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     sd = ckpt_weights(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def test_the_original_yamls_lossconfig_is_the_loss_when_train_loss_is_absent(tmp_path):
+    """An original autoencoder YAML keeps its loss in model.params.lossconfig (the original target path): it is read,
+    not ignored; with train.loss too, one would be ignored, so both are refused; the inference configs'
+    torch.nn.Identity stands for none."""
+    from omegaconf import OmegaConf
+
+    from ldm.autoencoder.lightning import AutoencoderModule
+    from ldm.registry import ConfigError
+
+    cfg = load_config(TINY)
+    loss = {"target": "ldm.modules.losses.LPIPSWithDiscriminator",
+            "params": {"disc_start": 7, "kl_weight": 3.0e-6, "disc_weight": 0.25, "perceptual_weight": 0.0}}
+    cfg.model.params.lossconfig = loss
+    with pytest.raises(ConfigError, match="train.loss and model.params.lossconfig .* are both set"):
+        AutoencoderModule(cfg)
+    del cfg.train.loss
+    module = AutoencoderModule(cfg)
+    assert module.loss.disc_start == 7 and module.loss.kl_weight == 3.0e-6 and module.loss.disc_factor == 1.0
+    cfg.model.params.lossconfig = {"target": "torch.nn.Identity"}
+    assert AutoencoderModule(cfg).loss.disc_start == AutoencoderModule(OmegaConf.merge(
+        cfg, {"model": {"params": {"lossconfig": None}}})).loss.disc_start  # the default loss, as with none

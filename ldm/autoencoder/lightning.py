@@ -77,6 +77,22 @@ def _adam(module: Any, params: Iterable[torch.nn.Parameter], lr: float, t: DictC
                             weight_decay=float(t.get("weight_decay", 0.0)), fused=fused or None)
 
 
+def loss_config(config: DictConfig) -> tuple[Any, str]:
+    """The loss's config and its key: ``train.loss``, else the original YAML's ``model.params.lossconfig`` (its
+    ``ldm.modules.losses.LPIPSWithDiscriminator`` target and parameters are read as they are; the inference configs'
+    ``torch.nn.Identity`` stands for none), else :data:`DEFAULT_LOSS`. Both set is refused: one would be ignored."""
+    ours = config.train.get("loss")
+    original = ((config.model.get("params") or {}).get("lossconfig")) if config.get("model") else None
+    if original and original.get("target") == "torch.nn.Identity":  # the inference configs' placeholder
+        original = None
+    if ours and original:
+        raise ConfigError("train.loss and model.params.lossconfig (the original YAML's) are both set: keep one (the "
+                          "other would be ignored)")
+    if original:
+        return original, "model.params.lossconfig"
+    return ours or DEFAULT_LOSS, "train.loss"
+
+
 class AutoencoderModule(ResumableStage, L.LightningModule):
     """Trains ``autoencoder`` (``config.model``, an ``AutoencoderKL``) with ``loss`` (``config.train.loss``)."""
 
@@ -91,9 +107,10 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
         self.autoencoder = instantiate(config.model, "model")
         if not isinstance(self.autoencoder, AutoencoderKL):
             raise ConfigError("train.stage=autoencoder: model.target must be AutoencoderKL")
-        self.loss = instantiate(t.get("loss") or DEFAULT_LOSS, "train.loss")
+        loss, where = loss_config(config)
+        self.loss = instantiate(loss, where)
         if not isinstance(self.loss, LPIPSWithDiscriminator):
-            raise ConfigError("train.loss.target must be LPIPSWithDiscriminator")
+            raise ConfigError(f"{where}.target must be LPIPSWithDiscriminator")
         check_buckets(config, "autoencoder", self.autoencoder.downsample_factor)
         check_precision(config)
         if accumulate_batches(config) > 1:  # the generator's backward writes into D's gradients, zeroed before D's

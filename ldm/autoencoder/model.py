@@ -255,7 +255,8 @@ class AutoencoderKL(nn.Module):
     Args:
         ddconfig: the original YAML's encoder/decoder params (see :func:`check_ddconfig`).
         embed_dim: latent channels after ``quant_conv`` (4 for SD).
-        lossconfig: accepted for original YAMLs and ignored (losses live in :mod:`ldm.autoencoder.losses`).
+        lossconfig: accepted for original YAMLs; the model ignores it, the autoencoder training stage reads it when
+            ``train.loss`` is not set (:func:`ldm.autoencoder.lightning.loss_config`).
         scale_factor, shift_factor: latent statistics; the diffusion model sees scale·(z − shift).
         monitor, image_key, ignore_keys, colorize_nlabels: original training options, kept as attributes.
         ckpt_path: not supported here (raises); load weights with ``ldm.load`` / ``ldm.checkpoint``.
@@ -273,7 +274,7 @@ class AutoencoderKL(nn.Module):
         cfg = check_ddconfig(ddconfig)
         check_backend(attn_backend)
         if lossconfig:
-            log.debug("AutoencoderKL: lossconfig is ignored here (build losses from ldm.autoencoder.losses)")
+            log.debug("AutoencoderKL: lossconfig is not read by the model (the autoencoder stage reads it)")
         self.ddconfig, self.embed_dim = cfg, int(embed_dim)
         self.monitor, self.image_key, self.ignore_keys = monitor, image_key, tuple(ignore_keys)
         self.colorize_nlabels = colorize_nlabels
