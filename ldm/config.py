@@ -2,7 +2,8 @@
 
 The top level of a config is a fixed set of sections (:data:`SECTIONS`); an unknown section fails at load time
 with the key and the file. Objects inside ``model`` are built through :mod:`ldm.registry`, whose constructors
-reject unknown parameters by name. ``lightning`` (from the original SD training YAMLs) is accepted and ignored.
+reject unknown parameters by name. ``lightning`` (from the original SD training YAMLs) is accepted when a model loads
+from such a file, and refused by a training run, which would not read it (:mod:`ldm.training.keys`).
 """
 from __future__ import annotations
 

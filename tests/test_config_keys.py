@@ -117,3 +117,17 @@ def test_the_original_configs_training_keys_are_honoured_or_refused(tmp_path, pa
     cfg.model.params.update({k: fine[k] for k in params if k in fine and k != "scale_by_std"})
     OmegaConf.save(cfg, path)
     train(tmp_path / "ok", config=str(path))  # the values it trains as are accepted
+
+
+def test_the_original_lightning_section_is_refused_for_training(tmp_path):
+    from omegaconf import OmegaConf
+
+    import ldm
+
+    cfg = OmegaConf.load(TINY)
+    cfg.lightning = {"trainer": {"benchmark": True, "max_steps": 10}, "callbacks": {"image_logger": {}}}
+    path = tmp_path / "original.yaml"
+    OmegaConf.save(cfg, path)
+    with pytest.raises(ConfigError, match=r"lightning.trainer, lightning.callbacks: .* not read by ldm-train"):
+        train(tmp_path / "run", config=str(path))
+    assert ldm.load(config=str(path)) is not None  # a model still loads from such a file

@@ -202,8 +202,21 @@ def _check_model_training_params(cfg: DictConfig, train: Mapping[str, Any]) -> N
                           "train.ema_decay (the original's LitEma: 0.9999); set it, or use_ema: false")
 
 
+def _check_no_lightning_section(cfg: DictConfig) -> None:
+    """The original training YAMLs' ``lightning`` section (Trainer options, callbacks) is accepted when a model loads
+    from one, but a training run would not read it: refused, with where each part goes."""
+    section = cfg.get("lightning")
+    if not section:
+        return
+    parts = ", ".join(f"lightning.{k}" for k in section)
+    raise ConfigError(f"{parts}: the original training YAML's lightning section is not read by ldm-train; Trainer "
+                      "options go in trainer (lightning.trainer.max_steps -> trainer.max_steps), checkpointing in "
+                      "train.checkpoint, the image logger in sample.every_n_steps; move them and remove the section")
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Check the ``train``, ``sample`` and ``logging`` sections of a training config (see the module docstring)."""
+    _check_no_lightning_section(cfg)
     section = cfg.get("train")
     if section is None:
         raise ConfigError("the config has no train section (train.stage: diffusion, autoencoder or clip)")
