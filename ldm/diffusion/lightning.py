@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.autotune import guard_conv_templates
+from ldm.diffusion.inversion import add_trainable_word, inversion_settings, strip_inversion, write_embedding
+from ldm.diffusion.inversion import captions as inversion_captions
 from ldm.diffusion.joint_text import check_joint_text_config, text_encoder_trainable, unfreeze_text_encoder
 from ldm.ema import EMA
 from ldm.registry import ConfigError
@@ -56,8 +58,15 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         check_buckets(config, "diffusion", self.net.first_stage_model.downsample_factor)
         self.net.first_stage_model.requires_grad_(False).eval()
         self.net.cond_stage_model.requires_grad_(False).eval()
-        self.text_trainable = text_encoder_trainable(config)  # model.params.cond_stage_trainable (joint_text)
-        if self.text_trainable:
+        self.inversion = inversion_settings(config)  # train.textual_inversion (ldm.diffusion.inversion)
+        # the captions are encoded with gradients: the text encoder trains (joint_text), or a new word's vectors do
+        self.text_trainable = text_encoder_trainable(config) or self.inversion is not None
+        if self.inversion is not None:
+            self.net.model.requires_grad_(False)
+            add_trainable_word(self.net.cond_stage_model, self.inversion)
+            self.trains_in_eval = {"net.cond_stage_model": "its new word's vectors, the rest frozen as at inference "
+                                                            "(textual inversion)"}
+        elif self.text_trainable:
             unfreeze_text_encoder(self.net.cond_stage_model)
         if t.get("gradient_checkpointing") is not None:  # overrides the U-Net config's use_checkpoint
             self.net.unet.set_gradient_checkpointing(bool(t.gradient_checkpointing))
@@ -94,13 +103,15 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         if self.text_trainable and "context" in batch:
             raise ConfigError("model.params.cond_stage_trainable: true but the batches hold cached token states (a "
                               "latent cache made with the text encoder): train from images or cache without them")
+        captions = list(batch["caption"]) if "caption" in batch else []
+        if self.inversion is not None:
+            captions = inversion_captions(captions, self.inversion)
         if self.text_trainable and torch.is_grad_enabled():
-            captions = list(batch["caption"])
             both = self.net.cond_stage_model(captions + ([""] if p > 0 else [])).to(self.device)  # (B [+ 1], 77, D)
             c, empty = both[: len(captions)], both[len(captions):]
         else:
             with torch.no_grad():
-                c = batch["context"] if "context" in batch else self.net.cond_stage_model(list(batch["caption"]))
+                c = batch["context"] if "context" in batch else self.net.cond_stage_model(captions)
             c, empty = c.to(self.device), None
         if p > 0:
             drop = torch.rand(c.shape[0], generator=gen, device=gen.device) < p  # (B,)
@@ -128,8 +139,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
     def configure_optimizers(self) -> Any:
         unet, text = self._trainable()
         t = self.config.train
-        if not text:
-            return build_optimizer(self, unet, t)
+        if not text or not unet:  # one part trains: the U-Net (or its adapters), or a new word's vectors
+            return build_optimizer(self, unet or text, t)
         ratio = float(t.get("text_encoder_lr") or t.lr) / float(t.lr)  # of train.lr, so that lr_scale scales both
         return build_optimizer(self, [{"params": unet}, {"params": text, "lr_ratio": ratio}], t)
 
@@ -244,6 +255,9 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.lora import lora_state_dict, strip_lora  # noqa: PLC0415
         from ldm.lora_formats import KOHYA_METADATA, to_kohya  # noqa: PLC0415
 
+        if self.inversion is not None:  # the new word's vectors beside the unchanged base model
+            write_embedding(self.net.cond_stage_model.extra_vectors, self.inversion["name"], path)
+            return str(save(_Stripped(self.net, strip_inversion), path))
         use_ema = ema and self.model_ema is not None
         adapters = lora_state_dict(self.net.model)
         if not adapters:

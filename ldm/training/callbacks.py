@@ -159,13 +159,18 @@ class EvalModeReport(L.Callback):
 
 def report_eval_modules(module: torch.nn.Module) -> list[str]:
     """Log the components in eval mode of a module about to train; returns the eval-mode modules with trainable
-    parameters of their own (each named in a warning)."""
+    parameters of their own (each named in a warning), but for those the module lists in ``trains_in_eval`` (name ->
+    why, logged at INFO)."""
     evals = [(n, m) for n, m in module.named_modules() if n and not m.training]
     if not evals:
         return []
     per_part = Counter(n.split(".")[0] if not n.startswith("net.") else ".".join(n.split(".")[:2]) for n, _ in evals)
     log.info("in eval mode while training (frozen): %s", ", ".join(f"{p} ({k} modules)" for p, k in per_part.items()))
     bad = [n for n, m in evals if any(p.requires_grad for p in m.parameters(recurse=False))]
+    meant = getattr(module, "trains_in_eval", {})  # name -> why: a stage that trains such a module on purpose
+    for n in [n for n in bad if n in meant]:
+        log.info("%s trains in eval mode: %s", n, meant[n])
+    bad = [n for n in bad if n not in meant]
     for n in bad:
         log.warning("%s is in eval mode but has trainable parameters: it trains as at inference (dropout off, "
                     "normalization statistics frozen)", n)

@@ -138,6 +138,7 @@ STAGE_KEYS: dict[str, dict[str, Check]] = {
         "channels_last": boolean(null=True), "compile": _compile, "compile_mode": _compile_mode,
         "debug_fail": _mapping({"rank": number(0, integer=True), "step": number(0, integer=True)}),
         "text_encoder_lr": number(0, lo_open=True, null=True),  # with model.params.cond_stage_trainable
+        "textual_inversion": _mapping(),  # its keys: ldm.diffusion.inversion.inversion_settings
     },
     "autoencoder": {"loss": _mapping(), "disc_lr_mult": number(0),
                     "image_every_n_steps": number(0, integer=True, null=True),

@@ -39,6 +39,21 @@ def check_same_adapters(saved: Any, now: Any) -> None:
                           "train.init_checkpoint)")
 
 
+def check_same_inversion(saved: Any, now: Any) -> None:
+    """A resume must keep ``train.textual_inversion``: another word, vector count or template would load the saved
+    vectors into another shape, or train them on other captions."""
+    def section(cfg: Any) -> Any:
+        value = (cfg.get("train") or {}).get("textual_inversion") if cfg is not None else None
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else (value or None)
+
+    theirs, ours = section(saved), section(now)
+    if theirs != ours:
+        from ldm.registry import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"--resume: train.textual_inversion is {ours} but the checkpoint was trained with {theirs}; "
+                          "resume with the same settings (or start a new run)")
+
+
 def window_start(module: Any) -> int:
     """The data position a checkpoint saves: ``module.batches_seen`` at the start of its current accumulation window
     (``trainer.accumulate_grad_batches``: k batches per optimizer step). The weights and optimizer in a checkpoint
@@ -77,6 +92,7 @@ class ResumableStage:
             raise ConfigError(f"--resume: the checkpoint is not one of a train.stage={ours} run (its stage: "
                               f"{theirs or 'unknown, not written by ldm-train'})")
         check_same_adapters(saved, self.config)
+        check_same_inversion(saved, self.config)
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])
         saved, now = checkpoint.get("data_layout"), data_layout(self)
