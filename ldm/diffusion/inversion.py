@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.diffusion.joint_text import holds_token_states, text_encoder_trainable
+from ldm.diffusion.joint_text import refuse_token_state_caches, text_encoder_trainable
 from ldm.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def inversion_settings(config: DictConfig) -> dict[str, Any] | None:
         raise ConfigError(f"{KEY}: unknown key(s) {sorted(unknown)}; allowed: {sorted(FIELDS)}")
     name = ti.get("name")
     if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ConfigError(f"{KEY}.name: expected a word to use in captions and prompts, e.g. '<my-style>', got {name!r}")
+        raise ConfigError(f"{KEY}.name: expected a word to use in captions and prompts, e.g. '<my-style>', "
+                          f"got {name!r}")
     n = ti.get("num_vectors")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"{KEY}.num_vectors: expected a positive int or null, got {n!r}")
@@ -71,11 +72,7 @@ def check_alone(config: DictConfig) -> None:
     if t.get("ema_decay"):
         raise ConfigError(f"{KEY} with train.ema_decay: the EMA averages the U-Net, which does not train here; set "
                           "train.ema_decay=null")
-    for key in ("train", "val"):
-        spec = (config.get("data") or {}).get(key)
-        if holds_token_states(spec):
-            raise ConfigError(f"{KEY}: data.{key}={spec!r} is a latent cache holding token states, made without the "
-                              "new word; cache the latents without them")
+    refuse_token_state_caches(config, KEY, "made without the new word")
 
 
 def initial_vectors(encoder: Any, init_text: str, num_vectors: int | None) -> torch.Tensor:

@@ -50,12 +50,18 @@ def check_joint_text_config(config: DictConfig) -> None:
     if int((t.get("lora") or {}).get("rank") or 0) > 0:
         raise ConfigError(f"{KEY}: true with train.lora: the adapters train the U-Net, and the whole text encoder "
                           "would train beside them; use one or the other")
+    refuse_token_state_caches(config, f"{KEY}: true", "made by the frozen text encoder")
+
+
+def refuse_token_state_caches(config: DictConfig, setting: str, why: str) -> None:
+    """``data.train``/``data.val`` latent caches holding token states cannot serve a run whose captions must be
+    encoded anew (``setting``, ``why``): refused, naming the key."""
     for key in ("train", "val"):
         spec = (config.get("data") or {}).get(key)
         if holds_token_states(spec):
-            raise ConfigError(f"{KEY}: true but data.{key}={spec!r} is a latent cache holding the captions' token "
-                              "states, made by the frozen text encoder; train from images, or cache the latents "
-                              "without them (scripts/cache_latents.py without the text encoder)")
+            raise ConfigError(f"{setting} but data.{key}={spec!r} is a latent cache holding the captions' token "
+                              f"states, {why}; train from images, or cache the latents without them "
+                              "(scripts/cache_latents.py without the text encoder)")
 
 
 def holds_token_states(spec: Any) -> bool:
