@@ -349,3 +349,32 @@ def test_standard_sd_folder_configs_rebuild_the_same_model(yaml: str, tmp_path) 
     unet = {k[22:]: v for k, v in a.items() if k.startswith("model.diffusion_model.")}
     converted = unet_ldm_to_diffusers(unet, model.config.model.params.unet_config.params)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["learned_embeds", "embedding"])
+def test_a_trained_words_files_load_in_diffusers_as_in_ldm(layout: str, tmp_path) -> None:
+    """The textual-inversion export (ldm.diffusion.inversion.write_embedding) in both layouts: diffusers'
+    load_textual_inversion reads it, and its CLIPTextModel gives the context ours gives with the same file."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.conditioning.embeddings import read_embedding
+    from ldm.convert import export_diffusers
+    from ldm.diffusion.inversion import write_embedding
+
+    model = _tiny_model("v1")
+    export_diffusers(model, tmp_path / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
+    enc = model.cond_stage_model
+    write_embedding(torch.randn(3, enc.width, generator=torch.Generator().manual_seed(1)) * 0.1, "<emo>",
+                    tmp_path / "ti" / "model.safetensors")
+    path = tmp_path / "ti" / f"{layout}.safetensors"
+    pipe.load_textual_inversion(str(path), token="<emo>")
+    prompt = "a <emo> cat, flat"
+    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
+                         truncation=True, return_tensors="pt").input_ids
+    enc.add_embedding(*read_embedding(path, name="<emo>"))
+    assert torch.equal(ids, enc.tokenize([prompt]))  # the word's three ids after the vocabulary, in both
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids)[0]
+        ours = enc([prompt])
+    assert (theirs - ours).abs().max().item() < 1e-4
