@@ -365,9 +365,10 @@ def test_a_trained_words_files_load_in_diffusers_as_in_ldm(layout: str, tmp_path
     export_diffusers(model, tmp_path / "sd")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", local_files_only=True)
     enc = model.cond_stage_model
-    write_embedding(torch.randn(3, enc.width, generator=torch.Generator().manual_seed(1)) * 0.1, "<emo>",
-                    tmp_path / "ti" / "model.safetensors")
+    vectors = torch.randn(3, enc.width, generator=torch.Generator().manual_seed(1)) * 0.1
+    write_embedding(vectors, "<emo>", tmp_path / "ti" / "model.safetensors")
     path = tmp_path / "ti" / f"{layout}.safetensors"
+    assert torch.equal(read_embedding(path, name="<emo>")[1], vectors)
     pipe.load_textual_inversion(str(path), token="<emo>")
     prompt = "a <emo> cat, flat"
     ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
