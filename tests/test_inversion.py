@@ -114,7 +114,7 @@ def test_bad_settings_are_refused_by_name(ti, train, msg) -> None:
         module(config(ti, **train))
 
 
-def test_a_second_textual_inversion_setting_with_the_joint_encoder_is_refused() -> None:
+def test_textual_inversion_with_the_joint_text_encoder_is_refused() -> None:
     cfg = config()
     cfg.model.params.cond_stage_trainable = True
     with pytest.raises(ConfigError, match="with model.params.cond_stage_trainable"):
