@@ -47,10 +47,15 @@ def check_joint_text_config(config: DictConfig) -> None:
             raise ConfigError(f"train.text_encoder_lr is set but {KEY} is not true: the text encoder is frozen and the "
                               f"rate would be ignored; set {KEY}: true to train it, or drop train.text_encoder_lr")
         return
-    if int((t.get("lora") or {}).get("rank") or 0) > 0:
+    if lora_on(t):
         raise ConfigError(f"{KEY}: true with train.lora: the adapters train the U-Net, and the whole text encoder "
                           "would train beside them; use one or the other")
     refuse_token_state_caches(config, f"{KEY}: true", "made by the frozen text encoder")
+
+
+def lora_on(train: Any) -> bool:
+    """Whether the ``train`` section asks for LoRA adapters (``train.lora.rank`` > 0)."""
+    return int((train.get("lora") or {}).get("rank") or 0) > 0
 
 
 def refuse_token_state_caches(config: DictConfig, setting: str, why: str) -> None:

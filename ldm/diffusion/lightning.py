@@ -101,8 +101,9 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         gradients, "" in the same call."""
         p = float(self.config.train.get("caption_dropout", 0.0)) if dropout else 0.0
         if self.text_trainable and "context" in batch:
-            raise ConfigError("model.params.cond_stage_trainable: true but the batches hold cached token states (a "
-                              "latent cache made with the text encoder): train from images or cache without them")
+            raise ConfigError("the batches hold cached token states (a latent cache made with the text encoder), but "
+                              "this run encodes its captions anew (model.params.cond_stage_trainable or "
+                              "train.textual_inversion): train from images or cache without them")
         captions = list(batch["caption"]) if "caption" in batch else []
         if self.inversion is not None:
             captions = inversion_captions(captions, self.inversion)

@@ -21,37 +21,36 @@ def data_layout(module: Any) -> dict[str, int]:
     return {"world_size": world, "batch_size": int(module.config.data.batch_size)}
 
 
+def train_section(cfg: Any, key: str) -> Any:
+    """``train.<key>`` of a config as plain Python (None where absent)."""
+    value = (cfg.get("train") or {}).get(key) if cfg is not None else None
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def check_same_setting(saved: Any, now: Any, key: str, keep: str, normalize: Any = lambda v: v or None) -> None:
+    """A resume must keep ``train.<key>`` (``normalize``: the value that means the same, e.g. no LoRA for rank 0);
+    ``keep`` says what to keep, in the error naming both values."""
+    theirs, ours = normalize(train_section(saved, key)), normalize(train_section(now, key))
+    if theirs != ours:
+        from ldm.registry import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"--resume: train.{key} is {ours} but the checkpoint was trained with {theirs}; resume with "
+                          f"{keep}")
+
+
 def check_same_adapters(saved: Any, now: Any) -> None:
     """A resume must keep ``train.lora`` (rank, alpha, targets): alpha sets the adapters' scale α / r, which the saved
     weights do not carry, so another alpha would silently rescale what was trained; another rank or targets would
     fail later on the state dict's shapes without naming the key."""
-    def lora(cfg: Any) -> Any:
-        section = (cfg.get("train") or {}).get("lora") if cfg is not None else None
-        section = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
-        return section if isinstance(section, dict) and int(section.get("rank") or 0) > 0 else {}  # rank 0: none
-
-    theirs, ours = lora(saved), lora(now)
-    if theirs != ours:
-        from ldm.registry import ConfigError  # noqa: PLC0415
-
-        raise ConfigError(f"--resume: train.lora is {ours} but the checkpoint was trained with {theirs}; resume with "
-                          "the same rank, alpha and targets (or start a new run from its weights with "
-                          "train.init_checkpoint)")
+    check_same_setting(saved, now, "lora", "the same rank, alpha and targets (or start a new run from its weights with "
+                       "train.init_checkpoint)",
+                       lambda v: v if isinstance(v, dict) and int(v.get("rank") or 0) > 0 else {})  # rank 0: none
 
 
 def check_same_inversion(saved: Any, now: Any) -> None:
     """A resume must keep ``train.textual_inversion``: another word, vector count or template would load the saved
     vectors into another shape, or train them on other captions."""
-    def section(cfg: Any) -> Any:
-        value = (cfg.get("train") or {}).get("textual_inversion") if cfg is not None else None
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else (value or None)
-
-    theirs, ours = section(saved), section(now)
-    if theirs != ours:
-        from ldm.registry import ConfigError  # noqa: PLC0415
-
-        raise ConfigError(f"--resume: train.textual_inversion is {ours} but the checkpoint was trained with {theirs}; "
-                          "resume with the same settings (or start a new run)")
+    check_same_setting(saved, now, "textual_inversion", "the same settings (or start a new run)")
 
 
 def window_start(module: Any) -> int:
