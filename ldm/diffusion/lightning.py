@@ -28,6 +28,7 @@ from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
 from ldm.training.modes import eval_mode
 from ldm.training.optim import build_optimizer, step_generator
+from ldm.training.sharding import full_state_dict, is_sharding
 from ldm.training.stage import ResumableStage
 from ldm.training.step_log import batches_per_step, closes_window, log_step
 
@@ -215,6 +216,18 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             to_channels_last(self.net.unet, self.model_ema)
             log.info("train.channels_last: U-Net weights%s in channels_last", " and EMA" if self.model_ema else "")
 
+    def configure_model(self) -> None:
+        """``trainer.strategy: fsdp`` (:mod:`ldm.training.sharding`): shard the U-Net over the ranks and keep the EMA
+        as sharded copies beside it. Nothing for the other strategies."""
+        from ldm.training.sharding import shard_unet  # noqa: PLC0415
+
+        if not is_sharding(self) or getattr(self, "_sharded", False):
+            return
+        shard_unet(self, self.trainer.strategy.device_mesh["data_parallel"])
+        if self.model_ema is not None:  # the same values, as DTensor shards
+            self.model_ema = EMA(self.net.model, decay=float(self.model_ema.decay))
+        self._sharded = True
+
     def on_train_start(self) -> None:
         from ldm.training.layout import match_optimizer_state  # noqa: PLC0415
 
@@ -256,6 +269,11 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.lora import lora_state_dict, strip_lora  # noqa: PLC0415
         from ldm.lora_formats import KOHYA_METADATA, to_kohya  # noqa: PLC0415
 
+        if is_sharding(self):  # trainer.strategy=fsdp: every rank gathers the shards, rank 0 writes
+            whole = _Whole(self.net, full_state_dict(self.net))
+            ema_state = {f"model_ema.{k}": v for k, v in full_state_dict(self.model_ema).items()} if (
+                ema and self.model_ema is not None) else None
+            return str(save(whole, path, ema_state=ema_state)) if self.trainer.is_global_zero else path
         if self.inversion is not None:  # the new word's vectors beside the unchanged base model
             write_embedding(self.net.cond_stage_model.extra_vectors, self.inversion["name"], path)
             return str(save(_Stripped(self.net, strip_inversion), path))
@@ -367,6 +385,16 @@ def load_components(net: torch.nn.Module, components: Any) -> None:
             raise ValueError(f"train.components.{name}: {path} lacks {len(result.missing_keys)} key(s), "
                              f"e.g. {result.missing_keys[:3]} (architecture differs?)")
         log.info("loaded %s from %s (%d tensors, %d image-tower tensors ignored)", name, path, len(own), len(extra))
+
+
+class _Whole:
+    """A sharded model's config and gathered weights (:func:`ldm.training.sharding.full_state_dict`), for ``save``."""
+
+    def __init__(self, net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.config, self.state = net.config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
 
 
 class _Stripped:

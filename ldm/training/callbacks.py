@@ -18,6 +18,7 @@ import torch
 from ldm.grid import make_grid
 from ldm.pipeline_io import save_png
 from ldm.training.modes import eval_mode
+from ldm.training.sharding import is_sharding
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +38,24 @@ class SampleGrid(L.Callback):
         if self.every <= 0 or step == 0 or step % self.every or step == self._last:
             return
         self._last = step
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or is_sharding(module):
             self.sample(trainer, module, step)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if trainer.is_global_zero and self.every > 0 and trainer.global_step != self._last:
+        if (trainer.is_global_zero or is_sharding(module)) and self.every > 0 and trainer.global_step != self._last:
             self.sample(trainer, module, trainer.global_step)
 
     @torch.no_grad()
-    def sample(self, trainer: L.Trainer, module: Any, step: int) -> Path:
+    def sample(self, trainer: L.Trainer, module: Any, step: int) -> Path | None:
+        """The grid of ``step``, written by rank 0 (under ``trainer.strategy: fsdp`` every rank samples, their
+        sharded blocks gathering together; rank 0 writes)."""
         net = module.net
         ema = module.model_ema
         ctx = ema.swapped_into(net.model) if ema is not None else nullcontext()
         with eval_mode(net), ctx:
             images = net.generate(self.prompts, progress=False, **self.kw)
+        if not trainer.is_global_zero:
+            return None
         grid = make_grid(images, captions=self.prompts)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:08d}.png"
@@ -70,9 +75,10 @@ class ExportOnEnd(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or is_sharding(module):  # fsdp: every rank gathers, rank 0 writes
             out = module.export(str(self.path))
-            log.info("exported %s", out)
+            if trainer.is_global_zero:
+                log.info("exported %s", out)
 
 
 class Snapshots(L.Callback):
@@ -104,11 +110,13 @@ class Snapshots(L.Callback):
 
     def snapshot(self, trainer: L.Trainer, module: Any, elapsed: float) -> None:
         self._last_step = step = trainer.global_step
+        path = self.out_dir / f"step_{step:08d}" / "model.safetensors"
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero or is_sharding(module):  # fsdp: every rank gathers the shards, rank 0 writes
+            module.export(str(path))
         if not trainer.is_global_zero:
             return
-        path = self.out_dir / f"step_{step:08d}" / "model.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        module.export(str(path))
         cfg = getattr(module, "config", None)
         batch = int(cfg.data.get("batch_size", 0)) if cfg is not None and "data" in cfg else 0
         seen = int(getattr(module, "batches_seen", step))

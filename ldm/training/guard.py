@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
+from ldm.training.sharding import sharded_norm
 from ldm.training.step_log import HostReads, batches_per_step, closes_window
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     is skipped too."""
     if not grads:
         return torch.zeros(())
+    sharded = sharded_norm(grads)  # trainer.strategy=fsdp: the shards of every rank
+    if sharded is not None:
+        return sharded
     return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
 
 

@@ -20,6 +20,7 @@ from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.keys import check_run_config, sample_prompts, wandb_on
 from ldm.training.logs import ResumePoint, resumable_csv_logger, resumable_tensorboard_logger
 from ldm.training.preemption import SlurmRequeue, slurm_detected
+from ldm.training.sharding import FSDP, check_sharded_config, sharded_strategy
 from ldm.training.step_log import LearningRates
 from ldm.training.validation import build_validation
 
@@ -42,9 +43,8 @@ NOT_HERE = {
     "use_distributed_sampler": "the training data is not read through a sampler: ldm's loader splits it across the "
                                "ranks itself (disjoint shards per rank and worker, the same batch count on each)",
 }
-# strategies that shard the weights across ranks, which the stages do not support: the EMA, the sample grids, the
-# exports (drawn or written by rank 0 alone) and the gradient clipping (a norm over all of a rank's gradients) all
-# read whole, unsharded weights and gradients
+# weight-sharding strategies other than ``fsdp`` (ldm.training.sharding): Lightning's FSDP1 variants and DeepSpeed,
+# whose wrapped modules the EMA, sample grids, exports and gradient clipping cannot read
 SHARDED = ("fsdp", "deepspeed")
 
 
@@ -142,18 +142,22 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return cbs
 
 
-def check_strategy(name: Any) -> None:
-    """Refuse ``trainer.strategy`` values that shard the weights (FSDP, DeepSpeed; see :data:`SHARDED`)."""
-    if isinstance(name, str) and name.lower().startswith(SHARDED):
-        raise ConfigError(f"trainer.strategy={name!r} is not supported: it shards the weights across the ranks, and "
-                          "the EMA, sample grids, exports and gradient clipping read whole weights; use ddp (every "
-                          "rank holds the whole model), with train.gradient_checkpointing, bf16 precision or "
-                          "train.lora to fit a large model")
+def check_strategy(name: Any, cfg: DictConfig) -> None:
+    """``trainer.strategy: fsdp`` with what it combines with (:func:`ldm.training.sharding.check_sharded_config`);
+    the other weight-sharding strategies (:data:`SHARDED`) are refused."""
+    if name == FSDP:
+        check_sharded_config(cfg)
+    elif isinstance(name, str) and name.lower().startswith(SHARDED):
+        raise ConfigError(f"trainer.strategy={name!r} is not supported: use fsdp (the U-Net sharded with PyTorch's "
+                          "FSDP2; the autoencoder and text encoder whole on every rank) or ddp (every rank holds the "
+                          "whole model, with train.gradient_checkpointing, bf16 precision or train.lora to fit it)")
 
 
 def build_strategy(name: Any, timeout_s: float) -> Any:
     """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
     (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit."""
+    if name == FSDP:
+        return sharded_strategy(timeout_s)
     if name not in ("ddp", "ddp_find_unused_parameters_true"):
         return name
     from datetime import timedelta  # noqa: PLC0415
@@ -178,7 +182,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     unknown = set(tc) - TRAINER_KEYS
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
-    check_strategy(tc.get("strategy", "auto"))
+    check_strategy(tc.get("strategy", "auto"), cfg)
     tc.setdefault("log_every_n_steps", 10)
     tc.pop("accumulate_grad_batches", None)  # applied by the stages' guarded_step (manual optimization)
     try:

@@ -1,0 +1,131 @@
+"""``trainer.strategy: fsdp`` (ldm/training/sharding.py): the U-Net sharded over 2 CPU ranks (gloo) trains as DDP does
+(same weights, EMA, validation losses and sample grids, with clipping, accumulation and the fused optimizer), its
+checkpoints hold whole tensors and resume exactly, and what it does not combine with is refused by name."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import read_state_dict
+from ldm.config import load_config
+from ldm.training.logs import logged
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny/txt2img.yaml"
+# grad_clip 1.0 (the tiny config's) clips from the second step on: the clipping norm must cover every rank's shards
+SETTINGS = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+            "trainer.accumulate_grad_batches=2", "train.fused_optimizer=true", "train.checkpoint.every_n_steps=2",
+            "train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
+            "data.val_num_samples=240", "train.val_batches=2", "sample.every_n_steps=2", "sample.steps=3",
+            "sample.prompts=[heart,face]", "train.snapshot_every_min=1000"]
+
+
+def train(run_dir: Path, strategy: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(run_dir),
+           f"trainer.strategy={strategy}", *SETTINGS, *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4 steps under fsdp and under ddp, 2 ranks each."""
+    base = tmp_path_factory.mktemp("fsdp")
+    for strategy in ("fsdp", "ddp"):
+        train(base / strategy, strategy)
+    return base
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    sd, meta = read_state_dict(run_dir / "model.safetensors")
+    assert "ldm_config" in meta
+    return {k: v for k, v in sd.items() if k.startswith(("model.", "model_ema."))}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys() and any(k.startswith("model_ema.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_sharded_training_matches_ddp(runs):
+    """Weights and EMA within float rounding of DDP's (the averaged gradients are reduced in another order); the
+    validation losses and the sample grids, drawn by every rank together and written by rank 0, the same."""
+    assert_same_weights(weights(runs / "fsdp"), weights(runs / "ddp"), atol=1e-6)
+    for key in ("val/loss", "val/loss_ema"):
+        fsdp, ddp = logged(runs / "fsdp", key), logged(runs / "ddp", key)
+        assert fsdp.keys() == ddp.keys() == {2, 4}
+        assert all(float(fsdp[s]) == pytest.approx(float(ddp[s]), rel=1e-5) for s in fsdp)
+    for step in (2, 4):
+        grids = [np.asarray(Image.open(runs / s / "samples" / f"step_{step:08d}.png"), dtype=np.int16)
+                 for s in ("fsdp", "ddp")]
+        assert np.abs(grids[0] - grids[1]).max() <= 1
+    assert (runs / "fsdp" / "snapshots" / "step_00000004" / "model.safetensors").is_file()
+
+
+def test_checkpoints_hold_whole_tensors_in_ddps_layout(runs):
+    """A sharded run's checkpoint is one file with the whole weights and optimizer state, keyed as DDP's."""
+    ck = {s: torch.load(runs / s / "checkpoints" / "last.ckpt", weights_only=True) for s in ("fsdp", "ddp")}
+    assert {k: v.shape for k, v in ck["fsdp"]["state_dict"].items()} == {
+        k: v.shape for k, v in ck["ddp"]["state_dict"].items()}
+    opt = [c["optimizer_states"][0] for c in ck.values()]
+    assert opt[0]["state"].keys() == opt[1]["state"].keys()
+    assert all(opt[0]["state"][i]["exp_avg_sq"].shape == opt[1]["state"][i]["exp_avg_sq"].shape for i in opt[1]["state"])
+
+
+def test_resume_is_exact_and_continues_a_ddp_checkpoint(runs, tmp_path):
+    """From the step-2 checkpoint to step 4: the sharded run's own ends with its straight run's weights exactly;
+    DDP's continues under fsdp (the checkpoints share one layout) to within rounding."""
+    straight = weights(runs / "fsdp")
+    for source, atol in (("fsdp", 0.0), ("ddp", 1e-6)):
+        ckpt = runs / source / "checkpoints" / "step00000002.ckpt"
+        train(tmp_path / source, "fsdp", "--resume", str(ckpt))
+        assert_same_weights(weights(tmp_path / source), straight, atol=atol)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lora.rank=4", "train.lora"), ("train.compile=true", "train.compile"),
+    ("train.channels_last=true", "train.channels_last"), ("trainer.precision=16-mixed", "trainer.precision"),
+    ("model.params.cond_stage_trainable=true", "model.params.cond_stage_trainable")])
+def test_what_fsdp_does_not_combine_with_is_refused_by_name(tmp_path, override, key):
+    from ldm.registry import ConfigError
+    from ldm.training.trainer import build_trainer
+
+    cfg = load_config(TINY, ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", override])
+    with pytest.raises(ConfigError, match=f"trainer.strategy=fsdp does not combine with {key}"):
+        build_trainer(cfg, tmp_path)
+
+
+def test_other_stages_are_refused_under_fsdp(tmp_path):
+    from ldm.registry import ConfigError
+    from ldm.training.trainer import build_trainer
+
+    cfg = load_config("configs/tiny/autoencoder.yaml", ["trainer.accelerator=cpu", "trainer.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="does not combine with train.stage: only the diffusion stage shards"):
+        build_trainer(cfg, tmp_path)
+
+
+@pytest.mark.gpu
+def test_sharded_training_on_the_gpu_matches_the_unsharded_run(tmp_path):
+    """One CUDA rank (NCCL), bf16 autocast, fused AdamW on the DTensor shards with the clipping and skip flags:
+    the same losses and weights as the run without a strategy."""
+    common = ["--config", TINY, "trainer.max_steps=6", "trainer.accelerator=gpu", "trainer.devices=1",
+              "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1"]
+    for name, strategy in (("plain", "auto"), ("fsdp", "fsdp")):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *common, "--run-dir",
+                            str(tmp_path / name), f"trainer.strategy={strategy}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    plain, fsdp = (logged(tmp_path / n, "train/loss") for n in ("plain", "fsdp"))
+    assert plain.keys() == fsdp.keys() and len(plain) == 6
+    assert all(float(fsdp[s]) == pytest.approx(float(plain[s]), rel=1e-3) for s in plain)
+    assert_same_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "plain"), atol=1e-4)
