@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# trainer.strategy=fsdp on one card: its GPU test (tests/test_fsdp.py), then SD-1.5's U-Net (random weights, EMA,
+# gradient checkpointing, bf16) at 256 px, batch 16, without a strategy and under fsdp: img/s from the runs' logs and
+# the card's peak memory (nvidia-smi, every 200 ms). With one rank nothing is split: this measures FSDP's own cost.
+#   scripts/plans/gpu_fsdp.sh [OUT] [DATA]
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-60}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+timeout -s KILL 200 $PY -m pytest -m gpu -o addopts="" -q -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -5 \
+  | tee "$OUT/gpu-test.txt"
+for s in auto fsdp; do
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem-$s.txt" & smi=$!
+  t0=$(date +%s)
+  timeout -s KILL 170 $PY scripts/train.py --config configs/diffusion/sd-v1-finetune.yaml --run-dir "/tmp/fsdp-$s" \
+    trainer.strategy=$s train.init_checkpoint=null data.train="$DATA" data.size=256 data.batch_size=16 \
+    trainer.max_steps="$STEPS" trainer.log_every_n_steps=10 sample.every_n_steps=0 trainer.enable_progress_bar=false \
+    train.warmup_steps=0 > "$OUT/train-$s.log" 2>&1
+  rc=$?; kill $smi
+  peak=$(sort -n "$OUT/mem-$s.txt" | tail -1)
+  echo "strategy=$s rc=$rc in $(( $(date +%s) - t0 )) s; peak memory ${peak} MiB" | tee -a "$OUT/summary.txt"
+  $PY - "/tmp/fsdp-$s" <<'PY' | tee -a "$OUT/summary.txt"
+import statistics, sys
+from ldm.training.logs import logged
+v = logged(sys.argv[1], "train/img_per_s"); loss = logged(sys.argv[1], "train/loss")
+steps = sorted(v)[2:]  # after the first 20 steps (allocator warm-up)
+print(f"  img/s median over steps {steps}: {statistics.median(float(v[s]) for s in steps):.1f}; "
+      f"loss {[round(float(loss[s]), 4) for s in sorted(loss)][-3:]}")
+PY
+  grep -h -E "Error|error" "$OUT/train-$s.log" | tail -3
+done
