@@ -92,8 +92,14 @@ def test_resume_is_exact_and_continues_a_ddp_checkpoint(runs, tmp_path):
         assert_same_weights(weights(tmp_path / source), straight, atol=atol)
 
 
+def test_the_compiled_sharded_unet_trains_as_the_eager_one(runs, tmp_path):
+    """``train.compile`` traces the sharded U-Net's forward (aot_eager here: the CPU has no time for inductor)."""
+    train(tmp_path, "fsdp", "train.compile=aot_eager")
+    assert_same_weights(weights(tmp_path), weights(runs / "fsdp"), atol=1e-6)
+
+
 @pytest.mark.parametrize("override, key", [
-    ("train.lora.rank=4", "train.lora"), ("train.compile=true", "train.compile"),
+    ("train.lora.rank=4", "train.lora"), ("train.compile_mode=reduce-overhead", "train.compile_mode"),
     ("train.channels_last=true", "train.channels_last"), ("trainer.precision=16-mixed", "trainer.precision"),
     ("model.params.cond_stage_trainable=true", "model.params.cond_stage_trainable")])
 def test_what_fsdp_does_not_combine_with_is_refused_by_name(tmp_path, override, key):
@@ -115,11 +121,13 @@ def test_other_stages_are_refused_under_fsdp(tmp_path):
 
 
 @pytest.mark.gpu
-def test_sharded_training_on_the_gpu_matches_the_unsharded_run(tmp_path):
-    """One CUDA rank (NCCL), bf16 autocast, fused AdamW on the DTensor shards with the clipping and skip flags:
-    the same losses and weights as the run without a strategy."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sharded_training_on_the_gpu_matches_the_unsharded_run(tmp_path, compiled):
+    """One CUDA rank (NCCL), bf16 autocast, fused AdamW on the DTensor shards with the clipping and skip flags, and
+    with ``train.compile`` (inductor): the same losses and weights as the run without a strategy."""
     common = ["--config", TINY, "trainer.max_steps=6", "trainer.accelerator=gpu", "trainer.devices=1",
-              "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1"]
+              "trainer.precision=bf16-mixed", "trainer.log_every_n_steps=1", f"train.compile={str(compiled).lower()}",
+              "train.channels_last=false"]  # the compiled run without a strategy would take channels_last
     for name, strategy in (("plain", "auto"), ("fsdp", "fsdp")):
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *common, "--run-dir",
                             str(tmp_path / name), f"trainer.strategy={strategy}"], cwd=ROOT, capture_output=True,

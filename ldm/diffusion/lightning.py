@@ -212,6 +212,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         ``train.channels_last``."""
         from ldm.training.layout import to_channels_last, wants_channels_last  # noqa: PLC0415
 
+        if is_sharding(self):  # FSDP2 shards contiguous weights only (null means off; true is refused)
+            return
         if stage == "fit" and wants_channels_last(self.config.train, self.trainer.strategy.root_device):
             to_channels_last(self.net.unet, self.model_ema)
             log.info("train.channels_last: U-Net weights%s in channels_last", " and EMA" if self.model_ema else "")

@@ -67,8 +67,8 @@ def check_sharded_config(cfg: DictConfig) -> None:
         "train.lora": int((t.get("lora") or {}).get("rank", 0) or 0) > 0,
         "train.textual_inversion": bool(t.get("textual_inversion")),
         "model.params.cond_stage_trainable": bool(cfg.model.params.get("cond_stage_trainable", False)),
-        "train.compile": bool(t.get("compile", False)),
         "train.channels_last": t.get("channels_last") is True,
+        "train.compile_mode": t.get("compile_mode") in ("reduce-overhead", "max-autotune"),
         "trainer.precision (16-mixed)": str(tc.get("precision", "32")).startswith("16"),
     }
     why = {
@@ -77,8 +77,9 @@ def check_sharded_config(cfg: DictConfig) -> None:
         "train.textual_inversion": "the new word's vectors are small enough for every rank: use ddp",
         "model.params.cond_stage_trainable": "the text encoder is not sharded, so its gradients would not be "
                                             "averaged over the ranks: use ddp",
-        "train.compile": "compiling the sharded U-Net is not supported: train eagerly, or compiled with ddp",
-        "train.channels_last": "FSDP2 shards contiguous weights only: leave it null (off when not compiling)",
+        "train.compile_mode": "CUDA-graph replay around the shards' all-gathers is not supported: leave it null "
+                              "(compiled without graphs)",
+        "train.channels_last": "FSDP2 shards contiguous weights only: leave it null (off under fsdp)",
         "trainer.precision (16-mixed)": "fp16's grad scaler would need the shards' inf checks: use bf16-mixed",
     }
     for key, bad in refuse.items():
