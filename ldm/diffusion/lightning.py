@@ -272,10 +272,11 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         from ldm.lora_formats import KOHYA_METADATA, to_kohya  # noqa: PLC0415
 
         if is_sharding(self):  # trainer.strategy=fsdp: every rank gathers the shards, rank 0 writes
-            whole = _Whole(self.net, full_state_dict(self.net))
-            ema_state = {f"model_ema.{k}": v for k, v in full_state_dict(self.model_ema).items()} if (
+            writer = self.trainer.is_global_zero
+            whole = _Whole(self.net, full_state_dict(self.net, keep=writer))
+            ema_state = {f"model_ema.{k}": v for k, v in full_state_dict(self.model_ema, keep=writer).items()} if (
                 ema and self.model_ema is not None) else None
-            return str(save(whole, path, ema_state=ema_state)) if self.trainer.is_global_zero else path
+            return str(save(whole, path, ema_state=ema_state)) if writer else path
         if self.inversion is not None:  # the new word's vectors beside the unchanged base model
             write_embedding(self.net.cond_stage_model.extra_vectors, self.inversion["name"], path)
             return str(save(_Stripped(self.net, strip_inversion), path))

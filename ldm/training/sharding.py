@@ -116,10 +116,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every ``DTensor`` gathered whole, on the host. A collective: every rank calls it;
-    every rank gets it (rank 0 writes)."""
-    return {k: full(v).detach().cpu() for k, v in module.state_dict().items()}
+def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every ``DTensor`` gathered whole, on the host. A collective: every rank calls it,
+    and only the ranks with ``keep`` (rank 0, which writes) hold the result; the others gather one tensor at a time
+    and drop it."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = full(v).detach()
+        if keep:
+            out[k] = v.cpu()
+    return out
 
 
 def sharded_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
