@@ -39,22 +39,22 @@ class SampleGrid(L.Callback):
             return
         self._last = step
         if trainer.is_global_zero or is_sharding(module):
-            self.sample(trainer, module, step)
+            self.sample(trainer, module, step, write=trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         if (trainer.is_global_zero or is_sharding(module)) and self.every > 0 and trainer.global_step != self._last:
-            self.sample(trainer, module, trainer.global_step)
+            self.sample(trainer, module, trainer.global_step, write=trainer.is_global_zero)
 
     @torch.no_grad()
-    def sample(self, trainer: L.Trainer, module: Any, step: int) -> Path | None:
-        """The grid of ``step``, written by rank 0 (under ``trainer.strategy: fsdp`` every rank samples, their
-        sharded blocks gathering together; rank 0 writes)."""
+    def sample(self, trainer: L.Trainer, module: Any, step: int, write: bool = True) -> Path | None:
+        """The grid of ``step``, saved when ``write`` (rank 0; under ``trainer.strategy: fsdp`` every rank samples,
+        their sharded blocks gathering together, and the others write nothing)."""
         net = module.net
         ema = module.model_ema
         ctx = ema.swapped_into(net.model) if ema is not None else nullcontext()
         with eval_mode(net), ctx:
             images = net.generate(self.prompts, progress=False, **self.kw)
-        if not trainer.is_global_zero:
+        if not write:
             return None
         grid = make_grid(images, captions=self.prompts)
         self.out_dir.mkdir(parents=True, exist_ok=True)
