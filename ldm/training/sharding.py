@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
 from ldm.registry import ConfigError
@@ -32,25 +34,77 @@ log = logging.getLogger(__name__)
 FSDP = "fsdp"
 
 
-def sharded_strategy(timeout_s: float) -> Any:
-    """The strategy for ``trainer.strategy: fsdp``: one data-parallel mesh over all ranks, collectives bounded by
-    ``timeout_s`` (``train.dist_timeout_s``), checkpoints gathered into one file (rank 0)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: PLC0415
+class FullyShardedStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` with every rank in one data-parallel dimension (no tensor parallelism),
+    and checkpoints of whole tensors in DDP's layout, read and written through the module's own ``state_dict`` (its
+    key hooks: SD v1's text encoder saves under HF names that are not attribute paths, which
+    ``torch.distributed.checkpoint.state_dict`` walks) and the optimizer's."""
 
-    class FullyShardedStrategy(ModelParallelStrategy):
-        """``ModelParallelStrategy`` with every rank in one data-parallel dimension (no tensor parallelism)."""
+    strategy_name = FSDP
 
-        strategy_name = FSDP
+    def setup_environment(self) -> None:
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
 
-        def setup_environment(self) -> None:
-            self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
-            super().setup_environment()
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return full_state_dict(self.lightning_module, keep=self.is_global_zero)
 
-        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-            """Tensors and plain containers only (``weights_only=True``), as every other load of ldm."""
-            return super().load_checkpoint(checkpoint_path, weights_only=True)
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's state dict (parameters by index), each shard of its moments gathered whole."""
+        sd = getattr(optimizer, "_optimizer", optimizer).state_dict()
+        keep = self.is_global_zero
+        state = {i: whole_tensors(s, keep) for i, s in sorted(sd["state"].items())}
+        return {"state": state, "param_groups": sd["param_groups"]} if keep else {}
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A whole-tensor checkpoint file (this strategy's or DDP's): weights and optimizer state cut to this rank's
+        shards; the rest returned for Lightning's loops and the module's ``on_load_checkpoint``. Tensors and plain
+        containers only (``weights_only=True``), as every other load of ldm."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} not found (a file of whole tensors)")
+        ckpt = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+        module = self.lightning_module
+        load_whole_state(module, ckpt.pop("state_dict"), strict=module.strict_loading)
+        for opt, saved in zip(self.optimizers, ckpt.get("optimizer_states", [])):
+            load_whole_optimizer_state(opt, saved)
+        return ckpt
+
+
+def sharded_strategy(timeout_s: float) -> FullyShardedStrategy:
+    """The strategy for ``trainer.strategy: fsdp``: collectives bounded by ``timeout_s`` (``train.dist_timeout_s``),
+    checkpoints gathered into one file (rank 0)."""
     return FullyShardedStrategy(save_distributed_checkpoint=False, timeout=timedelta(seconds=timeout_s))
+
+
+def like(whole: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``whole`` (a whole tensor, on the host) cut as ``ref`` is, when ``ref`` is a ``DTensor`` shard of the same
+    shape: this rank's piece, from its own copy (no communication); else ``whole`` as it is."""
+    if not hasattr(ref, "device_mesh") or tuple(whole.shape) != tuple(ref.shape):
+        return whole
+    from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
+
+    return distribute_tensor(whole.to(ref.device, ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def load_whole_state(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load a state dict of whole tensors into ``module``, whose ``DTensor`` entries (the sharded U-Net, its EMA)
+    take this rank's shard of theirs; through ``module.load_state_dict``, so its key hooks apply."""
+    own = module.state_dict()
+    module.load_state_dict({k: like(v, own[k]) if k in own else v for k, v in state.items()}, strict=strict)
+
+
+def load_whole_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """An optimizer state dict of whole tensors (parameters by index) into ``optimizer``, whose parameters are
+    ``DTensor`` shards: each moment cut as its parameter is."""
+    optimizer = getattr(optimizer, "_optimizer", optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(saved["state"]) > len(params):
+        raise ValueError(f"the checkpoint's optimizer has state for {len(saved['state'])} parameters, this run trains "
+                         f"{len(params)}")
+    state = {i: {k: like(v, params[i]) if torch.is_tensor(v) else v for k, v in s.items()}
+             for i, s in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def is_sharding(module: Any) -> bool:
@@ -106,26 +160,26 @@ def shard_unet(module: Any, mesh: Any) -> None:
              len(blocks), mesh.size(), n / 1e6, n / mesh.size() / 1e6)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's shard of a ``DTensor`` (a plain tensor as it is)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a ``DTensor`` (a collective: every rank calls it, in the same order)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with every ``DTensor`` gathered whole, on the host. A collective: every rank calls it,
-    and only the ranks with ``keep`` (rank 0, which writes) hold the result; the others gather one tensor at a time
-    and drop it."""
+def whole_tensors(state: Any, keep: bool = True) -> dict[str, Any]:
+    """``state`` (name -> tensor or value) with every ``DTensor`` gathered whole, on the host. A collective: every
+    rank calls it, and only the ranks with ``keep`` (rank 0, which writes) hold the result; the others gather one
+    tensor at a time and drop it."""
     out = {}
-    for k, v in module.state_dict().items():
-        v = full(v).detach()
+    for k, v in state.items():
+        v = full(v.detach()) if torch.is_tensor(v) else v
         if keep:
-            out[k] = v.cpu()
+            out[k] = v.cpu() if torch.is_tensor(v) else v
     return out
+
+
+def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` gathered whole (:func:`whole_tensors`)."""
+    return whole_tensors(module.state_dict(), keep)
 
 
 def sharded_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:

@@ -5,10 +5,10 @@
 #   scripts/plans/gpu_fsdp.sh [OUT] [DATA]
 set -uo pipefail
 PY=${PYTHON:-python3}
-OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-60}
+OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-40}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-timeout -s KILL 200 $PY -m pytest -m gpu -o addopts="" -q -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -5 \
+timeout -s KILL 330 $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -8 \
   | tee "$OUT/gpu-test.txt"
 for s in auto fsdp; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem-$s.txt" & smi=$!
