@@ -99,26 +99,35 @@ def test_the_compiled_sharded_unet_trains_as_the_eager_one(runs, tmp_path):
     assert_same_weights(weights(tmp_path), weights(runs / "fsdp"), atol=1e-6)
 
 
+def assert_refused(tmp_path: Path, config: str, overrides: list[str], match: str) -> None:
+    from ldm.registry import ConfigError
+    from ldm.training.trainer import build_trainer
+
+    with pytest.raises(ConfigError, match=match):
+        build_trainer(load_config(config, ["trainer.accelerator=cpu", "trainer.devices=2", *overrides]), tmp_path)
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.lora.rank=4", "train.lora"), ("train.compile_mode=reduce-overhead", "train.compile_mode"),
     ("train.channels_last=true", "train.channels_last"), ("trainer.precision=16-mixed", "trainer.precision"),
     ("model.params.cond_stage_trainable=true", "model.params.cond_stage_trainable")])
 def test_what_fsdp_does_not_combine_with_is_refused_by_name(tmp_path, override, key):
-    from ldm.registry import ConfigError
-    from ldm.training.trainer import build_trainer
-
-    cfg = load_config(TINY, ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=fsdp", override])
-    with pytest.raises(ConfigError, match=f"trainer.strategy=fsdp does not combine with {key}"):
-        build_trainer(cfg, tmp_path)
+    assert_refused(tmp_path, TINY, ["trainer.strategy=fsdp", override],
+                   f"trainer.strategy=fsdp does not combine with {key}")
 
 
 def test_other_stages_are_refused_under_fsdp(tmp_path):
-    from ldm.registry import ConfigError
-    from ldm.training.trainer import build_trainer
+    assert_refused(tmp_path, "configs/tiny/autoencoder.yaml", ["trainer.strategy=fsdp"],
+                   "does not combine with train.stage: only the diffusion stage shards")
 
-    cfg = load_config("configs/tiny/autoencoder.yaml", ["trainer.accelerator=cpu", "trainer.strategy=fsdp"])
-    with pytest.raises(ConfigError, match="does not combine with train.stage: only the diffusion stage shards"):
-        build_trainer(cfg, tmp_path)
+
+@pytest.mark.parametrize("strategy", ["fsdp_cpu_offload", "fsdp_full_shard", "deepspeed_stage_2"])
+def test_other_weight_sharding_strategies_are_refused_naming_the_key(tmp_path, strategy):
+    """Lightning's FSDP1 variants and DeepSpeed wrap the module in ways the EMA, the sample grids, exports and the
+    clipping norm cannot read (they passed through to Lightning, which refuses FSDP on the CPU with its own message,
+    and on GPUs would have trained with a broken EMA and export)."""
+    assert_refused(tmp_path, TINY, [f"trainer.strategy={strategy}"],
+                   f"trainer.strategy='{strategy}' is not supported: use fsdp")
 
 
 @pytest.mark.gpu

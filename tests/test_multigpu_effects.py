@@ -198,20 +198,6 @@ def test_a_preempted_slurm_job_resumes_after_the_step_it_was_warned_in(tmp_path)
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp_cpu_offload", "fsdp_full_shard", "deepspeed_stage_2"])
-def test_other_weight_sharding_strategies_are_refused_naming_the_key(tmp_path, strategy):
-    """Lightning's FSDP1 variants and DeepSpeed wrap the module in ways the EMA, the sample grids, exports and the
-    clipping norm cannot read (they passed through to Lightning, which refuses FSDP on the CPU with its own message,
-    and on GPUs would have trained with a broken EMA and export); ``fsdp`` is ldm's own (tests/test_fsdp.py)."""
-    from ldm.registry import ConfigError
-    from ldm.training.trainer import build_trainer
-
-    cfg = load_config("configs/tiny/txt2img.yaml", ["trainer.accelerator=cpu", "trainer.devices=2",
-                                                    f"trainer.strategy={strategy}"])
-    with pytest.raises(ConfigError, match=f"trainer.strategy='{strategy}' is not supported: use fsdp"):
-        build_trainer(cfg, tmp_path)
-
-
 def test_use_distributed_sampler_is_refused_naming_the_key(tmp_path):
     """The loader splits the data across ranks itself; Lightning's sampler never applied, so the key did nothing."""
     from ldm.registry import ConfigError
