@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# trainer.strategy=fsdp on one card: its GPU test (tests/test_fsdp.py), then SD-1.5's U-Net (random weights, EMA,
+# trainer.strategy=fsdp on one card: SD-1.5's U-Net (random weights, EMA,
 # gradient checkpointing, bf16) at 256 px, batch 16, without a strategy and under fsdp: img/s from the runs' logs and
-# the card's peak memory (nvidia-smi, every 200 ms). With one rank nothing is split: this measures FSDP's own cost.
+# the card's peak memory (nvidia-smi, every 200 ms), then the GPU test (tests/test_fsdp.py). With one rank nothing is
+# split: this measures FSDP's own cost.
 #   scripts/plans/gpu_fsdp.sh [OUT] [DATA]
 set -uo pipefail
 PY=${PYTHON:-python3}
-OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-40}
+OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-40}  # STRATEGIES, TEST_S: see below
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-timeout -s KILL 330 $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -8 \
-  | tee "$OUT/gpu-test.txt"
-for s in auto fsdp; do
+for s in ${STRATEGIES:-auto fsdp}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem-$s.txt" & smi=$!
   t0=$(date +%s)
   timeout -s KILL 170 $PY scripts/train.py --config configs/diffusion/sd-v1-finetune.yaml --run-dir "/tmp/fsdp-$s" \
@@ -30,3 +29,5 @@ print(f"  img/s median over steps {steps}: {statistics.median(float(v[s]) for s 
 PY
   grep -h -E "Error|error" "$OUT/train-$s.log" | tail -3
 done
+timeout -s KILL ${TEST_S:-330} $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -8 \
+  | tee "$OUT/gpu-test.txt"
