@@ -155,7 +155,8 @@ def check_strategy(name: Any, cfg: DictConfig) -> None:
 
 def build_strategy(name: Any, timeout_s: float) -> Any:
     """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
-    (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit."""
+    (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit.
+    ``fsdp``: :func:`ldm.training.sharding.sharded_strategy`, bounded the same way."""
     if name == FSDP:
         return sharded_strategy(timeout_s)
     if name not in ("ddp", "ddp_find_unused_parameters_true"):
