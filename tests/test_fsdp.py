@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny/txt2img.yaml"
 # grad_clip 1.0 (the tiny config's) clips from the second step on: the clipping norm must cover every rank's shards;
 # the text encoder in SD v1's HF layout, whose state-dict keys are not attribute paths
-SETTINGS = ["model.params.cond_stage_config.params.layout=hf", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+SETTINGS = ["model.params.cond_stage_config.params.layout=hf", "trainer.devices=2", "trainer.accelerator=cpu",
+            "trainer.max_steps=4", "trainer.log_every_n_steps=1",
             "trainer.accumulate_grad_batches=2", "train.fused_optimizer=true", "train.checkpoint.every_n_steps=2",
             "train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
             "data.val_num_samples=240", "train.val_batches=2", "sample.every_n_steps=2", "sample.steps=3",
@@ -80,7 +81,8 @@ def test_checkpoints_hold_whole_tensors_in_ddps_layout(runs):
         k: v.shape for k, v in ck["ddp"]["state_dict"].items()}
     opt = [c["optimizer_states"][0] for c in ck.values()]
     assert opt[0]["state"].keys() == opt[1]["state"].keys()
-    assert all(opt[0]["state"][i]["exp_avg_sq"].shape == opt[1]["state"][i]["exp_avg_sq"].shape for i in opt[1]["state"])
+    shapes = [{i: s["exp_avg_sq"].shape for i, s in o["state"].items()} for o in opt]
+    assert shapes[0] == shapes[1]
 
 
 def test_resume_is_exact_and_continues_a_ddp_checkpoint(runs, tmp_path):

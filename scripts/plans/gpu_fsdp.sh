@@ -29,5 +29,6 @@ print(f"  img/s median over steps {steps}: {statistics.median(float(v[s]) for s 
 PY
   grep -h -E "Error|error" "$OUT/train-$s.log" | tail -3
 done
-timeout -s KILL ${TEST_S:-330} $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 | tail -8 \
+timeout -s KILL "${TEST_S:-330}" $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 \
+  | tail -8 \
   | tee "$OUT/gpu-test.txt"
