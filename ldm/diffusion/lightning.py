@@ -273,13 +273,13 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
 
         if is_sharding(self):  # trainer.strategy=fsdp: every rank gathers the shards, rank 0 writes
             writer = self.trainer.is_global_zero
-            whole = _Whole(self.net, full_state_dict(self.net, keep=writer))
+            whole = _Weights(self.net, full_state_dict(self.net, keep=writer))
             ema_state = {f"model_ema.{k}": v for k, v in full_state_dict(self.model_ema, keep=writer).items()} if (
                 ema and self.model_ema is not None) else None
             return str(save(whole, path, ema_state=ema_state)) if writer else path
         if self.inversion is not None:  # the new word's vectors beside the unchanged base model
             write_embedding(self.net.cond_stage_model.extra_vectors, self.inversion["name"], path)
-            return str(save(_Stripped(self.net, strip_inversion), path))
+            return str(save(_Weights(self.net, strip_inversion(self.net.state_dict())), path))
         use_ema = ema and self.model_ema is not None
         adapters = lora_state_dict(self.net.model)
         if not adapters:
@@ -290,7 +290,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         save_safetensors(adapters, Path(path).with_name("lora.safetensors"), meta)
         kohya = to_kohya(adapters, self.config.model.params.unet_config.params)  # for the web UIs and diffusers
         save_safetensors(kohya, Path(path).with_name("lora-kohya.safetensors"), KOHYA_METADATA)
-        return str(save(_Stripped(self.net, strip_lora), path))
+        return str(save(_Weights(self.net, strip_lora(self.net.state_dict())), path))
 
 
 def data_buckets(config: DictConfig) -> tuple[tuple[int, int], ...]:
@@ -390,21 +390,12 @@ def load_components(net: torch.nn.Module, components: Any) -> None:
         log.info("loaded %s from %s (%d tensors, %d image-tower tensors ignored)", name, path, len(own), len(extra))
 
 
-class _Whole:
-    """A sharded model's config and gathered weights (:func:`ldm.training.sharding.full_state_dict`), for ``save``."""
+class _Weights:
+    """A model's config with given weights, for ``save``: the base model without its LoRA or textual-inversion keys,
+    or a sharded model's gathered weights (:func:`ldm.training.sharding.full_state_dict`)."""
 
     def __init__(self, net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         self.config, self.state = net.config, state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.state
-
-
-class _Stripped:
-    """A view of a model whose ``state_dict`` passes through ``fn`` (LoRA keys removed for a base export)."""
-
-    def __init__(self, net: torch.nn.Module, fn: Any) -> None:
-        self.net, self.fn, self.config = net, fn, net.config
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.fn(self.net.state_dict())

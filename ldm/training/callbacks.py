@@ -18,7 +18,7 @@ import torch
 from ldm.grid import make_grid
 from ldm.pipeline_io import save_png
 from ldm.training.modes import eval_mode
-from ldm.training.sharding import is_sharding
+from ldm.training.sharding import joins
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class SampleGrid(L.Callback):
         if self.every <= 0 or step == 0 or step % self.every or step == self._last:
             return
         self._last = step
-        if trainer.is_global_zero or is_sharding(module):
+        if joins(trainer, module):
             self.sample(trainer, module, step, write=trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if (trainer.is_global_zero or is_sharding(module)) and self.every > 0 and trainer.global_step != self._last:
+        if joins(trainer, module) and self.every > 0 and trainer.global_step != self._last:
             self.sample(trainer, module, trainer.global_step, write=trainer.is_global_zero)
 
     @torch.no_grad()
@@ -75,7 +75,7 @@ class ExportOnEnd(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
-        if trainer.is_global_zero or is_sharding(module):  # fsdp: every rank gathers, rank 0 writes
+        if joins(trainer, module):  # fsdp: every rank gathers, rank 0 writes
             out = module.export(str(self.path))
             if trainer.is_global_zero:
                 log.info("exported %s", out)
@@ -113,7 +113,7 @@ class Snapshots(L.Callback):
         path = self.out_dir / f"step_{step:08d}" / "model.safetensors"
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-        if trainer.is_global_zero or is_sharding(module):  # fsdp: every rank gathers the shards, rank 0 writes
+        if joins(trainer, module):  # fsdp: every rank gathers the shards, rank 0 writes
             module.export(str(path))
         if not trainer.is_global_zero:
             return

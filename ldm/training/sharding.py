@@ -116,29 +116,33 @@ def is_sharding(module: Any) -> bool:
 def check_sharded_config(cfg: DictConfig) -> None:
     """What ``trainer.strategy: fsdp`` does not combine with, named (the diffusion stage's full U-Net training)."""
     t, tc = cfg.train, cfg.get("trainer") or {}
-    refuse = {
-        "train.stage": t.get("stage", "diffusion") != "diffusion",
-        "train.lora": int((t.get("lora") or {}).get("rank", 0) or 0) > 0,
-        "train.textual_inversion": bool(t.get("textual_inversion")),
-        "model.params.cond_stage_trainable": bool(cfg.model.params.get("cond_stage_trainable", False)),
-        "train.channels_last": t.get("channels_last") is True,
-        "train.compile_mode": t.get("compile_mode") in ("reduce-overhead", "max-autotune"),
-        "trainer.precision (16-mixed)": str(tc.get("precision", "32")).startswith("16"),
+    rules = {  # key: (whether the config sets it, why it is refused)
+        "train.stage": (t.get("stage", "diffusion") != "diffusion",
+                        "only the diffusion stage shards (the autoencoder and CLIP stages train with ddp)"),
+        "train.lora": (int((t.get("lora") or {}).get("rank", 0) or 0) > 0,
+                       "LoRA adapters are small enough for every rank: use ddp"),
+        "train.textual_inversion": (bool(t.get("textual_inversion")),
+                                    "the new word's vectors are small enough for every rank: use ddp"),
+        "model.params.cond_stage_trainable": (bool(cfg.model.params.get("cond_stage_trainable", False)),
+                                              "the text encoder is not sharded, so its gradients would not be "
+                                              "averaged over the ranks: use ddp"),
+        "train.channels_last": (t.get("channels_last") is True,
+                                "FSDP2 shards contiguous weights only: leave it null (off under fsdp)"),
+        "train.compile_mode": (t.get("compile_mode") in ("reduce-overhead", "max-autotune"),
+                               "CUDA-graph replay around the shards' all-gathers is not supported: leave it null "
+                               "(compiled without graphs)"),
+        "trainer.precision (16-mixed)": (str(tc.get("precision", "32")).startswith("16"),
+                                         "fp16's grad scaler would need the shards' inf checks: use bf16-mixed"),
     }
-    why = {
-        "train.stage": "only the diffusion stage shards (the autoencoder and CLIP stages train with ddp)",
-        "train.lora": "LoRA adapters are small enough for every rank: use ddp",
-        "train.textual_inversion": "the new word's vectors are small enough for every rank: use ddp",
-        "model.params.cond_stage_trainable": "the text encoder is not sharded, so its gradients would not be "
-                                            "averaged over the ranks: use ddp",
-        "train.compile_mode": "CUDA-graph replay around the shards' all-gathers is not supported: leave it null "
-                              "(compiled without graphs)",
-        "train.channels_last": "FSDP2 shards contiguous weights only: leave it null (off under fsdp)",
-        "trainer.precision (16-mixed)": "fp16's grad scaler would need the shards' inf checks: use bf16-mixed",
-    }
-    for key, bad in refuse.items():
+    for key, (bad, why) in rules.items():
         if bad:
-            raise ConfigError(f"trainer.strategy=fsdp does not combine with {key}: {why[key]}")
+            raise ConfigError(f"trainer.strategy=fsdp does not combine with {key}: {why}")
+
+
+def joins(trainer: Any, module: Any) -> bool:
+    """Whether this rank runs what rank 0 alone writes (exports, snapshots, sample grids): rank 0, and under
+    ``trainer.strategy: fsdp`` every rank, whose sharded blocks gather their weights together."""
+    return bool(trainer.is_global_zero) or is_sharding(module)
 
 
 def shard_unet(module: Any, mesh: Any) -> None:
