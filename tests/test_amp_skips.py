@@ -33,7 +33,8 @@ def poisoned(t: torch.Tensor, value: float) -> torch.Tensor:
 
 class AmpToy(L.LightningModule):
     """A 3-weight linear layer trained by ``guarded_step`` (SGD, a LambdaLR schedule, an EMA) as the stages are: the
-    schedule and the EMA step only when ``guarded_step`` says so. Batch i's gradients are ``value`` for i in ``bad``
+    schedule and the EMA step only when ``guarded_step`` says so (``taken``; ``moved``: whether the weights changed).
+    Batch i's gradients are ``value`` for i in ``bad``
     (``bad=None``: every batch); its loss is NaN for i in ``nan_loss``."""
 
     def __init__(self, bad: Iterable[int] | None = (), value: float = INF, max_consecutive: int = 10,
@@ -47,6 +48,7 @@ class AmpToy(L.LightningModule):
         self.nan_loss = set(nan_loss)  # batches whose loss is NaN (the guard skips them before the scaler)
         self.guard = StepGuard(max_consecutive)
         self.taken: list[bool] = []
+        self.moved: list[bool] = []
         self.scales: list[float] = []  # the scaler's loss scale after each step
 
     def training_step(self, batch: torch.Tensor, i: int) -> None:
@@ -57,7 +59,8 @@ class AmpToy(L.LightningModule):
             out = out * NAN
         before = self.net.weight.detach().clone()
         took = guarded_step(self, self.optimizers(), out.float().sum(), list(self.net.parameters()))
-        assert torch.equal(before, self.net.weight.detach()) != took  # weights move exactly on the steps taken
+        self.moved.append(not torch.equal(before, self.net.weight.detach()))
+        assert self.moved[-1] == (took and i not in self.nan_loss)  # a NaN loss's skip: a zero update
         if took:
             self.lr_schedulers().step()
             self.ema.update(self.net)
@@ -133,11 +136,12 @@ def test_a_long_run_of_nan_gradients_stops_the_run_naming_the_grad_scaler(caplog
 def test_a_nan_loss_under_fp16_is_skipped_before_the_scaler_and_counts_in_global_step() -> None:
     """A NaN loss under fp16: the guard skips the step on the host before the grad scaler sees it (no
     ``optimizer.step()``: its scale stays, and it has no inf checks to miss), counted in ``skipped``, not in
-    ``amp_skipped``; no schedule or EMA step, and ``trainer.global_step`` counts it as it counts a scaler skip."""
+    ``amp_skipped``; a zero update as on the device (the schedule and the EMA step, the weights stay), and
+    ``trainer.global_step`` counts it as it counts a scaler skip."""
     m = fit_fp16(AmpToy(nan_loss={1}), 4, init_scale=1024.0)
-    assert m.taken == [True, False, True, True] and m.scales == [1024.0] * 4
+    assert m.taken == [True] * 4 and m.moved == [True, False, True, True] and m.scales == [1024.0] * 4
     assert m.trainer.global_step == 4
-    assert schedule_steps(m) == 3 and int(m.ema.num_updates) == 3
+    assert schedule_steps(m) == 4 and int(m.ema.num_updates) == 4
     assert (m.guard.skipped, m.guard.amp_skipped) == (1, 0)
 
 

@@ -18,9 +18,10 @@ Two ways to skip:
   ``max_consecutive`` skips in a row (so the stop may come up to one log interval late). When a checkpoint is saved
   and when training ends they are read at once.
 - **On the host** otherwise (CPU, SGD, fp16 with its grad scaler): the flag is read every step and a bad step is
-  not taken at all: the weights, the optimizer's state, the schedule and the EMA stay as they were. It still counts
-  in ``trainer.global_step`` (:func:`count_skipped_step`), as on the device: the step axis of ``val/*``, the
-  checkpoints and ``trainer.max_steps`` stays that of the ``train/*`` rows (the window index) on both paths.
+  not taken: the weights and the optimizer's state (moments, step count) stay as they were. Otherwise it is the
+  same zero update as on the device: it counts in ``trainer.global_step`` (:func:`count_skipped_step`), and the
+  learning-rate schedule and the EMA advance, so the step axis of ``val/*``, the checkpoints, ``trainer.max_steps``
+  and the schedule's position stay the window index of the ``train/*`` rows on both paths.
 
 Under fp16 AMP (``trainer.precision: 16-mixed``) the gradients are not checked here: Lightning's AMP grad scaler
 unscales them inside ``optimizer.step()``, skips the update when any is inf/NaN and halves its loss scale S (only
@@ -232,9 +233,9 @@ def _window_loss_ok(module: Any, optimizer: Any, loss: torch.Tensor, last: bool)
 def guarded_step(module: Any, optimizer: Any, loss: torch.Tensor, params: list[torch.Tensor],
                  clip: float | None = None, check_grads: bool = True) -> bool:
     """Backward + step for a manual-optimization LightningModule. Returns whether the caller should advance its
-    schedule and EMA: False for a step skipped on the host, for one the fp16 grad scaler skipped and for a batch
-    that only accumulates gradients (see the module docstring); always True for a step when skips stay on the
-    device. A skipped step counts in ``trainer.global_step`` on every path; a batch that only accumulates does not.
+    schedule and EMA: True for every step, a non-finite one skipped on either path included (a zero update); False
+    for one the fp16 grad scaler skipped and for a batch that only accumulates gradients (see the module docstring).
+    A skipped step counts in ``trainer.global_step`` on every path; a batch that only accumulates does not.
 
     ``module.guard`` is the :class:`StepGuard`. Gradients are zeroed after every step, taken or skipped.
     """
@@ -313,15 +314,16 @@ def _step_on_device(module: Any, optimizer: Any, ok: torch.Tensor, grads: list[t
 
 def _step_on_host(module: Any, optimizer: Any, flags: torch.Tensor, grads: list[torch.Tensor],
                   clip: float | None, norm: torch.Tensor | None, scaler: Any) -> bool:
-    """One host read of the (loss, gradients) flags, which travel together; a bad step is not taken. Under fp16 AMP
-    a second read after the step: whether the grad scaler skipped it (then False, counted in ``amp_skipped``)."""
+    """One host read of the (loss, gradients) flags, which travel together; a bad step is not taken (still True:
+    the schedule and the EMA advance, as after the device path's zero update). Under fp16 AMP a second read after
+    the step: whether the grad scaler skipped it (then False, counted in ``amp_skipped``)."""
     guard: StepGuard = module.guard
     loss_ok, grads_ok = (bool(f > 0.5) for f in flags.cpu())
     if not (loss_ok and grads_ok):
         guard.record(False, "loss" if not loss_ok else "gradients", module.global_step)  # the skipped step's index
         optimizer.zero_grad(set_to_none=True)
         count_skipped_step(optimizer)
-        return False
+        return True  # a zero update: the schedule and the EMA advance, as on the device
     _clip(grads, clip, norm, scaler)
     step = module.global_step  # before the step, which advances it
     before = _scale_copy(scaler)
