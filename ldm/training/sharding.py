@@ -14,6 +14,12 @@ What reads whole weights works on the shards instead:
 - checkpoints hold the whole weights and optimizer state, gathered on rank 0 into one file, so ``--resume`` and
   ``train.init_checkpoint`` read them as any other; a run may resume with another strategy or world size.
 
+Under gradient accumulation (``trainer.accumulate_grad_batches: k``) every batch's gradients are reduce-scattered
+into the shards, where the window's k batches add up: the gradients stay at 1/N of their size throughout, which is
+what sharding is for. DDP instead skips the all-reduce before the window's last batch (``no_sync``); FSDP2's
+equivalent (``set_requires_gradient_sync(False)``) would keep whole, unsharded gradients on every rank between
+batches, as much memory as DDP's, so it is not used: k reduce-scatters per step move as much data as k/2 all-reduces.
+
 Only the diffusion stage shards; the refusals in :func:`check_sharded_config` name what does not combine.
 """
 from __future__ import annotations
