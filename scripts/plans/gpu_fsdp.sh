@@ -3,12 +3,22 @@
 # gradient checkpointing, bf16) at 256 px, batch 16, without a strategy and under fsdp: img/s from the runs' logs and
 # the card's peak memory (nvidia-smi, every 200 ms), then the GPU test (tests/test_fsdp.py). With one rank nothing is
 # split: this measures FSDP's own cost.
+# PROFILE_STEPS=N (default 0) first times the bare U-Net step of each strategy on a synthetic latent cache
+# (scripts/bench_train.py: same model and batch, no autoencoder or data decoding) and profiles N steps of it.
 #   scripts/plans/gpu_fsdp.sh [OUT] [DATA]
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-runs/gpu-fsdp}; DATA=${2:-data/emoji64}; STEPS=${STEPS:-40}  # STRATEGIES, TEST_S: see below
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+if [ "${PROFILE_STEPS:-0}" -gt 0 ]; then
+  for s in ${STRATEGIES:-auto fsdp}; do
+    timeout -s KILL 150 $PY scripts/bench_train.py --latent 32 --batch 16 --steps 30 --warmup 10 \
+      --profile-steps "$PROFILE_STEPS" --override trainer.strategy=$s --out "$OUT/profile-$s.jsonl" \
+      > "$OUT/profile-$s.log" 2>&1
+    echo "profile strategy=$s rc=$?" | tee -a "$OUT/summary.txt"
+  done
+fi
 for s in ${STRATEGIES:-auto fsdp}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem-$s.txt" & smi=$!
   t0=$(date +%s)
