@@ -149,3 +149,46 @@ def test_sharded_training_on_the_gpu_matches_the_unsharded_run(tmp_path, compile
     assert plain.keys() == fsdp.keys() and len(plain) == 6
     assert all(float(fsdp[s]) == pytest.approx(float(plain[s]), rel=1e-3) for s in plain)
     assert_same_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "plain"), atol=1e-4)
+
+
+def _snapshot_decisions(rank: int, port: int, out: str) -> None:
+    """Two gloo ranks whose clocks disagree about a snapshot: which batches each one snapshots at."""
+    import time
+    from types import SimpleNamespace
+
+    from ldm.training.callbacks import Snapshots
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        seen = {}
+        for strategy in ("fsdp", "ddp"):
+            trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, global_step=0)
+            module = SimpleNamespace(_trainer=SimpleNamespace(strategy=SimpleNamespace(strategy_name=strategy)))
+            cb = Snapshots(Path(out).parent / strategy, every_min=1.0)
+            cb.snapshot = lambda trainer, module, elapsed, taken=[]: taken.append(trainer.global_step)
+            cb.on_train_start(trainer, module)
+            for step, late in ((1, 0), (2, 1)):  # batch 1: rank 0's clock is past the minute; batch 2: rank 1's
+                trainer.global_step = step
+                cb._t0 = time.perf_counter() - (61.0 if rank == late else 0.0)
+                cb.on_train_batch_end(trainer, module, None, None, step)
+            seen[strategy] = cb.snapshot.__defaults__[0]
+        torch.save(seen, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_timed_snapshots_happen_on_every_rank_together_under_fsdp(tmp_path):
+    """``train.snapshot_every_min`` under fsdp: the export is a gather every rank joins, so rank 0's clock decides for
+    all (a rank that snapshots alone would pair its gather with another's training all-gather: a hang). Under ddp
+    rank 0 exports alone and each rank keeps its own clock."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_snapshot_decisions, args=(port, str(tmp_path / "seen")), nprocs=2)
+    seen = [torch.load(tmp_path / f"seen.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [s["fsdp"] for s in seen] == [[1], [1]]  # rank 0's batch 1, on both; rank 1's own clock does not count
+    assert [s["ddp"] for s in seen] == [[1], [2]]  # each its own (only rank 0 writes)

@@ -18,7 +18,8 @@ import torch
 from ldm.grid import make_grid
 from ldm.pipeline_io import save_png
 from ldm.training.modes import eval_mode
-from ldm.training.sharding import joins
+from ldm.training.host_vote import HostVote
+from ldm.training.sharding import is_sharding, joins
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +86,36 @@ class Snapshots(L.Callback):
     """Every ``every_min`` minutes of training (wall clock from the start of fit in this process), rank 0 exports the
     model (EMA weights when kept) to ``out_dir/step_XXXXXXXX/model.safetensors`` and appends
     ``{"step", "train_s", "images", "path"}`` to ``out_dir/index.jsonl``: the points of a metric-vs-time curve
-    (``scripts/evaluate.py --snapshots``). A final snapshot is written when training ends."""
+    (``scripts/evaluate.py --snapshots``). A final snapshot is written when training ends.
 
-    def __init__(self, out_dir: str | Path, every_min: float) -> None:
+    Under ``trainer.strategy: fsdp`` every rank gathers the export, so the ranks must snapshot at the same batch:
+    rank 0's clock decides, told to the others through a :class:`HostVote` at every batch (one integer over gloo,
+    on the host). Under the other strategies rank 0 exports alone and nothing is exchanged."""
+
+    def __init__(self, out_dir: str | Path, every_min: float, timeout_s: float = 600.0) -> None:
         if every_min <= 0:
             raise ValueError(f"train.snapshot_every_min must be > 0, got {every_min}")
         self.out_dir, self.every_s = Path(out_dir), 60.0 * float(every_min)
         self._t0: float | None = None
         self._next = self.every_s
         self._last_step = -1
+        self.vote: HostVote | None = None
+        self.timeout_s = float(timeout_s)
 
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         self._t0 = time.perf_counter()
+        if is_sharding(module):
+            self.vote = HostVote(self.timeout_s)
+            self.vote.open(trainer)
+
+    def due(self, trainer: L.Trainer, elapsed: float) -> bool:
+        """Whether this batch takes a snapshot: by rank 0's clock on every rank when the ranks export together."""
+        mine = elapsed >= self._next
+        return mine if self.vote is None else self.vote.any(mine and trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        if elapsed >= self._next:
+        if self.due(trainer, elapsed):
             self._next += self.every_s * (1 + int((elapsed - self._next) // self.every_s))
             self.snapshot(trainer, module, elapsed)
 

@@ -18,11 +18,11 @@ import os
 import signal
 import subprocess
 import threading
-from datetime import timedelta
 from typing import Any
 
 import lightning as L
-import torch
+
+from ldm.training.host_vote import HostVote
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,9 @@ class SlurmRequeue(L.Callback):
     """See the module docstring. ``signum``: the warning signal (SIGUSR1, as ``scripts/slurm_train.sbatch`` asks)."""
 
     def __init__(self, signum: int = signal.SIGUSR1, timeout_s: float = 600.0) -> None:
-        self.signum, self.timeout_s = signum, float(timeout_s)
+        self.signum, self.vote = signum, HostVote(timeout_s)
         self.received = False
         self._previous: Any = None
-        self._group: Any = None
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -74,8 +73,7 @@ class SlurmRequeue(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.signum, self._note)
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self.vote.open(trainer)
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         if self._previous is not None and threading.current_thread() is threading.main_thread():
@@ -84,11 +82,7 @@ class SlurmRequeue(L.Callback):
 
     def agreed(self, trainer: L.Trainer) -> bool:
         """Whether any rank has had the signal (every rank asks at the same batches, so all get the same answer)."""
-        if self._group is None:
-            return self.received
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        return self.vote.any(self.received)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         from ldm.training.guard import accumulation  # noqa: PLC0415

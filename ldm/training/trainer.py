@@ -133,7 +133,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
                               sampler=sc.get("sampler", "dpmpp_2m"),
                               guidance=float(sc.get("guidance", 5.0))))
     if cfg.train.get("snapshot_every_min"):
-        cbs.append(Snapshots(run_dir / "snapshots", float(cfg.train.snapshot_every_min)))
+        cbs.append(Snapshots(run_dir / "snapshots", float(cfg.train.snapshot_every_min),
+                             timeout_s=float(cfg.train.get("dist_timeout_s", 600))))
     val = build_validation(cfg)
     if val is not None:
         cbs.append(val)
