@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ldm.shards import local_shard
+
 
 class EMA(nn.Module):
     """θ_ema ← θ_ema + (1 − β)(θ − θ_ema) with β = min(decay, (1 + n)/(10 + n)) during warm-up (LitEma's rule).
@@ -68,8 +70,8 @@ class EMA(nn.Module):
         if n >= 0:
             self.num_updates.fill_(n)  # a kernel, not a read back
         params = dict(model.named_parameters())
-        shadow = [_local(getattr(self, s)) for s in self.names.values()]
-        current = [_local(params[n]).to(shadow[0].dtype) for n in self.names]
+        shadow = [local_shard(getattr(self, s)) for s in self.names.values()]
+        current = [local_shard(params[n]).to(shadow[0].dtype) for n in self.names]
         torch._foreach_lerp_(shadow, current, 1.0 - beta)
 
     @torch.no_grad()
@@ -95,8 +97,3 @@ class EMA(nn.Module):
         """``{"model_ema.<name without dots>": tensor, ...}`` as in released SD checkpoints."""
         return {prefix + k: v for k, v in self.state_dict().items()}
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (``DTensor``) weight's or average's own shard, which the update reads and writes in place (one
-    multi-tensor kernel, without a ``DTensor`` dispatch per tensor); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t

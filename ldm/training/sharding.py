@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
 from ldm.registry import ConfigError
+from ldm.shards import local_shard
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,22 @@ class FullyShardedStrategy(ModelParallelStrategy):
         for opt, saved in zip(self.optimizers, ckpt.get("optimizer_states", [])):
             load_whole_optimizer_state(opt, saved)
         return ckpt
+
+
+class ShardLocalAdamW(torch.optim.AdamW):
+    """AdamW whose update runs on the local tensors of ``DTensor`` parameters, gradients and moments (each rank's
+    own shards; the state keeps the ``DTensor`` objects, so its state dict and checkpoints are as before).
+
+    The arithmetic is AdamW's, element by element on the shards, but without ``DTensor``'s dispatch of the
+    multi-tensor kernel, which propagates the shardings of every tensor of every list again at each step (its cache
+    misses): 63 ms of host time a step for the tiny U-Net's 286 tensors on the CPU, while the GPU waits."""
+
+    def _init_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                    max_exp_avg_sqs: list, state_steps: list) -> bool:
+        has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        for tensors in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+            tensors[:] = [local_shard(x) for x in tensors]
+        return has_complex
 
 
 def sharded_strategy(timeout_s: float) -> FullyShardedStrategy:
@@ -197,7 +214,7 @@ def sharded_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     same on every rank), else None."""
     if not grads or not hasattr(grads[0], "to_local"):
         return None
-    shards = [g.to_local() for g in grads]
+    shards = [local_shard(g) for g in grads]
     sq = torch.stack(torch._foreach_norm(shards, 2.0)).float().square().sum()  # () this rank's Σ g²
     torch.distributed.all_reduce(sq, group=grads[0].device_mesh.get_group())
     return sq.sqrt()
