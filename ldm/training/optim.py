@@ -74,8 +74,7 @@ def build_optimizer(module: Any, params: list[torch.nn.Parameter] | list[dict[st
                   for g in params]
     adamw = ShardLocalAdamW if any(hasattr(p, "device_mesh") for p in flat) else torch.optim.AdamW  # fsdp's shards
     opt = adamw(params, lr=lr, betas=tuple(t.get("betas", (0.9, 0.999))),
-                            weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)),
-                            fused=fused or None)
+                weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)), fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(int(t.get("warmup_steps", 0))))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
