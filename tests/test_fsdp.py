@@ -151,50 +151,56 @@ def test_sharded_training_on_the_gpu_matches_the_unsharded_run(tmp_path, compile
     assert_same_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "plain"), atol=1e-4)
 
 
-def _snapshot_decisions(rank: int, port: int, out: str) -> None:
+def _on_gloo_rank(rank: int, port: int, fn, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(fn(rank), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, out: Path) -> list:
+    """``fn(rank)`` in 2 CPU processes of one gloo process group: what each returned (saved under ``out``)."""
+    import torch.multiprocessing as mp
+    from test_multigpu_effects import free_port
+
+    mp.spawn(_on_gloo_rank, args=(free_port(), fn, str(out)), nprocs=2)
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def _snapshot_decisions(rank: int) -> dict[str, list[int]]:
     """Two gloo ranks whose clocks disagree about a snapshot: which batches each one snapshots at."""
     import time
     from types import SimpleNamespace
 
     from ldm.training.callbacks import Snapshots
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        seen = {}
-        for strategy in ("fsdp", "ddp"):
-            trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, global_step=0)
-            module = SimpleNamespace(_trainer=SimpleNamespace(strategy=SimpleNamespace(strategy_name=strategy)))
-            cb = Snapshots(Path(out).parent / strategy, every_min=1.0)
-            cb.snapshot = lambda trainer, module, elapsed, taken=[]: taken.append(trainer.global_step)
-            cb.on_train_start(trainer, module)
-            for step, late in ((1, 0), (2, 1)):  # batch 1: rank 0's clock is past the minute; batch 2: rank 1's
-                trainer.global_step = step
-                cb._t0 = time.perf_counter() - (61.0 if rank == late else 0.0)
-                cb.on_train_batch_end(trainer, module, None, None, step)
-            seen[strategy] = cb.snapshot.__defaults__[0]
-        torch.save(seen, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+    seen = {}
+    for strategy in ("fsdp", "ddp"):
+        trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, global_step=0)
+        module = SimpleNamespace(_trainer=SimpleNamespace(strategy=SimpleNamespace(strategy_name=strategy)))
+        cb = Snapshots(Path("never-written"), every_min=1.0)  # its snapshot() is replaced below
+        taken: list[int] = []
+        cb.snapshot = lambda trainer, module, elapsed: taken.append(trainer.global_step)
+        cb.on_train_start(trainer, module)
+        for step, late in ((1, 0), (2, 1)):  # batch 1: rank 0's clock is past the minute; batch 2: rank 1's
+            trainer.global_step = step
+            cb._t0 = time.perf_counter() - (61.0 if rank == late else 0.0)
+            cb.on_train_batch_end(trainer, module, None, None, step)
+        seen[strategy] = taken
+    return seen
 
 
 def test_timed_snapshots_happen_on_every_rank_together_under_fsdp(tmp_path):
     """``train.snapshot_every_min`` under fsdp: the export is a gather every rank joins, so rank 0's clock decides for
     all (a rank that snapshots alone would pair its gather with another's training all-gather: a hang). Under ddp
     rank 0 exports alone and each rank keeps its own clock."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_snapshot_decisions, args=(port, str(tmp_path / "seen")), nprocs=2)
-    seen = [torch.load(tmp_path / f"seen.{rank}", weights_only=True) for rank in (0, 1)]
+    seen = on_two_gloo_ranks(_snapshot_decisions, tmp_path / "seen")
     assert [s["fsdp"] for s in seen] == [[1], [1]]  # rank 0's batch 1, on both; rank 1's own clock does not count
     assert [s["ddp"] for s in seen] == [[1], [2]]  # each its own (only rank 0 writes)
 
 
-def _adamw_on_shards(rank: int, port: int, out: str) -> None:
+def _adamw_on_shards(rank: int) -> dict:
     """Two gloo ranks: AdamW through ``DTensor``'s dispatch and ``ShardLocalAdamW`` on the local shards, 3 steps
     each (fused with the guard's ``grad_scale``, and foreach), from the same weights and gradients."""
     from types import SimpleNamespace
@@ -206,33 +212,29 @@ def _adamw_on_shards(rank: int, port: int, out: str) -> None:
     from ldm.training.optim import build_optimizer
     from ldm.training.sharding import ShardLocalAdamW
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        g = torch.Generator().manual_seed(0)
-        whole = [torch.randn(6, 5, generator=g), torch.randn(4, generator=g), torch.randn(3, 2, 2, 2, generator=g)]
-        grads = [[torch.randn(w.shape, generator=g) for w in whole] for _ in range(3)]
-        results = {}
-        for fused in (True, False):
-            for cls in (torch.optim.AdamW, ShardLocalAdamW):
-                params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in whole]
-                opt = cls(params, lr=0.1, weight_decay=0.01, fused=fused or None, foreach=None if fused else True)
-                for step in grads:
-                    for p, gr in zip(params, step):
-                        p.grad = distribute_tensor(gr, mesh, [Shard(0)])
-                    if fused:
-                        opt.grad_scale = torch.tensor(2.0)  # the guard's clip divisor
-                    opt.step()
-                assert all(isinstance(s[k], DTensor) for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
-                results[f"{cls.__name__}/{'fused' if fused else 'foreach'}"] = [p.full_tensor() for p in params]
-        module = SimpleNamespace(_trainer=None, trainer=None)
-        t = OmegaConf.create({"lr": 0.1})
-        results["built"] = type(build_optimizer(module, [torch.nn.Parameter(distribute_tensor(
-            whole[0], mesh, [Shard(0)]))], t)["optimizer"]).__name__
-        results["built_plain"] = type(build_optimizer(module, [torch.nn.Parameter(whole[0])], t)["optimizer"]).__name__
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    g = torch.Generator().manual_seed(0)
+    whole = [torch.randn(6, 5, generator=g), torch.randn(4, generator=g), torch.randn(3, 2, 2, 2, generator=g)]
+    grads = [[torch.randn(w.shape, generator=g) for w in whole] for _ in range(3)]
+    results = {}
+    for fused in (True, False):
+        for cls in (torch.optim.AdamW, ShardLocalAdamW):
+            params = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])) for w in whole]
+            opt = cls(params, lr=0.1, weight_decay=0.01, fused=fused or None, foreach=None if fused else True)
+            for step in grads:
+                for p, gr in zip(params, step):
+                    p.grad = distribute_tensor(gr, mesh, [Shard(0)])
+                if fused:
+                    opt.grad_scale = torch.tensor(2.0)  # the guard's clip divisor
+                opt.step()
+            assert all(isinstance(s[k], DTensor) for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+            results[f"{cls.__name__}/{'fused' if fused else 'foreach'}"] = [p.full_tensor() for p in params]
+    module = SimpleNamespace(_trainer=None, trainer=None)
+    t = OmegaConf.create({"lr": 0.1})
+    results["built"] = type(build_optimizer(module, [torch.nn.Parameter(distribute_tensor(
+        whole[0], mesh, [Shard(0)]))], t)["optimizer"]).__name__
+    results["built_plain"] = type(build_optimizer(module, [torch.nn.Parameter(whole[0])], t)["optimizer"]).__name__
+    return results
 
 
 def test_adamw_on_local_shards_takes_the_steps_of_adamw_on_dtensors(tmp_path):
@@ -240,16 +242,7 @@ def test_adamw_on_local_shards_takes_the_steps_of_adamw_on_dtensors(tmp_path):
     the first step and 13 ms of host time at each later one on the tiny U-Net) updates each rank's shards
     exactly as AdamW through ``DTensor`` does, fused (with a ``grad_scale``) and foreach, and keeps ``DTensor``
     moments; the stages build it exactly for sharded parameters."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_adamw_on_shards, args=(port, str(tmp_path / "adamw")), nprocs=2)
-    for rank in (0, 1):
-        r = torch.load(tmp_path / f"adamw.{rank}", weights_only=True)
+    for r in on_two_gloo_ranks(_adamw_on_shards, tmp_path / "adamw"):
         assert (r["built"], r["built_plain"]) == ("ShardLocalAdamW", "AdamW")
         for kind in ("fused", "foreach"):
             for a, b in zip(r[f"AdamW/{kind}"], r[f"ShardLocalAdamW/{kind}"]):

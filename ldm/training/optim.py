@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.lr_schedule import linear_warmup
+from ldm.shards import is_sharded
 from ldm.training.sharding import ShardLocalAdamW
 from ldm.training.step_log import batches_per_step
 
@@ -72,7 +73,7 @@ def build_optimizer(module: Any, params: list[torch.nn.Parameter] | list[dict[st
     if params and isinstance(params[0], dict):
         params = [{k: v for k, v in g.items() if k != "lr_ratio"} | {"lr": lr * float(g.get("lr_ratio", 1.0))}
                   for g in params]
-    adamw = ShardLocalAdamW if any(hasattr(p, "device_mesh") for p in flat) else torch.optim.AdamW  # fsdp's shards
+    adamw = ShardLocalAdamW if any(is_sharded(p) for p in flat) else torch.optim.AdamW  # fsdp's shards
     opt = adamw(params, lr=lr, betas=tuple(t.get("betas", (0.9, 0.999))),
                 weight_decay=float(t.get("weight_decay", 0.01)), eps=float(t.get("eps", 1e-8)), fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(int(t.get("warmup_steps", 0))))

@@ -34,7 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig
 
 from ldm.registry import ConfigError
-from ldm.shards import local_shard
+from ldm.shards import gathered, is_sharded, local_shard
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def sharded_strategy(timeout_s: float) -> FullyShardedStrategy:
 def like(whole: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``whole`` (a whole tensor, on the host) cut as ``ref`` is, when ``ref`` is a ``DTensor`` shard of the same
     shape: this rank's piece, from its own copy (no communication); else ``whole`` as it is."""
-    if not hasattr(ref, "device_mesh") or tuple(whole.shape) != tuple(ref.shape):
+    if not is_sharded(ref) or tuple(whole.shape) != tuple(ref.shape):
         return whole
     from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
 
@@ -187,18 +187,13 @@ def shard_unet(module: Any, mesh: Any) -> None:
              len(blocks), mesh.size(), n / 1e6, n / mesh.size() / 1e6)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a ``DTensor`` (a collective: every rank calls it, in the same order)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def whole_tensors(state: Any, keep: bool = True) -> dict[str, Any]:
     """``state`` (name -> tensor or value) with every ``DTensor`` gathered whole, on the host. A collective: every
     rank calls it, and only the ranks with ``keep`` (rank 0, which writes) hold the result; the others gather one
     tensor at a time and drop it."""
     out = {}
     for k, v in state.items():
-        v = full(v.detach()) if torch.is_tensor(v) else v
+        v = gathered(v.detach()) if torch.is_tensor(v) else v
         if keep:
             out[k] = v.cpu() if torch.is_tensor(v) else v
     return out
@@ -212,7 +207,7 @@ def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict[str, tor
 def sharded_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     """‖g‖₂ over every rank's shards of ``grads`` when they are ``DTensor`` shards (a plain tensor, all-reduced: the
     same on every rank), else None."""
-    if not grads or not hasattr(grads[0], "to_local"):
+    if not grads or not is_sharded(grads[0]):
         return None
     shards = [local_shard(g) for g in grads]
     sq = torch.stack(torch._foreach_norm(shards, 2.0)).float().square().sum()  # () this rank's Σ g²
