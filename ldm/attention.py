@@ -12,6 +12,8 @@ One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a select
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` when xformers is installed *and* its kernels load
   for this torch build (PyPI's 0.0.35 imports on torch 2.11+cu130 but cannot load its CUDA extension, see
   REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
+- ``"fa4"``: FlashAttention-4 (``pip install 'ldm[fa4]'``, :mod:`ldm.attention_fa4`): CuTe-DSL kernels for Hopper
+  and Blackwell that round SD-1.5's 40-wide heads up to 48, not 64; other inputs go to SDPA.
 - ``"math"``: the plain einsum formulation, for CPU debugging and as the reference.
 
 ``upcast=True`` computes fp16/bf16 attention in fp32 and casts back (SD 2.x overflows in fp16 without it).
@@ -26,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ldm.attention_fa4 import FA4Unavailable, fa4_attention
+from ldm.attention_fa4 import interface as fa4_interface
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "cudnn", "flash", "xformers", "math")
+BACKENDS = ("sdpa", "cudnn", "flash", "xformers", "fa4", "math")
 
 
 class AttentionBackendError(RuntimeError):
@@ -41,6 +46,11 @@ def check_backend(backend: str) -> str:
         raise AttentionBackendError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "xformers":
         _xformers_ops()
+    if backend == "fa4":
+        try:
+            fa4_interface()
+        except FA4Unavailable as e:
+            raise AttentionBackendError(str(e)) from e
     return backend
 
 
@@ -113,6 +123,8 @@ def attention(
         out = sdpa_in_order(q, k, v, PRIORITIES[backend])
     elif backend == "xformers":
         out = _xformers_attention(q, k, v)
+    elif backend == "fa4":
+        out = fa4_attention(q, k, v)
     elif backend == "math":
         out = _math_attention(q, k, v)
     else:

@@ -356,15 +356,18 @@ def settings_suffix(name: str = "ldm", compiled_inference: bool = False, compile
     return "".join(parts)
 
 
-def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None, text: str = "graph") -> str:
+def inference_tag(tag: str, mode: str, diffusers_mode: str | None = None, text: str = "graph",
+                  attn: str | None = None) -> str:
     """An inference variant's name in the rows: the variant, the compile mode where it is not reduce-overhead (and
     diffusers' where it differs from ours), our text encoder where it is not the default CUDA graph (``--text``),
-    then the process-wide settings (and, on compiled rows, the candidates: they tune our compiled graphs only, so
+    our compiled attention backend where one is asked for (``--attn``: diffusers' rows ran theirs), then the
+    process-wide settings (and, on compiled rows, the candidates: they tune our compiled graphs only, so
     diffusers' rows with the same name ran without them)."""
     compiled = tag.startswith("compiled")
     mode_part = f"_{mode}" if compiled and mode != "reduce-overhead" else ""
     mode_part += f"_diffusers-{diffusers_mode}" if compiled and diffusers_mode not in (None, mode) else ""
     mode_part += f"_text-{text}" if compiled and text != "graph" else ""
+    mode_part += f"_attn-{attn}" if compiled and attn else ""
     return tag + mode_part + settings_suffix(compiled_inference=compiled)
 
 
@@ -485,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-impls", default="ldm,diffusers", help="eager training rows of: ldm, diffusers")
     p.add_argument("--train-cl", action="store_true", help="training in channels_last (weights and latents)")
     p.add_argument("--train-attn", default=None, help="our attention backend in the training rows (sdpa, cudnn, flash)")
+    p.add_argument("--attn", default=None, help="our attention backend in the compiled inference rows "
+                   "(ldm.attention.BACKENDS: fa4, ...; default: the config's), named in their variant; the eager "
+                   "rows, which the compiled ones are compared with, keep the config's")
     p.add_argument("--train-inner", type=int, default=1, metavar="N",
                    help="also time N training steps back to back per repetition (a training loop's throughput)")
     p.add_argument("--train-compile-mode", default=None, metavar="MODE",
@@ -571,10 +577,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     describe_run("scripts/bench.py", argv, a.label)
     only = check_args(p, a)
-    if a.train_attn is not None:
-        from ldm.attention import check_backend
+    for backend in (a.train_attn, a.attn):
+        if backend is not None:
+            from ldm.attention import check_backend
 
-        check_backend(a.train_attn)
+            check_backend(backend)
     for item in a.inductor:
         try:
             set_inductor_option(item)
@@ -612,6 +619,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         ours, pipe = build(config, device, dtype, Path(tmp))
         emit(out, what="build_s", value=time.time() - t0, config=config)
+        own_attn = ours.unet.attn_backend
         check_same_function(ours, pipe, res, out, dtype)
         if "train" in only:  # training first: compiling for inference below rewrites the modules' forward
             run_train_rows(ours, pipe, res, cpu, a, out)
@@ -619,6 +627,7 @@ def main(argv=None) -> int:
         variants = ([] if a.skip_eager else eager) + (
         ["compiled"] + ([] if a.no_denoiser_graph else ["compiled_denoiser"]) if a.compile else [])
         for tag in variants:
+            ours.unet.set_attention_backend(a.attn if a.attn and tag.startswith("compiled") else own_attn)
             run_variant(ours, pipe, tag, res, px, cpu, only, a, out)
     summary()
     return 0
@@ -654,7 +663,7 @@ def run_variant(ours, pipe, tag: str, res: int, px: int, cpu: bool, only: set, a
     if tag == "eager_nchw":
         ours.unet.to(memory_format=torch.contiguous_format)
         ours.vae.to(memory_format=torch.contiguous_format)
-    label = inference_tag(tag, a.mode, a.diffusers_mode, a.text)  # the rows' variant name
+    label = inference_tag(tag, a.mode, a.diffusers_mode, a.text, a.attn)  # the rows' variant name
     if "unet" in only and tag != "compiled_denoiser":
         bench_unet(ours, pipe, res, out, label, impls, a.unet_calls)
     if "vae" in only and tag not in OURS_ONLY:

@@ -2,6 +2,8 @@
 convolution and linear layer of one CFG U-Net call (cuDNN heuristic against autotuning, fp16 against fp8)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from bench_common import emit, timed
 
@@ -22,6 +24,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
     dtype, what = (torch.bfloat16, "attention_train") if train else (torch.float16, "attention")
+    ours = ("sdpa", "cudnn", "flash") + (("fa4",) if fa4_installed() else ())
     totals: dict[str, float] = {}
     for name, (lq, lk, h, d, layers) in ATTN_SHAPES.items():
         q = torch.randn(batch, h, lq, d, device=device, dtype=dtype, requires_grad=train)
@@ -40,7 +43,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             return y
 
         impls = {kname: (lambda kb=kb: sdpa_in_order(q, k, v, [kb])) for kname, kb in kernels.items()}
-        impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ("sdpa", "cudnn", "flash")})
+        impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ours})
         for impl, fn in impls.items():
             try:
                 diff = float((call(fn).float() - ref).abs().max())
@@ -52,6 +55,18 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
                  max_abs_diff=diff, **r)
     emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
+
+
+def fa4_installed() -> bool:
+    """Whether the ``fa4`` attention backend can be imported here (its rows are left out otherwise, said once)."""
+    from ldm.attention_fa4 import FA4Unavailable, interface
+
+    try:
+        interface()
+    except FA4Unavailable as e:
+        print(f"bench: no fa4 rows: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def layer_calls(net: torch.nn.Module, fn) -> list[tuple[torch.nn.Module, tuple[int, ...]]]:

@@ -25,6 +25,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     tests are deselected by default (setup.cfg's addopts), so one that runs was asked for, and a skip would hide it."""
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.fail(f"{item.nodeid} is a GPU test (-m gpu) and this machine has no CUDA device", pytrace=False)
+    if item.get_closest_marker("fa4") is not None:
+        from ldm.attention_fa4 import ARCHS, FA4Unavailable, interface
+
+        try:
+            interface()
+            missing = None
+        except FA4Unavailable as e:
+            missing = str(e)
+        if missing:
+            pytest.fail(f"{item.nodeid} is an FA4 test (-m fa4): {missing}", pytrace=False)
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in ARCHS:
+            pytest.fail(f"{item.nodeid} is an FA4 test (-m fa4) and needs a Hopper or Blackwell GPU", pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""FlashAttention-4 (``flash-attn-4``, Dao-AILab's CuTe-DSL kernels) as ldm's ``"fa4"`` attention backend.
+
+The kernels are compiled at run time by NVIDIA's CUTLASS DSL (no build against torch), for Hopper (SM90) and
+Blackwell (SM100/SM110) cards, in fp16 and bf16. They round the head dimension up to a multiple of 16 where
+cuDNN's and FlashAttention-2's kernels round it to 64: SD-1.5's 40-wide heads do 48/40 of the work there, not 64/40.
+
+The forward and backward are torch custom operators (``ldm::fa4_fwd``, ``ldm::fa4_bwd``) with fake
+implementations, so ``torch.compile`` traces them as single opaque nodes and CUDA graphs record their launches.
+Inputs the kernels do not take (a CPU or pre-Hopper tensor, fp32, a head dimension not a multiple of 8) go to SDPA,
+with one log line per kind of input.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ARCHS = (9, 10, 11)  # compute capability majors with kernels: Hopper, Blackwell
+MAX_HEAD_DIM = {9: 256, 10: 128, 11: 128}
+
+
+class FA4Unavailable(RuntimeError):
+    """flash-attn-4 (or the CUTLASS DSL it compiles with) cannot be imported here."""
+
+
+@functools.lru_cache(maxsize=1)
+def interface():
+    """``flash_attn.cute.interface``, imported once; :class:`FA4Unavailable` with the reason if it cannot be."""
+    try:
+        import flash_attn.cute.interface as fa  # noqa: PLC0415 (optional dependency)
+    except Exception as e:  # ImportError, or the DSL's runtime failing to load
+        raise FA4Unavailable(
+            f"attention backend 'fa4' needs flash-attn-4 and the CUTLASS DSL (pip install 'ldm[fa4]'), which "
+            f"cannot be imported: {type(e).__name__}: {e}") from e
+    return fa
+
+
+def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why FA4 has no kernel for these inputs, or None when it has one."""
+    if not q.is_cuda:
+        return f"{q.device.type} tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype}"
+    major = torch.cuda.get_device_capability(q.device)[0]
+    if major not in ARCHS:
+        return f"compute capability {major}.x (FA4 has kernels for 9.x, 10.x and 11.x)"
+    d = q.shape[-1]
+    if d % 8 or d > MAX_HEAD_DIM[major] or k.shape[-1] != d:
+        return f"head dimension {d}"
+    return None
+
+
+@torch.library.custom_op("ldm::fa4_fwd", mutates_args=())
+def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Lq, H, d), k and v (B, Lk, H, d), each with its last dimension contiguous -> softmax(q kᵀ·scale) v
+    (B, Lq, H, d) and the softmax's log-sum-exp (B, H, Lq), fp32."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, Lq, H, d)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)  # (B, H, Lq)
+    interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True, out=out, lse=lse)
+    return out, lse
+
+
+@fa4_fwd.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ldm::fa4_bwd", mutates_args=())
+def fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`fa4_fwd`'s output with respect to q, k and v (each contiguous, as its input's shape)."""
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    interface()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale, dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
+
+
+@fa4_bwd.register_fake
+def _(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=32)
+def _fallback_note(reason: str) -> None:
+    log.info("attention backend 'fa4' has no kernel for %s: those calls use SDPA", reason)
+
+
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v through FA4. q: (B, H, Lq, d); k, v: (B, H, Lk, d) -> (B, H, Lq, d). Inputs that FA4
+    has no kernel for go to SDPA (logged once per kind)."""
+    reason = kernel_for(q, k)
+    if reason is not None:
+        if not torch.compiler.is_compiling():
+            _fallback_note(reason)
+        return F.scaled_dot_product_attention(q, k, v)
+    # (B, H, L, d) -> (B, L, H, d): views, no copy where the heads were split from (B, L, H·d) projections
+    out, _ = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(q.shape[-1]))
+    return out.transpose(1, 2)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# FlashAttention-4 (attn_backend: fa4, ldm/attention_fa4.py) on a lent Hopper card, one 10-minute call: the kernels
+# against SDPA's at SD-1.5's shapes (CFG step forward at batch 2, training forward + backward at batch 16), the
+# compiled CFG step with fa4 and with SDPA (two processes, diffusers in both as the anchor), then the -m fa4 tests.
+# flash-attn-4 and the CUTLASS DSL must be importable (pip install 'ldm[fa4]', or PYTHONPATH to a folder that has
+# them); their compiled kernels are cached on disk between the processes.
+#   scripts/plans/gpu_fa4.sh [OUT]
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${1:-runs/gpu-fa4}
+mkdir -p "$OUT"
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FA4_CACHE:-/tmp/fa4-cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+step() {  # LABEL LIMIT_S COMMAND...: run, log, say the exit status and the time
+  local label=$1 limit=$2 t0
+  shift 2
+  t0=$(date +%s)
+  timeout -s KILL "$limit" "$@" > "$OUT/$label.log" 2>&1
+  echo "$label rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+}
+step attention "${ATTN_S:-150}" $PY scripts/bench.py --only attention,attention_train --attn-train-batches 16 \
+  --out "$OUT/attention.jsonl"
+step unet-fa4 "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
+  --unet-calls ldm_shared_x,diffusers --attn fa4 --out "$OUT/unet-fa4.jsonl"
+step unet-sdpa "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
+  --unet-calls ldm_shared_x,diffusers --out "$OUT/unet-sdpa.jsonl"
+step tests "${TEST_S:-150}" $PY -m pytest -m fa4 -o addopts="" -v -p no:cacheprovider tests/test_attention_fa4.py
+tail -3 "$OUT/tests.log"
+$PY - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*.jsonl")):
+    for line in f.read_text().splitlines():
+        r = json.loads(line)
+        w = r.get("what", "")
+        if w.startswith(("attention", "unet_")):
+            keep = {k: r[k] for k in ("what", "impl", "variant", "median_s", "tflops", "max_abs_diff", "value",
+                                      "by_impl_ms", "error") if k in r}
+            print(f.stem, json.dumps(keep))
+PY
