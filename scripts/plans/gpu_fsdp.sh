@@ -3,6 +3,9 @@
 # gradient checkpointing, bf16) at 256 px, batch 16, without a strategy and under fsdp: img/s from the runs' logs and
 # the card's peak memory (nvidia-smi, every 200 ms), then the GPU test (tests/test_fsdp.py). With one rank nothing is
 # split: this measures FSDP's own cost.
+# RESUME_STEPS=N (default 0): after each run, N more steps resumed from its last checkpoint without a strategy (an
+# fsdp checkpoint read by a plain run). COMPILE_BATCH=B (default 0): the bare step compiled (train.compile) at batch B
+# under each strategy, after the runs. TEST_S=0 leaves the GPU test out.
 # PROFILE_STEPS=N (default 0) first times the bare U-Net step of each strategy on a synthetic latent cache
 # (scripts/bench_train.py: same model and batch, no autoencoder or data decoding) and profiles N steps of it.
 #   scripts/plans/gpu_fsdp.sh [OUT] [DATA]
@@ -38,7 +41,27 @@ print(f"  img/s median over steps {steps}: {statistics.median(float(v[s]) for s 
       f"loss {[round(float(loss[s]), 4) for s in sorted(loss)][-3:]}")
 PY
   grep -h -E "Error|error" "$OUT/train-$s.log" | tail -3
+  if [ "${RESUME_STEPS:-0}" -gt 0 ]; then
+    timeout -s KILL 170 $PY scripts/train.py --config configs/diffusion/sd-v1-finetune.yaml --run-dir "/tmp/fsdp-$s" \
+      --resume auto trainer.strategy=auto train.init_checkpoint=null data.train="$DATA" data.size=256 \
+      data.batch_size=16 trainer.max_steps=$(( STEPS + RESUME_STEPS )) trainer.log_every_n_steps=5 \
+      sample.every_n_steps=0 trainer.enable_progress_bar=false train.warmup_steps=0 > "$OUT/resume-$s.log" 2>&1
+    echo "  resumed without a strategy to step $(( STEPS + RESUME_STEPS )): rc=$?" | tee -a "$OUT/summary.txt"
+    grep -h -E "Error|error|Restored|resum" "$OUT/resume-$s.log" | tail -3 | tee -a "$OUT/summary.txt"
+    $PY -c "import sys; from ldm.training.logs import logged; l = logged(sys.argv[1], 'train/loss');
+print('  loss by step', {k: round(float(v), 4) for k, v in sorted(l.items())})" "/tmp/fsdp-$s" \
+      | tee -a "$OUT/summary.txt"
+  fi
 done
+if [ "${COMPILE_BATCH:-0}" -gt 0 ]; then
+  for s in ${STRATEGIES:-auto fsdp}; do
+    timeout -s KILL 200 $PY scripts/bench_train.py --latent 32 --batch "$COMPILE_BATCH" --steps 20 --warmup 8 \
+      --compile --override trainer.strategy=$s --out "$OUT/compiled-$s.jsonl" > "$OUT/compiled-$s.log" 2>&1
+    echo "compiled strategy=$s batch $COMPILE_BATCH rc=$?" | tee -a "$OUT/summary.txt"
+    grep -h -E "img_per_s|first_step|Error" "$OUT/compiled-$s.log" | tail -4 | tee -a "$OUT/summary.txt"
+  done
+fi
+[ "${TEST_S:-330}" -gt 0 ] || exit 0
 timeout -s KILL "${TEST_S:-330}" $PY -m pytest -m gpu -o addopts="" -v -p no:cacheprovider tests/test_fsdp.py 2>&1 \
   | tail -8 \
   | tee "$OUT/gpu-test.txt"
