@@ -46,7 +46,7 @@ def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return f"{q.device.type} tensors"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"{q.dtype}"
-    major = torch.cuda.get_device_capability(q.device)[0]
+    major = torch.cuda.get_device_properties(q.device).major  # constant-folded by torch.compile
     if major not in ARCHS:
         return f"compute capability {major}.x (FA4 has kernels for 9.x, 10.x and 11.x)"
     d = q.shape[-1]
