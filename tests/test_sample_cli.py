@@ -74,6 +74,30 @@ def test_bad_arguments_fail_in_one_line_before_loading(ckpt, tmp_path, caplog, m
     assert rc == 2 and msg in caplog.text
 
 
+def test_attention_flag_sets_the_unets_backend_and_a_missing_one_is_refused_before_loading(ckpt, tmp_path, caplog,
+                                                                                            monkeypatch):
+    import sys
+
+    from ldm.attention_fa4 import interface
+
+    models = []
+    real = ldm.load
+    monkeypatch.setattr(ldm, "load", lambda *a, **k: models.append(real(*a, **k)) or models[-1])
+    base = ["--checkpoint", str(ckpt), "--prompt", "x", "--steps", "1", "--dtype", "fp32"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--attention", "math"]) == 0
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert [m.unet.attn_backend for m in models] == ["math", "sdpa"]
+    assert main([*base, "--out", str(tmp_path / "c"), "--attention", "nope"]) == 2
+    assert "unknown attention backend 'nope'" in caplog.text
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    interface.cache_clear()
+    try:
+        assert main([*base, "--out", str(tmp_path / "d"), "--attention", "fa4"]) == 2
+    finally:
+        interface.cache_clear()
+    assert "pip install 'ldm[fa4]'" in caplog.text and len(models) == 2
+
+
 def test_unknown_sampler_is_rejected(ckpt, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(ckpt), "--prompt", "x", "--sampler", "nope"])

@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(ldm.fast.optimize(compile=False, unet_graph=True)); the default on a GPU without "
                         "--compile (SD-1.5 txt2img on an H200: 0.52 s against 1.68 s eager, the same pixels); "
                         "--no-cuda-graph samples eager")
+    p.add_argument("--attention", default=None, metavar="BACKEND",
+                   help="the U-Net's attention backend (sdpa, cudnn, flash, xformers, fa4, math; default: the "
+                        "checkpoint config's): e.g. fa4 for FlashAttention-4 on Hopper and Blackwell cards")
     p.add_argument("--out", default="outputs", help="output folder")
     return p.parse_args(argv)
 
@@ -317,6 +320,10 @@ def check_args(a: argparse.Namespace) -> list[str]:
         raise ValueError("give --checkpoint and/or --config")
     if a.compile and a.cuda_graph:
         raise ValueError("--cuda-graph replays the eager U-Net instead of compiling it: give --compile or --cuda-graph")
+    if a.attention is not None:
+        from ldm.attention import check_backend  # noqa: PLC0415
+
+        check_backend(a.attention)
     _check_files(a)
     _check_numbers(a)
     _check_out(a)
@@ -417,6 +424,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
     if not callable(getattr(model, "generate", None)):
         raise ValueError(f"--checkpoint {a.checkpoint or a.config}: {describe_target(type(model).__name__)} was "
                          "loaded, not a text-to-image model")
+    if a.attention is not None:
+        model.unet.set_attention_backend(a.attention)
     fast = fast_path(a, torch.device(device).type)
     if fast is not None:
         from ldm.fast import optimize  # noqa: PLC0415
