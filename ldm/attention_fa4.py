@@ -57,9 +57,9 @@ def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 @torch.library.custom_op("ldm::fa4_fwd", mutates_args=())
 def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Lq, H, d), k and v (B, Lk, H, d), each with its last dimension contiguous -> softmax(q kᵀ·scale) v
-    (B, Lq, H, d) and the softmax's log-sum-exp (B, H, Lq), fp32."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, Lq, H, d)
+    """q (B, Lq, H, d), k (B, Lk, H, d), v (B, Lk, H, d_v), each with its last dimension contiguous ->
+    softmax(q kᵀ·scale) v (B, Lq, H, d_v) and the softmax's log-sum-exp (B, H, Lq), fp32."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)  # (B, Lq, H, d_v)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)  # (B, H, Lq)
     interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True, out=out, lse=lse)
     return out, lse
@@ -67,7 +67,8 @@ def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
 @fa4_fwd.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                                                   dtype=torch.float32)
 
 
 @torch.library.custom_op("ldm::fa4_bwd", mutates_args=())
