@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,11 @@ class FA4Unavailable(RuntimeError):
 
 @functools.lru_cache(maxsize=1)
 def interface():
-    """``flash_attn.cute.interface``, imported once; :class:`FA4Unavailable` with the reason if it cannot be."""
+    """``flash_attn.cute.interface``, imported once; :class:`FA4Unavailable` with the reason if it cannot be.
+    FA4's on-disk cache of compiled kernels is turned on unless the environment says otherwise
+    (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=0``): a later process loads them instead of compiling them again,
+    as inductor's cache does for the compiled U-Net."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         import flash_attn.cute.interface as fa  # noqa: PLC0415 (optional dependency)
     except Exception as e:  # ImportError, or the DSL's runtime failing to load

@@ -9,7 +9,7 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-runs/gpu-fa4}
 mkdir -p "$OUT"
-export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FA4_CACHE:-/tmp/fa4-cache}
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FA4_CACHE:-/tmp/fa4-cache}  # ldm turns the cache on
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 step() {  # LABEL LIMIT_S COMMAND...: run, log, say the exit status and the time
   local label=$1 limit=$2 t0
