@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_common import emit, timed
+from bench_common import emit, graph_time_us, timed
 
 # SD-1.5's attention shapes at 64×64 latents: (query tokens, key tokens, heads, head dim) and layers per U-Net pass
 ATTN_SHAPES = {"self_64x64": (4096, 4096, 8, 40, 5), "self_32x32": (1024, 1024, 8, 80, 5),
@@ -26,6 +26,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
     dtype, what = (torch.bfloat16, "attention_train") if train else (torch.float16, "attention")
     ours = ("sdpa", "cudnn", "flash") + (("fa4",) if fa4_installed() else ())
     totals: dict[str, float] = {}
+    graphed: dict[str, float] = {}  # the same, from CUDA-graph replays (inference only)
     for name, (lq, lk, h, d, layers) in ATTN_SHAPES.items():
         q = torch.randn(batch, h, lq, d, device=device, dtype=dtype, requires_grad=train)
         k, v = (torch.randn(batch, h, lk, d, device=device, dtype=dtype, requires_grad=train) for _ in range(2))
@@ -54,7 +55,14 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             totals[impl] = totals.get(impl, 0.0) + layers * r["median_s"] * 1e3
             emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
                  max_abs_diff=diff, **r)
+            if not train:  # the kernels alone, as a compiled U-Net's CUDA graph replays them: no launch latency
+                us = graph_time_us(lambda fn=fn: call(fn))
+                graphed[impl] = graphed.get(impl, 0.0) + layers * us / 1e3
+                emit(out, what=f"{what}_graphed_{name}", impl=impl, batch=batch, us_per_call=us,
+                     tflops=gflop / us * 1e3)
     emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
+    if graphed:
+        emit(out, what=f"{what}_graphed_unet_pass_ms", batch=batch, by_impl_ms=graphed)
 
 
 def fa4_installed() -> bool:

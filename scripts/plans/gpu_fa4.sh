@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (attn_backend: fa4, ldm/attention_fa4.py) on a lent Hopper card, one 10-minute call: the kernels
 # against SDPA's at SD-1.5's shapes (CFG step forward at batch 2, training forward + backward at batch 16), the
-# compiled CFG step with fa4 and with SDPA (two processes, diffusers in both as the anchor), then the -m fa4 tests.
+# compiled CFG step with fa4 and with SDPA (two processes, diffusers in both as the anchor), after the -m fa4 tests.
+# xformers 0.0.35 must not be importable beside flash-attn-4: it imports flash_attn.flash_attn_interface (FA2's)
+# whenever a flash_attn package is found, and FA4's is one, so diffusers' pipelines fail to import.
 # flash-attn-4 and the CUTLASS DSL must be importable (pip install 'ldm[fa4]', or PYTHONPATH to a folder that has
 # them); their compiled kernels are cached on disk between the processes.
 #   scripts/plans/gpu_fa4.sh [OUT]
@@ -18,14 +20,14 @@ step() {  # LABEL LIMIT_S COMMAND...: run, log, say the exit status and the time
   timeout -s KILL "$limit" "$@" > "$OUT/$label.log" 2>&1
   echo "$label rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
 }
+step tests "${TEST_S:-150}" $PY -m pytest -m fa4 -o addopts="" -v -p no:cacheprovider tests/test_attention_fa4.py
+tail -3 "$OUT/tests.log"
 step attention "${ATTN_S:-150}" $PY scripts/bench.py --only attention,attention_train --attn-train-batches 16 \
   --out "$OUT/attention.jsonl"
 step unet-fa4 "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
   --unet-calls ldm_shared_x,diffusers --attn fa4 --out "$OUT/unet-fa4.jsonl"
 step unet-sdpa "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
   --unet-calls ldm_shared_x,diffusers --out "$OUT/unet-sdpa.jsonl"
-step tests "${TEST_S:-150}" $PY -m pytest -m fa4 -o addopts="" -v -p no:cacheprovider tests/test_attention_fa4.py
-tail -3 "$OUT/tests.log"
 $PY - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
