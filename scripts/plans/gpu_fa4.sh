@@ -36,7 +36,8 @@ for f in sorted(Path(sys.argv[1]).glob("*.jsonl")):
         r = json.loads(line)
         w = r.get("what", "")
         if w.startswith(("attention", "unet_")):
-            keep = {k: r[k] for k in ("what", "impl", "variant", "median_s", "tflops", "max_abs_diff", "value",
+            keep = {k: r[k] for k in ("what", "impl", "variant", "median_s", "us_per_call", "tflops", "max_abs_diff",
+                                      "value",
                                       "by_impl_ms", "error") if k in r}
             print(f.stem, json.dumps(keep))
 PY
