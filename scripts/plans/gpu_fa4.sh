@@ -25,9 +25,9 @@ tail -3 "$OUT/tests.log"
 step attention "${ATTN_S:-150}" $PY scripts/bench.py --only attention,attention_train --attn-train-batches 16 \
   --out "$OUT/attention.jsonl"
 step unet-fa4 "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
-  --unet-calls ldm_shared_x,diffusers --attn fa4 --out "$OUT/unet-fa4.jsonl"
+  --unet-calls "${UNET_CALLS:-ldm_shared_x,diffusers}" --attn fa4 --out "$OUT/unet-fa4.jsonl"
 step unet-sdpa "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
-  --unet-calls ldm_shared_x,diffusers --out "$OUT/unet-sdpa.jsonl"
+  --unet-calls "${UNET_CALLS:-ldm_shared_x,diffusers}" --out "$OUT/unet-sdpa.jsonl"
 $PY - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
