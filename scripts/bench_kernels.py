@@ -55,7 +55,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
             totals[impl] = totals.get(impl, 0.0) + layers * r["median_s"] * 1e3
             emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
                  max_abs_diff=diff, **r)
-            if not train:  # the kernels alone, as a compiled U-Net's CUDA graph replays them: no launch latency
+            if not train and q.is_cuda:  # the kernels alone, as a compiled U-Net's CUDA graph replays them
                 us = graph_time_us(lambda fn=fn: call(fn))
                 graphed[impl] = graphed.get(impl, 0.0) + layers * us / 1e3
                 emit(out, what=f"{what}_graphed_{name}", impl=impl, batch=batch, us_per_call=us,
