@@ -12,8 +12,9 @@ One function, :func:`attention`, computes softmax(q kᵀ / √d) v with a select
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` when xformers is installed *and* its kernels load
   for this torch build (PyPI's 0.0.35 imports on torch 2.11+cu130 but cannot load its CUDA extension, see
   REFERENCE.md); otherwise a clear :class:`AttentionBackendError`.
-- ``"fa4"``: FlashAttention-4 (``pip install 'ldm[fa4]'``, :mod:`ldm.attention_fa4`): CuTe-DSL kernels for Hopper
-  and Blackwell that round SD-1.5's 40-wide heads up to 48, not 64; other inputs go to SDPA.
+- ``"fa4"``: FlashAttention-4's forward (``pip install 'ldm[fa4]'``, :mod:`ldm.attention_fa4`): CuTe-DSL kernels
+  for Hopper and Blackwell that round SD-1.5's 40-wide heads up to 48, not 64, for sampling; inputs that need
+  gradients (its SM90 backward is wrong at SD's head dimensions) and inputs without a kernel go to SDPA.
 - ``"math"``: the plain einsum formulation, for CPU debugging and as the reference.
 
 ``upcast=True`` computes fp16/bf16 attention in fp32 and casts back (SD 2.x overflows in fp16 without it).

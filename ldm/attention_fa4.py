@@ -4,10 +4,12 @@ The kernels are compiled at run time by NVIDIA's CUTLASS DSL (no build against t
 Blackwell (SM100/SM110) cards, in fp16 and bf16. They round the head dimension up to a multiple of 16 where
 cuDNN's and FlashAttention-2's kernels round it to 64: SD-1.5's 40-wide heads do 48/40 of the work there, not 64/40.
 
-The forward and backward are torch custom operators (``ldm::fa4_fwd``, ``ldm::fa4_bwd``) with fake
-implementations, so ``torch.compile`` traces them as single opaque nodes and CUDA graphs record their launches.
-Inputs the kernels do not take (a CPU or pre-Hopper tensor, fp32, a head dimension not a multiple of 8) go to SDPA,
-with one log line per kind of input.
+The forward is a torch custom operator (``ldm::fa4_fwd``) with a fake implementation, so ``torch.compile`` traces it
+as one opaque node and CUDA graphs record its launch. Inputs the kernels do not take (a CPU or pre-Hopper tensor,
+fp32, a head dimension not a multiple of 8) go to SDPA, with one log line per kind of input, and so do inputs that
+need gradients: flash-attn-4 4.0.0b36's SM90 backward computed wrong query gradients at SD's head dimensions on an
+H100 (max error 0.67-2.1 against fp32 attention at head dims 40 and 80, where SDPA's bf16 is within 0.005-0.015;
+docs/results/fa4-h100-2026-12-07-twenty-second.txt), so this backend is for sampling; training runs SDPA.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ def interface():
     return fa
 
 
-def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str | None:
+def kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why FA4 has no kernel for these inputs, or None when it has one."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "inputs that need gradients (its SM90 backward is wrong at SD's head dimensions)"
     if not q.is_cuda:
         return f"{q.device.type} tensors"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -61,54 +65,19 @@ def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 @torch.library.custom_op("ldm::fa4_fwd", mutates_args=())
-def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Lq, H, d), k (B, Lk, H, d), v (B, Lk, H, d_v), each with its last dimension contiguous ->
-    softmax(q kᵀ·scale) v (B, Lq, H, d_v) and the softmax's log-sum-exp (B, H, Lq), fp32."""
+    softmax(q kᵀ·scale) v (B, Lq, H, d_v)."""
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)  # (B, Lq, H, d_v)
-    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)  # (B, H, Lq)
+    # with the log-sum-exp (B, H, Lq), as verified on an H100: the kernel variant that the GPU tests passed
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True, out=out, lse=lse)
-    return out, lse
+    return out
 
 
 @fa4_fwd.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
-                                                                   dtype=torch.float32)
-
-
-@torch.library.custom_op("ldm::fa4_bwd", mutates_args=())
-def fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`fa4_fwd`'s output with respect to q, k and v (each contiguous, as its input's shape).
-    Every operand goes in contiguous: the SM90 backward computed a wrong dq (max error 0.7-2.1 against fp32, an
-    H100) for q, k and v transposed from (B, H, L, d) with dq laid out otherwise; the U-Net's training projections
-    are contiguous (B, L, H, d) already, so there this copies nothing."""
-    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale, dq=dq, dk=dk, dv=dv)
-    return dq, dk, dv
-
-
-@fa4_bwd.register_fake
-def _(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-
-
-def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-fa4_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @functools.lru_cache(maxsize=32)
@@ -118,12 +87,12 @@ def _fallback_note(reason: str) -> None:
 
 def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ/√d) v through FA4. q: (B, H, Lq, d); k, v: (B, H, Lk, d) -> (B, H, Lq, d). Inputs that FA4
-    has no kernel for go to SDPA (logged once per kind)."""
-    reason = kernel_for(q, k)
+    has no kernel for, or that need gradients, go to SDPA (logged once per kind)."""
+    reason = kernel_for(q, k, v)
     if reason is not None:
         if not torch.compiler.is_compiling():
             _fallback_note(reason)
         return F.scaled_dot_product_attention(q, k, v)
     # (B, H, L, d) -> (B, L, H, d): views, no copy where the heads were split from (B, L, H·d) projections
-    out, _ = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(q.shape[-1]))
+    out = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(q.shape[-1]))
     return out.transpose(1, 2)

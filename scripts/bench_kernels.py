@@ -24,7 +24,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION}
     dtype, what = (torch.bfloat16, "attention_train") if train else (torch.float16, "attention")
-    ours = ("sdpa", "cudnn", "flash") + (("fa4",) if fa4_installed() else ())
+    ours = ("sdpa", "cudnn", "flash") + (("fa4",) if not train and fa4_installed() else ())  # fa4: no backward
     totals: dict[str, float] = {}
     graphed: dict[str, float] = {}  # the same, from CUDA-graph replays (inference only)
     for name, (lq, lk, h, d, layers) in ATTN_SHAPES.items():

@@ -1,8 +1,8 @@
 """The ``fa4`` attention backend (FlashAttention-4, ldm.attention_fa4).
 
-Default suite (CPU): the error without the package, the SDPA fallback for inputs without a kernel, and the custom
-operators' fake shapes (what ``torch.compile`` traces). ``-m fa4`` (a Hopper or Blackwell GPU with flash-attn-4):
-the kernels against fp32 attention, the backward against SDPA's, compiled and CUDA-graph calls, and a U-Net with
+Default suite (CPU): the error without the package, the SDPA fallback for inputs without a kernel and for inputs
+that need gradients, and the custom operator's fake shape (what ``torch.compile`` traces). ``-m fa4`` (a Hopper or
+Blackwell GPU with flash-attn-4): the kernel against fp32 attention, compiled and CUDA-graph calls, and a U-Net with
 SD-1.5's 40-wide heads against the same U-Net on SDPA.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_without_the_package_the_backend_is_refused_naming_the_install(monkeypat
 
 def test_inputs_without_a_kernel_go_to_sdpa_said_once(caplog):
     q, k, v = qkv(2, 16, 7, 2, 8)
-    assert kernel_for(q, k) == "cpu tensors"
+    assert kernel_for(q, k, v) == "cpu tensors"
     with caplog.at_level(logging.INFO, logger="ldm.attention_fa4"):
         outs = [attention(q, k, v, backend="fa4") for _ in range(2)]
     for out in outs:
@@ -59,17 +59,31 @@ def test_inputs_without_a_kernel_go_to_sdpa_said_once(caplog):
     torch.testing.assert_close(compiled(q, k, v), outs[0])
 
 
-def test_the_operators_trace_with_their_fake_shapes():
-    """What torch.compile sees of the kernels: the forward's output and log-sum-exp, and through the registered
-    autograd the backward's three gradients, each with its input's shape (meta tensors: no kernel runs)."""
-    q = torch.randn(2, 33, 4, 40, device="meta", dtype=torch.float16, requires_grad=True)  # (B, Lq, H, d)
-    k = torch.randn(2, 77, 4, 40, device="meta", dtype=torch.float16, requires_grad=True)
-    v = torch.randn(2, 77, 4, 40, device="meta", dtype=torch.float16, requires_grad=True)
-    out, lse = fa4_fwd(q, k, v, 0.5)
-    assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 33, 4, 40), torch.float16, (2, 4, 33), torch.float32)
+def test_the_operator_traces_with_its_fake_shape():
+    """What torch.compile sees of the kernel: the output, (B, Lq, H, d_v) in q's dtype (meta tensors: no kernel
+    runs)."""
+    q = torch.randn(2, 33, 4, 40, device="meta", dtype=torch.float16)  # (B, Lq, H, d)
+    k, v = (torch.randn(2, 77, 4, 40, device="meta", dtype=torch.float16) for _ in range(2))
+    out = fa4_fwd(q, k, v, 0.5)
+    assert (out.shape, out.dtype) == ((2, 33, 4, 40), torch.float16)
+
+
+def test_inputs_that_need_gradients_go_to_sdpa(caplog):
+    """Training runs SDPA: FA4 4.0.0b36's SM90 backward gave wrong query gradients at SD's head dimensions (an H100,
+    docs/results/fa4-h100-2026-12-07-twenty-second.txt). Under no_grad the same inputs are FA4's (off a GPU: SDPA
+    for the device)."""
+    q, k, v = qkv(2, 16, 7, 2, 8, grad=True)
+    assert kernel_for(q, k, v).startswith("inputs that need gradients")
+    with torch.no_grad():
+        assert kernel_for(q, k, v) == "cpu tensors"
+    with caplog.at_level(logging.INFO, logger="ldm.attention_fa4"):
+        out = attention(q, k, v, backend="fa4")
     out.sum().backward()
-    assert [(t.grad.shape, t.grad.dtype) for t in (q, k, v)] == [
-        ((2, 33, 4, 40), torch.float16), ((2, 77, 4, 40), torch.float16), ((2, 77, 4, 40), torch.float16)]
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref).sum().backward()
+    for a, b in zip((q, k, v), ref):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert "has no kernel for inputs that need gradients" in caplog.text
 
 
 # ---- on a Hopper or Blackwell GPU with flash-attn-4 (-m fa4) ----
@@ -84,30 +98,11 @@ def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_the_kernel_computes_attention_as_fp32_does(shape, dtype):
     lq, lk, h, d = shape
     q, k, v = qkv(2, lq, lk, h, d, dtype, "cuda")
-    assert kernel_for(q, k) is None
+    assert kernel_for(q, k, v) is None
     ref = attention(q.float(), k.float(), v.float(), backend="math")
     err_fa4 = _max_err(attention(q, k, v, backend="fa4"), ref)
     err_sdpa = _max_err(F.scaled_dot_product_attention(q, k, v), ref)
     assert err_fa4 <= 2 * err_sdpa + 1e-3, (err_fa4, err_sdpa)
-
-
-@pytest.mark.fa4
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
-def test_the_backward_matches_sdpa(shape):
-    lq, lk, h, d = shape
-    grads = {}
-    for backend in ("fa4", "math"):
-        dtype = torch.bfloat16 if backend == "fa4" else torch.float32
-        q, k, v = qkv(2, lq, lk, h, d, dtype, "cuda", grad=True)
-        g = torch.randn(2, h, lq, d, generator=torch.Generator("cuda").manual_seed(1), device="cuda", dtype=dtype)
-        attention(q, k, v, backend=backend).backward(g)
-        grads[backend] = [t.grad.float() for t in (q, k, v)]
-    q, k, v = qkv(2, lq, lk, h, d, torch.bfloat16, "cuda", grad=True)
-    g = torch.randn(2, h, lq, d, generator=torch.Generator("cuda").manual_seed(1), device="cuda", dtype=torch.bfloat16)
-    F.scaled_dot_product_attention(q, k, v).backward(g)
-    bf16 = [t.grad.float() for t in (q, k, v)]
-    for name, ours, sdpa, ref in zip("qkv", grads["fa4"], bf16, grads["math"]):
-        assert _max_err(ours, ref) <= 2 * _max_err(sdpa, ref) + 1e-3, name
 
 
 @pytest.mark.fa4
@@ -142,23 +137,3 @@ def test_a_unet_with_sd_heads_computes_what_it_does_on_sdpa():
         fa4 = net(x, t, context=c)
     assert _max_err(fa4, ref) <= 2 * _max_err(sdpa, ref) + 1e-3
 
-
-@pytest.mark.fa4
-def test_a_unet_trains_with_the_gradients_it_has_on_sdpa():
-    """One backward of a U-Net with SD-1.5's 40-wide heads under bf16 autocast (as training runs): its weight
-    gradients against fp32's, no further than SDPA's (the U-Net's projections give FA4 contiguous operands)."""
-    torch.manual_seed(0)
-    net = UNetModel(**UNET_40).cuda()
-    x = torch.randn(2, 4, 32, 32, device="cuda")
-    t, c = torch.tensor([10, 500], device="cuda"), torch.randn(2, 77, 64, device="cuda")
-
-    def grads(backend: str, autocast: bool) -> torch.Tensor:
-        net.set_attention_backend(backend)
-        net.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            net(x, t, context=c).float().square().mean().backward()
-        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
-
-    ref = grads("math", False)
-    err = {b: float((grads(b, True) - ref).abs().max() / ref.abs().max()) for b in ("sdpa", "fa4")}
-    assert err["fa4"] <= 2 * err["sdpa"] + 1e-3, err
