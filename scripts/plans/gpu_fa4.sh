@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # FlashAttention-4 (attn_backend: fa4, ldm/attention_fa4.py) on a lent Hopper card, one 10-minute call: the kernels
-# against SDPA's at SD-1.5's shapes (CFG step forward at batch 2, training forward + backward at batch 16), the
+# against SDPA's at SD-1.5's shapes (the CFG step's forward at batch 2, lone and from CUDA graphs; fa4 has no training
+# rows: its backward is not used), the SDPA kernels' training rows (batch 16), the
 # compiled CFG step with fa4 and with SDPA (two processes, diffusers in both as the anchor), after the -m fa4 tests.
 # xformers 0.0.35 must not be importable beside flash-attn-4: it imports flash_attn.flash_attn_interface (FA2's)
 # whenever a flash_attn package is found, and FA4's is one, so diffusers' pipelines fail to import.
