@@ -239,6 +239,8 @@ def test_inference_rows_name_the_compile_mode_and_cudnn_benchmark_and_keep_the_e
         assert bench.inference_tag("compiled", "max-autotune", "max-autotune") == "compiled_max-autotune"
         assert bench.inference_tag("compiled", "reduce-overhead", None, "compile") == "compiled_text-compile"
         assert bench.inference_tag("eager", "reduce-overhead", None, "eager") == "eager"  # eager rows: no encoder mode
+        assert bench.inference_tag("compiled", "reduce-overhead", attn="fa4") == "compiled_attn-fa4"
+        assert bench.inference_tag("eager", "reduce-overhead", attn="fa4") == "eager"  # --attn: compiled rows only
         assert bench.is_reference("eager") and not bench.is_reference("eager_nchw")
         torch.backends.cudnn.benchmark = True
         label = bench.inference_tag("eager", "reduce-overhead")
