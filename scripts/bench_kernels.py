@@ -67,11 +67,11 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
 
 def fa4_installed() -> bool:
     """Whether the ``fa4`` attention backend can be imported here (its rows are left out otherwise, said once)."""
-    from ldm.attention_fa4 import FA4Unavailable, interface
+    from ldm.attention import AttentionBackendError, check_backend
 
     try:
-        interface()
-    except FA4Unavailable as e:
+        check_backend("fa4")
+    except AttentionBackendError as e:
         print(f"bench: no fa4 rows: {e}", file=sys.stderr)
         return False
     return True

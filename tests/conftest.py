@@ -26,12 +26,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.fail(f"{item.nodeid} is a GPU test (-m gpu) and this machine has no CUDA device", pytrace=False)
     if item.get_closest_marker("fa4") is not None:
-        from ldm.attention_fa4 import ARCHS, FA4Unavailable, interface
+        from ldm.attention import AttentionBackendError, check_backend
+        from ldm.attention_fa4 import ARCHS
 
         try:
-            interface()
+            check_backend("fa4")
             missing = None
-        except FA4Unavailable as e:
+        except AttentionBackendError as e:
             missing = str(e)
         if missing:
             pytest.fail(f"{item.nodeid} is an FA4 test (-m fa4): {missing}", pytrace=False)
