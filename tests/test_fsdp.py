@@ -3,7 +3,6 @@
 checkpoints hold whole tensors and resume exactly, and what it does not combine with is refused by name."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 from ldm.checkpoint import read_state_dict
 from ldm.config import load_config
 from ldm.training.logs import logged
+from ranks import run_job, why
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny/txt2img.yaml"
@@ -32,9 +32,9 @@ SETTINGS = ["model.params.cond_stage_config.params.layout=hf", "trainer.devices=
 def train(run_dir: Path, strategy: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(run_dir),
            f"trainer.strategy={strategy}", *SETTINGS, *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    log = run_dir.parent / f"{run_dir.name}.stderr.txt"
+    r = run_job(cmd, log, ROOT, timeout=300)
+    assert r.returncode == 0, why(r)
     return r
 
 

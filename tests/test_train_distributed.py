@@ -1,7 +1,6 @@
 """Multi-process training on the CPU (gloo): a 2-rank DDP run completes; a rank that raises ends the job quickly."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import torch
 
 from ldm.checkpoint import read_state_dict
 from ldm.training.logs import logged
+from ranks import run_job, why
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny/txt2img.yaml",
@@ -19,9 +19,7 @@ CMD = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/
 
 
 def run(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*CMD, "--run-dir", str(tmp), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_job([*CMD, "--run-dir", str(tmp), *extra], tmp.parent / f"{tmp.name}.stderr.txt", ROOT, timeout)
 
 
 VALIDATING = ("train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
@@ -34,7 +32,7 @@ def test_two_rank_ddp_run_trains_and_exports_once(tmp_path, extra):
     """Also with gradient accumulation (the first batch of each window backpropagates under DDP's no_sync) and
     validation (each rank its own batches, the sums all-reduced: 2 ranks × 2 batches × 4 samples)."""
     r = run(tmp_path, "trainer.max_steps=3", *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why(r)
     if extra:
         assert sorted(logged(tmp_path, "val/loss")) == [2, 3] and "validation on 16 samples" in r.stderr
     sd, meta = read_state_dict(tmp_path / "model.safetensors")
