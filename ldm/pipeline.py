@@ -149,62 +149,34 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     """
     from ldm.diffusion.samplers import sample  # noqa: PLC0415
 
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    negative = [""] * len(prompts) if negative_prompts is None else (
-        [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts))
-    if len(negative) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(negative)} negative prompts")
+    prompts, negative = _prompt_lists(prompts, negative_prompts)
     vae = model.vae
     f = vae.downsample_factor
     a = GenerateArgs(sampler, steps, guidance, guidance_rescale, seed, height, width, eta, strength, sigmas, output)
     a.validate(f)
     if mask is not None and init_image is None:
         raise ValueError("mask needs init_image (the picture to inpaint)")
-    B, dev, dt = len(prompts), model.device, model.dtype
+    C, in_ch = _unet_channels(model, inpainting=mask is not None)
+    B = len(prompts)
     size = model.config.model.params.get("image_size", 64) * f
     H, W = a.height or size, a.width or size
     base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
-    C = model.unet.out_channels if hasattr(model.unet, "out_channels") else 4
-    in_ch = model.unet.in_channels if hasattr(model.unet, "in_channels") else C
-    if in_ch == C + C + 1 and mask is None:
-        raise ValueError(f"this is an inpainting model (its U-Net takes {in_ch} channels: latents, mask, masked "
-                         "image): give init_image and mask")
-    if in_ch not in (C, C + C + 1):
-        raise ValueError(f"generate: a U-Net with {in_ch} input channels (e.g. depth-conditioned) needs conditioning "
-                         "that generate does not make; only text-to-image and 9-channel inpainting models are sampled")
     noise = latents if latents is not None else seeded_noise((C, H // f, W // f), [base + i for i in range(B)])
     if noise.shape[0] != B:
         raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
-    noise = noise.to(dev, torch.float32)
+    noise = noise.to(model.device, torch.float32)  # (B, C, h, w)
     sig_cpu = _sigmas(model, a)  # (steps+1,) on the CPU: its last value is read without a device sync
-    sig = sig_cpu.to(dev)
     cond, uncond = _conditioning(model, prompts, negative, long_prompts, emphasis)
-    x = pure = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
-    z0, masked_with = None, None
-    if init_image is not None:
-        img = to_image_tensor(init_image, B, H, W).to(dev, dt)  # (B, 3, H, W)
-        z0 = vae.encode_latents(img).float()  # (B, C, h, w)
-        sig = sig[a.steps - denoising_steps(a.steps, a.strength):]
-        x = z0 + noise * sig[0]
-        if mask is not None:
-            m_px = to_mask_tensor(mask, B, H, W).to(dev)  # (B, 1, H, W)
-            m = torch.nn.functional.interpolate(m_px, size=(H // f, W // f), mode="nearest")
-            if in_ch == C + C + 1:  # a 9-channel inpainting model: condition on mask ‖ masked-image latents
-                masked = vae.encode_latents(img * (m_px < 0.5)).float()
-                concat = torch.cat([m, masked], dim=1)
-                cond["concat"], uncond["concat"] = concat, concat
-                if a.strength == 1.0:  # as trained and as the original scripts and diffusers sample: from pure noise
-                    x = pure
-            else:
-                masked_with = m
-                if a.strength == 1.0:  # the region to repaint from pure noise (diffusers too); the known region
-                    x = m * pure + (1 - m) * x  # stays on z0 + σ·ε (MaskedDenoiser)
+    start = _start(model, a, noise, sig_cpu.to(model.device), init_image, mask, in_ch == C + C + 1, (H, W))
+    if start.concat is not None:  # a 9-channel inpainting model: conditioned on mask ‖ masked-image latents
+        cond["concat"] = uncond["concat"] = start.concat
     guided: nn.Module = model.guided_denoiser()  # D_cfg over the model's D(x, σ)
-    if masked_with is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
-        guided = MaskedDenoiser(guided, z0, masked_with)
+    if start.mask is not None:  # outside the guidance wrapper: the mask has batch B, CFG runs on 2B
+        guided = MaskedDenoiser(guided, start.z0, start.mask)
     extra = dict(cond=cond, uncond=uncond, scale=a.guidance, rescale=a.guidance_rescale)
     gens = [torch.Generator().manual_seed(base + 10_000 + i) for i in range(B)]
-    z = sample(a.sampler, guided, x, sig, extra_args=extra, eta=a.eta, generators=gens, disable=not progress)
+    z = sample(a.sampler, guided, start.x, start.sigmas, extra_args=extra, eta=a.eta, generators=gens,
+               disable=not progress)
     if sig_cpu[-1] > 0:  # a schedule that ends above σ = 0 (DDIM's σ(ᾱ_0)): back to VP scale, as decoded
         z = z / math.sqrt(float(sig_cpu[-1]) ** 2 + 1)
     if isinstance(guided, MaskedDenoiser):
@@ -213,3 +185,64 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         return z
     images = decode_latents(vae, z)  # (B, 3, H, W) in [0, 1]
     return images if a.output == "tensor" else images_to_pil(images)
+
+
+def _prompt_lists(prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None
+                  ) -> tuple[list[str], list[str]]:
+    """The prompts and their negative prompts as two lists of one length (negative default: "")."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negative = [""] * len(prompts) if negative_prompts is None else (
+        [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts))
+    if len(negative) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negative)} negative prompts")
+    return prompts, negative
+
+
+def _unet_channels(model: Any, inpainting: bool) -> tuple[int, int]:
+    """(C, in_ch): the U-Net's latent channels and input channels, checked against what ``generate`` can feed it."""
+    C = model.unet.out_channels if hasattr(model.unet, "out_channels") else 4
+    in_ch = model.unet.in_channels if hasattr(model.unet, "in_channels") else C
+    if in_ch == C + C + 1 and not inpainting:
+        raise ValueError(f"this is an inpainting model (its U-Net takes {in_ch} channels: latents, mask, masked "
+                         "image): give init_image and mask")
+    if in_ch not in (C, C + C + 1):
+        raise ValueError(f"generate: a U-Net with {in_ch} input channels (e.g. depth-conditioned) needs conditioning "
+                         "that generate does not make; only text-to-image and 9-channel inpainting models are sampled")
+    return C, in_ch
+
+
+@dataclass
+class Start:
+    """Where sampling starts: x at ``sigmas[0]``; for inpainting with any model the source latents ``z0`` and the
+    latent ``mask`` (1 = repaint) that :class:`MaskedDenoiser` holds; for a 9-channel inpainting model ``concat``."""
+
+    x: torch.Tensor  # (B, C, h, w)
+    sigmas: torch.Tensor  # (n+1,)
+    z0: torch.Tensor | None = None  # (B, C, h, w)
+    mask: torch.Tensor | None = None  # (B, 1, h, w)
+    concat: torch.Tensor | None = None  # (B, 1 + C, h, w)
+
+
+def _start(model: Any, a: GenerateArgs, noise: torch.Tensor, sig: torch.Tensor, init_image: Any, mask: Any,
+           nine_channel: bool, size: tuple[int, int]) -> Start:
+    """Text-to-image from pure noise; img2img from the source latents z0 noised to the first σ of the last
+    ⌊steps·strength⌋ steps; inpainting as img2img, with the mask for the model's kind."""
+    pure = noise * torch.sqrt(sig[0] ** 2 + 1)  # pure noise in VP space, expressed in σ-space
+    if init_image is None:
+        return Start(pure, sig)
+    vae, (H, W), f = model.vae, size, model.vae.downsample_factor
+    B = noise.shape[0]
+    img = to_image_tensor(init_image, B, H, W).to(model.device, model.dtype)  # (B, 3, H, W)
+    z0 = vae.encode_latents(img).float()  # (B, C, h, w)
+    sig = sig[a.steps - denoising_steps(a.steps, a.strength):]
+    x = z0 + noise * sig[0]
+    if mask is None:
+        return Start(x, sig)
+    m_px = to_mask_tensor(mask, B, H, W).to(model.device)  # (B, 1, H, W)
+    m = torch.nn.functional.interpolate(m_px, size=(H // f, W // f), mode="nearest")  # (B, 1, h, w)
+    if nine_channel:  # from pure noise at strength 1, as trained and as the original scripts and diffusers sample
+        concat = torch.cat([m, vae.encode_latents(img * (m_px < 0.5)).float()], dim=1)
+        return Start(pure if a.strength == 1.0 else x, sig, concat=concat)
+    if a.strength == 1.0:  # the region to repaint from pure noise (diffusers too); the known region stays on
+        x = m * pure + (1 - m) * x  # z0 + σ·ε (MaskedDenoiser)
+    return Start(x, sig, z0=z0, mask=m)
