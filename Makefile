@@ -28,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) --durations=15
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=15
