@@ -12,11 +12,13 @@ half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -273,8 +275,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(path, tmp, e)
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -282,6 +287,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+# a failed write with less than this left on its file system is reported as a full disk
+DISK_FULL_BYTES = 16 * 2**20
+
+
+def disk_full_error(path: Path, tmp: str, error: BaseException) -> OSError | None:
+    """An ``ENOSPC`` error naming ``path`` when ``error`` (raised while writing its temporary file ``tmp``) came from
+    a full file system, else None. torch's writer reports a full disk as "basic_ios::clear: iostream error" or
+    "unexpected pos", which name neither the file nor the cause."""
+    if not isinstance(error, Exception):
+        return None
+    with contextlib.suppress(OSError):
+        written, free = os.path.getsize(tmp), shutil.disk_usage(path.parent).free
+        if free < DISK_FULL_BYTES or (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            return OSError(errno.ENOSPC, f"no space left to write {str(path)!r}: {free / 2**20:.1f} MiB free under "
+                           f"{str(path.parent)!r} after {written / 2**20:.1f} MiB of it were written (the partial "
+                           f"file is removed; earlier files are untouched). The writer said: {error}", str(path))
+    return None
 
 
 def current_umask() -> int:

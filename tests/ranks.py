@@ -10,8 +10,10 @@ import os
 import subprocess
 from pathlib import Path
 
+# a C++ abort, a fatal signal (the fault handler's stacks), and each rank's exception line (a rank that raised and
+# then aborted at exit shows its error only here: the other ranks' tracebacks come after it)
 CRASH_WORDS = ("terminate called", "what():", "Fatal Python error", "Aborted", "Segmentation fault", "Signal",
-               "signal", "core dumped", "Current thread", "Thread 0x")
+               "signal", "core dumped", "Current thread", "Thread 0x", "Error: ", "Exception: ")
 
 
 def run_job(cmd: list[str], log: Path, cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:

@@ -173,3 +173,30 @@ def test_other_lightning_callbacks_stand_in_too(tmp_path, monkeypatch, caplog, z
         else:  # legacy format: only the fixed list, so EarlyStopping is refused, by name
             with pytest.raises(UnsafeCheckpointError, match="EarlyStopping"):
                 read_state_dict(path)
+
+
+@pytest.mark.parametrize("free_mib, named", [(3, True), (500, False)])
+def test_a_write_that_fills_the_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch, free_mib, named):
+    """torch's writer reports a full disk as "basic_ios::clear: iostream error": atomic_write says what happened
+    (ENOSPC, the file, the free space) when little is left, and leaves other errors as they are; no file is left."""
+    import errno
+    import shutil
+
+    target = tmp_path / "last.ckpt"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=free_mib * 2**20))
+
+    def fill(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 2**20)
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    with pytest.raises((OSError, RuntimeError)) as e:
+        atomic_write(target, fill)
+    if named:
+        assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+        assert f"no space left to write {str(target)!r}: 3.0 MiB free" in str(e.value)
+        assert "1.0 MiB of it were written" in str(e.value) and "basic_ios::clear" in str(e.value)
+    else:
+        assert type(e.value) is RuntimeError and str(e.value) == "basic_ios::clear: iostream error"
+    assert list(tmp_path.iterdir()) == []
