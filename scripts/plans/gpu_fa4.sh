@@ -12,6 +12,11 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${1:-runs/gpu-fa4}
 mkdir -p "$OUT"
+if $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('xformers') is None)" 2>/dev/null; then
+  echo "xformers is importable: with flash-attn-4's flash_attn beside it, diffusers fails to import; take it off" \
+    "the path first (e.g. rm -rf /tmp/site/xformers*)" >&2
+  exit 2
+fi
 export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FA4_CACHE:-/tmp/fa4-cache}  # ldm turns the cache on
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 step() {  # LABEL LIMIT_S COMMAND...: run, log, say the exit status and the time
