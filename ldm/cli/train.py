@@ -178,6 +178,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
     from ldm.training.callbacks import expected_warnings_quiet  # noqa: PLC0415
     from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
+    from ldm.training.disk import warn_if_short  # noqa: PLC0415
     from ldm.training.keys import check_run_config  # noqa: PLC0415
     from ldm.training.trainer import build_trainer, epochs_as_steps  # noqa: PLC0415
 
@@ -195,6 +196,8 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
+    if trainer.is_global_zero:
+        warn_if_short(run_dir, module, int((cfg.train.get("checkpoint") or {}).get("keep_last", 3)))
     epochs_as_steps(trainer, cfg, dm.batches_per_epoch(trainer.num_devices * trainer.num_nodes))
     if ckpt:
         log.info("resuming from %s", ckpt)
