@@ -197,7 +197,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
     if trainer.is_global_zero:
-        warn_if_short(run_dir, module, int((cfg.train.get("checkpoint") or {}).get("keep_last", 3)))
+        warn_if_short(run_dir, module, trainer.checkpoint_callback.save_top_k)  # train.checkpoint.keep_last
     epochs_as_steps(trainer, cfg, dm.batches_per_epoch(trainer.num_devices * trainer.num_nodes))
     if ckpt:
         log.info("resuming from %s", ckpt)
