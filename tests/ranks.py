@@ -2,8 +2,8 @@
 
 A job of several ranks shares one stderr. When one rank dies (a C++ abort, a signal), its own message is often above
 the other ranks' tracebacks, which are what a tail shows. :func:`run_job` runs the job with Python's fault handler on
-(a fatal signal prints every thread's stack), keeps the whole stderr in a file beside the run (``stderr_file``), and :func:`why` says
-where it is, with the lines that name a crash and the tail."""
+(a fatal signal prints every thread's stack), keeps the whole stderr in a file beside the run folder
+(``stderr_file``), and :func:`why` says where it is, with the lines that name a crash and the tail."""
 from __future__ import annotations
 
 import os
@@ -16,10 +16,12 @@ CRASH_WORDS = ("terminate called", "what():", "Fatal Python error", "Aborted", "
                "signal", "core dumped", "Current thread", "Thread 0x", "Error: ", "Exception: ")
 
 
-def run_job(cmd: list[str], log: Path, cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """``cmd`` with one thread per rank and the fault handler on; its stderr also written to ``log``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **env)
+def run_job(cmd: list[str], run_dir: Path, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` (a training job writing to ``run_dir``) with one thread per rank and the fault handler on; its stderr
+    also written to ``<run_dir>.stderr.txt`` beside the run folder."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    log = run_dir.parent / f"{run_dir.name}.stderr.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(r.stderr)
     r.stderr_file = log

@@ -32,8 +32,7 @@ SETTINGS = ["model.params.cond_stage_config.params.layout=hf", "trainer.devices=
 def train(run_dir: Path, strategy: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", TINY, "--run-dir", str(run_dir),
            f"trainer.strategy={strategy}", *SETTINGS, *extra]
-    log = run_dir.parent / f"{run_dir.name}.stderr.txt"
-    r = run_job(cmd, log, ROOT, timeout=300)
+    r = run_job(cmd, run_dir, ROOT, timeout=300)
     assert r.returncode == 0, why(r)
     return r
 

@@ -19,7 +19,7 @@ CMD = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/
 
 
 def run(tmp: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return run_job([*CMD, "--run-dir", str(tmp), *extra], tmp.parent / f"{tmp.name}.stderr.txt", ROOT, timeout)
+    return run_job([*CMD, "--run-dir", str(tmp), *extra], tmp, ROOT, timeout)
 
 
 VALIDATING = ("train.val_every_n_steps=2", "data.val=tests/fixtures/emoji/emoji32-000000.tar",
