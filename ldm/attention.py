@@ -88,8 +88,30 @@ FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBacken
 PRIORITIES = {"cudnn": CUDNN_FIRST, "flash": FLASH_FIRST}
 
 
+_SETTLED: set[str] = set()  # device types whose default SDPA order torch has already settled in this process
+
+
+def settle_default_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Have torch settle its default SDPA kernel order for ``q``'s device before an order is forced.
+
+    torch fixes the CUDA default order at its first kernel selection in a process (cuDNN first on Hopper and
+    Blackwell with cuDNN newer than 9.15, flash first before that). ``sdpa_kernel(..., set_priority=True)`` saves
+    the order in place when it is entered and puts it back on exit; entered before that first selection, it saves
+    the unsettled flash-first list, and every later plain SDPA call of the process (``attn_backend: sdpa``,
+    diffusers, open_clip) skips cuDNN. One selection outside the context (no kernel runs) settles it."""
+    kind = q.device.type
+    if torch.compiler.is_compiling() or kind != "cuda" or kind in _SETTLED:  # compiled: chosen when traced
+        return
+    _SETTLED.add(kind)
+    try:
+        torch._fused_sdp_choice(q, k, v)
+    except RuntimeError:  # no kernel for these inputs: the order is settled all the same, and the call below says why
+        pass
+
+
 def sdpa_in_order(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: list[SDPBackend]) -> torch.Tensor:
-    """SDPA restricted to the kernels in ``order``, tried in that order."""
+    """SDPA restricted to the kernels in ``order``, tried in that order (the process's default order is kept)."""
+    settle_default_order(q, k, v)
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v)
 

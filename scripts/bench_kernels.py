@@ -53,8 +53,9 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
                 emit(out, what=f"{what}_{name}", impl=impl, batch=batch, error=str(e).splitlines()[0][:200])
                 continue
             totals[impl] = totals.get(impl, 0.0) + layers * r["median_s"] * 1e3
+            picks = {"sdpa_picks": sdpa_pick(q, k, v)} if impl == "ldm:sdpa" else {}
             emit(out, what=f"{what}_{name}", impl=impl, batch=batch, tflops=gflop / r["median_s"] / 1e3,
-                 max_abs_diff=diff, **r)
+                 max_abs_diff=diff, **picks, **r)
             if not train and q.is_cuda:  # the kernels alone, as a compiled U-Net's CUDA graph replays them
                 us = graph_time_us(lambda fn=fn: call(fn))
                 graphed[impl] = graphed.get(impl, 0.0) + layers * us / 1e3
@@ -63,6 +64,16 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
     emit(out, what=f"{what}_unet_pass_ms", batch=batch, by_impl_ms=totals)
     if graphed:
         emit(out, what=f"{what}_graphed_unet_pass_ms", batch=batch, by_impl_ms=graphed)
+
+
+def sdpa_pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel plain SDPA selects for these inputs in this process (its default order; no kernel runs)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+    except RuntimeError as e:
+        return f"none: {str(e).splitlines()[0][:120]}"
 
 
 def fa4_installed() -> bool:

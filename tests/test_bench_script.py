@@ -273,6 +273,7 @@ def test_attention_rows_run_on_the_cpu_at_tiny_shapes(monkeypatch, tmp_path, tra
     ours = {r["what"]: r for r in rows if r.get("impl") == "ldm:sdpa"}
     assert set(ours) == {f"{what}_self_tiny", f"{what}_cross_tiny"}
     assert all(r["max_abs_diff"] < 2e-2 and r["median_s"] > 0 for r in ours.values())  # fp16/bf16 against math
+    assert {r["sdpa_picks"] for r in ours.values()} <= {"FLASH_ATTENTION", "MATH"}  # CPU SDPA's two kernels
     total = next(r for r in rows if r["what"] == f"{what}_unet_pass_ms")["by_impl_ms"]
     assert total["ldm:sdpa"] > 0
 
