@@ -70,9 +70,10 @@ class Probe(L.Callback):
             if type(cb).__name__ == "SampleGrid":
                 draw = cb.sample
 
-                def drawing(tr: Any, mod: Any, step: int, draw: Any = draw) -> Any:
-                    self.grids.append(step)
-                    return draw(tr, mod, step)
+                def drawing(tr: Any, mod: Any, step: int, draw: Any = draw, **kw: Any) -> Any:
+                    if kw.get("write", True):  # the rank that writes the grid
+                        self.grids.append(step)
+                    return draw(tr, mod, step, **kw)
                 cb.sample = drawing
 
     def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:

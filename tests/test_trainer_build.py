@@ -137,3 +137,20 @@ def test_only_the_first_nodes_rank_zero_writes_the_wandb_run_id(tmp_path, monkey
     monkeypatch.setenv("NODE_RANK", "0")
     first = wandb_run_id(tmp_path, resuming=False)
     assert (tmp_path / "wandb_run_id").read_text().strip() == first
+
+
+@pytest.mark.parametrize("strategy, stage", [("ddp", "diffusion"), ("auto", "diffusion"), ("ddp", "autoencoder"),
+                                             ("ddp_spawn", "diffusion")])
+def test_ddp_holds_its_gradients_in_its_buckets_and_bounds_its_collectives(tmp_path, strategy, stage):
+    """Named by us or chosen by Lightning (auto with two devices), DDP gets gradient views into its buckets (no second
+    copy of the gradients) and train.dist_timeout_s; the autoencoder's DDP also finds the unused discriminator."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = config(trainer={"devices": 2, "strategy": strategy}, train={"stage": stage, "dist_timeout_s": 42})
+    ddp = build_trainer(cfg, tmp_path).strategy
+    assert isinstance(ddp, DDPStrategy)
+    assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
+    assert ddp._ddp_kwargs.get("find_unused_parameters", False) is (stage == "autoencoder")
+    assert ddp._timeout == timedelta(seconds=42)

@@ -154,9 +154,15 @@ def check_strategy(name: Any, cfg: DictConfig) -> None:
                           "whole model, with train.gradient_checkpointing, bf16 precision or train.lora to fit it)")
 
 
+# DDP's gradients as views into its all-reduce buckets: no second copy of every gradient (SD-1.5's U-Net: 3.4 GB of
+# fp32 per GPU) and no copy between the two after each reduction; scripts/bench_ddp.py measures DDP so
+DDP_KWARGS = {"gradient_as_bucket_view": True}
+
+
 def build_strategy(name: Any, timeout_s: float) -> Any:
     """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
     (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit.
+    Its gradients are views into its buckets (:data:`DDP_KWARGS`).
     ``fsdp``: :func:`ldm.training.sharding.sharded_strategy`, bounded the same way."""
     if name == FSDP:
         return sharded_strategy(timeout_s)
@@ -166,7 +172,8 @@ def build_strategy(name: Any, timeout_s: float) -> Any:
 
     from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415
 
-    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"))
+    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"),
+                       **DDP_KWARGS)
 
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None,
@@ -212,15 +219,17 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
 
 
 def bound_ddp_timeout(trainer: L.Trainer, timeout_s: float) -> None:
-    """``train.dist_timeout_s`` on the DDP that Lightning chose itself (``strategy: auto`` with several devices,
-    ``ddp_spawn``, ``ddp_fork``), which :func:`build_strategy` never sees: without it its collectives would wait
-    Lightning's default (30 minutes) for a dead rank."""
+    """``train.dist_timeout_s`` and :data:`DDP_KWARGS` on the DDP that Lightning chose itself (``strategy: auto``
+    with several devices, ``ddp_spawn``, ``ddp_fork``), which :func:`build_strategy` never sees: without it its
+    collectives would wait Lightning's default (30 minutes) for a dead rank."""
     from datetime import timedelta  # noqa: PLC0415
 
     from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415
 
     if isinstance(trainer.strategy, DDPStrategy):
         trainer.strategy._timeout = timedelta(seconds=timeout_s)  # read when the process group is created (setup)
+        for key, value in DDP_KWARGS.items():  # read when the model is wrapped (setup)
+            trainer.strategy._ddp_kwargs.setdefault(key, value)
 
 
 def epochs_as_steps(trainer: L.Trainer, cfg: DictConfig, batches_per_epoch: int) -> None:
