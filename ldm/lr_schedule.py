@@ -6,8 +6,12 @@ linear warm-up, then linear from ``f_max`` to ``f_min`` over each cycle) as a st
 from __future__ import annotations
 
 import bisect
+import warnings
 from itertools import accumulate
-from typing import Sequence
+from typing import Any, Sequence
+
+# torch's scheduler, at its first step, when the optimizer has not stepped yet
+_BEFORE_OPTIMIZER = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 class LambdaLinearScheduler:
@@ -41,3 +45,19 @@ class LambdaLinearScheduler:
 def linear_warmup(warmup_steps: int) -> "LambdaLinearScheduler":
     """Warm up from 0 to 1 over ``warmup_steps`` then stay constant (SD's recipe)."""
     return LambdaLinearScheduler([max(warmup_steps, 1)], [1.0], [1.0], [1e-6 if warmup_steps else 1.0], [1e13])
+
+
+def advance(scheduler: Any) -> None:
+    """One step of a learning-rate scheduler, after a training step the guard counted (``ldm.training.guard``).
+
+    A non-finite step the guard turned into a zero update off the fused optimizer (no ``optimizer.step()`` call)
+    advances the schedule all the same, by design: the schedule's position stays the step index. torch warns of
+    that at the scheduler's first step ("the first value of the learning rate schedule" is skipped), which is what
+    is meant, so that one warning is silenced here; any other passes. (A step fp16's grad scaler skips advances no
+    schedule: the guard reports it as not taken.)"""
+    if getattr(scheduler, "_step_count", 0) > 1:  # torch checks at the first step only
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BEFORE_OPTIMIZER, category=UserWarning)
+        scheduler.step()

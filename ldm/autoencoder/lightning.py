@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
-from ldm.lr_schedule import linear_warmup
+from ldm.lr_schedule import advance, linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
@@ -150,7 +150,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
                                      last_layer=self.autoencoder.get_last_layer(), split="train")
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt_g, g_loss, self.generator_parameters(), clip=t.get("grad_clip"), check_grads=check):
-            sched_g.step()
+            advance(sched_g)
         if step >= self.loss.disc_start:
             opt_d.zero_grad(set_to_none=True)  # the generator's backward through D(x̂) left gradients here
             with torch.autocast(self.device.type, enabled=False):
@@ -158,7 +158,7 @@ class AutoencoderModule(ResumableStage, L.LightningModule):
             logs.update(d_logs)
             if guarded_step(self, UncountedStep(self, opt_d), d_loss, self.loss.discriminator_parameters(),
                             clip=t.get("grad_clip"), check_grads=check):
-                sched_d.step()
+                advance(sched_d)
         self._log_step(logs)
         self._maybe_save_reconstructions(x, x_rec)
         return g_loss.detach()

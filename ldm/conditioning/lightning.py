@@ -22,7 +22,7 @@ from ldm.conditioning.contrastive import (
     clip_normalize,
     top1_accuracy,
 )
-from ldm.lr_schedule import linear_warmup
+from ldm.lr_schedule import advance, linear_warmup
 from ldm.registry import ConfigError, instantiate
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
@@ -101,7 +101,7 @@ class CLIPModule(ResumableStage, L.LightningModule):
         params = [p for _, p in self._named_params()]
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
-            sched.step()
+            advance(sched)
             clamp_logit_scale_(self.logit_scale)
         log_step(self, {"train/loss": loss.detach(), "train/logit_scale": self.logit_scale.detach().exp(),
                         "train/acc_i2t": top1_accuracy(logits.detach(), labels), "train/lr": sched.get_last_lr()[0],

@@ -23,6 +23,7 @@ from ldm.diffusion.inversion import add_trainable_word, inversion_settings, stri
 from ldm.diffusion.inversion import captions as inversion_captions
 from ldm.diffusion.joint_text import check_joint_text_config, text_encoder_trainable, unfreeze_text_encoder
 from ldm.ema import EMA
+from ldm.lr_schedule import advance
 from ldm.registry import ConfigError
 from ldm.training.datamodule import check_buckets
 from ldm.training.guard import StepGuard, guarded_step
@@ -161,7 +162,7 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
         params = [p for part in self._trainable() for p in part]
         check = bool(t.get("check_finite", True))
         if guarded_step(self, opt, loss, params, clip=t.get("grad_clip"), check_grads=check):
-            sched.step()
+            advance(sched)
             every = int(t.get("ema_every_n_steps", 1))
             if self.model_ema is not None and self.global_step % every == 0:
                 self.model_ema.update(self.net.model, steps=every)
