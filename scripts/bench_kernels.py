@@ -47,7 +47,7 @@ def bench_attention(out, batch: int = 2, train: bool = False, device: str = "cud
         impls.update({f"ldm:{b}": (lambda b=b: attention(q, k, v, backend=b)) for b in ours})
         for impl, fn in impls.items():
             try:
-                diff = float((call(fn).float() - ref).abs().max())
+                diff = float((call(fn).detach().float() - ref.detach()).abs().max())
                 r = timed(lambda fn=fn: call(fn), 3, 30)
             except RuntimeError as e:  # no kernel of this kind for the shape on this card
                 emit(out, what=f"{what}_{name}", impl=impl, batch=batch, error=str(e).splitlines()[0][:200])
