@@ -162,7 +162,6 @@ DDP_KWARGS = {"gradient_as_bucket_view": True}
 def build_strategy(name: Any, timeout_s: float) -> Any:
     """DDP with a bounded collective timeout: a rank that dies or hangs makes the others fail within ``timeout_s``
     (``train.dist_timeout_s``) instead of waiting forever; Lightning then stops every process with a non-zero exit.
-    Its gradients are views into its buckets (:data:`DDP_KWARGS`).
     ``fsdp``: :func:`ldm.training.sharding.sharded_strategy`, bounded the same way."""
     if name == FSDP:
         return sharded_strategy(timeout_s)
@@ -172,8 +171,7 @@ def build_strategy(name: Any, timeout_s: float) -> Any:
 
     from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415
 
-    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"),
-                       **DDP_KWARGS)
+    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=name.endswith("_true"))
 
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | None = None,
@@ -214,14 +212,15 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
         callbacks.append(SlurmRequeue(timeout_s=timeout_s))
     trainer = L.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, resuming, resumed_from),
                         callbacks=callbacks, plugins=plugins, **tc)
-    bound_ddp_timeout(trainer, timeout_s)
+    configure_ddp(trainer, timeout_s)
     return trainer
 
 
-def bound_ddp_timeout(trainer: L.Trainer, timeout_s: float) -> None:
-    """``train.dist_timeout_s`` and :data:`DDP_KWARGS` on the DDP that Lightning chose itself (``strategy: auto``
-    with several devices, ``ddp_spawn``, ``ddp_fork``), which :func:`build_strategy` never sees: without it its
-    collectives would wait Lightning's default (30 minutes) for a dead rank."""
+def configure_ddp(trainer: L.Trainer, timeout_s: float) -> None:
+    """:data:`DDP_KWARGS` on the trainer's DDP, ours (:func:`build_strategy`) or one Lightning chose itself
+    (``strategy: auto`` with several devices, ``ddp_spawn``, ``ddp_fork``); on the latter also
+    ``train.dist_timeout_s``, without which its collectives would wait Lightning's default (30 minutes) for a dead
+    rank."""
     from datetime import timedelta  # noqa: PLC0415
 
     from lightning.pytorch.strategies import DDPStrategy  # noqa: PLC0415

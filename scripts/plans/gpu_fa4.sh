@@ -32,8 +32,8 @@ step attention "${ATTN_S:-150}" $PY scripts/bench.py --only attention,attention_
   --out "$OUT/attention.jsonl"
 # a cold first process compiles both U-Nets (ours 69 s with fa4, diffusers 66 s on an H100, twenty-fourth session):
 # 180 s stopped it after its rows; the second process finds diffusers' graph in the cache (125 s in all)
-step unet-fa4 "${UNET_FA4_S:-${UNET_S:-220}}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
-  --unet-calls "${UNET_CALLS:-ldm_shared_x,diffusers}" --attn fa4 --out "$OUT/unet-fa4.jsonl"
+step unet-fa4 "${UNET_FA4_S:-${UNET_S:-220}}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph \
+  --only unet --unet-calls "${UNET_CALLS:-ldm_shared_x,diffusers}" --attn fa4 --out "$OUT/unet-fa4.jsonl"
 step unet-sdpa "${UNET_S:-170}" $PY scripts/bench.py --compile --skip-eager --no-denoiser-graph --only unet \
   --unet-calls "${UNET_CALLS:-ldm_shared_x,diffusers}" --out "$OUT/unet-sdpa.jsonl"
 $PY - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
