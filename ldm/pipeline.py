@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +18,9 @@ from torch import nn
 from ldm.pipeline_io import decode_latents, images_to_pil, to_image_tensor, to_mask_tensor
 
 log = logging.getLogger(__name__)
+
+SEED_LIMIT = 2 ** 62  # image i's noise and sampler generators are seeded with seed + i and seed + 10000 + i
+DEFAULT_STRENGTH = 0.8  # img2img and inpainting: the fraction of the schedule re-noised
 
 
 @dataclass
@@ -31,7 +35,7 @@ class GenerateArgs:
     height: int | None = None
     width: int | None = None
     eta: float | None = None
-    strength: float = 0.8
+    strength: float = DEFAULT_STRENGTH
     sigmas: str = "auto"
     output: str = "pil"
 
@@ -41,8 +45,17 @@ class GenerateArgs:
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("steps", "height", "width", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+            setattr(self, name, None if v is None else int(v))  # numpy integers too
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.seed is not None and abs(self.seed) >= SEED_LIMIT:
+            raise ValueError(f"seed must be below 2**{SEED_LIMIT.bit_length() - 1} in magnitude (torch's generators "
+                             f"take 64-bit seeds, and image i's are seeded with seed + i and seed + 10000 + i), "
+                             f"got {self.seed}")
         for name in ("guidance", "guidance_rescale", "eta", "strength"):
             if getattr(self, name) is not None and not math.isfinite(float(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
@@ -114,7 +127,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
              sampler: str = "dpmpp_2m", steps: int = 30, guidance: float = 7.5, guidance_rescale: float = 0.0,
              seed: int | None = None, height: int | None = None, width: int | None = None,
              latents: torch.Tensor | None = None, eta: float | None = None, init_image: Any = None,
-             strength: float = 0.8,
+             strength: float | None = None,
              mask: Any = None, output: str = "pil", sigmas: str = "auto", progress: bool = True,
              long_prompts: bool = False, emphasis: str | None = None) -> Any:
     """Generate images.
@@ -130,7 +143,7 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
         height, width: pixels, multiples of the autoencoder's factor (default: the config's size).
         latents: (B, C, h, w) starting noise (unit variance), overriding the seed (compare with other implementations).
         init_image: img2img/inpainting source (PIL image(s) or a (B, 3, H, W) tensor in [-1, 1]); ``strength`` in (0, 1]
-            is the fraction of the schedule that is re-noised.
+            is the fraction of the schedule that is re-noised (default 0.8; only with ``init_image``).
         mask: inpainting mask (PIL or (B, 1, H, W) tensor; 1/white = repaint).
         output: "pil" (list of PIL images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent" ((B, C, h, w)).
         long_prompts: encode prompts past 75 tokens in chunks of 75 (the web UIs' way, contexts concatenated)
@@ -152,18 +165,21 @@ def generate(model: Any, prompts: Sequence[str] | str, negative_prompts: Sequenc
     prompts, negative = _prompt_lists(prompts, negative_prompts)
     vae = model.vae
     f = vae.downsample_factor
-    a = GenerateArgs(sampler, steps, guidance, guidance_rescale, seed, height, width, eta, strength, sigmas, output)
+    if strength is not None and init_image is None:
+        raise ValueError("strength applies to img2img and inpainting: it needs init_image")
+    a = GenerateArgs(sampler, steps, guidance, guidance_rescale, seed, height, width, eta,
+                     DEFAULT_STRENGTH if strength is None else strength, sigmas, output)
     a.validate(f)
     if mask is not None and init_image is None:
         raise ValueError("mask needs init_image (the picture to inpaint)")
     C, in_ch = _unet_channels(model, inpainting=mask is not None)
     B = len(prompts)
-    size = model.config.model.params.get("image_size", 64) * f
-    H, W = a.height or size, a.width or size
-    base = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else int(seed)
+    H, W = _size(model, a, latents)
+    base = int(torch.randint(0, 2**31 - 1, ()).item()) if a.seed is None else a.seed
     noise = latents if latents is not None else seeded_noise((C, H // f, W // f), [base + i for i in range(B)])
-    if noise.shape[0] != B:
-        raise ValueError(f"latents has batch {noise.shape[0]} but there are {B} prompts")
+    if tuple(noise.shape) != (B, C, H // f, W // f):
+        raise ValueError(f"latents must be (B, C, h, w) = ({B}, {C}, {H // f}, {W // f}) for {B} prompt(s) at "
+                         f"{W}x{H} px, got {tuple(noise.shape)}")
     noise = noise.to(model.device, torch.float32)  # (B, C, h, w)
     sig_cpu = _sigmas(model, a)  # (steps+1,) on the CPU: its last value is read without a device sync
     cond, uncond = _conditioning(model, prompts, negative, long_prompts, emphasis)
@@ -191,6 +207,8 @@ def _prompt_lists(prompts: Sequence[str] | str, negative_prompts: Sequence[str] 
                   ) -> tuple[list[str], list[str]]:
     """The prompts and their negative prompts as two lists of one length (negative default: "")."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give a prompt or a list of prompts (\"\" for none)")
     negative = [""] * len(prompts) if negative_prompts is None else (
         [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts))
     if len(negative) != len(prompts):
@@ -209,6 +227,17 @@ def _unet_channels(model: Any, inpainting: bool) -> tuple[int, int]:
         raise ValueError(f"generate: a U-Net with {in_ch} input channels (e.g. depth-conditioned) needs conditioning "
                          "that generate does not make; only text-to-image and 9-channel inpainting models are sampled")
     return C, in_ch
+
+
+def _size(model: Any, a: GenerateArgs, latents: torch.Tensor | None) -> tuple[int, int]:
+    """(H, W) in pixels: ``height``/``width``, else the starting latents' size times the autoencoder's factor, else
+    the config's size."""
+    f = model.vae.downsample_factor
+    if latents is not None and latents.dim() == 4:
+        size_h, size_w = latents.shape[-2] * f, latents.shape[-1] * f
+    else:
+        size_h = size_w = model.config.model.params.get("image_size", 64) * f
+    return a.height or size_h, a.width or size_w
 
 
 @dataclass

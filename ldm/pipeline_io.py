@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,22 @@ def _as_list(x: Any, n: int) -> list:
     return items
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` as it is displayed: turned by its EXIF orientation tag (a phone's photo is often stored sideways with
+    the tag saying so), as image viewers, diffusers' ``load_image`` and the web UIs show it; ``im`` itself when it
+    has no such tag."""
+    return ImageOps.exif_transpose(im) or im
+
+
 def open_image(path: str | os.PathLike, name: str = "image") -> Image.Image:
-    """The image in file ``path``, decoded now (a missing file or one PIL cannot read fails here, naming it)."""
+    """The image in file ``path``, decoded now and upright (:func:`upright`); a missing file or one PIL cannot read
+    fails here, naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: file {os.fspath(path)!r} not found")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            return upright(im.copy())
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is OSError
         raise ValueError(f"{name}: {os.fspath(path)!r} is not an image PIL can read ({e})") from None
 
@@ -42,18 +50,24 @@ def _pil_images(x: Any, n: int, name: str) -> list[Image.Image]:
         if not isinstance(item, Image.Image):
             raise TypeError(f"{name} must be a PIL image, an image file path (str or os.PathLike), a list of those, "
                             f"or a tensor; got {type(item).__name__}")
-        out.append(item)
+        out.append(upright(item))
     return out
+
+
+def _batch_of(t: torch.Tensor, n: int, channels: int, name: str, layout: str) -> torch.Tensor:
+    """``t`` (B, channels, H, W) or (channels, H, W) as a batch of ``n``: B must be 1 or ``n``; otherwise a
+    ValueError names ``name`` and the expected ``layout``."""
+    t = t[None] if t.dim() == 3 else t
+    if t.dim() != 4 or t.shape[1] != channels or t.shape[0] not in (1, n) or min(t.shape[2:]) < 1:
+        raise ValueError(f"{name} tensor must be {layout} with B = 1 or {n} (one per prompt), got {tuple(t.shape)}")
+    return t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t
 
 
 def to_image_tensor(image: Any, n: int, height: int, width: int) -> torch.Tensor:
     """PIL image(s), image file path(s) or a (B, 3, H, W) tensor in [-1, 1] -> (n, 3, height, width) float tensor
     in [-1, 1]."""
     if isinstance(image, torch.Tensor):
-        t = image if image.dim() == 4 else image[None]
-        if t.shape[1] != 3:
-            raise ValueError(f"init_image tensor must be (B, 3, H, W), got {tuple(t.shape)}")
-        t = t.expand(n, -1, -1, -1) if t.shape[0] == 1 else t
+        t = _batch_of(image, n, 3, "init_image", "(B, 3, H, W) in [-1, 1]")
         return torch.nn.functional.interpolate(t.float(), size=(height, width), mode="bicubic", antialias=True)
     arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
             for im in _pil_images(image, n, "init_image")]
@@ -64,8 +78,7 @@ def to_mask_tensor(mask: Any, n: int, height: int, width: int) -> torch.Tensor:
     """PIL mask(s) (white = repaint), image file path(s) or a (B, 1, H, W) tensor -> (n, 1, height, width) in
     {0, 1}."""
     if isinstance(mask, torch.Tensor):
-        m = mask if mask.dim() == 4 else mask[None]
-        m = m.expand(n, -1, -1, -1) if m.shape[0] == 1 else m
+        m = _batch_of(mask, n, 1, "mask", "(B, 1, H, W), 1 = repaint")
         m = torch.nn.functional.interpolate(m.float(), size=(height, width), mode="nearest")
     else:
         arrs = [np.asarray(im.convert("L").resize((width, height), Image.Resampling.NEAREST), dtype=np.float32) / 255.0

@@ -108,6 +108,8 @@ def _check_files(a: argparse.Namespace) -> None:
 
 
 def _check_numbers(a: argparse.Namespace) -> None:
+    from ldm.pipeline import SEED_LIMIT  # noqa: PLC0415
+
     if a.steps <= 0:
         raise ValueError(f"--steps must be positive, got {a.steps}")
     if a.n <= 0 or a.batch_size <= 0:
@@ -136,8 +138,6 @@ def _check_numbers(a: argparse.Namespace) -> None:
 
 
 SAMPLING_DEVICES = ("cpu", "cuda", "mps", "xpu")
-SEED_LIMIT = 2 ** 62  # image i's noise and sampler generators are seeded with seed + i and seed + 10000 + i
-DEFAULT_STRENGTH = 0.8
 ASPECT_TOLERANCE = 0.02  # a mask of the init image scaled and rounded to whole pixels keeps its aspect within this
 
 
@@ -366,7 +366,8 @@ def _optional_settings(a: argparse.Namespace) -> list[str]:
     """The "Key: value" items of the settings that were given."""
     items = [("Eta", a.eta if a.eta is not None else None), ("LoRA", lora_text(a) if a.lora else None),
              ("VAE", Path(a.vae).name if a.vae else None), ("Clip skip", a.clip_skip),
-             ("Denoising strength", a.strength if a.init_image else None), ("Emphasis", a.emphasis)]
+             ("Denoising strength", a.strength if a.init_image else None), ("Emphasis", a.emphasis),
+             ("Guidance rescale", a.guidance_rescale or None), ("Long prompts", True if a.long_prompts else None)]
     return [f"{k}: {v}" for k, v in items if v is not None]
 
 
@@ -407,13 +408,14 @@ def run(argv: list[str] | None = None) -> list[Path]:
 
     import ldm  # noqa: PLC0415
     from ldm.grid import make_grid  # noqa: PLC0415
+    from ldm.pipeline import DEFAULT_STRENGTH  # noqa: PLC0415
     from ldm.pipeline_io import save_png  # noqa: PLC0415
 
     a = parse_args(argv)
     prompts = check_args(a)
     init, mask = load_images(a)
-    strength = DEFAULT_STRENGTH if a.strength is None else a.strength
-    a.strength = strength if init is not None else None
+    if init is not None and a.strength is None:
+        a.strength = DEFAULT_STRENGTH  # generate's default, named in the PNGs' parameters
     device = a.device
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         a.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
@@ -439,7 +441,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
         chunk = prompts[start:start + a.batch_size]
         imgs = model.generate(chunk, negative_prompts=a.negative_prompt, sampler=a.sampler, steps=a.steps,
                               guidance=a.guidance, guidance_rescale=a.guidance_rescale, seed=a.seed + start,
-                              height=height, width=width, eta=a.eta, init_image=init, strength=strength,
+                              height=height, width=width, eta=a.eta, init_image=init, strength=a.strength,
                               mask=mask, sigmas=a.sigmas, long_prompts=a.long_prompts, emphasis=a.emphasis)
         for i, (p, im) in enumerate(zip(chunk, imgs)):
             seed = a.seed + start + i
