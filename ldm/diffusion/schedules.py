@@ -187,16 +187,16 @@ def ddim_timesteps(num_train: int, steps: int, offset: int = 1) -> torch.Tensor:
     ``range(0, T, T // S) + 1``, identical whenever T % S == 0 (otherwise it takes more steps than asked, and
     fails past S = T/2).
 
-    Between T/2 and T steps the stride T // S is 1, so the timesteps stop at t = S: sampling from pure noise would
+    Between T/2 and T − 1 steps the stride T // S is 1, so the timesteps stop at t = S: sampling from pure noise would
     start at σ(S), far below σ(T − 1) (σ(600) = 2.3 against 14.6 for SD), and img2img's strength would re-noise less
     than it says. diffusers does that silently; here it is refused, naming what works."""
     if not 0 < steps <= num_train:
         raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
-    if num_train // 2 < steps < num_train:
+    if num_train // steps == 1 and steps - 1 + offset < num_train - 1:
         raise ValueError(f"{steps} steps on DDIM's leading timesteps (samplers ddim, plms, ddpm; sigmas 'ddim' or "
-                         f"'leading'): the stride {num_train} // {steps} = 1 stops the timesteps at t = {steps} of "
-                         f"{num_train - 1}, far below the noise sampling starts from; use at most {num_train // 2} "
-                         f"steps, exactly {num_train}, or sigmas 'trailing'")
+                         f"'leading'): the stride {num_train} // {steps} = 1 stops the timesteps at t = "
+                         f"{steps - 1 + offset} of {num_train - 1}, below the noise sampling starts from; use at most "
+                         f"{num_train // 2} steps, {num_train - offset} or more, or sigmas 'trailing'")
     return (torch.arange(steps) * (num_train // steps) + offset).clamp(max=num_train - 1).flip(0)
 
 
