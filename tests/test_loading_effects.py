@@ -114,3 +114,19 @@ def test_init_use_ema_starts_from_the_ema_weights(tiny, tmp_path):
     module = LatentDiffusionModule(cfg)
     got = dict(module.net.model.named_parameters())
     assert all(torch.equal(got[n], getattr(ema, s)) for n, s in ema.names.items())
+
+
+def test_a_fine_tune_trains_the_loaded_unet_in_train_mode(tiny, tmp_path):
+    """``load`` returns a model in eval mode (for sampling) and Lightning keeps submodules' modes: a fine-tune from
+    ``train.init_checkpoint`` trained its U-Net in eval mode, without dropout or gradient checkpointing, which run
+    only in train mode (``run_maybe_checkpointed``)."""
+    from ldm.diffusion.lightning import LatentDiffusionModule
+
+    path = ldm.save(tiny, tmp_path / "m.safetensors")
+    cfg = load_config(TINY)
+    cfg.train.init_checkpoint, cfg.train.gradient_checkpointing = str(path), True
+    net = LatentDiffusionModule(cfg).net
+    assert all(m.training for m in net.model.modules())
+    assert not net.first_stage_model.training and not net.cond_stage_model.training
+    assert [m.training for m in net.model.modules()] == [m.training for m in LatentDiffusionModule(
+        load_config(TINY)).net.model.modules()]  # as a U-Net trained from scratch

@@ -53,6 +53,8 @@ class LatentDiffusionModule(ResumableStage, L.LightningModule):
             raise ConfigError("train.init_use_ema: true needs train.init_checkpoint (the file whose EMA weights to "
                               "start from); without one the U-Net starts from random weights")
         self.net = load(init, config, use_ema=bool(t.get("init_use_ema", False))) if init else build(config)
+        self.net.train()  # load() returns it in eval mode, as for sampling: Lightning keeps submodules' modes, so
+        # the U-Net would train without dropout or gradient checkpointing (the encoders are set to eval below)
         self.net.config = config
         load_components(self.net, t.get("components") or {})
         check_joint_text_config(config)
