@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -162,3 +163,41 @@ def test_a_cache_without_recorded_encoders_is_replaced_only_with_overwrite(stage
     assert "differs in" in caplog.text and "encoders" in caplog.text and "--overwrite" in caplog.text
     assert _cache(stage_exports, out, stage_exports["ae"], "--overwrite") == 0
     assert "encoders" in json.loads((out / "manifest.json").read_text())["extra"]
+
+
+def test_changed_data_is_refused_and_overwrite_always_re_encodes(stage_exports, tmp_path, caplog):
+    """The cache recorded the data's path only: an edited caption or a new image kept the stale cache ("up to
+    date"), and --overwrite could not force a rebuild."""
+    files = {**stage_exports, "data": tmp_path / "data"}
+    shutil.copytree(stage_exports["data"], files["data"])
+    out = tmp_path / "cache"
+    assert _cache(files, out, files["ae"]) == 0
+    first = (out / "manifest.json").stat().st_mtime_ns
+    shard = files["data"] / "train-000000.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the shard rewritten
+    caplog.clear()
+    assert _cache(files, out, files["ae"]) == 2
+    assert "differs in data_files" in caplog.text and "--overwrite" in caplog.text
+    assert (out / "manifest.json").stat().st_mtime_ns == first
+    assert _cache(files, out, files["ae"], "--overwrite") == 0
+    second = (out / "manifest.json").stat().st_mtime_ns
+    assert second != first
+    caplog.clear()
+    assert _cache(files, out, files["ae"], "--overwrite") == 0  # unchanged, yet re-encoded when asked
+    assert "is up to date" not in caplog.text and (out / "manifest.json").stat().st_mtime_ns != second
+
+
+def test_data_fingerprint_sees_edits_additions_and_removals(tmp_path):
+    from ldm.data.latent_cache import data_fingerprint
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("a cat")
+    (tmp_path / "a.png").write_bytes(b"x")
+    fp = data_fingerprint(tmp_path)
+    assert data_fingerprint(tmp_path) == fp
+    (tmp_path / "sub" / "a.txt").write_text("a dog, longer")
+    edited = data_fingerprint(tmp_path)
+    (tmp_path / "b.png").write_bytes(b"y")
+    added = data_fingerprint(tmp_path)
+    (tmp_path / "b.png").unlink()
+    assert len({fp, edited, added}) == 3 and data_fingerprint(tmp_path) == edited

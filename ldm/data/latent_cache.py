@@ -154,6 +154,24 @@ def check_cache_encoders(path: str | os.PathLike, model: Any, key: str = "data.t
     log.info("%s: latent cache %s matches this model's %s", key, path, " and ".join(recorded))
 
 
+def data_fingerprint(spec: str | os.PathLike) -> str:
+    """A digest of the source data's files as they are now: each file's path (relative to a folder), size and
+    modification time, so an edited caption, an added or removed image or a rewritten shard changes it (contents
+    are not read: one ``stat`` per file). ``spec``: an image or shard folder (walked), a shard file, a brace pattern
+    or ``::``-joined patterns."""
+    h = hashlib.sha256()
+    root = Path(spec)
+    if root.is_dir():
+        files = sorted((str(Path(d, f).relative_to(root)), os.path.join(d, f))
+                       for d, _, names in os.walk(root) for f in names)
+    else:
+        files = [(u, u) for u in expand_shards(spec)]
+    for name, path in files:
+        st = os.stat(path)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def is_up_to_date(out_dir: str | os.PathLike, split: str, extra: dict) -> bool:
     """Whether ``out_dir`` already holds ``split`` encoded with the same ``extra`` (encoders, source, size) and
     every shard its manifest lists."""
