@@ -165,9 +165,9 @@ def test_a_cache_without_recorded_encoders_is_replaced_only_with_overwrite(stage
     assert "encoders" in json.loads((out / "manifest.json").read_text())["extra"]
 
 
-def test_changed_data_is_refused_and_overwrite_always_re_encodes(stage_exports, tmp_path, caplog):
+def test_a_cache_of_changed_data_is_refused_and_replaced_with_overwrite(stage_exports, tmp_path, caplog):
     """The cache recorded the data's path only: an edited caption or a new image kept the stale cache ("up to
-    date"), and --overwrite could not force a rebuild."""
+    date"), with --overwrite too."""
     files = {**stage_exports, "data": tmp_path / "data"}
     shutil.copytree(stage_exports["data"], files["data"])
     out = tmp_path / "cache"
@@ -183,8 +183,8 @@ def test_changed_data_is_refused_and_overwrite_always_re_encodes(stage_exports, 
     second = (out / "manifest.json").stat().st_mtime_ns
     assert second != first
     caplog.clear()
-    assert _cache(files, out, files["ae"], "--overwrite") == 0  # unchanged, yet re-encoded when asked
-    assert "is up to date" not in caplog.text and (out / "manifest.json").stat().st_mtime_ns != second
+    assert _cache(files, out, files["ae"], "--overwrite") == 0  # unchanged since: reused
+    assert caplog.text.count("is up to date") == 2 and (out / "manifest.json").stat().st_mtime_ns == second
 
 
 def test_data_fingerprint_sees_edits_additions_and_removals(tmp_path):

@@ -17,7 +17,7 @@ token states are cached too; caption dropout then replaces dropped rows with the
 The manifest records fingerprints of the encoders (``extra.encoders``): training refuses a cache encoded by another
 autoencoder or text encoder than the run's, and of the data's files (``extra.data_files``: names, sizes, times).
 A split already cached from the same, unchanged data with the same encoders is skipped; a cache of other encoders
-or data, or of data changed since, is refused unless ``--overwrite`` (which re-encodes and replaces it).
+or data, or of data changed since, is refused unless ``--overwrite`` (which replaces it).
 """
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the cache in --out, re-encoding every split (without it a cache of other encoders "
-                   "or data, or of data whose files changed since, is refused, and one of the same is reused)")
+                   help="replace a cache in --out written with other encoders or data, or from data whose files "
+                   "changed since (else refused; one of the same encoders and unchanged data is reused)")
     return p
 
 
@@ -238,23 +238,23 @@ def run(a: argparse.Namespace) -> int:
 
 
 def prepare_out(out: Path, extra: dict, overwrite: bool) -> set[str] | None:
-    """None when ``out`` holds no cache or, without ``overwrite``, one of the same ``extra`` (its splits are reused);
-    else, with ``overwrite``, the names of the old cache's files (manifest and shards), to be replaced; a cache of
-    another ``extra`` without it: ValueError, naming what differs (``data_files``: the data's files changed)."""
+    """None when ``out`` holds no cache or one of the same ``extra`` (its splits are reused); else, with
+    ``overwrite``, the names of the old cache's files (manifest and shards), to be replaced; without it, ValueError
+    naming what differs (``data_files``: the data's files changed since)."""
     from ldm.data.shards import has_manifest, read_manifest  # noqa: PLC0415
 
     if not has_manifest(out):
         return None
     man = read_manifest(out)
     old = man.get("extra") or {}
-    if old == extra and not overwrite:
+    if old == extra:
         return None
     changed = sorted(k for k in set(extra) | set(old) if extra.get(k) != old.get(k))
     if not overwrite:
         raise ValueError(f"--out {out}: holds a latent cache of other encoders or data (differs in {', '.join(changed)}"
                          "); pass --overwrite to replace it, or use another folder")
-    log.info("latent cache %s: %s; a new one is written aside and replaces it when done", out,
-             f"differs in {', '.join(changed)}" if changed else "--overwrite")
+    log.info("latent cache %s: differs in %s; a new one is written aside and replaces it when done", out,
+             ", ".join(changed))
     return {"manifest.json", *(n for split in (man.get("splits") or {}).values() for n in split.get("shards", []))}
 
 
