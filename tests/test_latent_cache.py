@@ -183,6 +183,7 @@ def test_a_cache_of_changed_data_is_refused_and_replaced_with_overwrite(stage_ex
     second = (out / "manifest.json").stat().st_mtime_ns
     assert second != first
     caplog.clear()
+    caplog.set_level(logging.INFO)
     assert _cache(files, out, files["ae"], "--overwrite") == 0  # unchanged since: reused
     assert caplog.text.count("is up to date") == 2 and (out / "manifest.json").stat().st_mtime_ns == second
 
