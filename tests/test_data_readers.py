@@ -55,6 +55,27 @@ def test_folder_reader(tmp_path, jsonl):
     assert (ds[0] is None) == jsonl  # "gone.png" sorts first: a skipped sample is None
 
 
+def test_upper_case_caption_files_are_read(tmp_path):
+    """``IMG_1.JPG`` + ``IMG_1.TXT`` (as cameras and Windows tools name them) was skipped as "missing_caption"."""
+    root = tmp_path / "f"
+    root.mkdir()
+    for i, (img, txt) in enumerate([("a.png", "a.txt"), ("B.PNG", "B.TXT"), ("c.JPG", "c.Txt")]):
+        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(root / img, format="PNG" if "png" in img.lower() else "JPEG")
+        (root / txt).write_text(f"caption {i}")
+    ds = FolderDataset(root, size=16)
+    assert sorted(s["caption"] for s in ds) == ["caption 0", "caption 1", "caption 2"]
+    assert not ds.stats.skipped
+
+
+def test_images_outside_metadata_jsonl_are_counted_in_a_warning(tmp_path, caplog):
+    make_folder(tmp_path / "f", jsonl=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "f" / "extra1.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "f" / "extra2.jpg")
+    ds = FolderDataset(tmp_path / "f", size=16)
+    assert len(ds) == 6
+    assert "2 image(s) under it are not among its rows and are not used, e.g. extra1.png, extra2.jpg" in caplog.text
+
+
 def test_folder_metadata_bad_line_names_file(tmp_path):
     make_folder(tmp_path / "f", jsonl=True)
     with open(tmp_path / "f" / "metadata.jsonl", "a") as f:

@@ -187,3 +187,21 @@ def test_latent_cache_with_context_trains(tmp_path):
     trainer = run(["--config", TINY, "--run-dir", str(tmp_path / "cached"), f"data.train={tmp_path / 'cache'}",
                    "data.num_samples=null", "trainer.max_steps=2", "train.caption_dropout=0.5"])
     assert trainer.global_step == 2
+
+
+def test_a_resume_refuses_changed_optimizer_and_ema_settings_and_keeps_the_config(tmp_path):
+    """The checkpoint's optimizer, LR schedule and EMA decay come back as trained: a resume with another train.lr or
+    train.ema_decay ran with the old values while config.yaml recorded the new ones. The refused run leaves the
+    folder's config.yaml as it was (it was written before the model and checkpoint were read)."""
+    from ldm.registry import ConfigError
+
+    common = ["--config", TINY, "--run-dir", str(tmp_path), "train.warmup_steps=0", "sample.every_n_steps=0"]
+    run([*common, "trainer.max_steps=2"])
+    before = (tmp_path / "config.yaml").read_text()
+    for change, match in (("train.lr=0.005", r"train.lr is 0.005 but the checkpoint was trained with 0.0001"),
+                          ("train.ema_decay=0.5", r"train.ema_decay is 0.5 but .* 0.999")):
+        with pytest.raises(ConfigError, match=match):
+            run([*common, "trainer.max_steps=4", change, "--resume", "auto"])
+        assert (tmp_path / "config.yaml").read_text() == before
+    trainer = run([*common, "trainer.max_steps=4", "--resume", "auto"])  # the same settings: resumed
+    assert trainer.global_step == 4 and "max_steps: 4" in (tmp_path / "config.yaml").read_text()

@@ -176,7 +176,7 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     import lightning as L  # noqa: PLC0415
 
     from ldm.config import find_config, load_config, to_yaml  # noqa: PLC0415
-    from ldm.training.callbacks import expected_warnings_quiet  # noqa: PLC0415
+    from ldm.training.callbacks import WriteConfig, expected_warnings_quiet  # noqa: PLC0415
     from ldm.training.datamodule import build_datamodule  # noqa: PLC0415
     from ldm.training.disk import warn_if_short  # noqa: PLC0415
     from ldm.training.keys import check_run_config  # noqa: PLC0415
@@ -192,9 +192,8 @@ def run(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> An
     ckpt = resolve_resume(args.resume, run_dir)
     restored = restored_checkpoint(ckpt, run_dir)
     resuming = restored is not None  # the CSV log and the W&B run continue, or start afresh
+    callbacks = [*(callbacks or []), WriteConfig(run_dir / "config.yaml", to_yaml(cfg))]  # once training starts
     trainer = build_trainer(cfg, run_dir, callbacks, resuming=resuming, resumed_from=resume_point(restored))
-    if trainer.is_global_zero:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     module = stage_module(cfg)
     if trainer.is_global_zero:
         warn_if_short(run_dir, module, trainer.checkpoint_callback.save_top_k)  # train.checkpoint.keep_last

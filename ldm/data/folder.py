@@ -60,12 +60,22 @@ def list_folder(root: str | os.PathLike) -> list[tuple[str, str | None, bool]]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    if (root / METADATA).exists():
-        meta = _read_metadata(root)
-        return [(name, meta[name], True) for name in sorted(meta)]
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if (root / METADATA).exists():
+        meta = _read_metadata(root)
+        unlisted = [f for f in files if f not in meta]
+        if unlisted:
+            log.warning("image folder %s: %s defines the dataset; %d image(s) under it are not among its rows and are "
+                        "not used, e.g. %s", root, METADATA, len(unlisted), ", ".join(unlisted[:3]))
+        return [(name, meta[name], True) for name in sorted(meta)]
     return [(f, None, False) for f in files]
+
+
+def caption_file(image: Path) -> Path | None:
+    """The caption beside ``image``: same name with ``.txt`` (or ``.TXT``, ``.Txt``, as cameras and Windows tools
+    write upper-case names); None when there is none."""
+    return next((p for ext in (".txt", ".TXT", ".Txt") if (p := image.with_suffix(ext)).is_file()), None)
 
 
 class FolderSource:
@@ -110,11 +120,10 @@ class FolderSource:
         raw: dict = {"__key__": key, "__url__": str(self.root)}
         if path.is_file() and ext in IMAGE_EXTENSIONS:
             raw[ext] = path.read_bytes()
-        txt = path.with_suffix(".txt")
         if has_meta:
             if caption is not None:
                 raw["txt"] = caption.encode("utf-8")
-        elif txt.is_file():
+        elif (txt := caption_file(path)) is not None:
             raw["txt"] = txt.read_bytes()
         return raw
 

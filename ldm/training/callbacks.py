@@ -82,6 +82,21 @@ class ExportOnEnd(L.Callback):
                 log.info("exported %s", out)
 
 
+class WriteConfig(L.Callback):
+    """Rank 0 writes the run's config (``text``) to ``path`` once training starts: after the model is built and a
+    resumed checkpoint is accepted, so a run refused at start-up leaves the folder's earlier config, which matches
+    its checkpoints, in place (a temporary file renamed over it: never half-written)."""
+
+    def __init__(self, path: str | Path, text: str) -> None:
+        self.path, self.text = Path(path), text
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        from ldm.checkpoint import atomic_write  # noqa: PLC0415
+
+        if trainer.is_global_zero:
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(self.text))
+
+
 class Snapshots(L.Callback):
     """Every ``every_min`` minutes of training (wall clock from the start of fit in this process), rank 0 exports the
     model (EMA weights when kept) to ``out_dir/step_XXXXXXXX/model.safetensors`` and appends

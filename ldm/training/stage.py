@@ -53,6 +53,26 @@ def check_same_inversion(saved: Any, now: Any) -> None:
     check_same_setting(saved, now, "textual_inversion", "the same settings (or start a new run)")
 
 
+RESTORED_KEYS = ("lr", "lr_scale", "lr_base_batch", "warmup_steps", "weight_decay", "betas", "eps", "ema_decay",
+                 "text_encoder_lr", "disc_lr_mult")  # train.* that the checkpoint's optimizer, schedule and EMA fix
+
+
+def check_restored_settings(saved: Any, now: Any) -> None:
+    """A resume restores the optimizer (its learning rates, betas, eps, weight decay), the LR schedule and the
+    EMA's decay from the checkpoint: a changed ``train.<key>`` of :data:`RESTORED_KEYS` would be silently
+    ignored while the run's config.yaml said otherwise, so it is refused, naming each key. A key set on one side
+    only is not compared (its default is the stage's)."""
+    changed = [f"train.{k} is {ours} but the checkpoint was trained with {theirs}" for k in RESTORED_KEYS
+               if (theirs := train_section(saved, k)) is not None and (ours := train_section(now, k)) is not None
+               and theirs != ours]
+    if changed:
+        from ldm.registry import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"--resume: {'; '.join(changed)}. The checkpoint's optimizer, LR schedule and EMA carry "
+                          "the values they were trained with: resume with those, or start a new run from its weights "
+                          "(train.init_checkpoint for the U-Net)")
+
+
 def window_start(module: Any) -> int:
     """The data position a checkpoint saves: ``module.batches_seen`` at the start of its current accumulation window
     (``trainer.accumulate_grad_batches``: k batches per optimizer step). The weights and optimizer in a checkpoint
@@ -92,6 +112,7 @@ class ResumableStage:
                               f"{theirs or 'unknown, not written by ldm-train'})")
         check_same_adapters(saved, self.config)
         check_same_inversion(saved, self.config)
+        check_restored_settings(saved, self.config)
         self.guard.load_state_dict(checkpoint["step_guard"])
         self.batches_seen = int(checkpoint["batches_seen"])
         saved, now = checkpoint.get("data_layout"), data_layout(self)
