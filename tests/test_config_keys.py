@@ -82,6 +82,12 @@ def test_resume_from_the_wrong_file_is_named(tmp_path, caplog):
     torch.save({"state_dict": {"model.x": torch.zeros(1)}}, foreign)
     code = main(["--config", TINY, "--run-dir", str(tmp_path / "e"), "trainer.max_steps=1", "--resume", str(foreign)])
     assert code == 2 and "not a training checkpoint of ldm-train" in caplog.text
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes((ae / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    caplog.clear()
+    code = main(["--config", TINY, "--run-dir", str(tmp_path / "f"), "--resume", str(truncated)])
+    assert code == 2 and f"--resume {truncated}: not a readable training checkpoint" in caplog.text
+    assert not (tmp_path / "f" / "config.yaml").exists()
 
 
 def test_library_errors_end_the_cli_with_one_line(tmp_path, caplog):

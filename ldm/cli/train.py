@@ -126,7 +126,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """The checkpoint ``--resume`` names: None without it, :func:`latest_checkpoint` for ``auto`` (None in a run
-    folder without checkpoints: a new run), else the path given, which must be an existing ``.ckpt``."""
+    folder without checkpoints: a new run), else the path given, which must be an existing, readable ``.ckpt``."""
+    import pickle  # noqa: PLC0415
+
+    from ldm.checkpoint import CheckpointError, refusal  # noqa: PLC0415
+
     if resume is None:
         return None
     if resume == "auto":
@@ -137,6 +141,17 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if Path(resume).suffix != ".ckpt":
         raise ValueError(f"--resume {resume}: expected a training checkpoint (checkpoints/*.ckpt of a run); to start a "
                          "new run from an exported model, use train.init_checkpoint (diffusion) or train.components")
+    try:  # read now (its structure only), so a truncated or refused file is one line naming it, not a traceback
+        checkpoint_progress(Path(resume))
+    except CheckpointError as e:
+        cause = e.__cause__
+        if cause is None:  # read, but without a training step
+            raise CheckpointError(f"--resume {resume}: has no global_step: not a training checkpoint of ldm-train (an "
+                                  "original SD .ckpt or another program's?); to start from its weights use "
+                                  "train.init_checkpoint") from None
+        text = refusal(cause) if isinstance(cause, pickle.UnpicklingError) else (str(cause).splitlines() or [""])[0]
+        raise CheckpointError(f"--resume {resume}: not a readable training checkpoint ({type(cause).__name__}: "
+                              f"{text})") from None
     return resume
 
 
