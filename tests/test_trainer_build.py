@@ -154,3 +154,17 @@ def test_ddp_holds_its_gradients_in_its_buckets_and_bounds_its_collectives(tmp_p
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
     assert ddp._ddp_kwargs.get("find_unused_parameters", False) is (stage == "autoencoder")
     assert ddp._timeout == timedelta(seconds=42)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("trainer.max_steps=abc", r"trainer.max_steps: expected an int ≥ -1, got 'abc'"),
+    ("trainer.max_steps=2.5", r"trainer.max_steps: expected an int"),
+    ("trainer.num_nodes=0", r"trainer.num_nodes: expected an int ≥ 1"),
+    ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps")])
+def test_trainer_values_are_checked_by_name(tmp_path, override, match):
+    from ldm.config import load_config
+    from ldm.registry import ConfigError
+    from ldm.training.trainer import build_trainer
+
+    with pytest.raises(ConfigError, match=match):
+        build_trainer(load_config("configs/tiny/txt2img.yaml", [override]), tmp_path)

@@ -17,7 +17,7 @@ from ldm.training.optim import accumulate_batches
 from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport, ExportOnEnd, SampleGrid, Snapshots,
                                     warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
-from ldm.training.keys import check_run_config, sample_prompts, wandb_on
+from ldm.training.keys import check_run_config, number, sample_prompts, wandb_on
 from ldm.training.logs import ResumePoint, resumable_csv_logger, resumable_tensorboard_logger
 from ldm.training.preemption import SlurmRequeue, slurm_detected
 from ldm.training.sharding import FSDP, check_sharded_config, sharded_strategy
@@ -32,6 +32,18 @@ TRAINER_KEYS = {"max_steps", "max_epochs", "devices", "accelerator", "num_nodes"
                 "log_every_n_steps", "accumulate_grad_batches", "fast_dev_run", "enable_progress_bar", "deterministic",
                 "benchmark", "enable_model_summary", "detect_anomaly", "sync_batchnorm",
                 "max_time", "profiler"}
+TRAINER_VALUES = {"max_steps": number(-1, integer=True), "max_epochs": number(-1, integer=True, null=True),
+                  "num_nodes": number(1, integer=True), "log_every_n_steps": number(1, integer=True)}
+
+
+def check_trainer_values(tc: dict) -> None:
+    """The ``trainer`` keys whose values Lightning would take wrongly or fail on deep inside (``max_steps: abc``;
+    ``2.5`` ran 3 steps), named with what they expect."""
+    for key, check in TRAINER_VALUES.items():
+        if key in tc and (want := check(tc[key])):
+            raise ConfigError(f"trainer.{key}: expected {want}, got {tc[key]!r}")
+
+
 # Lightning options that have no effect here, and what to use instead
 NOT_HERE = {
     "limit_train_batches": "the data is one endless, exactly resumable stream (each Lightning epoch would restart it): "
@@ -189,6 +201,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, callbacks: list[Any] | N
     unknown = set(tc) - TRAINER_KEYS
     if unknown:
         raise ConfigError(f"trainer: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(TRAINER_KEYS))}")
+    check_trainer_values(tc)
     check_strategy(tc.get("strategy", "auto"), cfg)
     tc.setdefault("log_every_n_steps", 10)
     tc.pop("accumulate_grad_batches", None)  # applied by the stages' guarded_step (manual optimization)
