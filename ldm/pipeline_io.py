@@ -46,11 +46,13 @@ def _pil_images(x: Any, n: int, name: str) -> list[Image.Image]:
     out = []
     for item in _as_list(x, n):
         if isinstance(item, (str, os.PathLike)):
-            item = open_image(item, name)
-        if not isinstance(item, Image.Image):
+            item = open_image(item, name)  # upright already
+        elif isinstance(item, Image.Image):
+            item = upright(item)
+        else:
             raise TypeError(f"{name} must be a PIL image, an image file path (str or os.PathLike), a list of those, "
                             f"or a tensor; got {type(item).__name__}")
-        out.append(upright(item))
+        out.append(item)
     return out
 
 

@@ -53,7 +53,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-def checkpoint_progress(path: Path) -> tuple[bool, float, int, int]:
+def checkpoint_progress(path: Path, given: bool = False) -> tuple[bool, float, int, int]:
     """How recent a training checkpoint is, as :func:`latest_checkpoint` orders them: ``(has a save time, the save
     time recorded in it, global_step, batches_seen)``; a checkpoint of an ldm without the save time (or without
     ``batches_seen``) has False and 0.0 (-1).
@@ -61,7 +61,8 @@ def checkpoint_progress(path: Path) -> tuple[bool, float, int, int]:
     Read with ``torch.load(weights_only=True)`` (a pickle that asks to build anything but tensors and plain containers
     is refused, as the resume itself refuses it) and, for the zip format ``torch.save`` writes, ``mmap=True``: the
     tensors stay on disk, only the pickled structure is read. A file that cannot be read, or has no ``global_step``
-    (not a Lightning checkpoint), raises :class:`ldm.checkpoint.CheckpointError` naming it."""
+    (not a Lightning checkpoint), raises :class:`ldm.checkpoint.CheckpointError` naming it, worded for a file
+    ``--resume auto`` found in the run folder or, with ``given``, one that ``--resume PATH`` named."""
     import pickle  # noqa: PLC0415
     import zipfile  # noqa: PLC0415
 
@@ -74,12 +75,18 @@ def checkpoint_progress(path: Path) -> tuple[bool, float, int, int]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # zip or pickle errors, a refused global, I/O: all mean the step cannot be known
         why = refusal(e) if isinstance(e, pickle.UnpicklingError) else (str(e).splitlines() or [""])[0]
-        raise CheckpointError(f"--resume auto: cannot read the training step of {path} ({type(e).__name__}"
-                              f"{': ' + why if why else ''}); it may be the latest checkpoint (a copy not yet "
-                              "complete?): repair or move it away, or pass --resume <path> of the checkpoint "
-                              "to continue from") from e
+        why = f"{type(e).__name__}{': ' + why if why else ''}"
+        if given:
+            raise CheckpointError(f"--resume {path}: not a readable training checkpoint ({why})") from e
+        raise CheckpointError(f"--resume auto: cannot read the training step of {path} ({why}); it may be the "
+                              "latest checkpoint (a copy not yet complete?): repair or move it away, or pass "
+                              "--resume <path> of the checkpoint to continue from") from e
     step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
     if not isinstance(step, int):
+        if given:
+            raise CheckpointError(f"--resume {path}: has no global_step: not a training checkpoint of ldm-train (an "
+                                  "original SD .ckpt or another program's?); to start from its weights use "
+                                  "train.init_checkpoint")
         raise CheckpointError(f"--resume auto: {path} has no global_step: not a training checkpoint of ldm-train; "
                               "move it out of the run folder, or pass --resume <path> of the checkpoint to continue "
                               "from")
@@ -127,10 +134,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """The checkpoint ``--resume`` names: None without it, :func:`latest_checkpoint` for ``auto`` (None in a run
     folder without checkpoints: a new run), else the path given, which must be an existing, readable ``.ckpt``."""
-    import pickle  # noqa: PLC0415
-
-    from ldm.checkpoint import CheckpointError, refusal  # noqa: PLC0415
-
     if resume is None:
         return None
     if resume == "auto":
@@ -141,17 +144,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if Path(resume).suffix != ".ckpt":
         raise ValueError(f"--resume {resume}: expected a training checkpoint (checkpoints/*.ckpt of a run); to start a "
                          "new run from an exported model, use train.init_checkpoint (diffusion) or train.components")
-    try:  # read now (its structure only), so a truncated or refused file is one line naming it, not a traceback
-        checkpoint_progress(Path(resume))
-    except CheckpointError as e:
-        cause = e.__cause__
-        if cause is None:  # read, but without a training step
-            raise CheckpointError(f"--resume {resume}: has no global_step: not a training checkpoint of ldm-train (an "
-                                  "original SD .ckpt or another program's?); to start from its weights use "
-                                  "train.init_checkpoint") from None
-        text = refusal(cause) if isinstance(cause, pickle.UnpicklingError) else (str(cause).splitlines() or [""])[0]
-        raise CheckpointError(f"--resume {resume}: not a readable training checkpoint ({type(cause).__name__}: "
-                              f"{text})") from None
+    checkpoint_progress(Path(resume), given=True)  # read now (its structure only): a truncated, refused or foreign
+    # file is one line naming it, not a traceback from inside fit
     return resume
 
 

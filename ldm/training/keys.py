@@ -156,7 +156,7 @@ LOGGING_KEYS: dict[str, Check] = {
 }
 
 
-def _check_section(section: str, values: Mapping[str, Any], allowed: Mapping[str, Check],
+def check_section(section: str, values: Mapping[str, Any], allowed: Mapping[str, Check],
                    elsewhere: Mapping[str, str] | None = None) -> None:
     for key, value in values.items():
         if key not in allowed:
@@ -227,12 +227,12 @@ def check_run_config(cfg: DictConfig) -> None:
     if bad:
         raise ConfigError(f"train.stage: expected {bad}, got {stage!r}")
     others = {k: s for s, keys in STAGE_KEYS.items() if s != stage for k in keys}
-    _check_section("train", train, {**COMMON, **STAGE_KEYS[stage]}, {**others, "": stage})
+    check_section("train", train, {**COMMON, **STAGE_KEYS[stage]}, {**others, "": stage})
     if stage == "diffusion":
         _check_lora(train.get("lora"))
         _check_model_training_params(cfg, train)
     sample = OmegaConf.to_container(cfg.get("sample") or OmegaConf.create({}), resolve=True)
-    _check_section("sample", sample, SAMPLE_KEYS)
+    check_section("sample", sample, SAMPLE_KEYS)
     if sample.get("every_n_steps") and stage != "diffusion":  # 0 or null: grids off, as in every stage
         raise ConfigError(f"sample.every_n_steps={sample['every_n_steps']} is not read by the {stage} stage (sample "
                           "grids are drawn by the diffusion stage only)")
@@ -241,7 +241,7 @@ def check_run_config(cfg: DictConfig) -> None:
     if int(train.get("ema_every_n_steps") or 1) > 1 and not train.get("ema_decay"):
         raise ConfigError(f"train.ema_every_n_steps is {train['ema_every_n_steps']} but train.ema_decay is not set: "
                           "no EMA is kept (set train.ema_decay, e.g. 0.9999, or drop ema_every_n_steps)")
-    _check_section("logging", OmegaConf.to_container(cfg.get("logging") or OmegaConf.create({}), resolve=True),
+    check_section("logging", OmegaConf.to_container(cfg.get("logging") or OmegaConf.create({}), resolve=True),
                    LOGGING_KEYS)
 
 

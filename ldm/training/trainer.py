@@ -17,7 +17,7 @@ from ldm.training.optim import accumulate_batches
 from ldm.training.callbacks import (MANUAL_OPTIMIZATION_WARNING, EvalModeReport, ExportOnEnd, SampleGrid, Snapshots,
                                     warnings_ignored)
 from ldm.training.checkpoint_io import AtomicCheckpointIO
-from ldm.training.keys import check_run_config, number, sample_prompts, wandb_on
+from ldm.training.keys import check_run_config, check_section, number, sample_prompts, wandb_on
 from ldm.training.logs import ResumePoint, resumable_csv_logger, resumable_tensorboard_logger
 from ldm.training.preemption import SlurmRequeue, slurm_detected
 from ldm.training.sharding import FSDP, check_sharded_config, sharded_strategy
@@ -39,9 +39,7 @@ TRAINER_VALUES = {"max_steps": number(-1, integer=True), "max_epochs": number(-1
 def check_trainer_values(tc: dict) -> None:
     """The ``trainer`` keys whose values Lightning would take wrongly or fail on deep inside (``max_steps: abc``;
     ``2.5`` ran 3 steps), named with what they expect."""
-    for key, check in TRAINER_VALUES.items():
-        if key in tc and (want := check(tc[key])):
-            raise ConfigError(f"trainer.{key}: expected {want}, got {tc[key]!r}")
+    check_section("trainer", {k: v for k, v in tc.items() if k in TRAINER_VALUES}, TRAINER_VALUES)
 
 
 # Lightning options that have no effect here, and what to use instead
